@@ -1,0 +1,462 @@
+"""Flash-style self-attention over token sequences and over the pixels or patches of feature maps.
+
+Maths. For one (batch, head): S = Q Kᵀ · scale, P = softmax_rows(S), O = P V, with Q: (N, D),
+K, V: (M, D). The forward streams K and V in blocks of BLOCK_N keys and keeps, per query row, the
+running max m and running sum l of exp(S − m) in fp32 (online softmax), rescaling the fp32 output
+accumulator whenever m grows, so the N×M matrix never exists and large logits stay finite. It
+saves LSE = m + log(l) per row (base 2 inside the kernels: exp2 is what the hardware has).
+The backward recomputes P = exp(S − LSE) block by block:
+    Δ = rowsum(dO ∘ O)                       (preprocess kernel)
+    dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − Δ),  dK = dSᵀ Q · scale   (one program per key block)
+    dQ = dS K · scale                                         (one program per query block)
+Every output element is written by exactly one program with a fixed loop order: no atomics, so
+two runs give bitwise-equal gradients.
+
+Addressing. A token's vector is read in place, whatever the layout. The address of feature d of
+token n of head h of batch b is
+    base + b·s_b + h·s_h + row(n) + col(d)
+    row(n) = (n // TW)·s_r0 + (n % TW)·s_r1
+    col(d) = (d // P²)·s_c0 + ((d // P) % P)·s_c1 + (d % P)·s_c2
+For a (B, H, N, D) sequence tensor: TW = 1, P = 1, s_r0 = stride(N), s_c0 = stride(D). For a
+(B, C, H, W) map with p×p patches: TW = W/p (patches per row), s_r0 = p·stride(H),
+s_r1 = p·stride(W), s_c0 = stride(C), s_c1 = stride(H), s_c2 = stride(W), s_h = C/heads·stride(C).
+That covers NCHW, channels_last, q/k/v split out of one fused QKV conv output, patches without an
+im2col copy, and upstream gradients with stride 0.
+
+Limits. Head dim D ≤ 256: a block of queries and the fp32 accumulator live in registers; D is
+padded to the next power of two (at least 16) with masks. Batch and heads ≤ 65535 each (grid
+axes 1 and 2). fp32 inputs use tf32 tensor cores when torch.backends.cuda.matmul.allow_tf32 is
+True and exact fp32 otherwise; fp16 and bf16 accumulate in fp32; float64 computes in float64 (for
+gradcheck). Statistics (LSE, Δ) are fp32 (float64 for float64 inputs).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._runtime import (
+    check_rank,
+    check_runnable,
+    check_same,
+    check_tensor,
+    interpreting,
+    next_pow2,
+    tf32_precision,
+)
+
+MAX_HEAD_DIM = 256
+MAX_GRID_YZ = 65535
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rows(n, TW, s_r0, s_r1):
+    """Offset of token n (int64): tokens laid on a grid TW tokens wide."""
+    n = n.to(tl.int64)
+    return (n // TW) * s_r0 + (n % TW) * s_r1
+
+
+@triton.jit
+def _cols(d, P: tl.constexpr, s_c0, s_c1, s_c2):
+    """Offset of feature d (int64): d = channel·P² + i·P + j inside a P×P patch."""
+    d = d.to(tl.int64)
+    return (d // (P * P)) * s_c0 + ((d // P) % P) * s_c1 + (d % P) * s_c2
+
+
+@triton.jit
+def _load_tokens(ptr, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2):
+    """Load a (len(n), len(d)) tile of token vectors, zero outside n < n_lim, d < d_lim."""
+    offs = _rows(n, TW, s_r0, s_r1)[:, None] + _cols(d, P, s_c0, s_c1, s_c2)[None, :]
+    mask = (n[:, None] < n_lim) & (d[None, :] < d_lim)
+    return tl.load(ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_tokens(ptr, val, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2):
+    offs = _rows(n, TW, s_r0, s_r1)[:, None] + _cols(d, P, s_c0, s_c1, s_c2)[None, :]
+    mask = (n[:, None] < n_lim) & (d[None, :] < d_lim)
+    tl.store(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O,  # token tensors, addressed as described in the header (any strides)
+    LSE,  # (B, H, N) contiguous, ACC dtype: log2-sum-exp2 of the scaled logits per query row
+    sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2,  # Q strides (elements): batch, head, row, col
+    sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,  # K strides
+    sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,  # V strides
+    so_b, so_h, so_r0, so_r1, so_c0, so_c1, so_c2,  # O strides
+    N, M, D,  # queries, keys, head dim (unpadded)
+    TW,  # tokens per row of the token grid (W/p for maps, 1 for sequences)
+    NH,  # number of heads
+    qk_scale,  # softmax scale · log2(e)
+    P: tl.constexpr,  # patch size (1 for pixels and sequences)
+    ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for fp64 inputs)
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32" or "ieee"
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    O += b * so_b + h * so_h
+
+    q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+        s = tl.where(offs_n[None, :] < M, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    _store_tokens(O, acc, offs_m, offs_d, N, D, TW, so_r0, so_r1, P, so_c0, so_c1, so_c2)
+    row = (b * NH + h) * N + offs_m
+    tl.store(LSE + row, m_i + tl.log2(l_i), mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO,  # forward output and its upstream gradient (token tensors, any strides)
+    DELTA,  # (B, H, N) contiguous, ACC dtype: rowsum(dO ∘ O)
+    so_b, so_h, so_r0, so_r1, so_c0, so_c1, so_c2,
+    sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+    N, D, TW, NH,
+    P: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tokens(O + b * so_b + h * so_h, offs_m, offs_d, N, D, TW, so_r0, so_r1, P, so_c0, so_c1, so_c2)
+    do = _load_tokens(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+    tl.store(DELTA + (b * NH + h) * N + offs_m, delta, mask=offs_m < N)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO,  # inputs and upstream gradient (token tensors, any strides)
+    DK, DV,  # gradients of K and V (token tensors, any strides)
+    LSE, DELTA,  # (B, H, N) contiguous ACC statistics from forward and preprocess
+    sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2,
+    sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
+    sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
+    sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+    sdk_b, sdk_h, sdk_r0, sdk_r1, sdk_c0, sdk_c1, sdk_c2,
+    sdv_b, sdv_h, sdv_r0, sdv_r1, sdv_c0, sdv_c1, sdv_c2,
+    N, M, D, TW, NH,
+    scale,  # softmax scale (dK = scale · dSᵀ Q)
+    qk_scale,  # scale · log2(e)
+    P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    Q += b * sq_b + h * sq_h
+    DO += b * sdo_b + h * sdo_h
+    stats = (b * NH + h) * N
+
+    k = _load_tokens(K + b * sk_b + h * sk_h, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2)
+    v = _load_tokens(V + b * sv_b + h * sv_h, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2)
+        do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2)
+        # rows past N get LSE = +inf, hence P = 0: they add nothing
+        lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
+        delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
+    dk = dk * scale
+    _store_tokens(DK + b * sdk_b + h * sdk_h, dk, offs_n, offs_d, M, D, TW, sdk_r0, sdk_r1, P, sdk_c0, sdk_c1, sdk_c2)
+    _store_tokens(DV + b * sdv_b + h * sdv_h, dv, offs_n, offs_d, M, D, TW, sdv_r0, sdv_r1, P, sdv_c0, sdv_c1, sdv_c2)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,  # inputs and upstream gradient (token tensors, any strides)
+    DQ,  # gradient of Q (token tensor, any strides)
+    LSE, DELTA,  # (B, H, N) contiguous ACC statistics
+    sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2,
+    sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
+    sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
+    sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+    sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
+    N, M, D, TW, NH,
+    scale, qk_scale,
+    P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
+    stats = (b * NH + h) * N
+
+    q = _load_tokens(Q + b * sq_b + h * sq_h, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2)
+    do = _load_tokens(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2)
+    lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
+    delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, M, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2)
+        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(offs_n[None, :] < M, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+    dq = dq * scale
+    _store_tokens(DQ + b * sdq_b + h * sdq_h, dq, offs_m, offs_d, N, D, TW, sdq_r0, sdq_r1, P, sdq_c0, sdq_c1, sdq_c2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+class _Tokens:
+    """How the kernels address one family of token tensors (all sequences, or all maps of a call).
+
+    ``strides(t)`` turns a tensor of that family into the 7 element strides the kernels take:
+    batch, head, row0, row1, col0, col1, col2 (see the file header).
+    """
+
+    def __init__(self, kind: str, heads: int, patch: int, width: int):
+        self.kind, self.heads, self.patch = kind, heads, patch
+        self.tw = 1 if kind == "seq" else width // patch
+
+    def strides(self, t: torch.Tensor):
+        if self.kind == "seq":
+            s_b, s_h, s_n, s_d = t.stride()
+            return (s_b, s_h, s_n, 0, s_d, 0, 0)
+        s_b, s_c, s_y, s_x = t.stride()
+        p = self.patch
+        return (s_b, (t.shape[1] // self.heads) * s_c, p * s_y, p * s_x, s_c, s_y, s_x)
+
+    def empty_like(self, t: torch.Tensor, shape=None) -> torch.Tensor:
+        """A fresh output for ``t``: maps keep channels_last when ``t`` has channels innermost."""
+        shape = tuple(t.shape) if shape is None else shape
+        if self.kind == "map" and t.shape[1] > 1 and t.stride(1) == 1:
+            return torch.empty(shape, dtype=t.dtype, device=t.device).to(memory_format=torch.channels_last)
+        return torch.empty(shape, dtype=t.dtype, device=t.device)
+
+
+def _config(head_dim: int, dtype: torch.dtype):
+    """Block sizes and launch settings. Fixed for now (the interpreter cannot autotune)."""
+    block_d = max(16, next_pow2(head_dim))
+    if interpreting():
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), {}
+    big = block_d > 128 or (dtype in (torch.float32, torch.float64) and block_d > 64)
+    block = 32 if big else 64
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d), dict(num_warps=4, num_stages=1 if big else 2)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float):
+    """Launch the forward kernel. Returns (out shaped like q, LSE (B, heads, N) in base 2)."""
+    batch, heads = q.shape[0], layout.heads
+    out = layout.empty_like(q)
+    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = torch.empty((batch, heads, n_q), dtype=stat_dtype, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    blocks, launch = _config(head_dim, q.dtype)
+    grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
+        n_q, n_kv, head_dim, layout.tw, heads, scale * LOG2E,
+        P=layout.patch, ACC=_acc_dtype(q.dtype), PRECISION=tf32_precision(q.dtype),
+        **blocks, **launch,
+    )
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float):
+    """Launch the three backward kernels. ``do`` may have any strides (stride 0 included)."""
+    batch, heads = q.shape[0], layout.heads
+    dq, dk, dv = layout.empty_like(q), layout.empty_like(k), layout.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    blocks, launch = _config(head_dim, q.dtype)
+    acc = _acc_dtype(q.dtype)
+    precision = tf32_precision(q.dtype)
+    delta = torch.empty_like(lse)
+    grid_m = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
+    _attn_bwd_delta_kernel[grid_m](
+        out, do, delta, *layout.strides(out), *layout.strides(do),
+        n_q, head_dim, layout.tw, heads,
+        P=layout.patch, ACC=acc, BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **launch,
+    )
+    strides_in = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
+    grid_n = (triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)
+    _attn_bwd_dkdv_kernel[grid_n](
+        q, k, v, do, dk, dv, lse, delta,
+        *strides_in, *layout.strides(dk), *layout.strides(dv),
+        n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
+        P=layout.patch, ACC=acc, PRECISION=precision, **blocks, **launch,
+    )
+    _attn_bwd_dq_kernel[grid_m](
+        q, k, v, do, dq, lse, delta,
+        *strides_in, *layout.strides(dq),
+        n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
+        P=layout.patch, ACC=acc, PRECISION=precision, **blocks, **launch,
+    )
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, layout, n_q, n_kv, head_dim, scale):
+        out, lse = attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.meta = (layout, n_q, n_kv, head_dim, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, *ctx.meta)
+        return dq, dk, dv, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_scale(op: str, scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    return float(scale)
+
+
+def _check_head_dim(op: str, head_dim: int, how: str) -> None:
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(
+            f"{op}: head dim D = {how} = {head_dim} is above the kernel's limit {MAX_HEAD_DIM}; "
+            "use more heads or a smaller patch"
+        )
+    if head_dim < 1:
+        raise ValueError(f"{op}: head dim D = {how} = {head_dim}; expected at least 1")
+
+
+def _check_grid(op: str, batch: int, heads: int) -> None:
+    if batch > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+        raise ValueError(f"{op}: batch {batch} and heads {heads} must each be at most {MAX_GRID_YZ}")
+
+
+def flash_attention(q, k, v, *, scale=None):
+    """softmax(q kᵀ · scale) v, fused, forward and backward.
+
+    q: (B, H, N, D), k and v: (B, H, M, D), any strides; D ≤ 256; N and M may differ.
+    scale defaults to 1/sqrt(D). Returns (B, H, N, D), contiguous.
+    """
+    op = "flash_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t)
+        check_rank(op, name, t, 4, "(B, H, N, D)")
+    check_same(op, {"q": q, "k": k, "v": v})
+    if k.shape != v.shape:
+        raise ValueError(f"{op}: k is {tuple(k.shape)} but v is {tuple(v.shape)}; k and v must share (B, H, M, D)")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"{op}: q is {tuple(q.shape)} but k is {tuple(k.shape)}; expected q (B, H, N, D) and k (B, H, M, D) "
+            "with the same B, H and D"
+        )
+    batch, heads, n_q, head_dim = q.shape
+    n_kv = k.shape[2]
+    _check_head_dim(op, head_dim, "q.shape[3]")
+    if n_kv == 0 and n_q > 0 and batch * heads > 0:
+        raise ValueError(f"{op}: k and v have M = 0 keys; softmax over no keys is undefined")
+    scale = _check_scale(op, scale, head_dim)
+    check_runnable(op, q.device)
+    _check_grid(op, batch, heads)
+    layout = _Tokens("seq", heads, 1, 1)
+    return _AttentionFunction.apply(q, k, v, layout, n_q, n_kv, head_dim, scale)
+
+
+def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
+    """Self-attention over the pixels or p×p patches of feature maps, fused, forward and backward.
+
+    q, k, v: (B, C, H, W) with any strides (NCHW, channels_last, ``qkv.split(C, 1)`` views of one
+    fused conv output). Head h owns channels [h·C/heads, (h+1)·C/heads); a token is one
+    patch_size×patch_size patch whose vector is the head's channels × p × p values, so
+    D = C/heads·p², N = (H/p)·(W/p). scale defaults to 1/sqrt(D). Returns (B, C, H, W), channels_last
+    when q has channels innermost, else contiguous.
+    """
+    op = "image_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t)
+        check_rank(op, name, t, 4, "(B, C, H, W)")
+    check_same(op, {"q": q, "k": k, "v": v})
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(
+                f"image_attention: q is {tuple(q.shape)} but {name} is {tuple(t.shape)}; "
+                "q, k and v must share B, C, H, W"
+            )
+    for name, val in (("heads", heads), ("patch_size", patch_size)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise TypeError(f"{op}: {name} must be a positive int, got {val!r}")
+    batch, channels, height, width = q.shape
+    if channels % heads:
+        raise ValueError(f"{op}: heads = {heads} does not divide C = {channels}")
+    if height % patch_size or width % patch_size:
+        raise ValueError(
+            f"{op}: patch_size = {patch_size} does not divide the map size H×W = {height}×{width}"
+        )
+    head_dim = channels // heads * patch_size * patch_size
+    _check_head_dim(op, head_dim, f"C/heads·p² = {channels}/{heads}·{patch_size}²")
+    scale = _check_scale(op, scale, head_dim)
+    check_runnable(op, q.device)
+    _check_grid(op, batch, heads)
+    n_tokens = (height // patch_size) * (width // patch_size)
+    layout = _Tokens("map", heads, patch_size, width)
+    return _AttentionFunction.apply(q, k, v, layout, n_tokens, n_tokens, head_dim, scale)

@@ -1,0 +1,41 @@
+"""One table of tolerances per dtype and one comparison helper for every test.
+
+Accuracy is measured as ‖out − ref‖ / ‖ref‖ against a float64 reference. The bounds are what a
+correct kernel reaches with margin: fp32 in the interpreter is exact up to summation order; fp16
+and bf16 are bounded by rounding the inputs, the probabilities and the output to the storage type.
+"""
+
+import torch
+
+REL_TOL = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 3e-2,
+}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.detach().double()
+    ref = ref.detach().double()
+    denom = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output", tol=None):
+    """Relative L2 error below the dtype's tolerance; on failure say where the worst element is."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    tol = REL_TOL[dtype] if tol is None else tol
+    assert torch.isfinite(out).all(), f"{what}: {(~torch.isfinite(out)).sum().item()} non-finite elements"
+    err = rel_error(out, ref)
+    if not err <= tol:
+        diff = (out.detach().double() - ref.detach().double()).abs()
+        idx = int(diff.argmax())
+        where = tuple(int(i) for i in torch.unravel_index(torch.tensor(idx), diff.shape))
+        bad = int((diff > tol * ref.detach().double().abs().max()).sum())
+        raise AssertionError(
+            f"{what}: relative error {err:.3e} > {tol:.1e} ({dtype}); {bad} of {diff.numel()} elements off; "
+            f"worst at {where}: got {out.reshape(-1)[idx].item():.6g}, expected {ref.reshape(-1)[idx].item():.6g}"
+        )
+    return err
