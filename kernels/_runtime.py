@@ -60,7 +60,9 @@ def check_runnable(op: str, device: torch.device) -> None:
             "backend='torch' in the attnsr layers."
         )
     if device.type not in ("cpu", "cuda"):
-        raise RuntimeError(f"{op}: tensors on {device} are not supported; expected CUDA (or CPU with TRITON_INTERPRET=1)")
+        raise RuntimeError(
+            f"{op}: tensors on {device} are not supported; expected CUDA (or CPU with TRITON_INTERPRET=1)"
+        )
 
 
 def tf32_precision(dtype: torch.dtype) -> str:

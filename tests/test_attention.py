@@ -1,0 +1,346 @@
+"""flash_attention and image_attention against the float64 reference: forward and every gradient."""
+
+import pytest
+import torch
+from conftest import DEVICE, ON_GPU, needs_gpu
+from tolerances import REL_TOL, assert_close_rel, rel_error
+
+from kernels import flash_attention, image_attention
+from kernels.reference import (
+    flash_attention_ref,
+    image_attention_ref,
+    image_to_tokens,
+    tokens_to_image,
+)
+
+DTYPES = [torch.float32, torch.float16]
+
+
+def _grads(out, inputs, grad):
+    return torch.autograd.grad(out, inputs, grad)
+
+
+def _check(fn, ref, inputs, dtype, what, tol=None):
+    """Output and the gradient of every input against the float64 reference, same upstream grad."""
+    out = fn(*inputs)
+    expect = ref(*inputs)
+    assert out.dtype == dtype
+    assert_close_rel(out, expect, dtype, f"{what}: output", tol)
+    grad = torch.randn_like(out)
+    got = _grads(out, inputs, grad)
+    want = _grads(expect, inputs, grad.double())
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == dtype
+        assert_close_rel(g, w, dtype, f"{what}: d{name}", tol)
+
+
+def _leaf(shape, dtype, scale=1.0):
+    return (torch.randn(shape, device=DEVICE, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+
+# ----------------------------------------------------------------------------------------------
+# flash_attention: (B, H, N, D)
+# ----------------------------------------------------------------------------------------------
+
+# (B, H, N, M, D): one token, odd N, N != M, more than one block (32 under the interpreter) past
+# an edge, non-power-of-two head dims, and the head-dim extremes 1 and 256.
+SEQ_SHAPES = [
+    (1, 1, 1, 1, 8),
+    (2, 1, 7, 7, 20),
+    (1, 2, 70, 33, 64),
+    (2, 3, 33, 70, 108),
+    (1, 1, 130, 130, 32),
+    (2, 2, 9, 5, 1),
+    (1, 1, 5, 40, 256),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SEQ_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_flash_attention_matches_reference(shape, dtype):
+    b, h, n, m, d = shape
+    q, k, v = _leaf((b, h, n, d), dtype), _leaf((b, h, m, d), dtype), _leaf((b, h, m, d), dtype)
+    ref = lambda q, k, v: flash_attention_ref(q, k, v, upcast=True)  # noqa: E731
+    _check(flash_attention, ref, (q, k, v), dtype, f"flash {shape}")
+
+
+def test_flash_attention_non_contiguous_views():
+    """Transposed and sliced inputs are read through their strides, not copied."""
+    base = torch.randn(2, 40, 3, 3, 24, device=DEVICE, dtype=torch.float32)
+    q, k, v = (base[:, :, i, :, :20].transpose(1, 2).requires_grad_() for i in range(3))  # (2, 3, 40, 20)
+    assert not q.is_contiguous()
+    ref = lambda q, k, v: flash_attention_ref(q, k, v, upcast=True)  # noqa: E731
+    _check(flash_attention, ref, (q, k, v), torch.float32, "flash views")
+
+
+def test_flash_attention_explicit_scale():
+    q, k, v = (_leaf((1, 2, 37, 16), torch.float32) for _ in range(3))
+    fn = lambda q, k, v: flash_attention(q, k, v, scale=0.7)  # noqa: E731
+    ref = lambda q, k, v: flash_attention_ref(q, k, v, scale=0.7, upcast=True)  # noqa: E731
+    _check(fn, ref, (q, k, v), torch.float32, "flash scale=0.7")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_flash_attention_large_logits_stay_finite(dtype):
+    """Inputs ×30: logits in the hundreds to thousands. The online softmax must not overflow.
+
+    Such inputs are ill-conditioned, so the bound is relative to PyTorch in the same dtype:
+    the forward against its plain softmax maths; the gradients against its SDPA, the same kind of
+    algorithm (the backward recomputes P from a saved log-sum-exp and uses Δ = rowsum(dO·O), whose
+    rounding grows with the logits for any flash backward).
+    """
+    q, k, v = (_leaf((1, 2, 45, 20), dtype, scale=30.0) for _ in range(3))
+    out = flash_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    expect = flash_attention_ref(q, k, v, upcast=True)
+    plain = flash_attention_ref(q, k, v)
+    err, err_torch = rel_error(out, expect), rel_error(plain, expect)
+    assert err <= 2 * err_torch + REL_TOL[dtype], f"output: error {err:.3e} vs torch {err_torch:.3e}"
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    grad = torch.randn_like(out)
+    got = _grads(out, (q, k, v), grad)
+    want = _grads(expect, (q, k, v), grad.double())
+    base = _grads(sdpa, (q, k, v), grad)
+    for name, g, w, t in zip("qkv", got, want, base):
+        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+        err, err_torch = rel_error(g, w), rel_error(t, w)
+        assert err <= 2 * err_torch + REL_TOL[dtype], f"d{name}: error {err:.3e} vs SDPA {err_torch:.3e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# image_attention: (B, C, H, W)
+# ----------------------------------------------------------------------------------------------
+
+# (B, C, H, W, heads, patch): D = C/heads·p², N = (H/p)(W/p)
+MAP_SHAPES = [
+    (2, 8, 9, 7, 1, 1),  # D 8, N 63
+    (1, 20, 6, 6, 1, 1),  # D 20
+    (2, 64, 5, 6, 2, 1),  # D 32, two heads
+    (1, 8, 10, 13, 2, 1),  # D 4, N 130
+    (2, 16, 12, 10, 4, 2),  # D 16, four heads, 2x2 patches
+    (1, 12, 6, 9, 3, 3),  # D 36, 3x3 patches
+    (1, 27, 4, 6, 1, 2),  # D 108
+]
+LAYOUTS = ["nchw", "channels_last", "fused_qkv", "fused_qkv_channels_last"]
+
+
+def _maps(layout, b, c, h, w, dtype):
+    """q, k, v leaves in the given layout. Fused: split views of one (B, 3C, H, W) conv output."""
+    if layout.startswith("fused"):
+        qkv = torch.randn(b, 3 * c, h, w, device=DEVICE, dtype=torch.float64).to(dtype)
+        if layout.endswith("channels_last"):
+            qkv = qkv.contiguous(memory_format=torch.channels_last)
+        qkv.requires_grad_()
+        return qkv, qkv.split(c, dim=1)
+    maps = [torch.randn(b, c, h, w, device=DEVICE, dtype=torch.float64).to(dtype) for _ in range(3)]
+    if layout == "channels_last":
+        maps = [t.contiguous(memory_format=torch.channels_last) for t in maps]
+    maps = [t.requires_grad_() for t in maps]
+    return None, maps
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", MAP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_image_attention_matches_reference(shape, layout, dtype):
+    b, c, h, w, heads, p = shape
+    qkv, (q, k, v) = _maps(layout, b, c, h, w, dtype)
+    out = image_attention(q, k, v, heads=heads, patch_size=p)
+    expect = image_attention_ref(q, k, v, heads=heads, patch_size=p, upcast=True)
+    what = f"image {shape} {layout}"
+    assert out.shape == (b, c, h, w)
+    assert_close_rel(out, expect, dtype, f"{what}: output")
+    if layout.endswith("channels_last"):
+        assert out.is_contiguous(memory_format=torch.channels_last), f"{what}: output lost channels_last"
+    grad = torch.randn_like(out)
+    leaves = (qkv,) if qkv is not None else (q, k, v)
+    got = _grads(out, leaves, grad)
+    want = _grads(expect, leaves, grad.double())
+    for i, (g, wnt) in enumerate(zip(got, want)):
+        assert_close_rel(g, wnt, dtype, f"{what}: grad of input {i}")
+
+
+def test_image_attention_explicit_scale_and_large_inputs():
+    qkv = (torch.randn(1, 3 * 12, 6, 8, device=DEVICE) * 30).requires_grad_()
+    q, k, v = qkv.split(12, dim=1)
+    out = image_attention(q, k, v, heads=2, patch_size=2, scale=0.01)
+    expect = image_attention_ref(q, k, v, heads=2, patch_size=2, scale=0.01, upcast=True)
+    assert_close_rel(out, expect, torch.float32, "scale=0.01 x30: output")
+    grad = torch.randn_like(out)
+    (g,) = _grads(out, (qkv,), grad)
+    (w,) = _grads(expect, (qkv,), grad.double())
+    assert_close_rel(g, w, torch.float32, "scale=0.01 x30: d(qkv)")
+
+
+def test_image_attention_default_scale_is_inverse_sqrt_head_dim():
+    q, k, v = (torch.randn(1, 12, 4, 4, device=DEVICE) for _ in range(3))
+    out = image_attention(q, k, v, heads=3, patch_size=2)
+    explicit = image_attention(q, k, v, heads=3, patch_size=2, scale=(12 / 3 * 4) ** -0.5)
+    assert torch.equal(out, explicit)
+
+
+def test_upstream_gradient_with_stride_zero():
+    """out.sum() sends back an expanded gradient (stride 0 everywhere): it must be read by strides."""
+    qkv = torch.randn(2, 3 * 8, 5, 7, device=DEVICE, requires_grad=True)
+    out = image_attention(*qkv.split(8, dim=1), heads=2)
+    (g,) = torch.autograd.grad(out.sum(), qkv)
+    ref = image_attention_ref(*qkv.split(8, dim=1), heads=2, upcast=True)
+    (w,) = torch.autograd.grad(ref.sum(), qkv)
+    assert_close_rel(g, w, torch.float32, "grad of sum()")
+
+
+def test_backward_is_deterministic():
+    qkv = torch.randn(2, 3 * 16, 9, 10, device=DEVICE, requires_grad=True)
+    grad = torch.randn(2, 16, 9, 10, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        out = image_attention(*qkv.split(16, dim=1), heads=2)
+        (g,) = torch.autograd.grad(out, qkv, grad)
+        runs.append(g)
+    assert torch.equal(runs[0], runs[1]), "two backward runs differ"
+
+
+def test_gradcheck_float64():
+    q = torch.randn(1, 2, 5, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 2, 4, 3, device=DEVICE, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda q, k, v: flash_attention(q, k, v), (q, k, v))
+    qkv = torch.randn(1, 3 * 4, 2, 4, device=DEVICE, dtype=torch.float64)
+    qkv = qkv.contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda t: image_attention(*t.split(4, dim=1), heads=2, patch_size=2, scale=0.5), (qkv,)
+    )
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", MAP_SHAPES[:4] + MAP_SHAPES[-1:], ids=lambda s: "x".join(map(str, s)))
+def test_image_attention_bfloat16(shape):
+    b, c, h, w, heads, p = shape
+    qkv, (q, k, v) = _maps("fused_qkv_channels_last", b, c, h, w, torch.bfloat16)
+    out = image_attention(q, k, v, heads=heads, patch_size=p)
+    expect = image_attention_ref(q, k, v, heads=heads, patch_size=p, upcast=True)
+    assert_close_rel(out, expect, torch.bfloat16, "bf16 output")
+    grad = torch.randn_like(out)
+    (g,) = _grads(out, (qkv,), grad)
+    (w,) = _grads(expect, (qkv,), grad.double())
+    assert_close_rel(g, w, torch.bfloat16, "bf16 d(qkv)")
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", SEQ_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_flash_attention_bfloat16(shape):
+    b, h, n, m, d = shape
+    q, k, v = (_leaf(s, torch.bfloat16) for s in ((b, h, n, d), (b, h, m, d), (b, h, m, d)))
+    ref = lambda q, k, v: flash_attention_ref(q, k, v, upcast=True)  # noqa: E731
+    _check(flash_attention, ref, (q, k, v), torch.bfloat16, f"flash bf16 {shape}")
+
+
+@needs_gpu
+def test_tf32_follows_torch_flag():
+    """With allow_tf32 the fp32 result moves (tf32 rounding) but stays close; without it, exact fp32."""
+    q, k, v = (torch.randn(1, 1, 256, 64, device=DEVICE) for _ in range(3))
+    expect = flash_attention_ref(q, k, v, upcast=True)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        exact = rel_error(flash_attention(q, k, v), expect)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = rel_error(flash_attention(q, k, v), expect)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert exact < 1e-5, f"exact fp32 error {exact:.2e}"
+    assert tf32 < 5e-3, f"tf32 error {tf32:.2e}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference helpers, empty inputs, errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_token_helpers_round_trip():
+    x = torch.randn(2, 12, 6, 9)
+    t = image_to_tokens(x, heads=3, patch_size=3)
+    assert t.shape == (2, 3, 6, 36)
+    # token 1 of head 0 is the patch at rows 0..2, cols 3..5, channels 0..3
+    assert torch.equal(t[0, 0, 1], x[0, 0:4, 0:3, 3:6].reshape(-1))
+    assert torch.equal(tokens_to_image(t, 12, 6, 9, 3), x)
+
+
+def test_empty_batch_returns_empty_and_backpropagates():
+    qkv = torch.randn(0, 3 * 8, 4, 4, device=DEVICE, requires_grad=True)
+    out = image_attention(*qkv.split(8, dim=1), heads=2)
+    assert out.shape == (0, 8, 4, 4)
+    (g,) = torch.autograd.grad(out.sum(), qkv)
+    assert g.shape == qkv.shape
+    q = torch.randn(0, 2, 5, 8, device=DEVICE)
+    assert flash_attention(q, q, q).shape == (0, 2, 5, 8)
+
+
+def _bad(**kw):
+    base = dict(
+        q=torch.randn(2, 8, 4, 4, device=DEVICE),
+        k=torch.randn(2, 8, 4, 4, device=DEVICE),
+        v=torch.randn(2, 8, 4, 4, device=DEVICE),
+    )
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, exc, match",
+    [
+        (_bad(q=torch.randn(2, 8, 16, device=DEVICE)), {}, ValueError, r"q has 3 dims.*expected 4 dims"),
+        (
+            _bad(k=torch.randn(2, 8, 2, 2, device=DEVICE)),
+            {},
+            ValueError,
+            r"q is \(2, 8, 4, 4\) but k is \(2, 8, 2, 2\)",
+        ),
+        (
+            _bad(v=torch.randn(2, 8, 4, 4, device=DEVICE, dtype=torch.float64)),
+            {},
+            TypeError,
+            r"q is torch.float32 but v is torch.float64",
+        ),
+        (_bad(k=torch.randn(2, 8, 4, 4, device="meta")), {}, ValueError, r"all inputs must be on one device"),
+        (_bad(q=torch.ones(2, 8, 4, 4, device=DEVICE, dtype=torch.int64)), {}, TypeError, r"q has dtype torch.int64"),
+        (_bad(), {"heads": 3}, ValueError, r"heads = 3 does not divide C = 8"),
+        (_bad(), {"patch_size": 3}, ValueError, r"patch_size = 3 does not divide the map size H×W = 4×4"),
+        (_bad(), {"heads": 0}, TypeError, r"heads must be a positive int, got 0"),
+        (_bad(), {"scale": float("nan")}, TypeError, r"scale must be a finite number"),
+        (
+            {k: torch.randn(1, 80, 4, 4, device=DEVICE) for k in "qkv"},
+            {"patch_size": 2},
+            ValueError,
+            r"head dim D = .* = 320 is above the kernel's limit 256",
+        ),
+        ({"q": "not a tensor", "k": None, "v": None}, {}, TypeError, r"q must be a torch.Tensor, got str"),
+    ],
+)
+def test_image_attention_rejects_bad_input(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        image_attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, v_shape, match",
+    [
+        ((2, 8, 4), (2, 8, 4), (2, 8, 4), r"q has 3 dims"),
+        ((1, 2, 5, 8), (1, 2, 6, 8), (1, 2, 7, 8), r"k is \(1, 2, 6, 8\) but v is \(1, 2, 7, 8\)"),
+        ((1, 2, 5, 8), (1, 3, 6, 8), (1, 3, 6, 8), r"same B, H and D"),
+        ((1, 2, 5, 16), (1, 2, 6, 8), (1, 2, 6, 8), r"same B, H and D"),
+        ((1, 1, 5, 300), (1, 1, 6, 300), (1, 1, 6, 300), r"above the kernel's limit 256"),
+        ((1, 1, 5, 8), (1, 1, 0, 8), (1, 1, 0, 8), r"M = 0 keys"),
+    ],
+)
+def test_flash_attention_rejects_bad_input(q_shape, k_shape, v_shape, match):
+    q, k, v = (torch.randn(s, device=DEVICE) for s in (q_shape, k_shape, v_shape))
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the CPU path without the interpreter")
+def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 8, 4, 4)
+    with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*backend='torch'"):
+        image_attention(q, q, q)
