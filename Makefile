@@ -11,7 +11,7 @@ TORCH_PIN ?= torch==2.13.0
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install $(TORCH_PIN)
-	$(PY) -m pip install --no-build-isolation -e ".[test]"
+	$(PY) -m pip install -e ".[test]"
 	touch $@
 
 venv: $(VENV)/.installed
