@@ -291,12 +291,16 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Saved statistics (LSE, Δ): fp32, or fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float):
     """Launch the forward kernel. Returns (out shaped like q, LSE (B, heads, N) in base 2)."""
     batch, heads = q.shape[0], layout.heads
     out = layout.empty_like(q)
-    stat_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = torch.empty((batch, heads, n_q), dtype=stat_dtype, device=q.device)
+    lse = torch.empty((batch, heads, n_q), dtype=_stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     blocks, launch = _config(head_dim, q.dtype)
@@ -345,23 +349,72 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Autograd and torch.compile: two torch.library custom ops with fake (meta) kernels
 # ----------------------------------------------------------------------------------------------
 
 
-class _AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout, n_q, n_kv, head_dim, scale):
-        out, lse = attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.meta = (layout, n_q, n_kv, head_dim, scale)
-        return out
+def _geometry(q: torch.Tensor, k: torch.Tensor, kind: str, heads: int, patch: int):
+    """(layout, N, M, D) of a call: ``kind`` is "seq" for (B, H, N, D) or "map" for (B, C, H, W)."""
+    if kind == "seq":
+        return _Tokens("seq", heads, 1, 1), q.shape[2], k.shape[2], q.shape[3]
+    _, c, h, w = q.shape
+    n = (h // patch) * (w // patch)
+    return _Tokens("map", heads, patch, w), n, n, c // heads * patch * patch
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, *ctx.meta)
-        return dq, dk, dv, None, None, None, None, None
+
+@torch.library.custom_op("attnsr::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, heads: int, patch: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
+    return attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, kind, heads, patch, scale):
+    layout, n_q, _, _ = _geometry(q, k, kind, heads, patch)
+    lse = q.new_empty((q.shape[0], heads, n_q), dtype=_stat_dtype(q.dtype))
+    return layout.empty_like(q), lse
+
+
+@torch.library.custom_op("attnsr::attention_backward", mutates_args=())
+def _attention_backward_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kind: str, heads: int, patch: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
+    return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, out, lse, kind, heads, patch, scale):
+    layout = _geometry(q, k, kind, heads, patch)[0]
+    return layout.empty_like(q), layout.empty_like(k), layout.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kind, heads, patch, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.meta = (kind, heads, patch, scale)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(do, q, k, v, out, lse, *ctx.meta)
+    return dq, dk, dv, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _autocast(*tensors):
+    """Under torch.autocast, cast fp32 inputs to the autocast dtype, as autocast does for matmuls."""
+    device = tensors[0].device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
+    return tensors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,8 +471,9 @@ def flash_attention(q, k, v, *, scale=None):
     scale = _check_scale(op, scale, head_dim)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads)
-    layout = _Tokens("seq", heads, 1, 1)
-    return _AttentionFunction.apply(q, k, v, layout, n_q, n_kv, head_dim, scale)
+    q, k, v = _autocast(q, k, v)
+    check_same(op, {"q": q, "k": k, "v": v})
+    return _attention_op(q, k, v, "seq", heads, 1, scale)[0]
 
 
 def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
@@ -457,6 +511,6 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
     scale = _check_scale(op, scale, head_dim)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads)
-    n_tokens = (height // patch_size) * (width // patch_size)
-    layout = _Tokens("map", heads, patch_size, width)
-    return _AttentionFunction.apply(q, k, v, layout, n_tokens, n_tokens, head_dim, scale)
+    q, k, v = _autocast(q, k, v)
+    check_same(op, {"q": q, "k": k, "v": v})
+    return _attention_op(q, k, v, "map", heads, patch_size, scale)[0]

@@ -344,3 +344,53 @@ def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
     q = torch.randn(1, 8, 4, 4)
     with pytest.raises(RuntimeError, match=r"TRITON_INTERPRET=1.*backend='torch'"):
         image_attention(q, q, q)
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library integration: opcheck, autocast, torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+def test_custom_ops_pass_opcheck():
+    from kernels.attention import _attention_backward_op, _attention_op
+
+    qkv = torch.randn(2, 3 * 8, 4, 6, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.split(8, dim=1)
+    q_cl = q.contiguous(memory_format=torch.channels_last)
+    for args in ((q, k, v, "map", 2, 2, 0.5), (q_cl, k, v, "map", 1, 1, 0.3)):
+        result = torch.library.opcheck(_attention_op, args)
+        assert all(r == "SUCCESS" for r in result.values()), result
+    seq = [torch.randn(1, 2, n, 8, device=DEVICE, requires_grad=True) for n in (5, 7, 7)]
+    result = torch.library.opcheck(_attention_op, (*seq, "seq", 2, 1, 0.3))
+    assert all(r == "SUCCESS" for r in result.values()), result
+    seq = [t.detach() for t in seq]  # the backward op itself has no derivative (no double backward)
+    out, lse = _attention_op(*seq, "seq", 2, 1, 0.3)
+    do = torch.randn_like(out)
+    result = torch.library.opcheck(_attention_backward_op, (do, *seq, out, lse, "seq", 2, 1, 0.3))
+    assert all(r == "SUCCESS" for r in result.values()), result
+
+
+def test_autocast_runs_the_kernel_in_half_precision():
+    dtype = torch.float16
+    qkv = torch.randn(1, 3 * 16, 6, 6, device=DEVICE, requires_grad=True)
+    with torch.autocast(DEVICE.type, dtype=dtype):
+        out = image_attention(*qkv.split(16, dim=1), heads=2)
+    assert out.dtype == dtype
+    expect = image_attention_ref(*qkv.split(16, dim=1), heads=2, upcast=True)
+    assert_close_rel(out, expect, dtype, "autocast output")
+    (g,) = torch.autograd.grad(out.float().sum(), qkv)
+    assert g.dtype == torch.float32
+    (w,) = torch.autograd.grad(expect.sum(), qkv)
+    assert_close_rel(g, w, dtype, "autocast d(qkv)")
+
+
+@needs_gpu
+def test_torch_compile_fullgraph():
+    def f(qkv):
+        return image_attention(*qkv.split(16, dim=1), heads=2, patch_size=2).square().sum()
+
+    qkv = torch.randn(2, 3 * 16, 8, 12, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True)
+    (g,) = torch.autograd.grad(compiled(qkv), qkv)
+    (w,) = torch.autograd.grad(f(qkv), qkv)
+    assert torch.equal(g, w) or rel_error(g, w) < REL_TOL[torch.float32]
