@@ -1,10 +1,20 @@
 """attnsr: fused attention layers for image-restoration networks.
 
 Layers take ``backend=`` ("naive", "torch", "triton", "auto"); the fused Triton kernels live in the
-top-level ``kernels`` package.
+top-level ``kernels`` package. On a machine without CUDA, set ``TRITON_INTERPRET=1`` before the
+first import to run the triton backend in Triton's (slow) CPU interpreter.
 """
 
 from attnsr import models
-from attnsr.layers import SelfAttention2d
+from attnsr.layers import CBAM, ChannelAttention, LayerAttention, SelfAttention2d, SpatialAttention
+from attnsr.swap import swap_attention
 
-__all__ = ["SelfAttention2d", "models"]
+__all__ = [
+    "CBAM",
+    "ChannelAttention",
+    "LayerAttention",
+    "SelfAttention2d",
+    "SpatialAttention",
+    "models",
+    "swap_attention",
+]

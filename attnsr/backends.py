@@ -14,6 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+import kernels
+from kernels import reference
+
 BACKENDS = ("naive", "torch", "triton", "auto")
 
 
@@ -36,19 +39,6 @@ def resolve(backend: str, x: torch.Tensor) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _to_tokens(x, heads, p):
-    from kernels.reference import image_to_tokens
-
-    return image_to_tokens(x, heads, p)
-
-
-def _to_image(t, like, p):
-    from kernels.reference import tokens_to_image
-
-    _, c, h, w = like.shape
-    return tokens_to_image(t, c, h, w, p)
-
-
 def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto"):
     """Self-attention over the pixels or patches of q, k, v: (B, C, H, W) -> (B, C, H, W).
 
@@ -56,9 +46,7 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
     """
     backend = resolve(backend, q)
     if backend == "triton":
-        from kernels import image_attention as fused
-
-        return fused(q, k, v, heads=heads, patch_size=patch_size, scale=scale)
+        return kernels.image_attention(q, k, v, heads=heads, patch_size=patch_size, scale=scale)
     b, c, h, w = q.shape
     d = c // heads * patch_size * patch_size
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -67,11 +55,44 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
         qf, kf, vf = (t.reshape(b, c, h * w) for t in (q, k, v))
         attn = torch.softmax(torch.bmm(qf.transpose(1, 2), kf) * scale, dim=-1)
         return torch.bmm(vf, attn.transpose(1, 2)).reshape(b, c, h, w)
-    tq, tk, tv = (_to_tokens(t, heads, patch_size) for t in (q, k, v))
+    tq, tk, tv = (reference.image_to_tokens(t, heads, patch_size) for t in (q, k, v))
     if backend == "naive":
         attn = torch.softmax(torch.matmul(tq, tk.transpose(-1, -2)) * scale, dim=-1)
         out = torch.matmul(attn, tv)
     else:
         # image_to_tokens returns (B, heads, N, D) with a contiguous last dim: SDPA's fast paths
         out = F.scaled_dot_product_attention(tq.contiguous(), tk.contiguous(), tv.contiguous(), scale=scale)
-    return _to_image(out, q, patch_size)
+    return reference.tokens_to_image(out, c, h, w, patch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gating and layer fusion: naive and torch both run the eager maths of kernels.reference
+# ----------------------------------------------------------------------------------------------
+
+
+def channel_gate(x, w1, b1, w2, b2, *, pool="avg", backend="auto"):
+    """x · sigmoid(mlp(avg_hw x) [+ mlp(max_hw x)]): (B, C, H, W) -> (B, C, H, W)."""
+    if resolve(backend, x) == "triton":
+        return kernels.channel_gate(x, w1, b1, w2, b2, pool=pool)
+    return reference.channel_gate_ref(x, w1, b1, w2, b2, pool=pool)
+
+
+def spatial_gate(x, weight, bias=None, *, backend="auto"):
+    """x · sigmoid(conv_k×k([mean_c x, max_c x])): (B, C, H, W) -> (B, C, H, W)."""
+    if resolve(backend, x) == "triton":
+        return kernels.spatial_gate(x, weight, bias)
+    return reference.spatial_gate_ref(x, weight, bias)
+
+
+def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax", backend="auto"):
+    """spatial_gate(channel_gate(x)): (B, C, H, W) -> (B, C, H, W)."""
+    if resolve(backend, x) == "triton":
+        return kernels.cbam_gate(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
+    return reference.cbam_gate_ref(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
+
+
+def layer_fusion(features, weights, *, backend="auto"):
+    """Σ_l weights[:, l] · features[l] for L maps (B, C, H, W) (a sequence or an (L, B, ...) tensor)."""
+    if resolve(backend, weights) == "triton":
+        return kernels.layer_fusion(features, weights)
+    return reference.layer_fusion_ref(features, weights)

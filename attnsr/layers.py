@@ -12,17 +12,35 @@ from torch import nn
 from attnsr import backends
 
 
-class _BackendMixin:
-    def _init_backend(self, backend: str) -> None:
-        self.backend = backends.check_backend(backend)
+class _AttnsrLayer(nn.Module):
+    """Shared by attnsr's layers: a checked ``backend`` attribute and checkpoint key aliases.
+
+    ``self.checkpoint_aliases`` maps one of the layer's state_dict keys to the keys of another
+    layout of the same weights (concatenated along dim 0, then reshaped): a state_dict written by
+    the module this layer replaced loads without conversion.
+    """
+
+    def __init__(self, backend: str):
+        super().__init__()
+        self.backend = backend
+        self.checkpoint_aliases = {}
+        self._register_load_state_dict_pre_hook(self._load_aliases)
 
     def __setattr__(self, name, value):
         if name == "backend":
             backends.check_backend(value)
         super().__setattr__(name, value)
 
+    def _load_aliases(self, state_dict, prefix, *args, **kwargs):
+        for ours, sources in self.checkpoint_aliases.items():
+            keys = [prefix + k for k in sources]
+            if prefix + ours in state_dict or not all(k in state_dict for k in keys):
+                continue
+            target = self.get_parameter(ours)
+            state_dict[prefix + ours] = torch.cat([state_dict.pop(k) for k in keys], dim=0).reshape(target.shape)
 
-class SelfAttention2d(_BackendMixin, nn.Module):
+
+class SelfAttention2d(_AttnsrLayer):
     """The inpainting document's self-attention block, with q, k, v from one fused convolution.
 
     ``y = x + out(attention(q, k, v))`` where ``q, k, v = qkv(x).split(out_channels)``: ``qkv`` is one
@@ -39,8 +57,8 @@ class SelfAttention2d(_BackendMixin, nn.Module):
     """
 
     def __init__(self, in_channels, out_channels=None, *, heads=1, patch_size=1, kernel_size=3, scale=None,
-                 backend="auto"):
-        super().__init__()
+                 bias=True, backend="auto"):
+        super().__init__(backend)
         out_channels = in_channels if out_channels is None else out_channels
         if out_channels % heads:
             raise ValueError(f"SelfAttention2d: heads = {heads} does not divide out_channels = {out_channels}")
@@ -52,10 +70,11 @@ class SelfAttention2d(_BackendMixin, nn.Module):
             default_d = in_channels if heads == 1 and patch_size == 1 else out_channels // heads * patch_size**2
             scale = 1.0 / math.sqrt(default_d)
         self.scale = float(scale)
-        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, kernel_size, padding=kernel_size // 2)
-        self.out = nn.Conv2d(out_channels, in_channels, 1)
-        self._init_backend(backend)
-        self._register_load_state_dict_pre_hook(self._fuse_document_keys)
+        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.out = nn.Conv2d(out_channels, in_channels, 1, bias=bias)
+        for kind in ("weight", "bias"):
+            self.checkpoint_aliases[f"qkv.{kind}"] = [f"conv_{n}.{kind}" for n in "qkv"]
+            self.checkpoint_aliases[f"out.{kind}"] = [f"conv_out.{kind}"]
 
     def forward(self, x):
         q, k, v = self.qkv(x).split(self.out_channels, dim=1)
@@ -67,14 +86,128 @@ class SelfAttention2d(_BackendMixin, nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, heads={self.heads}, patch_size={self.patch_size}, "
                 f"kernel_size={self.kernel_size}, scale={self.scale:.4g}, backend={self.backend!r}")
 
-    @staticmethod
-    def _fuse_document_keys(state_dict, prefix, *args, **kwargs):
-        """conv_q/conv_k/conv_v/conv_out (the document's block) -> qkv/out, in place."""
-        names = ("conv_q", "conv_k", "conv_v")
-        for kind in ("weight", "bias"):
-            keys = [f"{prefix}{n}.{kind}" for n in names]
-            if all(k in state_dict for k in keys):
-                state_dict[f"{prefix}qkv.{kind}"] = torch.cat([state_dict.pop(k) for k in keys], dim=0)
-            old = f"{prefix}conv_out.{kind}"
-            if old in state_dict:
-                state_dict[f"{prefix}out.{kind}"] = state_dict.pop(old)
+
+def _mlp_weights(fc1: nn.Conv2d, fc2: nn.Conv2d):
+    """The 1×1 convs of a channel MLP as matrices: w1 (C//r, C), b1, w2 (C, C//r), b2."""
+    return fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias
+
+
+class ChannelAttention(_AttnsrLayer):
+    """Channel attention (SE / RCAN; CBAM's with ``pool="avgmax"``): y = x · sigmoid(mlp(pool x)).
+
+    mlp = 1×1 conv C → hidden, ReLU, 1×1 conv → C (``fc1``, ``fc2``), the layout of RCAN's
+    ``conv_du``; hidden = max(1, C // reduction) unless given. ``pool="avg"``: global average
+    pooling; ``"avgmax"``: mlp(avg) + mlp(max).
+
+    x: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels, reduction=16, *, pool="avg", bias=True, hidden=None, backend="auto"):
+        super().__init__(backend)
+        if pool not in ("avg", "avgmax"):
+            raise ValueError(f"ChannelAttention: pool must be 'avg' or 'avgmax', got {pool!r}")
+        hidden = max(1, channels // reduction) if hidden is None else hidden
+        self.channels, self.reduction, self.pool = channels, reduction, pool
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
+        self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
+
+    def forward(self, x):
+        return backends.channel_gate(x, *_mlp_weights(self.fc1, self.fc2), pool=self.pool, backend=self.backend)
+
+    def extra_repr(self):
+        return f"{self.channels}, reduction={self.reduction}, pool={self.pool!r}, backend={self.backend!r}"
+
+
+class SpatialAttention(_AttnsrLayer):
+    """Spatial attention: y = x · sigmoid(conv(·)), one gate per pixel shared by all channels.
+
+    ``mode="pool"`` (CBAM): conv k×k over [mean over channels, max over channels], 2 → 1 channels,
+    no bias by default (``bias=True`` adds one); fused on the triton backend.
+    ``mode="conv"`` (the super-resolution document): Conv2d(channels, 1, k) with bias over the
+    features themselves. That is a full convolution, computed by PyTorch (cuDNN) on every backend.
+
+    x: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, kernel_size=7, *, mode="pool", channels=None, bias=None, backend="auto"):
+        super().__init__(backend)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"SpatialAttention: kernel_size must be odd to keep H×W, got {kernel_size}")
+        if mode == "pool":
+            in_channels = 2
+            bias = False if bias is None else bias
+        elif mode == "conv":
+            if channels is None:
+                raise ValueError("SpatialAttention: mode='conv' needs channels= (the features' channel count)")
+            in_channels = channels
+            bias = True if bias is None else bias
+        else:
+            raise ValueError(f"SpatialAttention: mode must be 'pool' or 'conv', got {mode!r}")
+        self.kernel_size, self.mode = kernel_size, mode
+        self.conv = nn.Conv2d(in_channels, 1, kernel_size, padding=kernel_size // 2, bias=bias)
+
+    def forward(self, x):
+        if self.mode == "conv":
+            return x * torch.sigmoid(self.conv(x))
+        return backends.spatial_gate(x, self.conv.weight, self.conv.bias, backend=self.backend)
+
+    def extra_repr(self):
+        return f"kernel_size={self.kernel_size}, mode={self.mode!r}, backend={self.backend!r}"
+
+
+class CBAM(_AttnsrLayer):
+    """CBAM: channel attention (avg + max pooling) then spatial attention (pool mode).
+
+    On the triton backend both gates run fused: the channel-gated map is never written to memory.
+    Parameters: ``channel.fc1``, ``channel.fc2``, ``spatial.conv``.
+
+    x: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, channels, reduction=16, kernel_size=7, *, backend="auto"):
+        super().__init__(backend)
+        self.channel = ChannelAttention(channels, reduction, pool="avgmax", backend=backend)
+        self.spatial = SpatialAttention(kernel_size, mode="pool", backend=backend)
+
+    def forward(self, x):
+        conv = self.spatial.conv
+        return backends.cbam_gate(x, *_mlp_weights(self.channel.fc1, self.channel.fc2), conv.weight, conv.bias,
+                                  pool="avgmax", backend=self.backend)
+
+    def extra_repr(self):
+        return f"backend={self.backend!r}"
+
+
+class LayerAttention(_AttnsrLayer):
+    """Layer attention: a softmax-weighted sum of L feature maps, weights from their pooled features.
+
+    w = softmax(mlp(cat_l avg_hw f_l)) ∈ R^L per sample (the super-resolution document's
+    w = softmax(MLP(AvgPool(f)))), mlp = Linear(L·C → hidden), ReLU, Linear(hidden → L) with
+    hidden = max(L, L·C // reduction); y = Σ_l w_l · f_l, fused on the triton backend (one read of
+    each map, one write).
+
+    features: a sequence of L maps (B, C, H, W) or one (L, B, C, H, W) tensor -> (B, C, H, W).
+    """
+
+    def __init__(self, num_layers, channels, reduction=16, *, backend="auto"):
+        super().__init__(backend)
+        hidden = max(num_layers, num_layers * channels // reduction)
+        self.num_layers, self.channels = num_layers, channels
+        self.fc1 = nn.Linear(num_layers * channels, hidden)
+        self.fc2 = nn.Linear(hidden, num_layers)
+
+    def layer_weights(self, features):
+        """(B, L) softmax weights of the L maps."""
+        pooled = torch.cat([f.mean((2, 3)) for f in features], dim=1)  # (B, L·C)
+        return torch.softmax(self.fc2(torch.relu(self.fc1(pooled))), dim=1)
+
+    def forward(self, features):
+        if len(features) != self.num_layers:
+            raise ValueError(
+                f"LayerAttention: got {len(features)} feature maps; expected num_layers = {self.num_layers}"
+            )
+        weights = self.layer_weights(features)
+        return backends.layer_fusion(features, weights.to(features[0].dtype), backend=self.backend)
+
+    def extra_repr(self):
+        return f"{self.num_layers}, {self.channels}, backend={self.backend!r}"

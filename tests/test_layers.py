@@ -1,0 +1,137 @@
+"""attnsr layers: every backend matches `naive` (the documents' maths) in float64, forward and every
+gradient; one set of parameters and state_dict keys across backends."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from tolerances import REL_TOL, assert_close_rel
+
+import attnsr
+from attnsr import backends
+
+BACKENDS = ["torch", "triton"]
+
+LAYERS = {
+    "self_attention": (lambda: attnsr.SelfAttention2d(12), (2, 12, 7, 9)),
+    "self_attention_narrow": (lambda: attnsr.SelfAttention2d(10, 6, kernel_size=1), (1, 10, 5, 6)),
+    "self_attention_heads_patches": (lambda: attnsr.SelfAttention2d(8, 12, heads=3, patch_size=2), (2, 8, 6, 10)),
+    "channel_avg": (lambda: attnsr.ChannelAttention(20, 4), (3, 20, 7, 9)),
+    "channel_avgmax": (lambda: attnsr.ChannelAttention(20, 4, pool="avgmax"), (1, 20, 5, 11)),
+    "spatial_pool_k3": (lambda: attnsr.SpatialAttention(3), (3, 6, 9, 7)),
+    "spatial_pool_k7_bias": (lambda: attnsr.SpatialAttention(7, bias=True), (1, 5, 8, 6)),
+    "spatial_conv": (lambda: attnsr.SpatialAttention(7, mode="conv", channels=6), (2, 6, 9, 8)),
+    "cbam": (lambda: attnsr.CBAM(24, 8, 7), (2, 24, 7, 10)),
+}
+
+
+def _run(layer, x, backend):
+    """Output, input gradient and parameter gradients of layer(x) on one backend, same upstream grad."""
+    layer.backend = backend
+    layer.zero_grad()
+    x = x.detach().requires_grad_()
+    y = layer(x)
+    gen = torch.Generator(y.device).manual_seed(1)
+    grad = torch.randn(y.shape, dtype=torch.float64, device=y.device, generator=gen).to(y.dtype)
+    y.backward(grad)
+    return [y, x.grad] + [p.grad.clone() for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_backends_match_naive_float64(name, backend):
+    build, shape = LAYERS[name]
+    layer = build().to(DEVICE, torch.float64)
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float64)
+    want = _run(layer, x, "naive")
+    got = _run(layer, x, backend)
+    names = ["output", "d(input)"] + [f"d({n})" for n, _ in layer.named_parameters()]
+    for n, g, w in zip(names, got, want):
+        assert_close_rel(g, w, torch.float64, f"{name} {backend}: {n}")
+
+
+@pytest.mark.parametrize("name", ["self_attention_heads_patches", "cbam"])
+def test_layer_triton_float32_and_channels_last(name):
+    build, shape = LAYERS[name]
+    layer = build().to(DEVICE)
+    x = torch.randn(shape, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    want = _run(layer.double(), x.double(), "naive")
+    got = _run(layer.float(), x, "triton")
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close_rel(g, w, torch.float32, f"{name} fp32 channels_last: tensor {i}", tol=10 * REL_TOL[torch.float32])
+
+
+def test_layer_attention_backends_match():
+    layer = attnsr.LayerAttention(3, 10, reduction=4).to(DEVICE, torch.float64)
+    maps = [torch.randn(2, 10, 5, 7, device=DEVICE, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    results = {}
+    for backend in ["naive", *BACKENDS]:
+        layer.backend = backend
+        layer.zero_grad()
+        y = layer(maps)
+        grads = torch.autograd.grad((y * y).sum(), [*maps, *layer.parameters()])
+        results[backend] = [y, *grads]
+    for backend in BACKENDS:
+        for i, (g, w) in enumerate(zip(results[backend], results["naive"])):
+            assert_close_rel(g, w, torch.float64, f"LayerAttention {backend}: tensor {i}")
+    weights = layer.layer_weights(maps)
+    assert weights.shape == (2, 3)
+    assert torch.allclose(weights.sum(1), torch.ones(2, device=DEVICE, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_state_dict_round_trip_across_backends(name):
+    build, shape = LAYERS[name]
+    src = build()
+    src.backend = "triton"
+    dst = build()
+    dst.backend = "naive"
+    assert list(src.state_dict()) == list(dst.state_dict())
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(shape)
+    src.backend = dst.backend = "torch"
+    assert torch.equal(src(x), dst(x))
+
+
+def test_self_attention_loads_document_checkpoint():
+    """A state_dict of the document's block (conv_q, conv_k, conv_v, conv_out) loads as is."""
+    doc = {f"conv_{n}.{kind}": torch.randn(shape) for n in "qkv" for kind, shape in
+           (("weight", (8, 8, 3, 3)), ("bias", (8,)))}
+    doc.update({"conv_out.weight": torch.randn(8, 8, 1, 1), "conv_out.bias": torch.randn(8)})
+    layer = attnsr.SelfAttention2d(8)
+    layer.load_state_dict(dict(doc))
+    assert torch.equal(layer.qkv.weight[8:16], doc["conv_k.weight"])
+    assert torch.equal(layer.out.bias, doc["conv_out.bias"])
+
+
+def test_self_attention_default_scale_follows_document():
+    assert attnsr.SelfAttention2d(64, 32).scale == pytest.approx(64**-0.5)  # 1/sqrt(in_channels)
+    assert attnsr.SelfAttention2d(8, 12, heads=3, patch_size=2).scale == pytest.approx(16**-0.5)  # 1/sqrt(D)
+
+
+def test_auto_backend_resolves_by_device():
+    x = torch.zeros(1)
+    assert backends.resolve("auto", x) == "torch"
+    assert backends.resolve("triton", x) == "triton"
+    if torch.cuda.is_available():
+        assert backends.resolve("auto", x.cuda()) == "triton"
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: attnsr.SelfAttention2d(8, heads=3), r"heads = 3 does not divide out_channels = 8"),
+        (lambda: attnsr.SelfAttention2d(8, backend="cuda"), r"backend must be one of .* got 'cuda'"),
+        (lambda: attnsr.ChannelAttention(8, pool="max"), r"pool must be 'avg' or 'avgmax', got 'max'"),
+        (lambda: attnsr.SpatialAttention(4), r"kernel_size must be odd"),
+        (lambda: attnsr.SpatialAttention(7, mode="conv"), r"mode='conv' needs channels="),
+    ],
+)
+def test_layers_reject_bad_arguments(build, match):
+    with pytest.raises(ValueError, match=match):
+        build()
+
+
+def test_layer_attention_rejects_wrong_count():
+    layer = attnsr.LayerAttention(3, 4)
+    with pytest.raises(ValueError, match=r"got 2 feature maps; expected num_layers = 3"):
+        layer([torch.randn(1, 4, 2, 2)] * 2)
