@@ -1,0 +1,142 @@
+"""swap_attention on a model written the way users write them: document-style self-attention, an
+RCAN channel-attention layer, an SE layer with Linear layers, and look-alikes that must be left alone."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE
+from tolerances import assert_close_rel
+from torch import nn
+
+import attnsr
+
+
+class DocSelfAttention(nn.Module):
+    """The inpainting document's block, as users copy it."""
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv_q = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.conv_k = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.conv_v = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
+        self.conv_out = nn.Conv2d(out_channels, in_channels, 1, 1, 0)
+
+    def forward(self, x):
+        b, c, h, w = x.size()
+        q = self.conv_q(x).view(b, -1, h * w)
+        k = self.conv_k(x).view(b, -1, h * w)
+        v = self.conv_v(x).view(b, -1, h * w)
+        attn = F.softmax(torch.bmm(q.transpose(1, 2), k) / (c**0.5), dim=-1)
+        out = torch.bmm(v, attn.transpose(1, 2)).view(b, -1, h, w)
+        return self.conv_out(out) + x
+
+
+class NoResidualLookAlike(DocSelfAttention):
+    """Same children, different function (no residual): must not be swapped."""
+
+    def forward(self, x):
+        return super().forward(x) - x
+
+
+class RCANLayer(nn.Module):
+    def __init__(self, channel, reduction=4):
+        super().__init__()
+        self.avg_pool = nn.AdaptiveAvgPool2d(1)
+        self.conv_du = nn.Sequential(
+            nn.Conv2d(channel, channel // reduction, 1, padding=0, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(channel // reduction, channel, 1, padding=0, bias=True),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x):
+        return x * self.conv_du(self.avg_pool(x))
+
+
+class SELayer(nn.Module):
+    def __init__(self, channel, hidden):
+        super().__init__()
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.excite = nn.Sequential(nn.Linear(channel, hidden, bias=False), nn.ReLU(),
+                                    nn.Linear(hidden, channel, bias=False), nn.Sigmoid())
+
+    def forward(self, x):
+        b, c = x.shape[:2]
+        return x * self.excite(self.squeeze(x).view(b, c)).view(b, c, 1, 1)
+
+
+class UserNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 12, 3, padding=1)
+        self.body = nn.Sequential(DocSelfAttention(12, 8), nn.ReLU(), RCANLayer(12), SELayer(12, 5),
+                                  NoResidualLookAlike(12, 12))
+        self.tail = attnsr.CBAM(12, 4, backend="torch")
+
+    def forward(self, x):
+        return self.tail(self.body(self.head(x)))
+
+
+def _outputs_and_grads(model, x):
+    model.zero_grad()
+    x = x.detach().requires_grad_()
+    y = model(x)
+    y.square().sum().backward()
+    return [y, x.grad] + [p.grad.clone() for p in model.parameters()]
+
+
+def test_swap_keeps_function_weights_and_checkpoints(caplog):
+    torch.manual_seed(0)
+    model = UserNet().to(DEVICE, torch.float64)
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    x = torch.randn(2, 3, 6, 7, device=DEVICE, dtype=torch.float64)
+    before = _outputs_and_grads(model, x)
+
+    with caplog.at_level(logging.INFO, logger="attnsr.swap"):
+        assert attnsr.swap_attention(model, backend="triton") is model
+
+    assert isinstance(model.body[0], attnsr.SelfAttention2d)
+    assert isinstance(model.body[2], attnsr.ChannelAttention)
+    assert isinstance(model.body[3], attnsr.ChannelAttention)
+    assert isinstance(model.body[4], NoResidualLookAlike), "a look-alike with another function was swapped"
+    assert model.tail.backend == "triton" and model.tail.channel.backend == "triton"
+    assert [name for name, _, _ in model.attnsr_swapped] == ["body.0", "body.2", "body.3", "tail"]
+    assert "body.0: DocSelfAttention -> SelfAttention2d" in caplog.text
+    assert sum(p.numel() for p in model.parameters()) == n_params
+
+    after = _outputs_and_grads(model, x)
+    # parameters are enumerated in a new order after the swap: compare outputs and input grads,
+    # then every parameter gradient through the checkpoint-key mapping below
+    assert_close_rel(after[0], before[0], torch.float64, "output after swap")
+    assert_close_rel(after[1], before[1], torch.float64, "d(input) after swap")
+    grads_before = dict(zip([k for k, _ in UserNet().named_parameters()], before[2:]))
+    sa = model.body[0]
+    assert_close_rel(sa.qkv.weight.grad, torch.cat([grads_before[f"body.0.conv_{n}.weight"] for n in "qkv"]),
+                     torch.float64, "d(qkv.weight)")
+    assert_close_rel(model.body[2].fc1.weight.grad.flatten(1), grads_before["body.2.conv_du.0.weight"].flatten(1),
+                     torch.float64, "d(fc1.weight) of the RCAN layer")
+    assert_close_rel(model.body[3].fc2.weight.grad.flatten(1), grads_before["body.3.excite.2.weight"],
+                     torch.float64, "d(fc2.weight) of the SE layer")
+
+    # the checkpoint saved before the swap loads strictly after it
+    model.load_state_dict(checkpoint)
+    assert torch.equal(model.body[2].fc2.bias, checkpoint["body.2.conv_du.2.bias"])
+
+
+def test_swap_to_torch_backend_and_unknown_backend():
+    model = nn.Sequential(DocSelfAttention(6, 6))
+    attnsr.swap_attention(model, backend="torch")
+    assert model[0].backend == "torch"
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        attnsr.swap_attention(model, backend="fast")
+
+
+def test_swap_leaves_unrecognised_models_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Sequential(nn.Linear(4, 4)))
+    before = [type(m) for m in model.modules()]
+    attnsr.swap_attention(model)
+    assert [type(m) for m in model.modules()] == before
+    assert model.attnsr_swapped == []
