@@ -5,5 +5,16 @@ On CPU tensors the kernels need ``TRITON_INTERPRET=1`` (set before triton is imp
 """
 
 from kernels.attention import flash_attention, image_attention
+from kernels.cbam import cbam_gate
+from kernels.channel_gate import channel_gate
+from kernels.layer_fusion import layer_fusion
+from kernels.spatial_gate import spatial_gate
 
-__all__ = ["flash_attention", "image_attention"]
+__all__ = [
+    "cbam_gate",
+    "channel_gate",
+    "flash_attention",
+    "image_attention",
+    "layer_fusion",
+    "spatial_gate",
+]

@@ -59,3 +59,59 @@ def image_attention_ref(q, k, v, *, heads=1, patch_size=1, scale=None, upcast=Fa
     tq, tk, tv = (image_to_tokens(t, heads, patch_size) for t in (q, k, v))
     out = flash_attention_ref(tq, tk, tv, scale=scale)
     return tokens_to_image(out, c, h, w, patch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gating (channel, spatial, CBAM) and layer-attention fusion
+# ----------------------------------------------------------------------------------------------
+
+
+def _max_first(x, dim: int):
+    """Max over ``dim`` whose gradient goes to one element: the first index attaining the max."""
+    idx = x.argmax(dim, keepdim=True)  # torch.argmax returns the first maximal index
+    return x.gather(dim, idx).squeeze(dim)
+
+
+def _channel_mlp(s, w1, b1, w2, b2):
+    """w2 · relu(w1 · s + b1) + b2 for s: (B, C), w1: (C//r, C), w2: (C, C//r)."""
+    return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(s, w1, b1)), w2, b2)
+
+
+def channel_gate_ref(x, w1, b1, w2, b2, *, pool="avg", upcast=False):
+    """x · sigmoid(mlp(avg_hw x)) (pool="avg") or x · sigmoid(mlp(avg) + mlp(max)) (pool="avgmax").
+
+    x: (B, C, H, W) -> (B, C, H, W); w1: (C//r, C), w2: (C, C//r), biases may be None.
+    """
+    x, w1, b1, w2, b2 = _maybe_upcast(upcast, x, w1, b1, w2, b2)
+    z = _channel_mlp(x.mean((2, 3)), w1, b1, w2, b2)
+    if pool == "avgmax":
+        z = z + _channel_mlp(_max_first(x.flatten(2), 2), w1, b1, w2, b2)
+    elif pool != "avg":
+        raise ValueError(f"channel_gate_ref: pool={pool!r}; expected 'avg' or 'avgmax'")
+    return x * torch.sigmoid(z)[:, :, None, None]
+
+
+def spatial_gate_ref(x, weight, bias=None, *, upcast=False):
+    """x · sigmoid(conv2d([mean_c x, max_c x], weight (1, 2, k, k), bias, padding k//2)).
+
+    x: (B, C, H, W) -> (B, C, H, W). The max over channels sends its gradient to the first
+    arg-max channel.
+    """
+    x, weight, bias = _maybe_upcast(upcast, x, weight, bias)
+    pooled = torch.stack([x.mean(1), _max_first(x, 1)], dim=1)  # (B, 2, H, W)
+    pre = torch.nn.functional.conv2d(pooled, weight, bias, padding=weight.shape[-1] // 2)
+    return x * torch.sigmoid(pre)
+
+
+def cbam_gate_ref(x, w1, b1, w2, b2, sweight, sbias, *, pool="avg", upcast=False):
+    """spatial_gate_ref(channel_gate_ref(x, ...), sweight, sbias): eager CBAM, x · ca materialised."""
+    x1 = channel_gate_ref(x, w1, b1, w2, b2, pool=pool, upcast=upcast)
+    return spatial_gate_ref(x1, sweight, sbias, upcast=upcast)
+
+
+def layer_fusion_ref(features, weights, *, upcast=False):
+    """Σ_l weights[b, l] · features[l][b]: features (L, B, C, H, W) or L maps (B, C, H, W), weights (B, L)."""
+    if not isinstance(features, torch.Tensor):
+        features = torch.stack(list(features))
+    features, weights = _maybe_upcast(upcast, features, weights)
+    return torch.einsum("lbchw,bl->bchw", features, weights)

@@ -1,0 +1,107 @@
+"""CBAM gate: the channel gate then the spatial gate, fused so that x · ca never exists.
+
+Maths. With ca = channel gate of x (kernels/channel_gate.py: pooled statistics of x, shared MLP,
+sigmoid) and x1 = x · ca[b, c] the channel-gated map,
+    s = sigmoid(conv2d([mean_c x1, max_c x1], sweight, sbias, padding k//2)),   y = x1 · s[b, p]
+so y = x · ca[b, c] · s[b, p]. x1 is never written: its per-pixel statistics are taken from x and
+ca on the fly, and the output pass multiplies x by both gates at once. Backward recomputes x1 from
+x and ca where it needs it:
+    dpre  = (Σ_c dy · x · ca) · s · (1 − s)                          per pixel
+    d_mean, d_max, dsweight, dsbias  from dpre (the 2→1 convolution transposed)
+    g1    = dy · s + d_mean / C + [c = sarg] · d_max                  gradient at x1 (not stored)
+    dca   = Σ_p g1 · x                                                per (b, c)
+    back through the channel gate's sigmoid and MLP → w1, b1, w2, b2 gradients and the pooled
+    gradients ds_avg, ds_max
+    dx    = g1 · ca + ds_avg / HW + [p = carg] · ds_max
+Max pools route their gradient to one element, the first attaining the maximum (lowest pixel for
+the channel gate's max over pixels, lowest channel for the spatial gate's max over channels).
+
+Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one):
+    forward   3 reads, 1 write: (1) x → per-(b, c) sum, max, arg-max;  (2) x, ca → per-pixel mean,
+              max, arg-max channel of x · ca;  (3) x → y = x · ca · s
+    backward  5 reads, 1 write: (1) dy, x → dpre;  (2) dy, x → dca;  (3) dy → dx
+    saved for backward: x, per-(b, c) statistics (ca, avg, max: fp32; carg: int32) and per-(b, h, w)
+    statistics ([mean, max] and s: fp32; sarg: int32). Not x · ca.
+Eager PyTorch (channel gate, then spatial gate) reads x or x · ca five times (six with
+pool="avgmax") and writes x · ca and y in the forward, and keeps x · ca for backward.
+The MLP runs in PyTorch on the pooled (B, C) statistics and the small convolution kernels on
+(B, 2, H, W) maps, as in channel_gate.py and spatial_gate.py; all passes over maps are Triton
+kernels, and nothing uses atomics.
+
+Limits and precision: those of channel_gate and spatial_gate (any strides, channels_last kept,
+k odd ≤ 15, fp32 statistics and gates, float64 for float64 inputs).
+"""
+
+import torch
+
+from kernels._gating import check_map_limits, gate_apply, gate_dx
+from kernels._runtime import check_runnable, check_same
+from kernels.channel_gate import (
+    ChannelState,
+    channel_dot,
+    channel_gate_backward,
+    channel_gate_state,
+    check_channel_mlp,
+    check_pool,
+)
+from kernels.spatial_gate import (
+    check_spatial_conv,
+    spatial_conv,
+    spatial_conv_backward,
+    spatial_dot,
+    spatial_stats,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Autograd (the kernels live in _gating.py, channel_gate.py and spatial_gate.py)
+# ----------------------------------------------------------------------------------------------
+
+
+class _CBAMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, sweight, sbias, pool):
+        height, width = x.shape[2:]
+        state = channel_gate_state(x, w1, b1, w2, b2, pool)  # pass 1 over x
+        stats, sarg = spatial_stats(x, ca=state.ca)  # pass 2
+        s = spatial_conv(stats, sweight, sbias, height, width)
+        y = gate_apply(x, ca=state.ca, s=s)  # pass 3
+        ctx.save_for_backward(x, w1, b1, w2, b2, sweight, sbias, *state.tensors(), stats, sarg, s)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w1, b1, w2, b2, sweight, sbias, ca, avg, mx, carg, stats, sarg, s = ctx.saved_tensors
+        channels, height, width = x.shape[1:]
+        dpre = spatial_dot(dy, x, s, ca=ca)  # pass 1 over dy and x
+        dpool, dsweight, dsbias = spatial_conv_backward(dpre, stats, sweight, sbias, channels, height, width)
+        dca = channel_dot(dy, x, s=s, dpool=dpool, sarg=sarg)  # pass 2 over dy and x
+        state = ChannelState(ca, avg, mx, carg)
+        gpool, wgrads = channel_gate_backward(dca, state, w1, b1, w2, b2, height * width)
+        dx = None
+        if ctx.needs_input_grad[0]:  # pass 3: dy -> dx
+            dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=carg, s=s, dpool=dpool, sarg=sarg)
+        return (dx, *wgrads, dsweight, dsbias, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avg"):
+    """spatial_gate(channel_gate(x, w1, b1, w2, b2, pool=pool), sweight, sbias), fused.
+
+    x: (B, C, H, W), any strides. Channel MLP: w1 (C//r, C), b1 (C//r,) or None, w2 (C, C//r),
+    b2 (C,) or None; pool "avg" (SE) or "avgmax" (CBAM). Spatial convolution: sweight (1, 2, k, k)
+    with k odd, sbias (1,) or None. All of x's dtype and device. Returns (B, C, H, W) in x's dtype,
+    channels_last when x has channels innermost.
+    """
+    op = "cbam_gate"
+    check_pool(op, pool)
+    tensors = check_channel_mlp(op, x, w1, b1, w2, b2)
+    tensors.update(check_spatial_conv(op, x, sweight, sbias, names=("sweight", "sbias")))
+    check_same(op, tensors)
+    check_map_limits(op, x)
+    check_runnable(op, x.device)
+    return _CBAMFunction.apply(x, w1, b1, w2, b2, sweight, sbias, pool)

@@ -1,0 +1,359 @@
+"""Spatial attention gate (CBAM's spatial half), fused forward and backward.
+
+Maths. For x: (B, C, H, W), with p = h·W + w the flat pixel index:
+    mean[b, p] = Σ_c x[b, c, p] / C,   max[b, p] = x[b, sarg[b, p], p]  (sarg: first arg-max channel)
+    pre = conv2d([mean, max], weight, bias, padding k//2)     weight: (1, 2, k, k), k odd, zero padding
+    s   = sigmoid(pre),   y = x · s[b, p]
+Backward, with dy the upstream gradient:
+    ds[b, p]   = Σ_c dy · x,   dpre = ds · s · (1 − s)
+    d_mean, d_max = the 2→1 convolution transposed, applied to dpre (same zero padding)
+    dweight[0, ch, i, j] = Σ_{b, p} dpre[b, p] · stat_ch[b, h + i − k//2, w + j − k//2],  dbias = Σ dpre
+    dx = dy · s[b, p] + d_mean[b, p] / C + [c = sarg[b, p]] · d_max[b, p]
+The max gradient goes to exactly one channel per pixel: the first (lowest c) attaining the maximum.
+
+Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one):
+    forward   2 reads, 1 write: (1) x → per-pixel mean, max, arg-max channel;  (2) x → y = x · s
+    backward  3 reads, 1 write: (1) dy, x → Σ_c dy·x per pixel;  (2) dy → dx
+    saved for backward: x and per-(b, h, w) statistics only: [mean, max] and s (fp32), sarg (int32).
+Between the passes, two small kernels work on (B, 2, H, W) and (B, H, W) maps (2/C and 1/C of x):
+the convolution + sigmoid forward, and in backward the transposed convolution together with
+per-program partial sums of the weight and bias gradients. The partials (B, programs, 2, k²) are
+summed in PyTorch in a fixed order: no atomics, bitwise reproducible. Eager PyTorch reads x three
+times (mean, max, multiply) and writes the (B, 2, H, W) concatenation besides y.
+
+Limits and precision. x: (B, C, H, W) with any strides; y and dx are channels_last when x has
+channels innermost, else contiguous. k odd, 1 ≤ k ≤ 15 (the k² taps of a block of pixels form
+one register tile). B ≤ 65535, H·W < 2^31. Statistics, the convolution and the gate are fp32
+(float64 for float64 inputs); weight and bias gradients are returned in their own dtype.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._gating import (
+    _tile_offsets,
+    acc_dtype,
+    check_map_limits,
+    gate_apply,
+    gate_dx,
+    map_strides,
+    stat_dtype,
+    tile_config,
+)
+from kernels._runtime import check_rank, check_runnable, check_same, check_tensor, interpreting, next_pow2
+
+MAX_KERNEL_SIZE = 15
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _spatial_stats_kernel(
+    X,  # input map (B, C, H, W), any strides
+    CA,  # (B, C) ACC: channel gate applied before the statistics (CHANNEL; cbam_gate)
+    STATS,  # (B, 2, H·W) contiguous ACC: [0] mean over channels, [1] max over channels
+    ARG,  # (B, H·W) contiguous int32: first channel attaining the max
+    sx_b, sx_c, sx_h, sx_w,  # x strides (elements)
+    C, HW, W,  # channels, pixels per map, map width
+    CHANNEL: tl.constexpr,  # statistics of x · ca instead of x
+    ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for fp64 inputs)
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b = tl.program_id(1).to(tl.int64)
+    p_in = p < HW
+    X += b * sx_b
+    acc = tl.zeros([BLOCK_P], dtype=ACC)
+    run_max = tl.full([BLOCK_P], float("-inf"), dtype=ACC)
+    run_arg = tl.zeros([BLOCK_P], dtype=tl.int32) + C  # C = none yet
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_in = c < C
+        mask = c_in[:, None] & p_in[None, :]
+        x = tl.load(X + _tile_offsets(c, p, W, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC)
+        if CHANNEL:
+            ca = tl.load(CA + b * C + c, mask=c_in, other=0.0)
+            x = x * ca[:, None]
+        acc += tl.sum(x, 0)
+        x = tl.where(mask, x, float("-inf"))
+        blk_max = tl.max(x, 0)
+        blk_arg = tl.min(tl.where(x == blk_max[None, :], c[:, None], C), 0)
+        # strictly greater: an earlier channel block keeps a tie
+        take = (blk_max > run_max) | (run_arg == C)
+        run_max = tl.where(take, blk_max, run_max)
+        run_arg = tl.where(take, blk_arg, run_arg)
+    tl.store(STATS + (2 * b) * HW + p, acc / C, mask=p_in)
+    tl.store(STATS + (2 * b + 1) * HW + p, run_max, mask=p_in)
+    tl.store(ARG + b * HW + p, run_arg, mask=p_in)
+
+
+@triton.jit
+def _spatial_dot_kernel(
+    DY, X,  # upstream gradient (any strides, stride 0 included) and input map (B, C, H, W)
+    CA,  # (B, C) ACC: channel gate (CHANNEL; cbam_gate)
+    S,  # (B, H·W) ACC: spatial gate
+    DPRE,  # (B, H·W) contiguous ACC, out: gradient of the pre-sigmoid map, (Σ_c dy·x·ca) · s · (1 − s)
+    sdy_b, sdy_c, sdy_h, sdy_w,  # dy strides (elements)
+    sx_b, sx_c, sx_h, sx_w,  # x strides
+    C, HW, W,  # channels, pixels per map, map width
+    CHANNEL: tl.constexpr,  # the spatial gate acts on x · ca
+    ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b = tl.program_id(1).to(tl.int64)
+    p_in = p < HW
+    DY += b * sdy_b
+    X += b * sx_b
+    acc = tl.zeros([BLOCK_P], dtype=ACC)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        c_in = c < C
+        mask = c_in[:, None] & p_in[None, :]
+        g = tl.load(DY + _tile_offsets(c, p, W, sdy_c, sdy_h, sdy_w), mask=mask, other=0.0).to(ACC)
+        x = tl.load(X + _tile_offsets(c, p, W, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC)
+        if CHANNEL:
+            ca = tl.load(CA + b * C + c, mask=c_in, other=0.0)
+            x = x * ca[:, None]
+        acc += tl.sum(g * x, 0)
+    s = tl.load(S + b * HW + p, mask=p_in, other=0.0)
+    tl.store(DPRE + b * HW + p, acc * s * (1 - s), mask=p_in)
+
+
+@triton.jit
+def _taps(p, H, W, HW, K: tl.constexpr, KK: tl.constexpr, SIGN: tl.constexpr):
+    """[len(p), KK] flat offsets of the pixels (h + SIGN·(i − K//2), w + SIGN·(j − K//2)) of tap
+    t = i·K + j around each pixel p = h·W + w, and the mask of those inside the map (zero padding)."""
+    t = tl.arange(0, KK)
+    dh = SIGN * (t // K - K // 2)
+    dw = SIGN * (t % K - K // 2)
+    hh = (p // W)[:, None] + dh[None, :]
+    ww = (p % W)[:, None] + dw[None, :]
+    inside = (p < HW)[:, None] & (t < K * K)[None, :] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+    return hh * W + ww, inside
+
+
+@triton.jit
+def _spatial_conv_fwd_kernel(
+    STATS,  # (B, 2, H·W) contiguous ACC: [mean, max] maps
+    WT,  # (2, K, K) contiguous ACC: the convolution weight
+    BIAS,  # (1,) ACC: the convolution bias (HAS_BIAS)
+    S,  # (B, H·W) contiguous ACC, out: s = sigmoid(conv)
+    H, W, HW,  # map height, width, pixels
+    HAS_BIAS: tl.constexpr,
+    K: tl.constexpr,  # kernel size (odd)
+    KK: tl.constexpr,  # next power of two ≥ K·K: the taps axis of the tile
+    ACC: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    b = tl.program_id(1).to(tl.int64)
+    t = tl.arange(0, KK)
+    offs, inside = _taps(p, H, W, HW, K, KK, 1)
+    stats = STATS + (2 * b) * HW
+    mean = tl.load(stats + offs, mask=inside, other=0.0)
+    mx = tl.load(stats + HW + offs, mask=inside, other=0.0)
+    w_mean = tl.load(WT + t, mask=t < K * K, other=0.0)
+    w_max = tl.load(WT + K * K + t, mask=t < K * K, other=0.0)
+    pre = tl.sum(mean * w_mean[None, :] + mx * w_max[None, :], 1)
+    if HAS_BIAS:
+        pre += tl.load(BIAS)
+    s = 1.0 / (1.0 + tl.exp(-pre))
+    tl.store(S + b * HW + p, s, mask=p < HW)
+
+
+@triton.jit
+def _spatial_conv_bwd_kernel(
+    DPRE,  # (B, H·W) contiguous ACC: gradient of the pre-sigmoid map
+    STATS,  # (B, 2, H·W) contiguous ACC: [mean, max] maps saved by the forward
+    WT,  # (2, K, K) contiguous ACC: the convolution weight
+    DPOOL,  # (B, 2, H·W) contiguous ACC, out: [0] d_mean / C (per element of x), [1] d_max
+    PW,  # (B, NPB, 2, KK) contiguous ACC, out: this program's partial weight gradient
+    PB,  # (B, NPB) contiguous ACC, out: this program's partial bias gradient
+    H, W, HW, C,  # map height, width, pixels; channels (the mean's divisor)
+    NPB,  # programs per batch element = cdiv(HW, BLOCK_P)
+    K: tl.constexpr, KK: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    b = tl.program_id(1).to(tl.int64)
+    p_in = p < HW
+    t = tl.arange(0, KK)
+    t_in = t < K * K
+    w_mean = tl.load(WT + t, mask=t_in, other=0.0)
+    w_max = tl.load(WT + K * K + t, mask=t_in, other=0.0)
+    dpre = DPRE + b * HW
+    # transposed convolution: d_stat[q] = Σ_t w[t] · dpre[q − offset(t)]
+    offs, inside = _taps(p, H, W, HW, K, KK, -1)
+    dn = tl.load(dpre + offs, mask=inside, other=0.0)
+    d_mean = tl.sum(dn * w_mean[None, :], 1) / C
+    d_max = tl.sum(dn * w_max[None, :], 1)
+    tl.store(DPOOL + (2 * b) * HW + p, d_mean, mask=p_in)
+    tl.store(DPOOL + (2 * b + 1) * HW + p, d_max, mask=p_in)
+    # weight and bias partials over this block of pixels: Σ_q dpre[q] · stat[q + offset(t)]
+    dq = tl.load(dpre + p, mask=p_in, other=0.0)
+    offs, inside = _taps(p, H, W, HW, K, KK, 1)
+    stats = STATS + (2 * b) * HW
+    mean = tl.load(stats + offs, mask=inside, other=0.0)
+    mx = tl.load(stats + HW + offs, mask=inside, other=0.0)
+    part = b * NPB + pid
+    tl.store(PW + (2 * part) * KK + t, tl.sum(dq[:, None] * mean, 0))
+    tl.store(PW + (2 * part + 1) * KK + t, tl.sum(dq[:, None] * mx, 0))
+    tl.store(PB + part, tl.sum(dq, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_config(kernel_size: int):
+    """(KK, BLOCK_P, launch kwargs) of the small convolution kernels: BLOCK_P × KK ≈ 4096 on a GPU."""
+    kk = next_pow2(kernel_size * kernel_size)
+    if interpreting():
+        return kk, 64, {}
+    return kk, max(16, 4096 // kk), dict(num_warps=4)
+
+
+def spatial_stats(x: torch.Tensor, ca=None):
+    """One pass over x: [mean, max] over channels (B, 2, H·W) and the first arg-max channel (B, H·W) int32.
+
+    With ``ca`` (B, C) the statistics are those of x · ca (cbam_gate), which is never stored.
+    """
+    batch, channels, height, width = x.shape
+    hw = height * width
+    stats = torch.empty((batch, 2, hw), dtype=stat_dtype(x.dtype), device=x.device)
+    sarg = torch.empty((batch, hw), dtype=torch.int32, device=x.device)
+    if batch > 0:
+        block_c, block_p, launch = tile_config(x, loop_over_channels=True)
+        _spatial_stats_kernel[(triton.cdiv(hw, block_p), batch)](
+            x, stats if ca is None else ca, stats, sarg, *map_strides(x), channels, hw, width,
+            CHANNEL=ca is not None, ACC=acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
+        )
+    return stats, sarg
+
+
+def spatial_conv(stats: torch.Tensor, weight: torch.Tensor, bias, height: int, width: int) -> torch.Tensor:
+    """s = sigmoid(conv2d(stats, weight, bias, padding k//2)) as a (B, H·W) map."""
+    batch, hw = stats.shape[0], height * width
+    k = weight.shape[-1]
+    wt = weight.to(stats.dtype).contiguous()
+    bt = wt if bias is None else bias.to(stats.dtype).contiguous()
+    s = torch.empty((batch, hw), dtype=stats.dtype, device=stats.device)
+    if batch > 0:
+        kk, block_p, launch = _conv_config(k)
+        _spatial_conv_fwd_kernel[(triton.cdiv(hw, block_p), batch)](
+            stats, wt, bt, s, height, width, hw,
+            HAS_BIAS=bias is not None, K=k, KK=kk, ACC=acc_dtype(stats.dtype), BLOCK_P=block_p, **launch,
+        )
+    return s
+
+
+def spatial_dot(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, ca=None) -> torch.Tensor:
+    """One pass over dy and x: dpre = (Σ_c dy · x · ca) · s · (1 − s), (B, H·W)."""
+    batch, channels, height, width = x.shape
+    hw = height * width
+    dpre = torch.empty((batch, hw), dtype=s.dtype, device=x.device)
+    if batch > 0:
+        block_c, block_p, launch = tile_config(x, loop_over_channels=True)
+        _spatial_dot_kernel[(triton.cdiv(hw, block_p), batch)](
+            dy, x, s if ca is None else ca, s, dpre, *map_strides(dy), *map_strides(x), channels, hw, width,
+            CHANNEL=ca is not None, ACC=acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
+        )
+    return dpre
+
+
+def spatial_conv_backward(dpre, stats, weight, bias, channels: int, height: int, width: int):
+    """Back through the convolution: dpool (B, 2, H·W), dweight (1, 2, k, k), dbias (1,) or None."""
+    batch, hw = stats.shape[0], height * width
+    k = weight.shape[-1]
+    wt = weight.to(stats.dtype).contiguous()
+    kk, block_p, launch = _conv_config(k)
+    npb = triton.cdiv(hw, block_p)
+    dpool = torch.empty((batch, 2, hw), dtype=stats.dtype, device=stats.device)
+    pw = torch.empty((batch, npb, 2, kk), dtype=stats.dtype, device=stats.device)
+    pb = torch.empty((batch, npb), dtype=stats.dtype, device=stats.device)
+    if batch > 0:
+        _spatial_conv_bwd_kernel[(npb, batch)](
+            dpre, stats, wt, dpool, pw, pb, height, width, hw, channels, npb,
+            K=k, KK=kk, ACC=acc_dtype(stats.dtype), BLOCK_P=block_p, **launch,
+        )
+    dweight = pw.sum((0, 1))[:, : k * k].reshape(1, 2, k, k).to(weight.dtype)
+    dbias = None if bias is None else pb.sum().reshape(1).to(bias.dtype)
+    return dpool, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class _SpatialGateFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        height, width = x.shape[2:]
+        stats, sarg = spatial_stats(x)
+        s = spatial_conv(stats, weight, bias, height, width)
+        y = gate_apply(x, s=s)
+        ctx.save_for_backward(x, weight, bias, stats, sarg, s)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, bias, stats, sarg, s = ctx.saved_tensors
+        channels, height, width = x.shape[1:]
+        dpre = spatial_dot(dy, x, s)
+        dpool, dweight, dbias = spatial_conv_backward(dpre, stats, weight, bias, channels, height, width)
+        dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if ctx.needs_input_grad[0] else None
+        return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def check_spatial_conv(op: str, x, weight, bias, names=("weight", "bias")) -> dict:
+    """Validate the (1, 2, k, k) weight (k odd, ≤ 15) and the (1,) bias; returns name -> tensor."""
+    wname, bname = names
+    check_tensor(op, wname, weight)
+    check_rank(op, wname, weight, 4, "(1, 2, k, k)")
+    k = weight.shape[-1]
+    if weight.shape[:2] != (1, 2) or weight.shape[2] != k:
+        raise ValueError(
+            f"{op}: {wname} is {tuple(weight.shape)}; expected (1, 2, k, k): one output map from the "
+            "[mean, max] pair, a square k×k kernel"
+        )
+    if k % 2 == 0 or not 1 <= k <= MAX_KERNEL_SIZE:
+        raise ValueError(
+            f"{op}: {wname} has kernel size k = {k}; expected an odd k from 1 to {MAX_KERNEL_SIZE} "
+            "(padding k//2 keeps the map size only for odd k)"
+        )
+    tensors = {"x": x, wname: weight}
+    if bias is not None:
+        check_tensor(op, bname, bias)
+        if tuple(bias.shape) != (1,):
+            raise ValueError(f"{op}: {bname} is {tuple(bias.shape)}; expected (1,) or None")
+        tensors[bname] = bias
+    return tensors
+
+
+def spatial_gate(x, weight, bias=None):
+    """y = x · sigmoid(conv2d([mean_c x, max_c x], weight, bias, padding k//2)).
+
+    x: (B, C, H, W), any strides; weight: (1, 2, k, k) with k odd (the channel-mean map is input 0,
+    the channel-max map input 1); bias: (1,) or None; all of x's dtype and device.
+    Returns (B, C, H, W) in x's dtype, channels_last when x has channels innermost.
+    """
+    op = "spatial_gate"
+    check_tensor(op, "x", x)
+    check_rank(op, "x", x, 4, "(B, C, H, W)")
+    check_same(op, check_spatial_conv(op, x, weight, bias))
+    check_map_limits(op, x)
+    check_runnable(op, x.device)
+    return _SpatialGateFunction.apply(x, weight, bias)

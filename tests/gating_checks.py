@@ -1,0 +1,98 @@
+"""Helpers shared by the gating and layer-fusion tests: inputs, the float64 comparison, pass counting."""
+
+import torch
+from conftest import DEVICE
+from tolerances import assert_close_rel
+
+
+def leaf(shape, dtype, *, scale=1.0, shift=0.0, channels_last=False):
+    """A fresh random leaf tensor that requires grad (drawn in float64, rounded to ``dtype``)."""
+    t = (torch.randn(shape, device=DEVICE, dtype=torch.float64) * scale + shift).to(dtype)
+    if channels_last:
+        t = t.to(memory_format=torch.channels_last)
+    return t.requires_grad_()
+
+
+def feature_map(shape, dtype, *, channels_last=False):
+    """x: (B, C, H, W) with a random offset per (b, c), so pooled statistics differ between channels."""
+    b, c = shape[:2]
+    offset = torch.randn(b, c, 1, 1, device=DEVICE, dtype=torch.float64)
+    x = torch.randn(shape, device=DEVICE, dtype=torch.float64) + offset
+    x = x.to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def mlp_weights(channels, hidden, dtype, *, biases=True):
+    """w1 (hidden, C), b1, w2 (C, hidden), b2 scaled so that the gate stays away from 0 and 1 and
+    the ReLU is alive for most units (so every weight has a gradient worth checking)."""
+    w1 = leaf((hidden, channels), dtype, scale=channels**-0.5)
+    w2 = leaf((channels, hidden), dtype, scale=hidden**-0.5)
+    if not biases:
+        return w1, None, w2, None
+    b1 = leaf((hidden,), dtype, scale=0.2, shift=0.5)
+    b2 = leaf((channels,), dtype, scale=0.5)
+    return w1, b1, w2, b2
+
+
+def conv_weights(kernel_size, dtype, *, bias=True):
+    """sweight (1, 2, k, k), sbias (1,) or None, scaled to keep the spatial gate away from 0 and 1."""
+    w = leaf((1, 2, kernel_size, kernel_size), dtype, scale=0.7 / kernel_size)
+    return w, (leaf((1,), dtype, scale=0.3) if bias else None)
+
+
+def check_op(fn, ref, inputs, dtype, what, *, grad=None, tol=None):
+    """fn(*inputs) against ref(*float64 copies of inputs): the output and the gradient of every
+    input that requires grad, with the same upstream gradient (drawn in ``dtype``).
+
+    ``inputs`` is a flat list; None entries pass through. Returns (output, gradients)."""
+    out = fn(*inputs)
+    ref_inputs = [None if t is None else t.detach().double().requires_grad_(t.requires_grad) for t in inputs]
+    expect = ref(*ref_inputs)
+    assert out.dtype == dtype, f"{what}: output dtype {out.dtype}, expected {dtype}"
+    assert_close_rel(out, expect, dtype, f"{what}: output", tol)
+    if grad is None:
+        grad = torch.randn(out.shape, device=out.device, dtype=torch.float64).to(dtype)
+    idx = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(out, [inputs[i] for i in idx], grad)
+    want = torch.autograd.grad(expect, [ref_inputs[i] for i in idx], grad.double())
+    for i, g, w in zip(idx, got, want):
+        assert w.norm() > 0, f"{what}: the reference gradient of input {i} is zero; the check would say nothing"
+        assert g.dtype == inputs[i].dtype, f"{what}: grad of input {i} has dtype {g.dtype}"
+        assert_close_rel(g, w, dtype, f"{what}: grad of input {i} {tuple(inputs[i].shape)}", tol)
+    return out, got
+
+
+class LaunchLog:
+    """Records, for every Triton kernel launch, which tensors of a set of watched ones it was given.
+
+    ``watch(name, t)`` names a map-sized tensor by its storage; ``count(name)`` is the number of
+    launches that received it: the passes over it (each kernel touches each tile of its map once).
+    """
+
+    def __init__(self, monkeypatch, modules):
+        self.launches = []
+        self.watched = {}
+        for module in modules:
+            for attr in dir(module):
+                obj = getattr(module, attr)
+                if attr.startswith("_") and attr.endswith("_kernel") and hasattr(obj, "run"):
+                    monkeypatch.setattr(obj, "run", self._wrap(attr, obj.run))
+
+    def _wrap(self, name, run):
+        def logged(*args, **kwargs):
+            ptrs = {a.data_ptr() for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}
+            self.launches.append((name, ptrs))
+            return run(*args, **kwargs)
+
+        return logged
+
+    def watch(self, name, t):
+        self.watched[name] = t.data_ptr()
+
+    def count(self, name):
+        return sum(self.watched[name] in ptrs for _, ptrs in self.launches)
+
+    def clear(self):
+        self.launches.clear()

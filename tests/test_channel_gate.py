@@ -1,0 +1,139 @@
+"""channel_gate against the float64 reference: forward and the gradients of x, w1, b1, w2, b2."""
+
+import importlib
+
+import pytest
+import torch
+from conftest import DEVICE
+from gating_checks import LaunchLog, check_op, feature_map, leaf, mlp_weights
+
+from kernels import _gating, channel_gate
+from kernels.reference import channel_gate_ref
+
+# the module (kernels.channel_gate is the function: the package exports it under the module's name)
+cg_module = importlib.import_module("kernels.channel_gate")
+
+
+def _fn(pool):
+    return lambda x, w1, b1, w2, b2: channel_gate(x, w1, b1, w2, b2, pool=pool)
+
+
+def _ref(pool):
+    return lambda x, w1, b1, w2, b2: channel_gate_ref(x, w1, b1, w2, b2, pool=pool)
+
+
+# (B, C, H, W, hidden): B = 1 and 3, C not a power of two, H != W, H·W = 63 (under one 64-pixel
+# interpreter chunk) and 143 (three chunks, the last one partial), hidden = 1.
+SHAPES = [(1, 5, 7, 9, 2), (3, 12, 13, 11, 3), (2, 3, 1, 20, 1)]
+
+
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_channel_gate_matches_reference(shape, dtype, pool):
+    b, c, h, w, hidden = shape
+    x = feature_map((b, c, h, w), dtype)
+    check_op(_fn(pool), _ref(pool), [x, *mlp_weights(c, hidden, dtype)], dtype, f"channel_gate {shape} {pool}")
+
+
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_channel_gate_channels_last(pool):
+    x = feature_map((3, 12, 13, 11), torch.float32, channels_last=True)
+    out, (dx, *_) = check_op(_fn(pool), _ref(pool), [x, *mlp_weights(12, 3, torch.float32)], torch.float32, "cl")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_channel_gate_bfloat16(pool):
+    """bf16 loads/stores work in the interpreter (no tl.dot here); its fp32→bf16 store truncates."""
+    x = feature_map((2, 6, 9, 10), torch.bfloat16)
+    check_op(_fn(pool), _ref(pool), [x, *mlp_weights(6, 2, torch.bfloat16)], torch.bfloat16, f"bf16 {pool}")
+
+
+def test_channel_gate_without_biases():
+    x = feature_map((2, 7, 6, 5), torch.float32)
+    check_op(_fn("avgmax"), _ref("avgmax"), [x, *mlp_weights(7, 2, torch.float32, biases=False)], torch.float32, "nob")
+
+
+def test_channel_gate_strided_view_and_expanded_grad():
+    """x is a non-contiguous slice (read in place) and the upstream gradient has stride 0."""
+    base = feature_map((2, 9, 12, 16), torch.float32).detach()
+    x = base[:, 1:8, ::2, 3:14].requires_grad_()  # (2, 7, 6, 11), no unit stride on W
+    assert not x.is_contiguous()
+    grad = torch.ones(1, 1, 1, 1, device=DEVICE).expand(2, 7, 6, 11)
+    check_op(_fn("avgmax"), _ref("avgmax"), [x, *mlp_weights(7, 2, torch.float32)], torch.float32, "view", grad=grad)
+
+
+def test_channel_gate_max_tie_goes_to_first_pixel():
+    """Every pixel of a channel ties for the max: its gradient reaches pixel (0, 0) only."""
+    b, c, h, w = 2, 3, 9, 15  # 135 pixels: three interpreter chunks, all tied
+    x = (torch.randn(b, c, 1, 1, device=DEVICE).expand(b, c, h, w).contiguous()).requires_grad_()
+    weights = mlp_weights(c, 2, torch.float32)
+    dy = torch.ones(b, c, h, w, device=DEVICE)
+    _, (dx, *_) = check_op(_fn("avgmax"), _ref("avgmax"), [x, *weights], torch.float32, "tie", grad=dy)
+    flat = dx.detach().flatten(2)
+    # with dy = 1 and x constant per channel, every pixel but the arg-max gets the same gradient
+    assert torch.equal(flat[:, :, 1:], flat[:, :, 1:2].expand_as(flat[:, :, 1:]))
+    assert (flat[:, :, 0] != flat[:, :, 1]).all()
+    # deterministic: a second run is bitwise equal
+    dx2 = torch.autograd.grad(channel_gate(x, *weights, pool="avgmax"), x, dy)[0]
+    assert torch.equal(dx, dx2)
+
+
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_channel_gate_gradcheck(pool):
+    x = feature_map((2, 3, 3, 2), torch.float64)
+    weights = mlp_weights(3, 2, torch.float64)
+    assert torch.autograd.gradcheck(_fn(pool), (x, *weights))
+
+
+@pytest.mark.parametrize("pool", ["avg", "avgmax"])
+def test_channel_gate_pass_counts(monkeypatch, pool):
+    """The header's count: forward reads x twice and writes y once; backward reads dy twice and x
+    once and writes dx once; the only map-sized tensor saved for backward is x itself."""
+    log = LaunchLog(monkeypatch, [_gating, cg_module])
+    x = feature_map((2, 5, 7, 9), torch.float32)
+    y = channel_gate(x, *mlp_weights(5, 2, torch.float32), pool=pool)
+    log.watch("x", x)
+    log.watch("y", y)
+    assert (log.count("x"), log.count("y")) == (2, 1)
+    big = [t for t in y.grad_fn.saved_tensors if t is not None and t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+    log.clear()
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    log.watch("dy", dy)
+    log.watch("dx", dx)
+    assert (log.count("dy"), log.count("x"), log.count("dx")) == (2, 1, 1)
+
+
+def test_channel_gate_bad_input():
+    x = feature_map((2, 6, 5, 5), torch.float32)
+    w1, b1, w2, b2 = mlp_weights(6, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"w1 is \(2, 5\) but x has C = 6"):
+        channel_gate(x, w1[:, :5], b1, w2, b2)
+    with pytest.raises(ValueError, match=r"w2 is \(6, 3\); expected \(C, C//r\) = \(6, 2\)"):
+        channel_gate(x, w1, b1, torch.randn(6, 3), b2)
+    with pytest.raises(ValueError, match=r"b1 is \(3,\); expected \(2,\) or None"):
+        channel_gate(x, w1, torch.randn(3), w2, b2)
+    with pytest.raises(ValueError, match=r"b2 is \(5,\); expected \(6,\) or None"):
+        channel_gate(x, w1, b1, w2, torch.randn(5))
+    with pytest.raises(TypeError, match=r"x is torch.float32 but w1 is torch.float64"):
+        channel_gate(x, w1.double(), b1, w2, b2)
+    with pytest.raises(ValueError, match=r"x is on cpu but w2 is on meta"):
+        channel_gate(x.cpu(), w1.cpu(), b1.cpu(), w2.to("meta"), b2.cpu())
+    with pytest.raises(ValueError, match=r"pool='max'; expected one of 'avg', 'avgmax'"):
+        channel_gate(x, w1, b1, w2, b2, pool="max")
+    with pytest.raises(ValueError, match=r"x has 3 dims"):
+        channel_gate(x[0], w1, b1, w2, b2)
+    with pytest.raises(TypeError, match=r"x has dtype torch.int64"):
+        channel_gate(x.long(), w1, b1, w2, b2)
+    with pytest.raises(ValueError, match=r"expected C, H and W of at least 1"):
+        channel_gate(x[:, :, :0], w1, b1, w2, b2)
+
+
+def test_channel_gate_empty_batch():
+    x = leaf((0, 4, 3, 5), torch.float32)
+    y = channel_gate(x, *mlp_weights(4, 2, torch.float32), pool="avgmax")
+    assert y.shape == (0, 4, 3, 5)
