@@ -176,15 +176,15 @@ def tile_config(t: torch.Tensor, loop_over_channels: bool = False):
     return block_c, block_p, dict(num_warps=4)
 
 
-def check_map_limits(op: str, x: torch.Tensor) -> None:
+def check_map_limits(op: str, x: torch.Tensor, name: str = "x") -> None:
     """Shape limits shared by the gating ops: non-empty maps, grid and index ranges."""
     batch, channels, height, width = x.shape
     if channels < 1 or height < 1 or width < 1:
-        raise ValueError(f"{op}: x is {tuple(x.shape)}; expected C, H and W of at least 1")
+        raise ValueError(f"{op}: {name} is {tuple(x.shape)}; expected C, H and W of at least 1")
     if batch > MAX_GRID_YZ:
-        raise ValueError(f"{op}: x has batch {batch}; the kernels handle at most {MAX_GRID_YZ}")
+        raise ValueError(f"{op}: {name} has batch {batch}; the kernels handle at most {MAX_GRID_YZ}")
     if height * width > MAX_PIXELS:
-        raise ValueError(f"{op}: x has H·W = {height * width} pixels; at most {MAX_PIXELS} are supported")
+        raise ValueError(f"{op}: {name} has H·W = {height * width} pixels; at most {MAX_PIXELS} are supported")
 
 
 def gate_apply(x: torch.Tensor, ca=None, s=None) -> torch.Tensor:

@@ -17,8 +17,8 @@ Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one
     forward   2 reads, 1 write: (1) x → per-(b, c) sum, max and arg-max;  (2) x → y = x · ca
     backward  3 reads, 1 write: (1) dy, x → Σ_p dy·x per (b, c);  (2) dy → dx
     saved for backward: x and per-(b, c) statistics only: ca, avg, max (fp32) and carg (int32).
-Eager PyTorch does the same work in 2 reads + 1 write forward (pool="avg") but keeps more
-intermediates; with pool="avgmax" it reads x three times.
+Eager PyTorch's forward also reads x twice and writes y once for pool="avg" (three reads for
+"avgmax"); its backward materialises dy·x and a pooling-gradient map besides dx and sums them.
 
 The passes over the map are Triton kernels. The MLP (a few B×C×C/r products on the pooled fp32
 statistics) runs in PyTorch between the launches: it touches no map-sized tensor and a kernel for

@@ -23,7 +23,7 @@ maps' strides differ. Gradients come back in the same form (one (L, B, C, H, W) 
 tensor per map). The output (and each gradient) is channels_last when the (first) map has channels
 innermost.
 
-Limits and precision. L ≥ 1, B ≤ 65535. Accumulation in fp32 (float64 for float64 inputs); the
+Limits and precision. L ≥ 1; C, H, W ≥ 1; B ≤ 65535; H·W < 2^31. Accumulation in fp32 (float64 for float64 inputs); the
 output is rounded once to the maps' dtype; the weight gradient is returned in w's dtype.
 """
 
@@ -31,10 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._gating import _tile_offsets, acc_dtype, empty_map_like, stat_dtype, tile_config
+from kernels._gating import _tile_offsets, acc_dtype, check_map_limits, empty_map_like, stat_dtype, tile_config
 from kernels._runtime import check_rank, check_runnable, check_same, check_tensor
-
-MAX_GRID_YZ = 65535
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,8 +293,7 @@ def layer_fusion(features, weights):
         )
     tensors["weights"] = weights
     check_same(op, tensors)
-    if batch > MAX_GRID_YZ:
-        raise ValueError(f"{op}: batch {batch}; the kernels handle at most {MAX_GRID_YZ}")
+    check_map_limits(op, features[0], "each map (B, C, H, W)")
     check_runnable(op, weights.device)
     maps = (features,) if stacked else tuple(features)
     return _LayerFusionFunction.apply(stacked, weights, *maps)

@@ -131,3 +131,8 @@ def test_cbam_gate_bad_input():
         cbam_gate(*(t.cpu() for t in (x, w1, b1, w2)), b2.to("meta"), sw.cpu(), sb.cpu())
     with pytest.raises(ValueError, match=r"cbam_gate: pool='sum'"):
         cbam_gate(x, w1, b1, w2, b2, sw, sb, pool="sum")
+
+
+def test_cbam_gate_empty_batch():
+    inputs = _inputs((0, 4, 3, 5), torch.float32, 3)
+    assert cbam_gate(*inputs, pool="avgmax").shape == (0, 4, 3, 5)

@@ -149,3 +149,10 @@ def test_layer_fusion_bad_input():
         layer_fusion((m for m in maps), weights)
     with pytest.raises(ValueError, match=r"weights has 1 dims"):
         layer_fusion(maps, weights[0])
+
+
+def test_layer_fusion_empty_batch_and_empty_maps():
+    out = layer_fusion(leaf((3, 0, 4, 2, 5), torch.float32), leaf((0, 3), torch.float32))
+    assert out.shape == (0, 4, 2, 5)
+    with pytest.raises(ValueError, match=r"each map \(B, C, H, W\) is \(2, 4, 0, 5\); expected C, H and W"):
+        layer_fusion(leaf((3, 2, 4, 0, 5), torch.float32), leaf((2, 3), torch.float32))
