@@ -4,6 +4,7 @@ Nothing here launches a kernel. Every public op validates its inputs with these 
 errors read the same everywhere: ``<op>: <what was given>; <what was expected>``.
 """
 
+import operator
 import os
 
 import torch
@@ -20,6 +21,8 @@ def check_tensor(op: str, name: str, t) -> None:
     """``t`` must be a floating-point tensor of a dtype the kernels support."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} has layout {t.layout}; expected a dense (torch.strided) tensor")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{op}: {name} has dtype {t.dtype}; expected one of float16, bfloat16, float32, float64"
@@ -65,11 +68,70 @@ def check_runnable(op: str, device: torch.device) -> None:
         )
 
 
+def check_no_forward_ad(op: str, *tensors) -> None:
+    """The kernels have no forward-mode derivative: refuse dual tensors instead of dropping tangents."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: forward-mode AD (torch.func.jvp, forward_ad dual tensors) is not supported; "
+                "use reverse mode (backward), or the attnsr layers' backend='torch'"
+            )
+
+
+def positive_int(op: str, name: str, value) -> int:
+    """``value`` as an int >= 1 (Python or NumPy integers), else TypeError."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a positive int, got {value!r}") from None
+    if value < 1:
+        raise TypeError(f"{op}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+def autocast_inputs(*tensors):
+    """Under torch.autocast, cast fp32 tensors to the autocast dtype, as autocast does for matmuls.
+
+    Tensors that are None or not fp32 pass through unchanged.
+    """
+    first = next(t for t in tensors if isinstance(t, torch.Tensor))
+    device = first.device.type
+    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+                     for t in tensors)
+    return tensors
+
+
 def tf32_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for fp32 operands: tf32 when torch allows it for CUDA matmuls."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
-        return "tf32"
-    return "ieee"
+    """``tl.dot`` input precision for fp32 operands: tf32 when torch allows it for CUDA matmuls.
+
+    Reads ``torch.backends.cuda.matmul.fp32_precision`` where it exists (torch >= 2.9; set by
+    ``allow_tf32 = True`` and ``set_float32_matmul_precision("high")`` too), else ``allow_tf32``.
+    """
+    if dtype != torch.float32 or interpreting():
+        return "ieee"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        precision = matmul.fp32_precision
+        if precision == "none":  # inherits the global setting
+            precision = getattr(torch.backends, "fp32_precision", "ieee")
+        return "tf32" if precision == "tf32" else "ieee"
+    return "tf32" if matmul.allow_tf32 else "ieee"
+
+
+def dot_dtype(dtype: torch.dtype):
+    """Operand dtype of ``tl.dot``: the input's, except bf16 under the interpreter, whose bf16 dot
+    is wrong (measured): there the operands are widened to fp32 (loads, stores and the probabilities'
+    rounding to bf16 stay as on a GPU)."""
+    import triton.language as tl
+
+    if dtype == torch.bfloat16 and interpreting():
+        return tl.float32
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+            torch.float64: tl.float64}[dtype]
 
 
 def next_pow2(n: int) -> int:

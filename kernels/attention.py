@@ -25,24 +25,33 @@ im2col copy, and upstream gradients with stride 0.
 
 Limits. Head dim D ≤ 256: a block of queries and the fp32 accumulator live in registers; D is
 padded to the next power of two (at least 16) with masks. Batch and heads ≤ 65535 each (grid
-axes 1 and 2). fp32 inputs use tf32 tensor cores when torch.backends.cuda.matmul.allow_tf32 is
-True and exact fp32 otherwise; fp16 and bf16 accumulate in fp32; float64 computes in float64 (for
-gradcheck). Statistics (LSE, Δ) are fp32 (float64 for float64 inputs).
+axes 1 and 2). fp32 inputs use tf32 tensor cores when PyTorch allows tf32 for CUDA matmuls
+(``torch.backends.cuda.matmul.allow_tf32`` / ``fp32_precision``) and exact fp32 otherwise; fp16
+and bf16 accumulate in fp32; float64 computes in float64 (for gradcheck). Statistics (LSE, Δ) are
+fp32 (float64 for float64 inputs). Under Triton's CPU interpreter, whose bf16 ``tl.dot`` is wrong,
+bf16 operands are widened to fp32 for the dot products only (the probabilities are still rounded
+to bf16 first). Logits that overflow fp32 (|scale·q·k| > 3e38) give NaN. Reverse mode only: no
+forward-mode AD, no double backward (both raise).
 """
 
 import math
+import numbers
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels._runtime import (
+    autocast_inputs,
+    check_no_forward_ad,
     check_rank,
     check_runnable,
     check_same,
     check_tensor,
+    dot_dtype,
     interpreting,
     next_pow2,
+    positive_int,
     tf32_precision,
 )
 
@@ -71,11 +80,11 @@ def _cols(d, P: tl.constexpr, s_c0, s_c1, s_c2):
 
 
 @triton.jit
-def _load_tokens(ptr, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2):
-    """Load a (len(n), len(d)) tile of token vectors, zero outside n < n_lim, d < d_lim."""
+def _load_tokens(ptr, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2, DT: tl.constexpr):
+    """Load a (len(n), len(d)) tile of token vectors as dtype DT, zero outside n < n_lim, d < d_lim."""
     offs = _rows(n, TW, s_r0, s_r1)[:, None] + _cols(d, P, s_c0, s_c1, s_c2)[None, :]
     mask = (n[:, None] < n_lim) & (d[None, :] < d_lim)
-    return tl.load(ptr + offs, mask=mask, other=0.0)
+    return tl.load(ptr + offs, mask=mask, other=0.0).to(DT)
 
 
 @triton.jit
@@ -100,6 +109,7 @@ def _attn_fwd_kernel(
     P: tl.constexpr,  # patch size (1 for pixels and sequences)
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for fp64 inputs)
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32" or "ieee"
+    DOT: tl.constexpr,  # tl.dot operand dtype: the input dtype (fp32 for bf16 under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -112,21 +122,22 @@ def _attn_fwd_kernel(
     V += b * sv_b + h * sv_h
     O += b * so_b + h * so_h
 
-    q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2)
+    q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2)
+        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
         s = tl.where(offs_n[None, :] < M, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION, out_dtype=ACC)
+        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
+        p = p.to(V.dtype.element_ty).to(DOT)  # rounded to the storage dtype, as on a GPU
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION, out_dtype=ACC)
         m_i = m_new
     acc = acc / l_i[:, None]
     _store_tokens(O, acc, offs_m, offs_d, N, D, TW, so_r0, so_r1, P, so_c0, so_c1, so_c2)
@@ -148,9 +159,11 @@ def _attn_bwd_delta_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tokens(O + b * so_b + h * so_h, offs_m, offs_d, N, D, TW, so_r0, so_r1, P, so_c0, so_c1, so_c2)
-    do = _load_tokens(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2)
-    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+    O += b * so_b + h * so_h
+    DO += b * sdo_b + h * sdo_h
+    o = _load_tokens(O, offs_m, offs_d, N, D, TW, so_r0, so_r1, P, so_c0, so_c1, so_c2, ACC)
+    do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, ACC)
+    delta = tl.sum(o * do, 1)
     tl.store(DELTA + (b * NH + h) * N + offs_m, delta, mask=offs_m < N)
 
 
@@ -168,7 +181,7 @@ def _attn_bwd_dkdv_kernel(
     N, M, D, TW, NH,
     scale,  # softmax scale (dK = scale · dSᵀ Q)
     qk_scale,  # scale · log2(e)
-    P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -180,23 +193,23 @@ def _attn_bwd_dkdv_kernel(
     DO += b * sdo_b + h * sdo_h
     stats = (b * NH + h) * N
 
-    k = _load_tokens(K + b * sk_b + h * sk_h, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2)
-    v = _load_tokens(V + b * sv_b + h * sv_h, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2)
+    k = _load_tokens(K + b * sk_b + h * sk_h, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
+    v = _load_tokens(V + b * sv_b + h * sv_h, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2)
-        do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2)
+        q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
+        do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, DOT)
         # rows past N get LSE = +inf, hence P = 0: they add nothing
         lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
         delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION, out_dtype=ACC)
+        dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT), do, input_precision=PRECISION, out_dtype=ACC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION, out_dtype=ACC)
+        dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * scale
     _store_tokens(DK + b * sdk_b + h * sdk_h, dk, offs_n, offs_d, M, D, TW, sdk_r0, sdk_r1, P, sdk_c0, sdk_c1, sdk_c2)
     _store_tokens(DV + b * sdv_b + h * sdv_h, dv, offs_n, offs_d, M, D, TW, sdv_r0, sdv_r1, P, sdv_c0, sdv_c1, sdv_c2)
@@ -214,7 +227,7 @@ def _attn_bwd_dq_kernel(
     sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
     N, M, D, TW, NH,
     scale, qk_scale,
-    P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -226,21 +239,23 @@ def _attn_bwd_dq_kernel(
     V += b * sv_b + h * sv_h
     stats = (b * NH + h) * N
 
-    q = _load_tokens(Q + b * sq_b + h * sq_h, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2)
-    do = _load_tokens(DO + b * sdo_b + h * sdo_h, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2)
+    Q += b * sq_b + h * sq_h
+    DO += b * sdo_b + h * sdo_h
+    q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
+    do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, DOT)
     lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
     delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2)
-        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2)
+        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
+        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
         p = tl.exp2(s - lse[:, None])
         p = tl.where(offs_n[None, :] < M, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION, out_dtype=ACC)
+        dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * scale
     _store_tokens(DQ + b * sdq_b + h * sdq_h, dq, offs_m, offs_d, N, D, TW, sdq_r0, sdq_r1, P, sdq_c0, sdq_c1, sdq_c2)
 
@@ -284,7 +299,8 @@ def _config(head_dim: int, dtype: torch.dtype):
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), {}
     big = block_d > 128 or (dtype in (torch.float32, torch.float64) and block_d > 64)
     block = 32 if big else 64
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d), dict(num_warps=4, num_stages=1 if big else 2)
+    warps = 8 if block_d >= 128 else 4
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d), dict(num_warps=warps, num_stages=1 if big else 2)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -294,6 +310,10 @@ def _acc_dtype(dtype: torch.dtype):
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Saved statistics (LSE, Δ): fp32, or fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dtypes(dtype: torch.dtype) -> dict:
+    return dict(ACC=_acc_dtype(dtype), PRECISION=tf32_precision(dtype), DOT=dot_dtype(dtype))
 
 
 def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float):
@@ -309,42 +329,48 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
         q, k, v, out, lse,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         n_q, n_kv, head_dim, layout.tw, heads, scale * LOG2E,
-        P=layout.patch, ACC=_acc_dtype(q.dtype), PRECISION=tf32_precision(q.dtype),
-        **blocks, **launch,
+        P=layout.patch, **_dtypes(q.dtype), **blocks, **launch,
     )
     return out, lse
 
 
-def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float):
-    """Launch the three backward kernels. ``do`` may have any strides (stride 0 included)."""
+def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float,
+                       need_dq: bool = True, need_dkdv: bool = True):
+    """Launch the backward kernels. ``do`` may have any strides (stride 0 included).
+
+    Returns (dq, dk, dv); a gradient that is not needed comes back as an empty (0,) tensor and its
+    kernel is not launched (dK and dV share one kernel).
+    """
     batch, heads = q.shape[0], layout.heads
-    dq, dk, dv = layout.empty_like(q), layout.empty_like(k), layout.empty_like(v)
+    dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
+    dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     blocks, launch = _config(head_dim, q.dtype)
-    acc = _acc_dtype(q.dtype)
-    precision = tf32_precision(q.dtype)
+    dtypes = _dtypes(q.dtype)
     delta = torch.empty_like(lse)
     grid_m = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
     _attn_bwd_delta_kernel[grid_m](
         out, do, delta, *layout.strides(out), *layout.strides(do),
         n_q, head_dim, layout.tw, heads,
-        P=layout.patch, ACC=acc, BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **launch,
+        P=layout.patch, ACC=dtypes["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **launch,
     )
     strides_in = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
-    grid_n = (triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)
-    _attn_bwd_dkdv_kernel[grid_n](
-        q, k, v, do, dk, dv, lse, delta,
-        *strides_in, *layout.strides(dk), *layout.strides(dv),
-        n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
-        P=layout.patch, ACC=acc, PRECISION=precision, **blocks, **launch,
-    )
-    _attn_bwd_dq_kernel[grid_m](
-        q, k, v, do, dq, lse, delta,
-        *strides_in, *layout.strides(dq),
-        n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
-        P=layout.patch, ACC=acc, PRECISION=precision, **blocks, **launch,
-    )
+    if need_dkdv:
+        grid_n = (triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)
+        _attn_bwd_dkdv_kernel[grid_n](
+            q, k, v, do, dk, dv, lse, delta,
+            *strides_in, *layout.strides(dk), *layout.strides(dv),
+            n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
+            P=layout.patch, **dtypes, **blocks, **launch,
+        )
+    if need_dq:
+        _attn_bwd_dq_kernel[grid_m](
+            q, k, v, do, dq, lse, delta,
+            *strides_in, *layout.strides(dq),
+            n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
+            P=layout.patch, **dtypes, **blocks, **launch,
+        )
     return dq, dk, dv
 
 
@@ -380,16 +406,18 @@ def _(q, k, v, kind, heads, patch, scale):
 @torch.library.custom_op("attnsr::attention_backward", mutates_args=())
 def _attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    kind: str, heads: int, patch: int, scale: float,
+    kind: str, heads: int, patch: int, scale: float, need_dq: bool, need_dkdv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
-    return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale)
+    return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale, need_dq, need_dkdv)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, out, lse, kind, heads, patch, scale):
+def _(do, q, k, v, out, lse, kind, heads, patch, scale, need_dq, need_dkdv):
     layout = _geometry(q, k, kind, heads, patch)[0]
-    return layout.empty_like(q), layout.empty_like(k), layout.empty_like(v)
+    dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
+    dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
+    return dq, dk, dv
 
 
 def _setup_context(ctx, inputs, output):
@@ -401,20 +429,25 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(do, q, k, v, out, lse, *ctx.meta)
-    return dq, dk, dv, None, None, None, None
+    need_q, need_k, need_v = ctx.needs_input_grad[:3]
+    dq, dk, dv = _attention_backward_op(do, q, k, v, out, lse, *ctx.meta, need_q, need_k or need_v)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None, None, None)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _autocast(*tensors):
-    """Under torch.autocast, cast fp32 inputs to the autocast dtype, as autocast does for matmuls."""
-    device = tensors[0].device.type
-    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return tuple(t.to(dtype) if t.dtype == torch.float32 else t for t in tensors)
-    return tensors
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "flash_attention / image_attention do not support double backward (a gradient of their gradient)"
+    )
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+_attention_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -425,8 +458,8 @@ def _autocast(*tensors):
 def _check_scale(op: str, scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"{op}: scale must be a finite number or None, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"{op}: scale must be a finite real number or None, got {scale!r}")
     return float(scale)
 
 
@@ -455,6 +488,8 @@ def flash_attention(q, k, v, *, scale=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t)
         check_rank(op, name, t, 4, "(B, H, N, D)")
+    check_no_forward_ad(op, q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     check_same(op, {"q": q, "k": k, "v": v})
     if k.shape != v.shape:
         raise ValueError(f"{op}: k is {tuple(k.shape)} but v is {tuple(v.shape)}; k and v must share (B, H, M, D)")
@@ -471,8 +506,6 @@ def flash_attention(q, k, v, *, scale=None):
     scale = _check_scale(op, scale, head_dim)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads)
-    q, k, v = _autocast(q, k, v)
-    check_same(op, {"q": q, "k": k, "v": v})
     return _attention_op(q, k, v, "seq", heads, 1, scale)[0]
 
 
@@ -489,6 +522,8 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t)
         check_rank(op, name, t, 4, "(B, C, H, W)")
+    check_no_forward_ad(op, q, k, v)
+    q, k, v = autocast_inputs(q, k, v)
     check_same(op, {"q": q, "k": k, "v": v})
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
@@ -496,9 +531,7 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
                 f"image_attention: q is {tuple(q.shape)} but {name} is {tuple(t.shape)}; "
                 "q, k and v must share B, C, H, W"
             )
-    for name, val in (("heads", heads), ("patch_size", patch_size)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-            raise TypeError(f"{op}: {name} must be a positive int, got {val!r}")
+    heads, patch_size = positive_int(op, "heads", heads), positive_int(op, "patch_size", patch_size)
     batch, channels, height, width = q.shape
     if channels % heads:
         raise ValueError(f"{op}: heads = {heads} does not divide C = {channels}")
@@ -511,6 +544,4 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
     scale = _check_scale(op, scale, head_dim)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads)
-    q, k, v = _autocast(q, k, v)
-    check_same(op, {"q": q, "k": k, "v": v})
     return _attention_op(q, k, v, "map", heads, patch_size, scale)[0]

@@ -234,6 +234,66 @@ def test_flash_attention_bfloat16(shape):
     _check(flash_attention, ref, (q, k, v), torch.bfloat16, f"flash bf16 {shape}")
 
 
+def test_bfloat16_plumbing_under_any_device():
+    """bf16 loads, stores and roundings on every device (under the interpreter the dot operands are
+    widened to fp32 because its bf16 dot is wrong; on a GPU this is the real bf16 kernel)."""
+    qkv, (q, k, v) = _maps("fused_qkv_channels_last", 1, 12, 6, 5, torch.bfloat16)
+    out = image_attention(q, k, v, heads=2)
+    assert out.dtype == torch.bfloat16
+    expect = image_attention_ref(q, k, v, heads=2, upcast=True)
+    assert_close_rel(out, expect, torch.bfloat16, "bf16 output")
+    grad = torch.randn_like(out)
+    (g,) = _grads(out, (qkv,), grad)
+    (w,) = _grads(expect, (qkv,), grad.double())
+    assert_close_rel(g, w, torch.bfloat16, "bf16 d(qkv)")
+
+
+def test_fp32_works_with_every_tf32_setting_api():
+    """torch's new fp32_precision API and the legacy allow_tf32 flag must both be readable."""
+    q, k, v = (torch.randn(1, 1, 40, 16, device=DEVICE) for _ in range(3))
+    expect = flash_attention_ref(q, k, v, upcast=True)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        for setting in ("tf32", "ieee"):
+            matmul.fp32_precision = setting
+            assert_close_rel(flash_attention(q, k, v), expect, torch.float32, f"fp32_precision={setting}",
+                             tol=5e-3 if ON_GPU and setting == "tf32" else None)
+    finally:
+        matmul.fp32_precision = saved
+
+
+def test_only_requested_gradients_are_computed():
+    q, k, v = (torch.randn(1, 2, 20, 8, device=DEVICE) for _ in range(3))
+    q.requires_grad_()
+    out = flash_attention(q, k, v)
+    (g,) = torch.autograd.grad(out.sum(), q)
+    (w,) = torch.autograd.grad(flash_attention_ref(q, k, v, upcast=True).sum(), q)
+    assert_close_rel(g, w, torch.float32, "dq alone")
+    v.requires_grad_()
+    q.requires_grad_(False)
+    (g,) = torch.autograd.grad(flash_attention(q, k, v).sum(), v)
+    (w,) = torch.autograd.grad(flash_attention_ref(q, k, v, upcast=True).sum(), v)
+    assert_close_rel(g, w, torch.float32, "dv alone")
+
+
+def test_forward_mode_ad_and_double_backward_raise():
+    q = torch.randn(1, 1, 6, 4, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .* is not supported"):
+        torch.func.jvp(lambda a: flash_attention(a, q, q), (q,), (torch.ones_like(q),))
+    x = q.clone().requires_grad_()
+    (g,) = torch.autograd.grad(flash_attention(x, x, x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"do not support double backward"):
+        g.sum().backward()
+
+
+def test_numpy_integers_and_reals_are_accepted():
+    np = pytest.importorskip("numpy")
+    q = torch.randn(1, 8, 4, 4, device=DEVICE)
+    out = image_attention(q, q, q, heads=np.int64(2), patch_size=np.int32(2), scale=np.float32(0.5))
+    assert torch.equal(out, image_attention(q, q, q, heads=2, patch_size=2, scale=0.5))
+
+
 @needs_gpu
 def test_tf32_follows_torch_flag():
     """With allow_tf32 the fp32 result moves (tf32 rounding) but stays close; without it, exact fp32."""
@@ -306,7 +366,7 @@ def _bad(**kw):
         (_bad(), {"heads": 3}, ValueError, r"heads = 3 does not divide C = 8"),
         (_bad(), {"patch_size": 3}, ValueError, r"patch_size = 3 does not divide the map size H×W = 4×4"),
         (_bad(), {"heads": 0}, TypeError, r"heads must be a positive int, got 0"),
-        (_bad(), {"scale": float("nan")}, TypeError, r"scale must be a finite number"),
+        (_bad(), {"scale": float("nan")}, TypeError, r"scale must be a finite real number"),
         (
             {k: torch.randn(1, 80, 4, 4, device=DEVICE) for k in "qkv"},
             {"patch_size": 2},
@@ -314,6 +374,12 @@ def _bad(**kw):
             r"head dim D = .* = 320 is above the kernel's limit 256",
         ),
         ({"q": "not a tensor", "k": None, "v": None}, {}, TypeError, r"q must be a torch.Tensor, got str"),
+        (
+            _bad(q=torch.randn(2, 8, 4, 4, device=DEVICE).to_sparse()),
+            {},
+            TypeError,
+            r"q has layout torch.sparse_coo; expected a dense",
+        ),
     ],
 )
 def test_image_attention_rejects_bad_input(args, kwargs, exc, match):
@@ -366,8 +432,10 @@ def test_custom_ops_pass_opcheck():
     seq = [t.detach() for t in seq]  # the backward op itself has no derivative (no double backward)
     out, lse = _attention_op(*seq, "seq", 2, 1, 0.3)
     do = torch.randn_like(out)
-    result = torch.library.opcheck(_attention_backward_op, (do, *seq, out, lse, "seq", 2, 1, 0.3))
-    assert all(r == "SUCCESS" for r in result.values()), result
+    for need_dq, need_dkdv in ((True, True), (False, True), (True, False)):
+        args = (do, *seq, out, lse, "seq", 2, 1, 0.3, need_dq, need_dkdv)
+        result = torch.library.opcheck(_attention_backward_op, args)
+        assert all(r == "SUCCESS" for r in result.values()), result
 
 
 def test_autocast_runs_the_kernel_in_half_precision():
