@@ -15,6 +15,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest"],
-        "bench": ["pytest", "pytest-benchmark"],
+        "bench": ["pytest", "pytest-benchmark", "matplotlib"],
     },
 )

@@ -1,0 +1,213 @@
+"""Run benchmark suites, print one table with ratios, write JSON, draw plots, update the README.
+
+    python -m benchmarks.report                       # every suite on this device
+    python -m benchmarks.report --suite attention --quick
+    python -m benchmarks.report --plot benchmarks/results/<file>.json
+    python -m benchmarks.report --readme benchmarks/results/<file>.json   # regenerate README tables
+
+Rows go to ``benchmarks/results/<device>-<date>.json`` (rows of suites not run now are kept when
+the file exists), plots next to it as ``<device>-<date>-<suite>-<what>.png``.
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+
+from benchmarks import harness
+
+BASELINES = {"attention": ("naive", "sdpa"), "gating": ("eager", "compile"), "networks": ("naive", "torch")}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _fmt(value, spec, empty="-"):
+    return empty if value is None else format(value, spec)
+
+
+def print_table(rows, file=sys.stdout) -> None:
+    group = None
+    for r in rows:
+        if r["group"] != group:
+            group = r["group"]
+            print(f"\n{group}", file=file)
+            header = f"  {'provider':<9} {'median ms':>10} {'peak MiB':>9} {'TFLOP/s':>8} {'GB/s':>7}  speed-up"
+            print(header, file=file)
+        if r["status"] != "ok":
+            print(f"  {r['provider']:<9} {r['status']}", file=file)
+            continue
+        ratios = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+        print(f"  {r['provider']:<9} {_fmt(r['median_ms'], '10.3f'):>10} {_fmt(r['peak_mib'], '9.1f'):>9} "
+              f"{_fmt(r['tflops'], '8.2f'):>8} {_fmt(r['gbps'], '7.1f'):>7}  {ratios}", file=file)
+
+
+def run(suites, quick: bool, memory: bool, out=None, cpu_repeats: int = 3) -> str:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    info = harness.device_info(device)
+    rows = []
+    for suite in suites:
+        module = harness.suite_module(suite)
+        todo = module.cases(device, quick)
+        for i, case in enumerate(todo, 1):
+            print(f"[{suite} {i}/{len(todo)}] {case['group']} :: {case['provider']}", file=sys.stderr, flush=True)
+            rows.append(harness.run_case(case, device, measure_memory=memory, cpu_repeats=cpu_repeats))
+    harness.add_speedups(rows, BASELINES)
+    path = out or os.path.join(RESULTS, f"{_slug(info['device'])}-{info['date']}.json")
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [harness.Row(**r) for r in json.load(f)["rows"] if r["suite"] not in suites]
+    harness.write_json(kept + rows, info, path)
+    print(f"device: {info['device']}  torch {info['torch']}  triton {info['triton']}  date {info['date']}")
+    print_table([vars(r) for r in rows])
+    print(f"\nrows written to {path}")
+    return path
+
+
+def plot(path: str) -> list:
+    """Time and memory versus map size, one line per provider, per (suite, op, mode, dtype, variant)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("plotting needs matplotlib: pip install -e '.[bench]'") from None
+    with open(path) as f:
+        payload = json.load(f)
+    info, rows = payload["info"], payload["rows"]
+    series = {}
+    for r in rows:
+        size = _map_size(r["shape"])
+        if r["status"] != "ok" or size is None:
+            continue
+        variant = re.sub(r"^\d+x\d+x\d+x\d+ ?", "", r["shape"]) or "-"
+        key = (r["suite"], r["op"], r["mode"], r["dtype"], variant)
+        series.setdefault(key, {}).setdefault(r["provider"], []).append((size, r["median_ms"], r["peak_mib"]))
+    written = []
+    stem = os.path.splitext(path)[0]
+    for suite in sorted({k[0] for k in series}):
+        keys = [k for k in series if k[0] == suite and sum(len(v) for v in series[k].values()) > 2]
+        if not keys:
+            continue
+        fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.2 * len(keys)), squeeze=False)
+        for (ax_t, ax_m), key in zip(axes, keys):
+            for provider, points in sorted(series[key].items()):
+                points.sort()
+                xs = [p[0] for p in points]
+                ax_t.plot(xs, [p[1] for p in points], marker="o", label=provider)
+                if all(p[2] is not None for p in points):
+                    ax_m.plot(xs, [p[2] for p in points], marker="o", label=provider)
+            title = " ".join(k for k in key[1:] if k != "-")
+            for ax, what in ((ax_t, "median time (ms)"), (ax_m, "peak memory (MiB)")):
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("map size (pixels per side)")
+                ax.set_ylabel(what)
+                ax.set_title(title, fontsize=9)
+                ax.grid(True, which="both", alpha=0.3)
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize=8)
+        fig.suptitle(f"{suite}: {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}",
+                     fontsize=10)
+        fig.tight_layout()
+        out = f"{stem}-{suite}.png"
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        written.append(out)
+    return written
+
+
+def _map_size(shape: str):
+    m = re.match(r"\d+x\d+x(\d+)x(\d+)", shape)
+    return int(m.group(1)) if m else None
+
+
+def markdown(path: str) -> str:
+    """The README's tables for one results file: one line per group, times and ratios."""
+    with open(path) as f:
+        payload = json.load(f)
+    info, rows = payload["info"], payload["rows"]
+    lines = [f"Measured on **{info['device']}**, torch {info['torch']}, triton {info['triton']}, "
+             f"{info['date']} (`{os.path.relpath(path, os.path.dirname(README))}`).", ""]
+    for suite in harness.SUITES:
+        groups = {}
+        for r in rows:
+            if r["suite"] == suite:
+                groups.setdefault(r["group"], []).append(r)
+        if not groups:
+            continue
+        providers = []
+        for rs in groups.values():
+            for r in rs:
+                if r["provider"] not in providers:
+                    providers.append(r["provider"])
+        lines.append(f"**{suite}** (median ms / peak MiB; ratio = baseline time ÷ this time)")
+        lines.append("")
+        lines.append("| case | " + " | ".join(providers) + " | ratios |")
+        lines.append("|---" * (len(providers) + 2) + "|")
+        for group, rs in groups.items():
+            by = {r["provider"]: r for r in rs}
+            cells = []
+            for p in providers:
+                r = by.get(p)
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    cells.append("not run" if "GPU" in r["status"] else r["status"].replace("skipped: ", "skip: "))
+                else:
+                    cells.append(f"{r['median_ms']:.2f} ms / {_fmt(r['peak_mib'], '.0f')} MiB")
+            ratios = "; ".join(f"{r['provider']} {v:.2f}x vs {k}" for r in rs for k, v in r["speedup"].items()
+                               if r["provider"] not in BASELINES.get(suite, ()))
+            lines.append(f"| {group} | " + " | ".join(cells) + f" | {ratios} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update_readme(path: str) -> None:
+    with open(README) as f:
+        text = f.read()
+    begin, end = "<!-- performance: begin -->", "<!-- performance: end -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"README has no {begin} ... {end} section to update")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    generated = f"{begin}\n<!-- generated by: python -m benchmarks.report --readme {os.path.relpath(path)} -->\n"
+    with open(README + ".tmp", "w") as f:
+        f.write(head + generated + markdown(path) + "\n" + end + tail)
+    os.replace(README + ".tmp", README)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", action="append", choices=harness.SUITES,
+                        help="suite to run (repeatable; default: all)")
+    parser.add_argument("--quick", action="store_true", help="a small subset of each suite")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per case on CPU (median)")
+    parser.add_argument("--out", help="JSON path (default: benchmarks/results/<device>-<date>.json)")
+    parser.add_argument("--plot", metavar="JSON", help="only draw the plots of an existing results file")
+    parser.add_argument("--readme", metavar="JSON", help="only regenerate the README performance tables")
+    args = parser.parse_args(argv)
+    if args.plot:
+        print("\n".join(plot(args.plot)))
+        return 0
+    if args.readme:
+        update_readme(args.readme)
+        print(f"README performance section regenerated from {args.readme}")
+        return 0
+    path = run(args.suite or list(harness.SUITES), args.quick, not args.no_memory, args.out, args.repeats)
+    for png in plot(path):
+        print(f"plot: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
