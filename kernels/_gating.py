@@ -20,13 +20,18 @@ map's own strides (NCHW, channels_last, views, expanded upstream gradients with 
 own a [BLOCK_C channels × BLOCK_P pixels] tile; the launch config picks the tile's long side along
 the map's contiguous dimension. Offsets are int64. The per-(b, c) and per-(b, pixel) buffers are
 small, contiguous and in the accumulator dtype: fp32, or float64 for float64 inputs.
+
+torch.library plumbing shared by the gating ops' custom ops (each op file registers its own
+``attnsr::<op>`` forward and ``attnsr::<op>_backward`` ops) is at the end of this file: the
+autocast guard of the op bodies, the refusal of double backward, and the handling of autocast
+and forward-mode AD in the public functions.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import interpreting, next_pow2
+from kernels._runtime import autocast_inputs, check_no_forward_ad, interpreting, next_pow2
 
 MAX_GRID_YZ = 65535
 MAX_PIXELS = 2**31 - 1  # arg-max pixel indices are int32
@@ -223,3 +228,46 @@ def gate_dx(dy: torch.Tensor, like: torch.Tensor, *, ca=None, gpool=None, carg=N
         BLOCK_C=block_c, BLOCK_P=block_p, **launch,
     )
     return dx
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library plumbing shared by the gating ops
+# ----------------------------------------------------------------------------------------------
+
+
+def no_autocast(t: torch.Tensor):
+    """Context for the body of a custom op: autocast off, so that the statistics and the small
+    PyTorch MLP stay in fp32 (the dispatcher runs a custom op's body with the caller's autocast
+    state, which would round the MLP's matmuls to fp16 / bf16)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def empty_stat(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An empty (0,) tensor: what a custom op returns in place of an absent output (a gradient
+    that was not asked for, a bias that is None, the max statistics of pool="avg")."""
+    return t.new_empty((0,), dtype=t.dtype if dtype is None else dtype)
+
+
+def refuse_double_backward(backward_op, name: str) -> None:
+    """Register an autograd formula on ``backward_op`` that says the gating op has no double backward."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name} does not support double backward (a gradient of its gradient); "
+            "use the attnsr layers' backend='torch' for higher-order derivatives"
+        )
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward_op.register_autograd(backward, setup_context=setup_context)
+
+
+def prepare_inputs(op: str, *tensors):
+    """First step of every public gating function: refuse forward-mode AD (dual tensors, torch.func.jvp),
+    then, under torch.autocast, cast fp32 tensors to the autocast dtype. Non-tensors (None biases,
+    inputs that validation will reject) pass through unchanged."""
+    check_no_forward_ad(op, *tensors)
+    if not any(isinstance(t, torch.Tensor) for t in tensors):
+        return tensors
+    return autocast_inputs(*tensors)

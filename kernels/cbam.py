@@ -28,13 +28,28 @@ The MLP runs in PyTorch on the pooled (B, C) statistics and the small convolutio
 (B, 2, H, W) maps, as in channel_gate.py and spatial_gate.py; all passes over maps are Triton
 kernels, and nothing uses atomics.
 
+Registration: ``attnsr::cbam_gate`` (the three forward passes; returns y and both gates'
+statistics) and ``attnsr::cbam_gate_backward`` (the three backward passes), torch.library custom
+ops with fake kernels, autocast and reverse-mode-only rules as in channel_gate.py.
+
 Limits and precision: those of channel_gate and spatial_gate (any strides, channels_last kept,
 k odd ≤ 15, fp32 statistics and gates, float64 for float64 inputs).
 """
 
+from typing import Optional
+
 import torch
 
-from kernels._gating import check_map_limits, gate_apply, gate_dx
+from kernels._gating import (
+    check_map_limits,
+    empty_map_like,
+    empty_stat,
+    gate_apply,
+    gate_dx,
+    no_autocast,
+    prepare_inputs,
+    refuse_double_backward,
+)
 from kernels._runtime import check_runnable, check_same
 from kernels.channel_gate import (
     ChannelState,
@@ -43,9 +58,13 @@ from kernels.channel_gate import (
     channel_gate_state,
     check_channel_mlp,
     check_pool,
+    fake_weight_grads,
+    weight_grad_outputs,
 )
 from kernels.spatial_gate import (
     check_spatial_conv,
+    fake_conv_grads,
+    fake_spatial_state,
     spatial_conv,
     spatial_conv_backward,
     spatial_dot,
@@ -53,35 +72,77 @@ from kernels.spatial_gate import (
 )
 
 # ----------------------------------------------------------------------------------------------
-# Autograd (the kernels live in _gating.py, channel_gate.py and spatial_gate.py)
+# Autograd and torch.compile: two torch.library custom ops with fake (meta) kernels
+# (the kernels live in _gating.py, channel_gate.py and spatial_gate.py)
 # ----------------------------------------------------------------------------------------------
 
 
-class _CBAMFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, sweight, sbias, pool):
-        height, width = x.shape[2:]
+@torch.library.custom_op("attnsr::cbam_gate", mutates_args=())
+def _cbam_gate_op(
+    x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+    sweight: torch.Tensor, sbias: Optional[torch.Tensor], pool: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """Forward passes 1 to 3: y, the channel statistics (ca, avg, max, carg) and the spatial ones (stats, sarg, s)."""
+    height, width = x.shape[2:]
+    with no_autocast(x):
         state = channel_gate_state(x, w1, b1, w2, b2, pool)  # pass 1 over x
         stats, sarg = spatial_stats(x, ca=state.ca)  # pass 2
         s = spatial_conv(stats, sweight, sbias, height, width)
         y = gate_apply(x, ca=state.ca, s=s)  # pass 3
-        ctx.save_for_backward(x, w1, b1, w2, b2, sweight, sbias, *state.tensors(), stats, sarg, s)
-        return y
+    return (y, *state.outputs(), stats, sarg, s)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, w1, b1, w2, b2, sweight, sbias, ca, avg, mx, carg, stats, sarg, s = ctx.saved_tensors
-        channels, height, width = x.shape[1:]
+
+@_cbam_gate_op.register_fake
+def _(x, w1, b1, w2, b2, sweight, sbias, pool):
+    return (empty_map_like(x), *ChannelState.fake_outputs(x, pool), *fake_spatial_state(x))
+
+
+@torch.library.custom_op("attnsr::cbam_gate_backward", mutates_args=())
+def _cbam_gate_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+    b2: Optional[torch.Tensor], sweight: torch.Tensor, sbias: Optional[torch.Tensor], ca: torch.Tensor,
+    avg: torch.Tensor, mx: torch.Tensor, carg: torch.Tensor, stats: torch.Tensor, sarg: torch.Tensor,
+    s: torch.Tensor, pool: str, need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward passes 1 to 3: (dx, dw1, db1, dw2, db2, dsweight, dsbias); dx and absent biases' gradients
+    are empty (0,)."""
+    channels, height, width = x.shape[1:]
+    state = ChannelState.from_outputs(ca, avg, mx, carg, pool)
+    with no_autocast(x):
         dpre = spatial_dot(dy, x, s, ca=ca)  # pass 1 over dy and x
         dpool, dsweight, dsbias = spatial_conv_backward(dpre, stats, sweight, sbias, channels, height, width)
         dca = channel_dot(dy, x, s=s, dpool=dpool, sarg=sarg)  # pass 2 over dy and x
-        state = ChannelState(ca, avg, mx, carg)
         gpool, wgrads = channel_gate_backward(dca, state, w1, b1, w2, b2, height * width)
-        dx = None
-        if ctx.needs_input_grad[0]:  # pass 3: dy -> dx
-            dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=carg, s=s, dpool=dpool, sarg=sarg)
-        return (dx, *wgrads, dsweight, dsbias, None)
+        dx = empty_stat(x)
+        if need_dx:  # pass 3: dy -> dx
+            dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg, s=s, dpool=dpool, sarg=sarg)
+    return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2), dsweight,
+            empty_stat(sweight) if dsbias is None else dsbias)
+
+
+@_cbam_gate_backward_op.register_fake
+def _(dy, x, w1, b1, w2, b2, sweight, sbias, ca, avg, mx, carg, stats, sarg, s, pool, need_dx):
+    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_weight_grads(w1, b1, w2, b2),
+            *fake_conv_grads(sweight, sbias))
+
+
+def _setup_context(ctx, inputs, output):
+    *tensors, pool = inputs
+    saved = output[1:]
+    ctx.mark_non_differentiable(*saved)
+    ctx.save_for_backward(*tensors, *saved)
+    ctx.pool = pool
+
+
+def _backward(ctx, dy, *_stat_grads):
+    need = ctx.needs_input_grad[:7]
+    grads = _cbam_gate_backward_op(dy, *ctx.saved_tensors, ctx.pool, need[0])
+    return (*(g if n else None for g, n in zip(grads, need)), None)
+
+
+_cbam_gate_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_cbam_gate_backward_op, "cbam_gate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,9 +160,10 @@ def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avg"):
     """
     op = "cbam_gate"
     check_pool(op, pool)
+    x, w1, b1, w2, b2, sweight, sbias = prepare_inputs(op, x, w1, b1, w2, b2, sweight, sbias)
     tensors = check_channel_mlp(op, x, w1, b1, w2, b2)
     tensors.update(check_spatial_conv(op, x, sweight, sbias, names=("sweight", "sbias")))
     check_same(op, tensors)
     check_map_limits(op, x)
     check_runnable(op, x.device)
-    return _CBAMFunction.apply(x, w1, b1, w2, b2, sweight, sbias, pool)
+    return _cbam_gate_op(x, w1, b1, w2, b2, sweight, sbias, pool)[0]

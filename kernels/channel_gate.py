@@ -26,11 +26,21 @@ it would save nothing. Reductions over pixels are split into chunks per program 
 the per-chunk partials (B, C, chunks) are combined in PyTorch in a fixed order, so results are
 bitwise reproducible (no atomics).
 
+Registration. Two torch.library custom ops, each with a fake (meta) kernel so that
+torch.compile(fullgraph=True) traces them: ``attnsr::channel_gate`` (forward passes 1 and 2 and
+the MLP; returns y and the statistics above) and ``attnsr::channel_gate_backward`` (backward passes
+1 and 2 and the MLP's backward), which the forward op's registered autograd formula calls. Under
+torch.autocast, fp32 inputs are cast to the autocast dtype before the op; inside the ops autocast is
+off, so the statistics and the MLP stay fp32. Reverse mode only: forward-mode AD and double
+backward raise.
+
 Limits and precision. x: (B, C, H, W) with any strides (NCHW, channels_last, views); y and dx are
 channels_last when x has channels innermost, else contiguous. B ≤ 65535, H·W < 2^31. Statistics,
 the MLP and the gate are fp32 for fp16 / bf16 / fp32 inputs and float64 for float64 inputs; y is
 rounded once to x's dtype. Weight gradients are returned in the weights' dtype.
 """
+
+from typing import Optional
 
 import torch
 import triton
@@ -40,9 +50,14 @@ from kernels._gating import (
     _tile_offsets,
     acc_dtype,
     check_map_limits,
+    empty_map_like,
+    empty_stat,
     gate_apply,
     gate_dx,
     map_strides,
+    no_autocast,
+    prepare_inputs,
+    refuse_double_backward,
     stat_dtype,
     tile_config,
 )
@@ -229,13 +244,32 @@ def _mlp_backward(dz, s, pre, w1, w2):
 
 
 class ChannelState:
-    """What the channel gate keeps for backward: the gate ca and the pooled statistics, all (B, C)."""
+    """What the channel gate keeps for backward: the gate ca and the pooled statistics, all (B, C).
+
+    mx and arg are None for pool="avg". ``outputs`` / ``from_outputs`` convert to and from the
+    four tensors a custom op returns and takes (empty (0,) tensors stand for None).
+    """
 
     def __init__(self, ca, avg, mx, arg):
         self.ca, self.avg, self.mx, self.arg = ca, avg, mx, arg
 
-    def tensors(self):
-        return self.ca, self.avg, self.mx, self.arg
+    def outputs(self):
+        absent = empty_stat(self.ca)
+        return (self.ca, self.avg, absent if self.mx is None else self.mx,
+                empty_stat(self.ca, torch.int32) if self.arg is None else self.arg)
+
+    @staticmethod
+    def from_outputs(ca, avg, mx, arg, pool: str) -> "ChannelState":
+        return ChannelState(ca, avg, mx, arg) if pool == "avgmax" else ChannelState(ca, avg, None, None)
+
+    @staticmethod
+    def fake_outputs(x: torch.Tensor, pool: str):
+        """Empty tensors shaped as ``outputs()`` of the state of x: the fake (meta) kernels' answer."""
+        sd = stat_dtype(x.dtype)
+        bc = tuple(x.shape[:2])
+        mx_shape = bc if pool == "avgmax" else (0,)
+        return (x.new_empty(bc, dtype=sd), x.new_empty(bc, dtype=sd),
+                x.new_empty(mx_shape, dtype=sd), x.new_empty(mx_shape, dtype=torch.int32))
 
 
 def channel_gate_state(x, w1, b1, w2, b2, pool: str) -> ChannelState:
@@ -277,29 +311,75 @@ def channel_gate_backward(dca, state: ChannelState, w1, b1, w2, b2, hw: int):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Autograd and torch.compile: two torch.library custom ops with fake (meta) kernels
 # ----------------------------------------------------------------------------------------------
 
 
-class _ChannelGateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, pool):
+def weight_grad_outputs(wgrads, w1, b1, w2, b2):
+    """(dw1, db1, dw2, db2) as custom-op outputs: an empty (0,) tensor for an absent bias."""
+    dw1, db1, dw2, db2 = wgrads
+    return dw1, empty_stat(w1) if db1 is None else db1, dw2, empty_stat(w2) if db2 is None else db2
+
+
+def fake_weight_grads(w1, b1, w2, b2):
+    """Fake (meta) weight gradients: contiguous, like the real ones (matmul results)."""
+    return (w1.new_empty(w1.shape), empty_stat(w1) if b1 is None else b1.new_empty(b1.shape),
+            w2.new_empty(w2.shape), empty_stat(w2) if b2 is None else b2.new_empty(b2.shape))
+
+
+@torch.library.custom_op("attnsr::channel_gate", mutates_args=())
+def _channel_gate_op(
+    x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
+    pool: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward passes 1 and 2: y and the statistics of ChannelState.outputs()."""
+    with no_autocast(x):
         state = channel_gate_state(x, w1, b1, w2, b2, pool)
         y = gate_apply(x, ca=state.ca)
-        ctx.save_for_backward(x, w1, b1, w2, b2, *state.tensors())
-        return y
+    return (y, *state.outputs())
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, w1, b1, w2, b2, ca, avg, mx, arg = ctx.saved_tensors
-        state = ChannelState(ca, avg, mx, arg)
+
+@_channel_gate_op.register_fake
+def _(x, w1, b1, w2, b2, pool):
+    return (empty_map_like(x), *ChannelState.fake_outputs(x, pool))
+
+
+@torch.library.custom_op("attnsr::channel_gate_backward", mutates_args=())
+def _channel_gate_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+    b2: Optional[torch.Tensor], ca: torch.Tensor, avg: torch.Tensor, mx: torch.Tensor, arg: torch.Tensor,
+    pool: str, need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward passes 1 and 2: (dx, dw1, db1, dw2, db2); dx and absent biases' gradients are empty (0,)."""
+    state = ChannelState.from_outputs(ca, avg, mx, arg, pool)
+    with no_autocast(x):
         dca = channel_dot(dy, x)
         gpool, wgrads = channel_gate_backward(dca, state, w1, b1, w2, b2, x.shape[2] * x.shape[3])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=arg)
-        return (dx, *wgrads, None)
+        dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg) if need_dx else empty_stat(x)
+    return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2))
+
+
+@_channel_gate_backward_op.register_fake
+def _(dy, x, w1, b1, w2, b2, ca, avg, mx, arg, pool, need_dx):
+    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_weight_grads(w1, b1, w2, b2))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, pool = inputs
+    stats = output[1:]
+    ctx.mark_non_differentiable(*stats)
+    ctx.save_for_backward(x, w1, b1, w2, b2, *stats)
+    ctx.pool = pool
+
+
+def _backward(ctx, dy, *_stat_grads):
+    need = ctx.needs_input_grad[:5]
+    grads = _channel_gate_backward_op(dy, *ctx.saved_tensors, ctx.pool, need[0])
+    return (*(g if n else None for g, n in zip(grads, need)), None)
+
+
+_channel_gate_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_channel_gate_backward_op, "channel_gate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +433,8 @@ def channel_gate(x, w1, b1, w2, b2, *, pool="avg"):
     """
     op = "channel_gate"
     check_pool(op, pool)
+    x, w1, b1, w2, b2 = prepare_inputs(op, x, w1, b1, w2, b2)
     check_channel_mlp(op, x, w1, b1, w2, b2)
     check_map_limits(op, x)
     check_runnable(op, x.device)
-    return _ChannelGateFunction.apply(x, w1, b1, w2, b2, pool)
+    return _channel_gate_op(x, w1, b1, w2, b2, pool)[0]

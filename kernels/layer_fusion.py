@@ -23,6 +23,11 @@ maps' strides differ. Gradients come back in the same form (one (L, B, C, H, W) 
 tensor per map). The output (and each gradient) is channels_last when the (first) map has channels
 innermost.
 
+Registration: ``attnsr::layer_fusion(maps: list[Tensor], weights)`` and
+``attnsr::layer_fusion_backward``, torch.library custom ops with fake kernels. The maps travel as one
+list: [the stacked tensor], or the L maps themselves (still no stacking copy); the map gradients
+come back in the same form. Autocast and reverse-mode-only rules as in channel_gate.py.
+
 Limits and precision. L ≥ 1; C, H, W ≥ 1; B ≤ 65535; H·W < 2^31. Accumulation in fp32 (float64 for float64 inputs); the
 output is rounded once to the maps' dtype; the weight gradient is returned in w's dtype.
 """
@@ -31,7 +36,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._gating import _tile_offsets, acc_dtype, check_map_limits, empty_map_like, stat_dtype, tile_config
+from kernels._gating import (
+    _tile_offsets,
+    acc_dtype,
+    check_map_limits,
+    empty_map_like,
+    empty_stat,
+    prepare_inputs,
+    refuse_double_backward,
+    stat_dtype,
+    tile_config,
+)
 from kernels._runtime import check_rank, check_runnable, check_same, check_tensor
 
 
@@ -210,34 +225,64 @@ def layer_fusion_backward(dout, maps: _MapSet, weights: torch.Tensor, need_df: b
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Autograd and torch.compile: two torch.library custom ops with fake (meta) kernels
 # ----------------------------------------------------------------------------------------------
+# The maps travel as one list[Tensor]: [the stacked (L, B, C, H, W) tensor], or the L (B, C, H, W)
+# maps themselves (no stacking copy). The map gradients come back in the same form.
 
 
-class _LayerFusionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, stacked, weights, *features):
-        maps = features[0] if stacked else list(features)
-        out = layer_fusion_forward(_MapSet(maps, stacked), weights)
-        ctx.stacked = stacked
-        ctx.save_for_backward(weights, *features)
-        return out
+def _is_stacked(maps) -> bool:
+    return len(maps) == 1 and maps[0].dim() == 5
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
-        weights, *features = ctx.saved_tensors
-        maps = features[0] if ctx.stacked else features
-        need_df = any(ctx.needs_input_grad[2:])
-        grads, dweights = layer_fusion_backward(
-            dout, _MapSet(maps, ctx.stacked), weights, need_df, ctx.needs_input_grad[1]
-        )
-        if grads is None:
-            grads = [None] * len(features)
-        elif ctx.stacked:
-            grads = [grads]
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
-        return (None, dweights, *grads)
+
+@torch.library.custom_op("attnsr::layer_fusion", mutates_args=())
+def _layer_fusion_op(maps: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    stacked = _is_stacked(maps)
+    return layer_fusion_forward(_MapSet(maps[0] if stacked else maps, stacked), weights)
+
+
+@_layer_fusion_op.register_fake
+def _(maps, weights):
+    return empty_map_like(maps[0][0] if _is_stacked(maps) else maps[0])
+
+
+@torch.library.custom_op("attnsr::layer_fusion_backward", mutates_args=())
+def _layer_fusion_backward_op(
+    dout: torch.Tensor, maps: list[torch.Tensor], weights: torch.Tensor, need_df: bool, need_dw: bool
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(map gradients in the maps' form, or [] when not needed; weight gradient, or empty (0,))."""
+    stacked = _is_stacked(maps)
+    grads, dweights = layer_fusion_backward(
+        dout, _MapSet(maps[0] if stacked else maps, stacked), weights, need_df, need_dw
+    )
+    grads = [] if grads is None else [grads] if stacked else grads
+    return grads, empty_stat(weights) if dweights is None else dweights
+
+
+@_layer_fusion_backward_op.register_fake
+def _(dout, maps, weights, need_df, need_dw):
+    grads = []
+    if need_df:
+        grads = [_empty_grads(maps[0], True)] if _is_stacked(maps) else _empty_grads(maps, False)
+    return grads, weights.new_empty(weights.shape) if need_dw else empty_stat(weights)
+
+
+def _setup_context(ctx, inputs, output):
+    maps, weights = inputs
+    ctx.save_for_backward(weights, *maps)
+
+
+def _backward(ctx, dout):
+    weights, *maps = ctx.saved_tensors
+    need_maps, need_dw = ctx.needs_input_grad
+    need_df = any(need_maps)
+    grads, dweights = _layer_fusion_backward_op(dout, maps, weights, need_df, need_dw)
+    grads = [g if need else None for g, need in zip(grads, need_maps)] if need_df else [None] * len(maps)
+    return grads, dweights if need_dw else None
+
+
+_layer_fusion_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_layer_fusion_backward_op, "layer_fusion")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -254,6 +299,11 @@ def layer_fusion(features, weights):
     innermost.
     """
     op = "layer_fusion"
+    if isinstance(features, torch.Tensor):
+        features, weights = prepare_inputs(op, features, weights)
+    elif isinstance(features, (list, tuple)):
+        *maps, weights = prepare_inputs(op, *features, weights)
+        features = tuple(maps) if isinstance(features, tuple) else maps
     if isinstance(features, torch.Tensor):
         stacked = True
         check_tensor(op, "features", features)
@@ -295,5 +345,4 @@ def layer_fusion(features, weights):
     check_same(op, tensors)
     check_map_limits(op, features[0], "each map (B, C, H, W)")
     check_runnable(op, weights.device)
-    maps = (features,) if stacked else tuple(features)
-    return _LayerFusionFunction.apply(stacked, weights, *maps)
+    return _layer_fusion_op([features] if stacked else list(features), weights)

@@ -21,11 +21,17 @@ per-program partial sums of the weight and bias gradients. The partials (B, prog
 summed in PyTorch in a fixed order: no atomics, bitwise reproducible. Eager PyTorch reads x three
 times (mean, max, multiply) and writes the (B, 2, H, W) concatenation besides y.
 
+Registration: ``attnsr::spatial_gate`` (forward passes and the convolution kernel; returns y and
+[mean, max], sarg, s) and ``attnsr::spatial_gate_backward``, torch.library custom ops with fake
+kernels, autocast and reverse-mode-only rules as in channel_gate.py.
+
 Limits and precision. x: (B, C, H, W) with any strides; y and dx are channels_last when x has
 channels innermost, else contiguous. k odd, 1 ≤ k ≤ 15 (the k² taps of a block of pixels form
 one register tile). B ≤ 65535, H·W < 2^31. Statistics, the convolution and the gate are fp32
 (float64 for float64 inputs); weight and bias gradients are returned in their own dtype.
 """
+
+from typing import Optional
 
 import torch
 import triton
@@ -35,9 +41,14 @@ from kernels._gating import (
     _tile_offsets,
     acc_dtype,
     check_map_limits,
+    empty_map_like,
+    empty_stat,
     gate_apply,
     gate_dx,
     map_strides,
+    no_autocast,
+    prepare_inputs,
+    refuse_double_backward,
     stat_dtype,
     tile_config,
 )
@@ -282,35 +293,81 @@ def spatial_conv_backward(dpre, stats, weight, bias, channels: int, height: int,
             dpre, stats, wt, dpool, pw, pb, height, width, hw, channels, npb,
             K=k, KK=kk, ACC=acc_dtype(stats.dtype), BLOCK_P=block_p, **launch,
         )
-    dweight = pw.sum((0, 1))[:, : k * k].reshape(1, 2, k, k).to(weight.dtype)
+    dweight = pw.sum((0, 1))[:, : k * k].contiguous().reshape(1, 2, k, k).to(weight.dtype)
     dbias = None if bias is None else pb.sum().reshape(1).to(bias.dtype)
     return dpool, dweight, dbias
 
 
 # ----------------------------------------------------------------------------------------------
-# Autograd
+# Autograd and torch.compile: two torch.library custom ops with fake (meta) kernels
 # ----------------------------------------------------------------------------------------------
 
 
-class _SpatialGateFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        height, width = x.shape[2:]
+def fake_spatial_state(x: torch.Tensor):
+    """Fake (meta) per-pixel statistics of x: [mean, max] (B, 2, H·W), sarg (B, H·W) int32, s (B, H·W)."""
+    batch, hw = x.shape[0], x.shape[2] * x.shape[3]
+    sd = stat_dtype(x.dtype)
+    return (x.new_empty((batch, 2, hw), dtype=sd), x.new_empty((batch, hw), dtype=torch.int32),
+            x.new_empty((batch, hw), dtype=sd))
+
+
+def fake_conv_grads(weight, bias):
+    """Fake (meta) dweight (contiguous, like the real one) and dbias (empty (0,) when bias is None)."""
+    return weight.new_empty(weight.shape), empty_stat(weight) if bias is None else bias.new_empty((1,))
+
+
+@torch.library.custom_op("attnsr::spatial_gate", mutates_args=())
+def _spatial_gate_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward passes 1 and 2 (and the small convolution between them): y, stats, sarg, s."""
+    height, width = x.shape[2:]
+    with no_autocast(x):
         stats, sarg = spatial_stats(x)
         s = spatial_conv(stats, weight, bias, height, width)
         y = gate_apply(x, s=s)
-        ctx.save_for_backward(x, weight, bias, stats, sarg, s)
-        return y
+    return y, stats, sarg, s
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, bias, stats, sarg, s = ctx.saved_tensors
-        channels, height, width = x.shape[1:]
+
+@_spatial_gate_op.register_fake
+def _(x, weight, bias):
+    return (empty_map_like(x), *fake_spatial_state(x))
+
+
+@torch.library.custom_op("attnsr::spatial_gate_backward", mutates_args=())
+def _spatial_gate_backward_op(
+    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stats: torch.Tensor,
+    sarg: torch.Tensor, s: torch.Tensor, need_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward passes 1 and 2: (dx, dweight, dbias); dx and an absent bias's gradient are empty (0,)."""
+    channels, height, width = x.shape[1:]
+    with no_autocast(x):
         dpre = spatial_dot(dy, x, s)
         dpool, dweight, dbias = spatial_conv_backward(dpre, stats, weight, bias, channels, height, width)
-        dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if ctx.needs_input_grad[0] else None
-        return dx, dweight, dbias
+        dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if need_dx else empty_stat(x)
+    return dx, dweight, empty_stat(weight) if dbias is None else dbias
+
+
+@_spatial_gate_backward_op.register_fake
+def _(dy, x, weight, bias, stats, sarg, s, need_dx):
+    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_conv_grads(weight, bias))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias = inputs
+    stats = output[1:]
+    ctx.mark_non_differentiable(*stats)
+    ctx.save_for_backward(x, weight, bias, *stats)
+
+
+def _backward(ctx, dy, *_stat_grads):
+    need = ctx.needs_input_grad
+    grads = _spatial_gate_backward_op(dy, *ctx.saved_tensors, need[0])
+    return tuple(g if n else None for g, n in zip(grads, need))
+
+
+_spatial_gate_op.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(_spatial_gate_backward_op, "spatial_gate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,9 +408,10 @@ def spatial_gate(x, weight, bias=None):
     Returns (B, C, H, W) in x's dtype, channels_last when x has channels innermost.
     """
     op = "spatial_gate"
+    x, weight, bias = prepare_inputs(op, x, weight, bias)
     check_tensor(op, "x", x)
     check_rank(op, "x", x, 4, "(B, C, H, W)")
     check_same(op, check_spatial_conv(op, x, weight, bias))
     check_map_limits(op, x)
     check_runnable(op, x.device)
-    return _SpatialGateFunction.apply(x, weight, bias)
+    return _spatial_gate_op(x, weight, bias)[0]
