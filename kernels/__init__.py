@@ -1,6 +1,7 @@
 """attnsr's Triton kernels: the public functional API.
 
-Every op is a Triton kernel pair (forward, backward) wrapped in a ``torch.autograd.Function``.
+Every op is Triton kernels (forward, backward) registered as ``torch.library`` custom ops with
+fake kernels and an autograd formula, so they work under autograd, autocast and torch.compile.
 On CPU tensors the kernels need ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 
