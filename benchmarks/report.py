@@ -117,7 +117,7 @@ def plot(path: str) -> list:
                     ax.legend(fontsize=8)
         fig.suptitle(f"{suite}: {info['device']}, torch {info['torch']}, triton {info['triton']}, {info['date']}",
                      fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 1, 0.97))
         out = f"{stem}-{suite}.png"
         fig.savefig(out, dpi=90)
         plt.close(fig)
@@ -164,10 +164,16 @@ def markdown(path: str) -> str:
                     cells.append("not run" if "GPU" in r["status"] else r["status"].replace("skipped: ", "skip: "))
                 else:
                     cells.append(f"{r['median_ms']:.2f} ms / {_fmt(r['peak_mib'], '.0f')} MiB")
+            first = BASELINES.get(suite, ("",))[0]  # naive / eager: every other provider vs it and vs the rest
             ratios = "; ".join(f"{r['provider']} {v:.2f}x vs {k}" for r in rs for k, v in r["speedup"].items()
-                               if r["provider"] not in BASELINES.get(suite, ()))
+                               if r["provider"] != first)
             lines.append(f"| {group} | " + " | ".join(cells) + f" | {ratios} |")
         lines.append("")
+        png = f"{os.path.splitext(path)[0]}-{suite}.png"
+        if os.path.exists(png):
+            rel = os.path.relpath(png, os.path.dirname(README))
+            lines.append(f"![{suite}: time and memory versus map size]({rel})")
+            lines.append("")
     return "\n".join(lines)
 
 
