@@ -14,8 +14,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
+
+def _kernels():
+    """The kernels package, imported on first use: importing attnsr does not import triton, so
+    TRITON_INTERPRET can still be set after ``import attnsr`` (it must precede triton's import)."""
+    import kernels
+    import kernels.reference
+
+    return kernels
 
 BACKENDS = ("naive", "torch", "triton", "auto")
 
@@ -46,7 +52,7 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
     """
     backend = resolve(backend, q)
     if backend == "triton":
-        return kernels.image_attention(q, k, v, heads=heads, patch_size=patch_size, scale=scale)
+        return _kernels().image_attention(q, k, v, heads=heads, patch_size=patch_size, scale=scale)
     b, c, h, w = q.shape
     d = c // heads * patch_size * patch_size
     scale = 1.0 / math.sqrt(d) if scale is None else scale
@@ -55,14 +61,14 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
         qf, kf, vf = (t.reshape(b, c, h * w) for t in (q, k, v))
         attn = torch.softmax(torch.bmm(qf.transpose(1, 2), kf) * scale, dim=-1)
         return torch.bmm(vf, attn.transpose(1, 2)).reshape(b, c, h, w)
-    tq, tk, tv = (reference.image_to_tokens(t, heads, patch_size) for t in (q, k, v))
+    tq, tk, tv = (_kernels().reference.image_to_tokens(t, heads, patch_size) for t in (q, k, v))
     if backend == "naive":
         attn = torch.softmax(torch.matmul(tq, tk.transpose(-1, -2)) * scale, dim=-1)
         out = torch.matmul(attn, tv)
     else:
         # image_to_tokens returns (B, heads, N, D) with a contiguous last dim: SDPA's fast paths
         out = F.scaled_dot_product_attention(tq.contiguous(), tk.contiguous(), tv.contiguous(), scale=scale)
-    return reference.tokens_to_image(out, c, h, w, patch_size)
+    return _kernels().reference.tokens_to_image(out, c, h, w, patch_size)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,26 +79,26 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
 def channel_gate(x, w1, b1, w2, b2, *, pool="avg", backend="auto"):
     """x · sigmoid(mlp(avg_hw x) [+ mlp(max_hw x)]): (B, C, H, W) -> (B, C, H, W)."""
     if resolve(backend, x) == "triton":
-        return kernels.channel_gate(x, w1, b1, w2, b2, pool=pool)
-    return reference.channel_gate_ref(x, w1, b1, w2, b2, pool=pool)
+        return _kernels().channel_gate(x, w1, b1, w2, b2, pool=pool)
+    return _kernels().reference.channel_gate_ref(x, w1, b1, w2, b2, pool=pool)
 
 
 def spatial_gate(x, weight, bias=None, *, backend="auto"):
     """x · sigmoid(conv_k×k([mean_c x, max_c x])): (B, C, H, W) -> (B, C, H, W)."""
     if resolve(backend, x) == "triton":
-        return kernels.spatial_gate(x, weight, bias)
-    return reference.spatial_gate_ref(x, weight, bias)
+        return _kernels().spatial_gate(x, weight, bias)
+    return _kernels().reference.spatial_gate_ref(x, weight, bias)
 
 
 def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax", backend="auto"):
     """spatial_gate(channel_gate(x)): (B, C, H, W) -> (B, C, H, W)."""
     if resolve(backend, x) == "triton":
-        return kernels.cbam_gate(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
-    return reference.cbam_gate_ref(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
+        return _kernels().cbam_gate(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
+    return _kernels().reference.cbam_gate_ref(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
 
 
 def layer_fusion(features, weights, *, backend="auto"):
     """Σ_l weights[:, l] · features[l] for L maps (B, C, H, W) (a sequence or an (L, B, ...) tensor)."""
     if resolve(backend, weights) == "triton":
-        return kernels.layer_fusion(features, weights)
-    return reference.layer_fusion_ref(features, weights)
+        return _kernels().layer_fusion(features, weights)
+    return _kernels().reference.layer_fusion_ref(features, weights)
