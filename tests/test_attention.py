@@ -20,7 +20,7 @@ def _grads(out, inputs, grad):
     return torch.autograd.grad(out, inputs, grad)
 
 
-def _check(fn, ref, inputs, dtype, what, tol=None):
+def check_against_reference(fn, ref, inputs, dtype, what, tol=None):
     """Output and the gradient of every input against the float64 reference, same upstream grad."""
     out = fn(*inputs)
     expect = ref(*inputs)
@@ -61,7 +61,7 @@ def test_flash_attention_matches_reference(shape, dtype):
     b, h, n, m, d = shape
     q, k, v = _leaf((b, h, n, d), dtype), _leaf((b, h, m, d), dtype), _leaf((b, h, m, d), dtype)
     ref = lambda q, k, v: flash_attention_ref(q, k, v, upcast=True)  # noqa: E731
-    _check(flash_attention, ref, (q, k, v), dtype, f"flash {shape}")
+    check_against_reference(flash_attention, ref, (q, k, v), dtype, f"flash {shape}")
 
 
 def test_flash_attention_non_contiguous_views():
@@ -70,14 +70,14 @@ def test_flash_attention_non_contiguous_views():
     q, k, v = (base[:, :, i, :, :20].transpose(1, 2).requires_grad_() for i in range(3))  # (2, 3, 40, 20)
     assert not q.is_contiguous()
     ref = lambda q, k, v: flash_attention_ref(q, k, v, upcast=True)  # noqa: E731
-    _check(flash_attention, ref, (q, k, v), torch.float32, "flash views")
+    check_against_reference(flash_attention, ref, (q, k, v), torch.float32, "flash views")
 
 
 def test_flash_attention_explicit_scale():
     q, k, v = (_leaf((1, 2, 37, 16), torch.float32) for _ in range(3))
     fn = lambda q, k, v: flash_attention(q, k, v, scale=0.7)  # noqa: E731
     ref = lambda q, k, v: flash_attention_ref(q, k, v, scale=0.7, upcast=True)  # noqa: E731
-    _check(fn, ref, (q, k, v), torch.float32, "flash scale=0.7")
+    check_against_reference(fn, ref, (q, k, v), torch.float32, "flash scale=0.7")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -231,7 +231,7 @@ def test_flash_attention_bfloat16(shape):
     b, h, n, m, d = shape
     q, k, v = (_leaf(s, torch.bfloat16) for s in ((b, h, n, d), (b, h, m, d), (b, h, m, d)))
     ref = lambda q, k, v: flash_attention_ref(q, k, v, upcast=True)  # noqa: E731
-    _check(flash_attention, ref, (q, k, v), torch.bfloat16, f"flash bf16 {shape}")
+    check_against_reference(flash_attention, ref, (q, k, v), torch.bfloat16, f"flash bf16 {shape}")
 
 
 def test_bfloat16_plumbing_under_any_device():
