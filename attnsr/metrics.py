@@ -9,8 +9,6 @@ SSIM is Wang et al. (2004): 11×11 Gaussian window with σ = 1.5, K1 = 0.01, K2 
 1, averaged over the valid (unpadded) window positions.
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -83,6 +81,3 @@ def ssim(a: torch.Tensor, b: torch.Tensor, *, crop: int = 0, y_channel: bool = T
     s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return s.flatten(1).mean(1)
 
-
-def psnr_from_mse(mse: float) -> float:
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
