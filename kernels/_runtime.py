@@ -4,6 +4,8 @@ Nothing here launches a kernel. Every public op validates its inputs with these 
 errors read the same everywhere: ``<op>: <what was given>; <what was expected>``.
 """
 
+import contextlib
+import functools
 import operator
 import os
 
@@ -136,3 +138,22 @@ def dot_dtype(dtype: torch.dtype):
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def on_tensor_device(fn):
+    """Run ``fn`` with the current CUDA device set to that of its first tensor argument.
+
+    Triton launches on the current device: without this, tensors on cuda:1 while cuda:0 is current
+    would be read from the wrong device.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if first is None:  # a list of maps (layer_fusion)
+            first = next((a[0] for a in args if isinstance(a, (list, tuple)) and a), None)
+        guard = torch.cuda.device(first.device) if first is not None and first.is_cuda else contextlib.nullcontext()
+        with guard:
+            return fn(*args, **kwargs)
+
+    return wrapper

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels._runtime import (
+    on_tensor_device,
     autocast_inputs,
     check_no_forward_ad,
     check_rank,
@@ -389,6 +390,7 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, kind: str, heads: int, patch: in
 
 
 @torch.library.custom_op("attnsr::attention", mutates_args=())
+@on_tensor_device
 def _attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, heads: int, patch: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,6 +406,7 @@ def _(q, k, v, kind, heads, patch, scale):
 
 
 @torch.library.custom_op("attnsr::attention_backward", mutates_args=())
+@on_tensor_device
 def _attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     kind: str, heads: int, patch: int, scale: float, need_dq: bool, need_dkdv: bool,

@@ -50,7 +50,7 @@ from kernels._gating import (
     prepare_inputs,
     refuse_double_backward,
 )
-from kernels._runtime import check_runnable, check_same
+from kernels._runtime import check_runnable, check_same, on_tensor_device
 from kernels.channel_gate import (
     ChannelState,
     channel_dot,
@@ -78,6 +78,7 @@ from kernels.spatial_gate import (
 
 
 @torch.library.custom_op("attnsr::cbam_gate", mutates_args=())
+@on_tensor_device
 def _cbam_gate_op(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
     sweight: torch.Tensor, sbias: Optional[torch.Tensor], pool: str,
@@ -99,6 +100,7 @@ def _(x, w1, b1, w2, b2, sweight, sbias, pool):
 
 
 @torch.library.custom_op("attnsr::cbam_gate_backward", mutates_args=())
+@on_tensor_device
 def _cbam_gate_backward_op(
     dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
     b2: Optional[torch.Tensor], sweight: torch.Tensor, sbias: Optional[torch.Tensor], ca: torch.Tensor,

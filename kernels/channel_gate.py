@@ -61,7 +61,7 @@ from kernels._gating import (
     stat_dtype,
     tile_config,
 )
-from kernels._runtime import check_rank, check_runnable, check_same, check_tensor, interpreting
+from kernels._runtime import check_rank, check_runnable, check_same, check_tensor, interpreting, on_tensor_device
 
 POOLS = ("avg", "avgmax")
 
@@ -328,6 +328,7 @@ def fake_weight_grads(w1, b1, w2, b2):
 
 
 @torch.library.custom_op("attnsr::channel_gate", mutates_args=())
+@on_tensor_device
 def _channel_gate_op(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
     pool: str,
@@ -345,6 +346,7 @@ def _(x, w1, b1, w2, b2, pool):
 
 
 @torch.library.custom_op("attnsr::channel_gate_backward", mutates_args=())
+@on_tensor_device
 def _channel_gate_backward_op(
     dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
     b2: Optional[torch.Tensor], ca: torch.Tensor, avg: torch.Tensor, mx: torch.Tensor, arg: torch.Tensor,

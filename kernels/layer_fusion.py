@@ -47,7 +47,7 @@ from kernels._gating import (
     stat_dtype,
     tile_config,
 )
-from kernels._runtime import check_rank, check_runnable, check_same, check_tensor
+from kernels._runtime import check_rank, check_runnable, check_same, check_tensor, on_tensor_device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +236,7 @@ def _is_stacked(maps) -> bool:
 
 
 @torch.library.custom_op("attnsr::layer_fusion", mutates_args=())
+@on_tensor_device
 def _layer_fusion_op(maps: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     stacked = _is_stacked(maps)
     return layer_fusion_forward(_MapSet(maps[0] if stacked else maps, stacked), weights)
@@ -247,6 +248,7 @@ def _(maps, weights):
 
 
 @torch.library.custom_op("attnsr::layer_fusion_backward", mutates_args=())
+@on_tensor_device
 def _layer_fusion_backward_op(
     dout: torch.Tensor, maps: list[torch.Tensor], weights: torch.Tensor, need_df: bool, need_dw: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -52,7 +52,15 @@ from kernels._gating import (
     stat_dtype,
     tile_config,
 )
-from kernels._runtime import check_rank, check_runnable, check_same, check_tensor, interpreting, next_pow2
+from kernels._runtime import (
+    check_rank,
+    check_runnable,
+    check_same,
+    check_tensor,
+    interpreting,
+    next_pow2,
+    on_tensor_device,
+)
 
 MAX_KERNEL_SIZE = 15
 
@@ -317,6 +325,7 @@ def fake_conv_grads(weight, bias):
 
 
 @torch.library.custom_op("attnsr::spatial_gate", mutates_args=())
+@on_tensor_device
 def _spatial_gate_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,6 +344,7 @@ def _(x, weight, bias):
 
 
 @torch.library.custom_op("attnsr::spatial_gate_backward", mutates_args=())
+@on_tensor_device
 def _spatial_gate_backward_op(
     dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stats: torch.Tensor,
     sarg: torch.Tensor, s: torch.Tensor, need_dx: bool,

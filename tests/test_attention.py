@@ -462,3 +462,20 @@ def test_torch_compile_fullgraph():
     (g,) = torch.autograd.grad(compiled(qkv), qkv)
     (w,) = torch.autograd.grad(f(qkv), qkv)
     assert torch.equal(g, w) or rel_error(g, w) < REL_TOL[torch.float32]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_kernels_launch_on_the_tensors_device():
+    """Triton launches on the current device; the ops must switch to their inputs' device."""
+    import kernels
+
+    dev = torch.device("cuda:1")
+    qkv = torch.randn(1, 3 * 8, 6, 6, device=dev, requires_grad=True)
+    with torch.cuda.device(0):
+        out = image_attention(*qkv.split(8, dim=1))
+        gated = kernels.cbam_gate(out, *(torch.randn(s, device=dev) for s in ((2, 8), (2,), (8, 2), (8,))),
+                                  torch.randn(1, 2, 3, 3, device=dev), None, pool="avgmax")
+        (g,) = torch.autograd.grad(gated.sum(), qkv)
+    expect = image_attention_ref(*qkv.split(8, dim=1), upcast=True)
+    assert_close_rel(out, expect, torch.float32, "output on cuda:1")
+    assert g.device == dev and torch.isfinite(g).all()
