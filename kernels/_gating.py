@@ -31,7 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import autocast_inputs, check_no_forward_ad, interpreting, next_pow2
+from kernels._runtime import (
+    autocast_inputs,
+    channels_innermost,
+    check_no_forward_ad,
+    empty_map_like,
+    interpreting,
+    next_pow2,
+)
 
 MAX_GRID_YZ = 65535
 MAX_PIXELS = 2**31 - 1  # arg-max pixel indices are int32
@@ -52,6 +59,18 @@ def _pixel_offsets(p, W, s_h, s_w):
 def _tile_offsets(c, p, W, s_c, s_h, s_w):
     """[len(c), len(p)] offsets (int64) of channels c × flat pixels p."""
     return c.to(tl.int64)[:, None] * s_c + _pixel_offsets(p, W, s_h, s_w)[None, :]
+
+
+@triton.jit
+def _through_spatial_gate(g, c, p, p_in, b, HW, S, DPOOL, SARG):
+    """Gradient at the spatial gate's input from g = dy on a [channels c × pixels p] tile:
+    g·s + d_mean + [c = arg-max channel]·d_max (S, SARG: (B, H·W); DPOOL: (B, 2, H·W); d_mean is
+    already divided by C)."""
+    s = tl.load(S + b * HW + p, mask=p_in, other=0.0)
+    d_mean = tl.load(DPOOL + (2 * b) * HW + p, mask=p_in, other=0.0)
+    d_max = tl.load(DPOOL + (2 * b + 1) * HW + p, mask=p_in, other=0.0)
+    s_arg = tl.load(SARG + b * HW + p, mask=p_in, other=-1)
+    return g * s[None, :] + d_mean[None, :] + tl.where(c[:, None] == s_arg[None, :], d_max[None, :], 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,11 +128,7 @@ def _gate_dx_kernel(
     mask = c_in[:, None] & p_in[None, :]
     g = tl.load(DY + b * sdy_b + _tile_offsets(c, p, W, sdy_c, sdy_h, sdy_w), mask=mask, other=0.0).to(ACC)
     if SPATIAL:
-        s = tl.load(S + b * HW + p, mask=p_in, other=0.0)
-        d_mean = tl.load(DPOOL + (2 * b) * HW + p, mask=p_in, other=0.0)
-        d_max = tl.load(DPOOL + (2 * b + 1) * HW + p, mask=p_in, other=0.0)
-        s_arg = tl.load(SARG + b * HW + p, mask=p_in, other=-1)
-        g = g * s[None, :] + d_mean[None, :] + tl.where(c[:, None] == s_arg[None, :], d_max[None, :], 0.0)
+        g = _through_spatial_gate(g, c, p, p_in, b, HW, S, DPOOL, SARG)
     if CHANNEL:
         ca = tl.load(CA + b * C + c, mask=c_in, other=0.0)
         g_mean = tl.load(GPOOL + (2 * b) * C + c, mask=c_in, other=0.0)
@@ -138,17 +153,6 @@ def acc_dtype(dtype: torch.dtype):
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Torch dtype of the statistics and gates: float32, or float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def channels_innermost(t: torch.Tensor) -> bool:
-    return t.shape[1] > 1 and t.stride(1) == 1
-
-
-def empty_map_like(t: torch.Tensor) -> torch.Tensor:
-    """A fresh (B, C, H, W) map shaped like ``t``: channels_last when ``t`` has channels innermost."""
-    if channels_innermost(t):
-        return torch.empty(t.shape, dtype=t.dtype, device=t.device).to(memory_format=torch.channels_last)
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 def map_strides(t: torch.Tensor):

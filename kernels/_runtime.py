@@ -107,6 +107,17 @@ def autocast_inputs(*tensors):
     return tensors
 
 
+def channels_innermost(t: torch.Tensor) -> bool:
+    """A (B, C, H, W) map whose channels are adjacent in memory (channels_last or a view of one)."""
+    return t.shape[1] > 1 and t.stride(1) == 1
+
+
+def empty_map_like(t: torch.Tensor) -> torch.Tensor:
+    """A fresh (B, C, H, W) map shaped like ``t``: channels_last when ``t`` has channels innermost."""
+    fmt = torch.channels_last if channels_innermost(t) else torch.contiguous_format
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+
+
 def tf32_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision for fp32 operands: tf32 when torch allows it for CUDA matmuls.
 

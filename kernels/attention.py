@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels._runtime import (
+    empty_map_like,
     on_tensor_device,
     autocast_inputs,
     check_no_forward_ad,
@@ -285,12 +286,9 @@ class _Tokens:
         p = self.patch
         return (s_b, (t.shape[1] // self.heads) * s_c, p * s_y, p * s_x, s_c, s_y, s_x)
 
-    def empty_like(self, t: torch.Tensor, shape=None) -> torch.Tensor:
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
         """A fresh output for ``t``: maps keep channels_last when ``t`` has channels innermost."""
-        shape = tuple(t.shape) if shape is None else shape
-        if self.kind == "map" and t.shape[1] > 1 and t.stride(1) == 1:
-            return torch.empty(shape, dtype=t.dtype, device=t.device).to(memory_format=torch.channels_last)
-        return torch.empty(shape, dtype=t.dtype, device=t.device)
+        return empty_map_like(t) if self.kind == "map" else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 def _config(head_dim: int, dtype: torch.dtype):

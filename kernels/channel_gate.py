@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from kernels._gating import (
+    _through_spatial_gate,
     _tile_offsets,
     acc_dtype,
     check_map_limits,
@@ -143,11 +144,7 @@ def _channel_dot_kernel(
         mask = c_in[:, None] & p_in[None, :]
         g = tl.load(DY + _tile_offsets(c, p, W, sdy_c, sdy_h, sdy_w), mask=mask, other=0.0).to(ACC)
         if SPATIAL:
-            s = tl.load(S + b * HW + p, mask=p_in, other=0.0)
-            d_mean = tl.load(DPOOL + (2 * b) * HW + p, mask=p_in, other=0.0)
-            d_max = tl.load(DPOOL + (2 * b + 1) * HW + p, mask=p_in, other=0.0)
-            s_arg = tl.load(SARG + b * HW + p, mask=p_in, other=-1)
-            g = g * s[None, :] + d_mean[None, :] + tl.where(c[:, None] == s_arg[None, :], d_max[None, :], 0.0)
+            g = _through_spatial_gate(g, c, p, p_in, b, HW, S, DPOOL, SARG)
         x = tl.load(X + _tile_offsets(c, p, W, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC)
         acc += tl.sum(g * x, 1)
     tl.store(OUT + (b * C + c) * NCH + chunk, acc, mask=c_in)

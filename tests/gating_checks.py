@@ -96,3 +96,23 @@ class LaunchLog:
 
     def clear(self):
         self.launches.clear()
+
+
+def check_pass_counts(log: LaunchLog, fn, x, *, forward, backward):
+    """Run y = fn(x) and dx, counting the launches that touch each map-sized tensor.
+
+    forward = (reads of x, writes of y); backward = (reads of dy, reads of x, writes of dx). Also
+    checks that the only map-sized tensor saved for backward is x itself.
+    """
+    y = fn(x)
+    log.watch("x", x)
+    log.watch("y", y)
+    assert (log.count("x"), log.count("y")) == forward, "forward passes over (x, y)"
+    big = [t for t in y.grad_fn.saved_tensors if t is not None and t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr(), "backward must keep x and no other map"
+    log.clear()
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    log.watch("dy", dy)
+    log.watch("dx", dx)
+    assert (log.count("dy"), log.count("x"), log.count("dx")) == backward, "backward passes over (dy, x, dx)"

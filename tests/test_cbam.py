@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 from conftest import DEVICE
-from gating_checks import LaunchLog, check_op, conv_weights, feature_map, mlp_weights
+from gating_checks import LaunchLog, check_op, check_pass_counts, conv_weights, feature_map, mlp_weights
 
 from kernels import _gating, cbam_gate
 from kernels.reference import cbam_gate_ref
@@ -100,20 +100,8 @@ def test_cbam_gate_pass_counts(monkeypatch, pool):
     backward reads dy three times and x twice and writes dx once; the only map-sized tensor saved
     for backward is x itself."""
     log = LaunchLog(monkeypatch, MODULES)
-    inputs = _inputs((2, 5, 7, 9), torch.float32, 7)
-    x = inputs[0]
-    y = _fn(pool)(*inputs)
-    log.watch("x", x)
-    log.watch("y", y)
-    assert (log.count("x"), log.count("y")) == (3, 1)
-    big = [t for t in y.grad_fn.saved_tensors if t is not None and t.numel() >= x.numel()]
-    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
-    log.clear()
-    dy = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    log.watch("dy", dy)
-    log.watch("dx", dx)
-    assert (log.count("dy"), log.count("x"), log.count("dx")) == (3, 2, 1)
+    x, *weights = _inputs((2, 5, 7, 9), torch.float32, 7)
+    check_pass_counts(log, lambda x: _fn(pool)(x, *weights), x, forward=(3, 1), backward=(3, 2, 1))
 
 
 def test_cbam_gate_bad_input():

@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 from conftest import DEVICE
-from gating_checks import LaunchLog, check_op, feature_map, leaf, mlp_weights
+from gating_checks import LaunchLog, check_op, check_pass_counts, feature_map, leaf, mlp_weights
 
 from kernels import _gating, channel_gate
 from kernels.reference import channel_gate_ref
@@ -93,19 +93,9 @@ def test_channel_gate_pass_counts(monkeypatch, pool):
     """The header's count: forward reads x twice and writes y once; backward reads dy twice and x
     once and writes dx once; the only map-sized tensor saved for backward is x itself."""
     log = LaunchLog(monkeypatch, [_gating, cg_module])
-    x = feature_map((2, 5, 7, 9), torch.float32)
-    y = channel_gate(x, *mlp_weights(5, 2, torch.float32), pool=pool)
-    log.watch("x", x)
-    log.watch("y", y)
-    assert (log.count("x"), log.count("y")) == (2, 1)
-    big = [t for t in y.grad_fn.saved_tensors if t is not None and t.numel() >= x.numel()]
-    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
-    log.clear()
-    dy = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    log.watch("dy", dy)
-    log.watch("dx", dx)
-    assert (log.count("dy"), log.count("x"), log.count("dx")) == (2, 1, 1)
+    weights = mlp_weights(5, 2, torch.float32)
+    check_pass_counts(log, lambda x: channel_gate(x, *weights, pool=pool), feature_map((2, 5, 7, 9), torch.float32),
+                      forward=(2, 1), backward=(2, 1, 1))
 
 
 def test_channel_gate_bad_input():

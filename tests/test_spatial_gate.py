@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 from conftest import DEVICE
-from gating_checks import LaunchLog, check_op, conv_weights, feature_map, leaf
+from gating_checks import LaunchLog, check_op, check_pass_counts, conv_weights, feature_map, leaf
 
 from kernels import _gating, spatial_gate
 from kernels.reference import spatial_gate_ref
@@ -92,19 +92,9 @@ def test_spatial_gate_pass_counts(monkeypatch):
     """The header's count: forward reads x twice and writes y once; backward reads dy twice and x
     once and writes dx once; the only map-sized tensor saved for backward is x itself."""
     log = LaunchLog(monkeypatch, [_gating, sg_module])
-    x = feature_map((2, 5, 7, 9), torch.float32)
-    y = spatial_gate(x, *conv_weights(7, torch.float32))
-    log.watch("x", x)
-    log.watch("y", y)
-    assert (log.count("x"), log.count("y")) == (2, 1)
-    big = [t for t in y.grad_fn.saved_tensors if t is not None and t.numel() >= x.numel()]
-    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
-    log.clear()
-    dy = torch.randn_like(y)
-    (dx,) = torch.autograd.grad(y, x, dy)
-    log.watch("dy", dy)
-    log.watch("dx", dx)
-    assert (log.count("dy"), log.count("x"), log.count("dx")) == (2, 1, 1)
+    weights = conv_weights(7, torch.float32)
+    check_pass_counts(log, lambda x: spatial_gate(x, *weights), feature_map((2, 5, 7, 9), torch.float32),
+                      forward=(2, 1), backward=(2, 1, 1))
 
 
 def test_spatial_gate_bad_input():
