@@ -12,7 +12,11 @@ setup(
         "torch>=2.4",
         "triton>=3.4; platform_system == 'Linux'",
         "numpy",
+        "pillow",
+        "scikit-image",  # the bundled photographs the CLI trains on by default (no download)
+        "tqdm",
     ],
+    entry_points={"console_scripts": ["attnsr=attnsr.cli:main"]},
     extras_require={
         "test": ["pytest"],
         "bench": ["pytest", "pytest-benchmark", "matplotlib"],
