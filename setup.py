@@ -6,7 +6,7 @@ setup(
     description="Fused Triton kernels for the attention layers of image-restoration networks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["kernels", "kernels.*", "attnsr", "attnsr.*"]),
+    packages=find_packages(include=["kernels", "kernels.*", "attnsr", "attnsr.*", "benchmarks"]),
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.4",

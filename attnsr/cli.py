@@ -1,0 +1,226 @@
+"""The ``attnsr`` command (also ``python -m attnsr``): train, run and check the networks.
+
+    attnsr train sr --out runs/sr              train the super-resolution network
+    attnsr train inpaint --out runs/inpaint    train the inpainting network
+    attnsr upscale IN -o OUT --checkpoint CKPT
+    attnsr inpaint IN --mask MASK -o OUT --checkpoint CKPT
+    attnsr check                               kernel parity table on this device
+    attnsr demo                                the main job: parity, a benchmark, a short SR training
+    attnsr bench                               the benchmark suites (benchmarks.report)
+
+Bad input (a missing image, a mask of the wrong size, the wrong checkpoint) prints one line
+``attnsr: error: ...`` and exits with status 2. Outputs are written atomically.
+"""
+
+import argparse
+import os
+import sys
+
+from attnsr.images import InputError
+
+EXIT_INPUT_ERROR = 2
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _runtime_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "naive"),
+                   help="attention implementation (default auto: triton on CUDA, torch on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+
+
+def _tile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tile", type=_positive_int, default=None,
+                   help="process in overlapping tiles of this many input pixels (default: whole image). The "
+                        "networks have global attention, so tiling approximates them to save memory")
+    p.add_argument("--overlap", type=int, default=32, help="tile overlap in input pixels (default 32)")
+
+
+def _train_parser(sub) -> None:
+    from attnsr.train import TrainConfig
+
+    d = TrainConfig(task="sr", out="")
+    p = sub.add_parser("train", help="train the super-resolution or the inpainting network on photos",
+                       description="Train AttentionSRNet (sr) or ImageInpaintingModel (inpaint). Without --data, "
+                                   "trains on the photographs bundled with scikit-image. Under torchrun, trains "
+                                   "data-parallel (DDP) with --batch-size per process.")
+    p.add_argument("task", choices=("sr", "inpaint"))
+    p.add_argument("--out", required=True, help="folder for last.pt, best.pt and metrics.jsonl")
+    p.add_argument("--data", default=None, help="folder of PNG/JPEG images, searched recursively "
+                                                "(default: the bundled photos)")
+    p.add_argument("--val", default=d.val, help=f"held-out photo names, comma-separated, or a count (default {d.val})")
+    p.add_argument("--steps", type=_positive_int, default=d.steps)
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--patch", type=_positive_int, default=d.patch,
+                   help=f"sr: low-resolution patch; inpaint: patch, a multiple of 4 (default {d.patch})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine-decayed (default {d.lr})")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--scale", type=int, default=d.scale, choices=(2, 3, 4), help="sr upscaling factor")
+    p.add_argument("--features", type=_positive_int, default=d.features, help="sr: feature channels")
+    p.add_argument("--blocks", type=_positive_int, default=d.blocks, help="sr: residual blocks")
+    p.add_argument("--heads", type=_positive_int, default=d.heads, help="inpaint: attention heads")
+    p.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision (default auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--val-every", type=_positive_int, default=d.val_every)
+    p.add_argument("--ckpt-every", type=_positive_int, default=d.ckpt_every)
+    p.add_argument("--val-size", type=_positive_int, default=d.val_size,
+                   help="validation crop: sr HR bound, inpaint size")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--resume", default=None, help="checkpoint to continue from (exactly where it stopped)")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _runtime_args(p)
+
+
+def _train(args) -> int:
+    from attnsr.train import TrainConfig, train
+
+    cfg = TrainConfig(task=args.task, out=args.out, data=args.data, val=args.val, steps=args.steps,
+                      batch_size=args.batch_size, patch=args.patch, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup=args.warmup, scale=args.scale, features=args.features, blocks=args.blocks,
+                      heads=args.heads, backend=args.backend, amp=args.amp, val_every=args.val_every,
+                      ckpt_every=args.ckpt_every, val_size=args.val_size, seed=args.seed, resume=args.resume,
+                      device=args.device, workers=args.workers, progress=not args.no_progress)
+    result = train(cfg)
+    if result is not None and result.get("checkpoint"):
+        print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def _load_network(path, task, backend):
+    from attnsr.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(path, task=task)
+    return ckpt, model_from_checkpoint(ckpt, backend=backend)
+
+
+def _check_output(path) -> None:
+    from attnsr.images import IMAGE_SUFFIXES
+
+    if os.path.splitext(path)[1].lower() not in IMAGE_SUFFIXES:
+        raise InputError(f"output {path} must end in one of {', '.join(IMAGE_SUFFIXES)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"cannot write {path}: folder {folder} does not exist")
+
+
+def _upscale(args) -> int:
+    from attnsr import infer
+    from attnsr.images import read_image, write_image
+
+    _check_output(args.output)
+    image = read_image(args.input)
+    ckpt, model = _load_network(args.checkpoint, "sr", args.backend)
+    scale = ckpt["model"]["kwargs"]["scale"]
+    if args.scale is not None and args.scale != scale:
+        raise InputError(f"checkpoint {args.checkpoint} upscales ×{scale}; --scale asked for ×{args.scale}")
+    out = infer.upscale(model, image, scale=scale, tile=args.tile, overlap=args.overlap, device=args.device)
+    write_image(out, args.output)
+    print(f"wrote {args.output} ({out.shape[-1]}×{out.shape[-2]}, ×{scale})")
+    return 0
+
+
+def _inpaint(args) -> int:
+    from attnsr import infer
+    from attnsr.images import read_image, read_mask, write_image
+
+    _check_output(args.output)
+    image = read_image(args.input)
+    mask = read_mask(args.mask, size=image.shape[-2:])
+    _, model = _load_network(args.checkpoint, "inpaint", args.backend)
+    out = infer.inpaint(model, image, mask, tile=args.tile, overlap=args.overlap, device=args.device)
+    write_image(out, args.output)
+    print(f"wrote {args.output} ({out.shape[-1]}×{out.shape[-2]}, {mask.mean().item():.1%} of pixels filled)")
+    return 0
+
+
+def _check(args) -> int:
+    import torch
+
+    from attnsr.check import enable_interpreter_if_no_gpu, print_parity
+
+    enable_interpreter_if_no_gpu()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return 1 if print_parity(device) else 0
+
+
+def _demo(args) -> int:
+    from attnsr.demo import run_demo
+
+    return run_demo(out=args.out, steps=args.steps, device=args.device)
+
+
+def _bench(args) -> int:
+    try:
+        from benchmarks import report
+    except ImportError as e:
+        raise InputError(f"the benchmark suites are not installed ({e}); run from the source checkout") from None
+    return report.main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnsr", description="Fused attention for image restoration: "
+                                     "train and run the super-resolution and inpainting networks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub)
+
+    p = sub.add_parser("upscale", help="upscale an image with a trained super-resolution checkpoint")
+    p.add_argument("input", help="PNG or JPEG image")
+    p.add_argument("-o", "--output", required=True, help="output .png or .jpg")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `attnsr train sr`")
+    p.add_argument("--scale", type=int, default=None, help="expected factor (checked against the checkpoint)")
+    _tile_args(p)
+    _runtime_args(p)
+
+    p = sub.add_parser("inpaint", help="fill the holes of an image with a trained inpainting checkpoint")
+    p.add_argument("input", help="PNG or JPEG image")
+    p.add_argument("--mask", required=True, help="image of the same size, white (>50%%) where pixels are missing")
+    p.add_argument("-o", "--output", required=True, help="output .png or .jpg")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `attnsr train inpaint`")
+    _tile_args(p)
+    _runtime_args(p)
+
+    p = sub.add_parser("check", help="parity of every kernel against its float64 reference on this device")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+    p = sub.add_parser("demo", help="parity table, a benchmark and a short SR training with a side-by-side PNG")
+    p.add_argument("--out", default="demo-output", help="folder for the checkpoint and the PNG (default demo-output)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the demo's budget)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+
+    p = sub.add_parser("bench", help="run the benchmark suites (arguments go to python -m benchmarks.report)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="e.g. --quick --suite attention")
+    return parser
+
+
+COMMANDS = {"train": _train, "upscale": _upscale, "inpaint": _inpaint, "check": _check, "demo": _demo,
+            "bench": _bench}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "backend", None) == "triton" or args.command in ("check", "demo"):
+        from attnsr.check import enable_interpreter_if_no_gpu
+
+        enable_interpreter_if_no_gpu()  # before anything imports triton
+    try:
+        return COMMANDS[args.command](args)
+    except InputError as e:
+        print(f"attnsr: error: {e}", file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        print("attnsr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
