@@ -19,7 +19,7 @@ segments, as in the free-form masks of DeepFill v2) plus one to three boxes. A p
 (y, x) lies in a stroke segment a→b of radius r when its distance to the segment is ≤ r:
 with t = clamp(((p − a)·(b − a)) / |b − a|², 0, 1), ``|p − a − t (b − a)| ≤ r`` (which gives
 the round caps). Stroke widths and lengths scale with √(H·W), box sides with H and W; the hole
-fraction is 25 % on average, typically 10–45 %, and every mask has at least one hole pixel and
+fraction is 25 % on average, typically 10–50 %, and every mask has at least one hole pixel and
 at least one known pixel.
 """
 
@@ -72,10 +72,9 @@ def _folder_photos(folder: str) -> list[Photo]:
     if not os.path.exists(folder):
         raise InputError(f"photo folder {folder} does not exist; expected a folder of .png/.jpg images")
     if not os.path.isdir(folder):
-        raise InputError(f"photo folder {folder} is a file; expected a folder of .png/.jpg images")
+        raise InputError(f"photo folder {folder} is not a folder; expected a folder of .png/.jpg images")
     names = []
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
+    for root, _, files in os.walk(folder):
         for f in files:
             if os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES:
                 names.append(os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/"))
@@ -107,8 +106,9 @@ def split_photos(photos: list[Photo], val: str | int = DEFAULT_VAL) -> tuple[lis
     string of digits that is not a photo name): the last ``n`` photos by name are held out.
     """
     names = [name for name, _ in photos]
-    if len(set(names)) != len(names):
-        raise InputError(f"split_photos: photo names {names} repeat; expected unique names")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"split_photos: photo names {', '.join(repeated)} repeat; expected unique names")
     if isinstance(val, str) and val.strip().isdigit() and val.strip() not in names:
         val = int(val)
     if isinstance(val, bool) or not isinstance(val, (int, str)):
@@ -139,9 +139,10 @@ def split_photos(photos: list[Photo], val: str | int = DEFAULT_VAL) -> tuple[lis
 # super-resolution pairs
 
 
-def _check_scale(scale, what: str) -> None:
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"{what}: scale is {scale!r}; expected a whole number ≥ 1")
+def _check_whole(value, what: str, name: str, minimum: int = 1) -> None:
+    """InputError (a ValueError) unless ``value`` is an int ≥ ``minimum`` (bool and float rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{what}: {name} is {value!r}; expected a whole number ≥ {minimum}")
 
 
 def _as_batch(img: torch.Tensor, what: str) -> torch.Tensor:
@@ -155,7 +156,7 @@ def bicubic_down(hr: torch.Tensor, scale: int) -> torch.Tensor:
 
     hr: (B, 3, H, W) or (3, H, W) with H and W multiples of ``scale`` -> (…, 3, H/scale, W/scale).
     """
-    _check_scale(scale, "bicubic_down")
+    _check_whole(scale, "bicubic_down", "scale")
     x = _as_batch(hr, "bicubic_down")
     h, w = x.shape[-2:]
     if h % scale or w % scale:
@@ -171,7 +172,7 @@ def bicubic_up(lr: torch.Tensor, scale: int) -> torch.Tensor:
 
     lr: (B, 3, h, w) or (3, h, w) -> (…, 3, h·scale, w·scale).
     """
-    _check_scale(scale, "bicubic_up")
+    _check_whole(scale, "bicubic_up", "scale")
     x = _as_batch(lr, "bicubic_up")
     sr = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False).clamp_(0, 1)
     return sr if lr.dim() == 4 else sr.squeeze(0)
@@ -182,7 +183,7 @@ def sr_pair(hr: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     hr: (B, 3, H, W) or (3, H, W) -> lr (…, 3, H//s, W//s), hr (…, 3, H//s·s, W//s·s).
     """
-    _check_scale(scale, "sr_pair")
+    _check_whole(scale, "sr_pair", "scale")
     h, w = _as_batch(hr, "sr_pair").shape[-2:]
     if h < scale or w < scale:
         raise ValueError(f"sr_pair: image is {h}×{w} (H×W); expected at least {scale}×{scale} for scale {scale}")
@@ -193,7 +194,8 @@ def sr_pair(hr: torch.Tensor, scale: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # inpainting masks
 
-_MASK_UNIFORMS = 128  # enough for 5 strokes of 7 segments, 3 boxes and the fallback pixels
+# uniforms one mask may use: strokes 1 + 4·(5 + 6·2) = 69, boxes 1 + 3·4 = 13, fallback pixel 2
+_MASK_UNIFORMS = 128
 
 
 def _segments_mask(a: torch.Tensor, b: torch.Tensor, radius: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -272,8 +274,11 @@ def random_mask(height: int, width: int, *, generator: torch.Generator) -> torch
 
 
 def _item_generator(*numbers: int) -> torch.Generator:
-    """A generator seeded by a 64-bit hash of the numbers (distinct tuples, unrelated streams)."""
-    digest = hashlib.blake2b(repr(numbers).encode(), digest_size=8).digest()
+    """A generator seeded by a 64-bit hash of the numbers (distinct tuples, unrelated streams).
+
+    The numbers go through ``int`` first, so a numpy or 0-d tensor index gives the same stream.
+    """
+    digest = hashlib.blake2b(repr(tuple(int(n) for n in numbers)).encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
@@ -287,10 +292,11 @@ class _Patches(torch.utils.data.Dataset):
     """Random square crops of photos, an item a function of (seed, epoch, index) alone."""
 
     def __init__(self, photos, *, crop: int, samples_per_epoch: int, seed: int, augment: bool, what: str):
+        photos = list(photos)
         if not photos:
             raise InputError(f"{what}: no photos given; expected at least one")
-        if samples_per_epoch < 1:
-            raise InputError(f"{what}: samples_per_epoch is {samples_per_epoch}; expected ≥ 1")
+        _check_whole(samples_per_epoch, what, "samples_per_epoch")
+        _check_whole(seed, what, "seed", minimum=0)
         for name, img in photos:
             if img.dim() != 3 or img.shape[0] != 3:
                 raise InputError(f"{what}: photo {name} is {tuple(img.shape)}; expected (3, H, W)")
@@ -299,7 +305,7 @@ class _Patches(torch.utils.data.Dataset):
                     f"{what}: photo {name} is {img.shape[-1]}×{img.shape[-2]} (W×H), smaller than the "
                     f"{crop}×{crop} crop; use larger photos or a smaller patch"
                 )
-        self.photos = list(photos)
+        self.photos = photos
         self.crop = crop
         self.samples_per_epoch = samples_per_epoch
         self.seed = seed
@@ -308,7 +314,11 @@ class _Patches(torch.utils.data.Dataset):
         self._areas = torch.tensor([float(img.shape[-2] * img.shape[-1]) for _, img in self.photos])
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose items ``__getitem__`` returns (call it before each epoch)."""
+        """Select the epoch whose items ``__getitem__`` returns; call it before iterating each epoch.
+
+        DataLoader workers hold a copy of the dataset: with ``persistent_workers=True`` they would
+        not see the new epoch, so use non-persistent workers (the default), which copy it anew.
+        """
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
@@ -328,8 +338,11 @@ class _Patches(torch.utils.data.Dataset):
             patch = _dihedral(patch, int(torch.randint(8, (), generator=g)))
         return patch.clone(memory_format=torch.contiguous_format), g
 
-    def extra_repr(self) -> str:
-        return f"{len(self.photos)} photos, crop={self.crop}, samples_per_epoch={self.samples_per_epoch}"
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self.photos)} photos, crop={self.crop}, "
+            f"samples_per_epoch={self.samples_per_epoch}, seed={self.seed}, augment={self.augment}, epoch={self.epoch})"
+        )
 
 
 class SRPatches(_Patches):
@@ -341,10 +354,8 @@ class SRPatches(_Patches):
     """
 
     def __init__(self, photos, *, scale: int, patch: int, samples_per_epoch: int, seed: int = 0, augment: bool = True):
-        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-            raise InputError(f"SRPatches: scale is {scale!r}; expected a whole number ≥ 1")
-        if patch < 1:
-            raise InputError(f"SRPatches: patch is {patch}; expected ≥ 1")
+        _check_whole(scale, "SRPatches", "scale")
+        _check_whole(patch, "SRPatches", "patch")
         super().__init__(
             photos,
             crop=patch * scale,
@@ -370,7 +381,8 @@ class InpaintPatches(_Patches):
     """
 
     def __init__(self, photos, *, patch: int, samples_per_epoch: int, seed: int = 0, augment: bool = True):
-        if patch < 4 or patch % 4:
+        _check_whole(patch, "InpaintPatches", "patch")
+        if patch % 4:
             raise InputError(f"InpaintPatches: patch is {patch}; expected a multiple of 4 (two stride-2 stages)")
         super().__init__(
             photos,
@@ -404,8 +416,9 @@ def val_sr_pairs(photos, scale: int, max_size: int | None = None) -> list[tuple[
     Each photo is centre-cropped to at most ``max_size`` × ``max_size`` (if given), then cropped at
     the bottom/right to multiples of ``scale`` and downsampled with ``bicubic_down``.
     """
-    if max_size is not None and max_size < scale:
-        raise InputError(f"val_sr_pairs: max_size is {max_size}; expected at least the scale {scale}")
+    _check_whole(scale, "val_sr_pairs", "scale")
+    if max_size is not None:
+        _check_whole(max_size, "val_sr_pairs", "max_size", minimum=scale)
     pairs = []
     for name, img in photos:
         h, w = img.shape[-2:]
@@ -414,7 +427,7 @@ def val_sr_pairs(photos, scale: int, max_size: int | None = None) -> list[tuple[
         if min(img.shape[-2:]) < scale:
             raise InputError(f"val_sr_pairs: photo {name} is {w}×{h} (W×H); expected at least {scale}×{scale}")
         lr, hr = sr_pair(img, scale)
-        pairs.append((name, lr.unsqueeze(0), hr.unsqueeze(0)))
+        pairs.append((name, lr.unsqueeze(0), hr.unsqueeze(0).contiguous()))
     return pairs
 
 
@@ -424,6 +437,7 @@ def val_inpaint_cases(photos, size: int, seed: int = 0) -> list[tuple[str, torch
     The image is the photo's centre crop; the mask is ``random_mask`` with a generator seeded by
     (``seed``, photo index), so the same photos give the same masks in every run.
     """
+    _check_whole(size, "val_inpaint_cases", "size", minimum=2)  # a mask needs a hole and a known pixel
     cases = []
     for index, (name, img) in enumerate(photos):
         if min(img.shape[-2:]) < size:

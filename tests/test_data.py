@@ -95,7 +95,7 @@ def test_folder_errors(tmp_path):
     with pytest.raises(InputError, match="does not exist"):
         load_photos(str(tmp_path / "missing"))
     (tmp_path / "file.png").write_bytes(b"")
-    with pytest.raises(InputError, match="is a file"):
+    with pytest.raises(InputError, match="is not a folder"):
         load_photos(str(tmp_path / "file.png"))
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -144,6 +144,8 @@ def test_split_errors(small_photos):
             split_photos(small_photos, count)
     with pytest.raises(InputError, match="names no photo"):
         split_photos(small_photos, " , ")
+    with pytest.raises(InputError, match="photo names chelsea repeat"):
+        split_photos([*small_photos, small_photos[2]], 1)
 
 
 # ---------------------------------------------------------------------------------------------- bicubic pairs
@@ -165,6 +167,8 @@ def test_bicubic_down_rejects_non_multiples():
         bicubic_down(torch.rand(3, 25, 36), 3)
     with pytest.raises(ValueError, match=r"expected \(B, 3, H, W\) or \(3, H, W\)"):
         bicubic_down(torch.rand(1, 24, 36), 3)
+    with pytest.raises(ValueError, match="scale is 0; expected a whole number ≥ 1"):
+        bicubic_down(torch.rand(3, 24, 36), 0)
 
 
 def test_bicubic_up():
@@ -268,9 +272,25 @@ def test_sr_patches_pick_photos_by_area():
 def test_sr_patches_errors():
     with pytest.raises(InputError, match=r"photo tiny is 30×20 \(W×H\), smaller than the 32×32 crop"):
         SRPatches([_photo("ok", 40, 40), _photo("tiny", 20, 30)], scale=4, patch=8, samples_per_epoch=1)
+    for kwargs, message in [
+        (dict(scale=2.0, patch=8), "scale is 2.0; expected a whole number ≥ 1"),
+        (dict(scale=2, patch=0), "patch is 0; expected a whole number ≥ 1"),
+        (dict(scale=2, patch=8, samples_per_epoch=0), "samples_per_epoch is 0; expected a whole number ≥ 1"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            SRPatches([_photo("ok", 40, 40)], **{"samples_per_epoch": 1, **kwargs})
+    with pytest.raises(InputError, match="no photos given"):
+        SRPatches([], scale=2, patch=8, samples_per_epoch=1)
     ds = SRPatches([_photo("ok", 40, 40)], scale=4, patch=8, samples_per_epoch=3)
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="index 3 out of range for 3 samples"):
         ds[3]
+
+
+def test_sr_patches_index_type_and_repr():
+    ds = SRPatches([_photo("ok", 40, 40)], scale=2, patch=8, samples_per_epoch=3, seed=2)
+    hr = ds[1][1]
+    assert torch.equal(ds[np.int64(1)][1], hr) and torch.equal(ds[torch.tensor(1)][1], hr)
+    assert repr(ds) == "SRPatches(1 photos, crop=16, samples_per_epoch=3, seed=2, augment=True, epoch=0)"
 
 
 # ---------------------------------------------------------------------------------------------- masks
@@ -394,6 +414,8 @@ def test_val_sr_pairs(builtin):
     assert torch.equal(hr[0], val[0][1][:, 100:199, 175:274])  # centre 100×100 crop, then bottom/right to 99
     again = val_sr_pairs(val, 3, max_size=100)
     assert torch.equal(again[0][1], lr) and torch.equal(again[0][2], hr)
+    with pytest.raises(InputError, match="max_size is 2; expected a whole number ≥ 3"):
+        val_sr_pairs(val, 3, max_size=2)
 
 
 def test_val_inpaint_cases():
