@@ -22,7 +22,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 demo: venv
-	$(PY) -m attnsr.demo
+	$(PY) -m attnsr demo
 
 lint:
 	ruff check kernels attnsr benchmarks tests

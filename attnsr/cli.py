@@ -113,11 +113,19 @@ def _check_output(path) -> None:
         raise InputError(f"cannot write {path}: folder {folder} does not exist")
 
 
+def _check_tiling(args) -> None:
+    if args.overlap < 0:
+        raise InputError(f"--overlap {args.overlap}: expected 0 or more pixels")
+    if args.tile is not None and args.tile <= args.overlap:
+        raise InputError(f"--tile {args.tile} must be larger than --overlap {args.overlap}")
+
+
 def _upscale(args) -> int:
     from attnsr import infer
     from attnsr.images import read_image, write_image
 
     _check_output(args.output)
+    _check_tiling(args)
     image = read_image(args.input)
     ckpt, model = _load_network(args.checkpoint, "sr", args.backend)
     scale = ckpt["model"]["kwargs"]["scale"]
@@ -134,6 +142,7 @@ def _inpaint(args) -> int:
     from attnsr.images import read_image, read_mask, write_image
 
     _check_output(args.output)
+    _check_tiling(args)
     image = read_image(args.input)
     mask = read_mask(args.mask, size=image.shape[-2:])
     _, model = _load_network(args.checkpoint, "inpaint", args.backend)
@@ -206,6 +215,21 @@ COMMANDS = {"train": _train, "upscale": _upscale, "inpaint": _inpaint, "check": 
             "bench": _bench}
 
 
+def _check_device(name) -> None:
+    import torch
+
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name}: expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: expected cpu, cuda or cuda:N")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "backend", None) == "triton" or args.command in ("check", "demo"):
@@ -213,6 +237,7 @@ def main(argv=None) -> int:
 
         enable_interpreter_if_no_gpu()  # before anything imports triton
     try:
+        _check_device(getattr(args, "device", None))
         return COMMANDS[args.command](args)
     except InputError as e:
         print(f"attnsr: error: {e}", file=sys.stderr)
