@@ -477,8 +477,10 @@ def _fit(cfg: TrainConfig, device: torch.device, amp: torch.dtype | None, starte
         scheduler.step()
         return loss.detach()
 
+    # redrawn in place on a terminal; into a log file or pipe, one line every 15 s at most
     bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {cfg.task}", file=sys.stderr,
-               disable=not cfg.progress or rank != 0, dynamic_ncols=True)
+               disable=not cfg.progress or rank != 0, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 15.0)
     loss_sum = torch.zeros((), device=device)  # since the last validation (read only then)
     window, window_steps = torch.zeros((), device=device), 0  # since the last progress-bar update
     since_val, train_loss = 0, None

@@ -29,9 +29,9 @@ def test_demo_prints_tables_and_writes_the_side_by_side(tmp_path):
     assert (out.returncode == 0) == beat
     png = tmp_path / "sr-demo.png"
     assert str(png) in text
-    image = read_image(png)
-    hr = read_image(tmp_path / "sr-demo.png")  # three equal panels plus gaps and a caption strip
-    assert image.shape[-1] > 3 * 300 and hr.shape[-2] > 300
+    # the held-out photo (chelsea, 451×300, cropped to 450×300 for ×2) three times, two 6-px gaps,
+    # and a 22-px caption strip
+    assert read_image(png).shape == (3, 300 + 22, 3 * 450 + 2 * 6)
 
 
 def test_importing_attnsr_does_not_import_triton():
