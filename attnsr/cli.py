@@ -31,6 +31,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after each help text, except where there is no default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "naive"),
                    help="attention implementation (default auto: triton on CUDA, torch on CPU)")
@@ -49,32 +56,36 @@ def _train_parser(sub) -> None:
 
     d = TrainConfig(task="sr", out="")
     p = sub.add_parser("train", help="train the super-resolution or the inpainting network on photos",
+                       formatter_class=_DefaultsFormatter,
                        description="Train AttentionSRNet (sr) or ImageInpaintingModel (inpaint). Without --data, "
                                    "trains on the photographs bundled with scikit-image. Under torchrun, trains "
                                    "data-parallel (DDP) with --batch-size per process.")
     p.add_argument("task", choices=("sr", "inpaint"))
     p.add_argument("--out", required=True, help="folder for last.pt, best.pt and metrics.jsonl")
-    p.add_argument("--data", default=None, help="folder of PNG/JPEG images, searched recursively "
-                                                "(default: the bundled photos)")
-    p.add_argument("--val", default=d.val, help=f"held-out photo names, comma-separated, or a count (default {d.val})")
-    p.add_argument("--steps", type=_positive_int, default=d.steps)
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    p.add_argument("--data", default=None,
+                   help="folder of PNG/JPEG images, searched recursively (default: the photos bundled with "
+                        "scikit-image)")
+    p.add_argument("--val", default=d.val, help="held-out photo names, comma-separated, or a count")
+    p.add_argument("--steps", type=_positive_int, default=d.steps, help="optimizer steps")
+    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="patches per step and process")
     p.add_argument("--patch", type=_positive_int, default=d.patch,
-                   help=f"sr: low-resolution patch; inpaint: patch, a multiple of 4 (default {d.patch})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate, cosine-decayed (default {d.lr})")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+                   help="sr: low-resolution patch; inpaint: patch, a multiple of 4")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate, cosine-decayed")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     p.add_argument("--scale", type=int, default=d.scale, choices=(2, 3, 4), help="sr upscaling factor")
     p.add_argument("--features", type=_positive_int, default=d.features, help="sr: feature channels")
     p.add_argument("--blocks", type=_positive_int, default=d.blocks, help="sr: residual blocks")
     p.add_argument("--heads", type=_positive_int, default=d.heads, help="inpaint: attention heads")
     p.add_argument("--amp", default=d.amp, choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision (default auto: bf16 on CUDA, off on CPU)")
-    p.add_argument("--val-every", type=_positive_int, default=d.val_every)
-    p.add_argument("--ckpt-every", type=_positive_int, default=d.ckpt_every)
+                   help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    p.add_argument("--val-every", type=_positive_int, default=d.val_every, help="steps between validations")
+    p.add_argument("--ckpt-every", type=_positive_int, default=d.ckpt_every, help="steps between last.pt writes")
     p.add_argument("--val-size", type=_positive_int, default=d.val_size,
                    help="validation crop: sr HR bound, inpaint size")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--epoch-steps", type=_positive_int, default=d.epoch_steps, help="steps per data epoch")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds weights and data")
     p.add_argument("--resume", default=None, help="checkpoint to continue from (exactly where it stopped)")
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,7 +98,8 @@ def _train(args) -> int:
     cfg = TrainConfig(task=args.task, out=args.out, data=args.data, val=args.val, steps=args.steps,
                       batch_size=args.batch_size, patch=args.patch, lr=args.lr, weight_decay=args.weight_decay,
                       warmup=args.warmup, scale=args.scale, features=args.features, blocks=args.blocks,
-                      heads=args.heads, backend=args.backend, amp=args.amp, val_every=args.val_every,
+                      heads=args.heads, backend=args.backend, amp=args.amp, grad_clip=args.grad_clip,
+                      val_every=args.val_every, epoch_steps=args.epoch_steps,
                       ckpt_every=args.ckpt_every, val_size=args.val_size, seed=args.seed, resume=args.resume,
                       device=args.device, workers=args.workers, progress=not args.no_progress)
     result = train(cfg)
