@@ -109,6 +109,7 @@ def _train_and_compare(out: str, steps: int, device: torch.device) -> bool:
 
 def run_demo(out: str = "demo-output", steps: int | None = None, device=None) -> int:
     enable_interpreter_if_no_gpu()
+    started = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     os.makedirs(out, exist_ok=True)
     failures = print_parity(device)
@@ -118,6 +119,7 @@ def run_demo(out: str = "demo-output", steps: int | None = None, device=None) ->
         print(f"demo: {failures} kernel case(s) out of bounds")
     if not beat:
         print("demo: the network did not beat bicubic on the held-out photo")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s")
     return 0 if not failures and beat else 1
 
 

@@ -195,3 +195,12 @@ def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
     with pytest.raises(InputError):
         write_image(torch.rand(3, 4, 4), tmp_path / "image.tiff")
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        write_image(torch.rand(3, 4, 4), tmp_path / "a.png")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
