@@ -103,7 +103,7 @@ def _train(args) -> int:
                       ckpt_every=args.ckpt_every, val_size=args.val_size, seed=args.seed, resume=args.resume,
                       device=args.device, workers=args.workers, progress=not args.no_progress)
     result = train(cfg)
-    if result is not None and result.get("checkpoint"):
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the same result
         print(f"checkpoint: {result['checkpoint']}")
     return 0
 
