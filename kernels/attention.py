@@ -32,10 +32,18 @@ fp32 (float64 for float64 inputs). Under Triton's CPU interpreter, whose bf16 ``
 bf16 operands are widened to fp32 for the dot products only (the probabilities are still rounded
 to bf16 first). Logits that overflow fp32 (|scale·q·k| > 3e38) give NaN. Reverse mode only: no
 forward-mode AD, no double backward (both raise).
+
+Launch configuration. Each kernel (forward, Δ, dK/dV, dQ) has its own tile sizes BLOCK_M ×
+BLOCK_N, num_warps and num_stages, looked up in ``_LAUNCH`` (below the kernels) by kernel, padded
+head dim BLOCK_D and dtype class (16-bit, fp32, fp64). ``python -m benchmarks.tune`` measures
+candidates on a GPU; it sets them through ``_launch_override``, which only it and the tests use.
+Under the interpreter every kernel runs 32×32 tiles unless overridden.
 """
 
+import contextlib
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import triton
@@ -291,15 +299,183 @@ class _Tokens:
         return empty_map_like(t) if self.kind == "map" else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
-def _config(head_dim: int, dtype: torch.dtype):
-    """Block sizes and launch settings. Fixed for now (the interpreter cannot autotune)."""
-    block_d = max(16, next_pow2(head_dim))
+class _Launch(NamedTuple):
+    """One kernel's launch configuration."""
+
+    block_m: int  # query rows per tile (the Δ kernel's rows per program)
+    block_n: int  # key rows per tile (unused by the Δ kernel)
+    num_warps: int
+    num_stages: int  # Triton's software-pipelining depth of the loop over the other sequence
+
+
+_KERNELS = ("fwd", "delta", "dkdv", "dq")
+_DTYPE_CLASSES = ("16bit", "fp32", "fp64")
+_LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
+# (kernel, BLOCK_D, dtype class) -> launch configuration on a GPU.
+#   kernel: "fwd" (_attn_fwd_kernel), "delta" (_attn_bwd_delta_kernel), "dkdv"
+#     (_attn_bwd_dkdv_kernel: one program per BLOCK_N keys, looping over BLOCK_M query blocks) or
+#     "dq" (_attn_bwd_dq_kernel: one program per BLOCK_M queries, looping over BLOCK_N key blocks);
+#   BLOCK_D: the head dim padded to a power of two, 16 to 256;
+#   dtype class: "16bit" (fp16 and bf16), "fp32", "fp64": the bytes per element of the tiles that
+#     the dot products stage through shared memory.
+# Constraints: BLOCK_M and BLOCK_N are powers of two >= 16 (tl.dot needs 16 rows); the tiles the
+# loop streams, num_stages deep, must fit in shared memory (tests/test_tune.py holds every entry
+# under Hopper's 227 KiB by _shared_memory_estimate, an estimate); the fp32 accumulators
+# (BLOCK_M or 2·BLOCK_N rows × BLOCK_D) live in registers.
+# The entries below are the rule the kernels were written with, not yet chosen from measurement:
+# 64×64 tiles, 2 stages; 32×32 tiles and 1 stage, a margin for shared memory and registers, for
+# BLOCK_D = 256 and for 4- or 8-byte elements from BLOCK_D = 128; 8 warps from BLOCK_D = 128.
+# An entry changed from `python -m benchmarks.tune` figures says so in a comment: device, time and
+# speed-up over the entry it replaced.
+_LAUNCH = {
+    # forward
+    ("fwd", 16, "16bit"): _Launch(64, 64, 4, 2),
+    ("fwd", 16, "fp32"): _Launch(64, 64, 4, 2),
+    ("fwd", 16, "fp64"): _Launch(64, 64, 4, 2),
+    ("fwd", 32, "16bit"): _Launch(64, 64, 4, 2),
+    ("fwd", 32, "fp32"): _Launch(64, 64, 4, 2),
+    ("fwd", 32, "fp64"): _Launch(64, 64, 4, 2),
+    ("fwd", 64, "16bit"): _Launch(64, 64, 4, 2),
+    ("fwd", 64, "fp32"): _Launch(64, 64, 4, 2),
+    ("fwd", 64, "fp64"): _Launch(64, 64, 4, 2),
+    ("fwd", 128, "16bit"): _Launch(64, 64, 8, 2),
+    ("fwd", 128, "fp32"): _Launch(32, 32, 8, 1),
+    ("fwd", 128, "fp64"): _Launch(32, 32, 8, 1),
+    ("fwd", 256, "16bit"): _Launch(32, 32, 8, 1),
+    ("fwd", 256, "fp32"): _Launch(32, 32, 8, 1),
+    ("fwd", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # Δ = rowsum(dO ∘ O) (BLOCK_N unused)
+    ("delta", 16, "16bit"): _Launch(64, 64, 4, 2),
+    ("delta", 16, "fp32"): _Launch(64, 64, 4, 2),
+    ("delta", 16, "fp64"): _Launch(64, 64, 4, 2),
+    ("delta", 32, "16bit"): _Launch(64, 64, 4, 2),
+    ("delta", 32, "fp32"): _Launch(64, 64, 4, 2),
+    ("delta", 32, "fp64"): _Launch(64, 64, 4, 2),
+    ("delta", 64, "16bit"): _Launch(64, 64, 4, 2),
+    ("delta", 64, "fp32"): _Launch(64, 64, 4, 2),
+    ("delta", 64, "fp64"): _Launch(64, 64, 4, 2),
+    ("delta", 128, "16bit"): _Launch(64, 64, 8, 2),
+    ("delta", 128, "fp32"): _Launch(32, 32, 8, 1),
+    ("delta", 128, "fp64"): _Launch(32, 32, 8, 1),
+    ("delta", 256, "16bit"): _Launch(32, 32, 8, 1),
+    ("delta", 256, "fp32"): _Launch(32, 32, 8, 1),
+    ("delta", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # backward dK, dV
+    ("dkdv", 16, "16bit"): _Launch(64, 64, 4, 2),
+    ("dkdv", 16, "fp32"): _Launch(64, 64, 4, 2),
+    ("dkdv", 16, "fp64"): _Launch(64, 64, 4, 2),
+    ("dkdv", 32, "16bit"): _Launch(64, 64, 4, 2),
+    ("dkdv", 32, "fp32"): _Launch(64, 64, 4, 2),
+    ("dkdv", 32, "fp64"): _Launch(64, 64, 4, 2),
+    ("dkdv", 64, "16bit"): _Launch(64, 64, 4, 2),
+    ("dkdv", 64, "fp32"): _Launch(64, 64, 4, 2),
+    ("dkdv", 64, "fp64"): _Launch(64, 64, 4, 2),
+    ("dkdv", 128, "16bit"): _Launch(64, 64, 8, 2),
+    ("dkdv", 128, "fp32"): _Launch(32, 32, 8, 1),
+    ("dkdv", 128, "fp64"): _Launch(32, 32, 8, 1),
+    ("dkdv", 256, "16bit"): _Launch(32, 32, 8, 1),
+    ("dkdv", 256, "fp32"): _Launch(32, 32, 8, 1),
+    ("dkdv", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # backward dQ
+    ("dq", 16, "16bit"): _Launch(64, 64, 4, 2),
+    ("dq", 16, "fp32"): _Launch(64, 64, 4, 2),
+    ("dq", 16, "fp64"): _Launch(64, 64, 4, 2),
+    ("dq", 32, "16bit"): _Launch(64, 64, 4, 2),
+    ("dq", 32, "fp32"): _Launch(64, 64, 4, 2),
+    ("dq", 32, "fp64"): _Launch(64, 64, 4, 2),
+    ("dq", 64, "16bit"): _Launch(64, 64, 4, 2),
+    ("dq", 64, "fp32"): _Launch(64, 64, 4, 2),
+    ("dq", 64, "fp64"): _Launch(64, 64, 4, 2),
+    ("dq", 128, "16bit"): _Launch(64, 64, 8, 2),
+    ("dq", 128, "fp32"): _Launch(32, 32, 8, 1),
+    ("dq", 128, "fp64"): _Launch(32, 32, 8, 1),
+    ("dq", 256, "16bit"): _Launch(32, 32, 8, 1),
+    ("dq", 256, "fp32"): _Launch(32, 32, 8, 1),
+    ("dq", 256, "fp64"): _Launch(32, 32, 8, 1),
+}
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    """The dtype's class in ``_LAUNCH``: "16bit", "fp32" or "fp64"."""
+    return {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, next_pow2(head_dim))
+
+
+def _shared_memory_estimate(kernel: str, block_m: int, block_n: int, block_d: int, elt_bytes: int,
+                            num_stages: int) -> int:
+    """Bytes of shared memory the tiles streamed through ``kernel``'s loop need, ``num_stages`` deep.
+
+    The streamed tiles are the second operands of the dot products: K and V (BLOCK_N × BLOCK_D each)
+    for "fwd" and "dq", Q and dO (BLOCK_M × BLOCK_D each) for "dkdv"; "delta" has no dot. The rule
+    (tile bytes × stages) is the one Triton's matmul used to prune its configs. It counts the main
+    term only: Triton also stages layout conversions through shared memory, so a launch under the
+    device's limit can still fail with OutOfResources (the tuner records such a failure).
+    """
+    rows = {"fwd": block_n, "dq": block_n, "dkdv": block_m, "delta": 0}[kernel]
+    return 2 * rows * block_d * elt_bytes * max(1, num_stages)
+
+
+_OVERRIDES = {}  # kernel -> launch settings replacing its table entry (set by _launch_override only)
+
+
+def _check_launch(kernel: str, cfg: dict) -> None:
+    if kernel not in _KERNELS:
+        raise ValueError(f"_launch_override: kernel {kernel!r}; expected one of {', '.join(_KERNELS)}")
+    for key, value in cfg.items():
+        if key not in _LAUNCH_KEYS:
+            raise ValueError(f"_launch_override: setting {key!r}; expected some of {', '.join(_LAUNCH_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"_launch_override: {key} = {value!r}; expected an int")
+        if key in ("BLOCK_M", "BLOCK_N") and (value < 16 or value & (value - 1)):
+            raise ValueError(f"_launch_override: {key} = {value}; expected a power of two >= 16")
+        if key == "num_warps" and value not in (1, 2, 4, 8, 16):
+            raise ValueError(f"_launch_override: num_warps = {value}; expected 1, 2, 4, 8 or 16")
+        if key == "num_stages" and value < 1:
+            raise ValueError(f"_launch_override: num_stages = {value}; expected at least 1")
+
+
+@contextlib.contextmanager
+def _launch_override(kernel: str, **cfg):
+    """Inside the ``with`` block, launch ``kernel`` ("fwd", "delta", "dkdv" or "dq") with ``cfg``
+    (any of BLOCK_M, BLOCK_N, num_warps, num_stages) in place of its ``_LAUNCH`` entry, for every
+    head dim and dtype (and under the interpreter too). Nests; not thread-safe.
+
+    For the tuner (``benchmarks/tune.py``) and the tests; the public functions never set it.
+    """
+    _check_launch(kernel, cfg)
+    previous = _OVERRIDES.get(kernel)
+    _OVERRIDES[kernel] = {**(previous or {}), **cfg}
+    try:
+        yield
+    finally:
+        if previous is None:
+            _OVERRIDES.pop(kernel, None)
+        else:
+            _OVERRIDES[kernel] = previous
+
+
+def _config(kernel: str, head_dim: int, dtype: torch.dtype):
+    """(block-size constexprs, launch settings) of ``kernel`` for a head dim and dtype.
+
+    The tuner's override where one is set, else the ``_LAUNCH`` entry on a GPU, or 32×32 tiles
+    under the interpreter (where num_warps and num_stages mean nothing).
+    """
+    block_d = _block_d(head_dim)
     if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), {}
-    big = block_d > 128 or (dtype in (torch.float32, torch.float64) and block_d > 64)
-    block = 32 if big else 64
-    warps = 8 if block_d >= 128 else 4
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d), dict(num_warps=warps, num_stages=1 if big else 2)
+        cfg = dict(BLOCK_M=32, BLOCK_N=32)
+    else:
+        entry = _LAUNCH[(kernel, block_d, _dtype_class(dtype))]
+        cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
+                   num_stages=entry.num_stages)
+    cfg.update(_OVERRIDES.get(kernel, {}))
+    blocks = dict(BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"), BLOCK_D=block_d)
+    if kernel == "delta":
+        del blocks["BLOCK_N"]
+    return blocks, cfg
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -322,7 +498,7 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
     lse = torch.empty((batch, heads, n_q), dtype=_stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
-    blocks, launch = _config(head_dim, q.dtype)
+    blocks, launch = _config("fwd", head_dim, q.dtype)
     grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -345,26 +521,26 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    blocks, launch = _config(head_dim, q.dtype)
     dtypes = _dtypes(q.dtype)
     delta = torch.empty_like(lse)
-    grid_m = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
-    _attn_bwd_delta_kernel[grid_m](
+    blocks, launch = _config("delta", head_dim, q.dtype)
+    _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
         out, do, delta, *layout.strides(out), *layout.strides(do),
         n_q, head_dim, layout.tw, heads,
-        P=layout.patch, ACC=dtypes["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **launch,
+        P=layout.patch, ACC=dtypes["ACC"], **blocks, **launch,
     )
     strides_in = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
     if need_dkdv:
-        grid_n = (triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)
-        _attn_bwd_dkdv_kernel[grid_n](
+        blocks, launch = _config("dkdv", head_dim, q.dtype)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
             q, k, v, do, dk, dv, lse, delta,
             *strides_in, *layout.strides(dk), *layout.strides(dv),
             n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
             P=layout.patch, **dtypes, **blocks, **launch,
         )
     if need_dq:
-        _attn_bwd_dq_kernel[grid_m](
+        blocks, launch = _config("dq", head_dim, q.dtype)
+        _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
             q, k, v, do, dq, lse, delta,
             *strides_in, *layout.strides(dq),
             n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,

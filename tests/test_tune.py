@@ -1,0 +1,240 @@
+"""The attention kernels' launch-configuration table, the tuner's override, and benchmarks/tune.py.
+
+On CPU the kernels run in Triton's interpreter, where num_warps and num_stages mean nothing but
+block sizes do: every block-size pair of the table and of a few overrides (unequal BLOCK_M and
+BLOCK_N, a different pair per kernel) must give the reference's output and gradients at odd N.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import DEVICE
+from tolerances import assert_close_rel
+
+import kernels.attention as attn
+from benchmarks import tune
+from kernels import flash_attention, image_attention
+from kernels.reference import flash_attention_ref, image_attention_ref
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOPPER_SMEM = 227 * 1024
+
+
+def _all(block_m, block_n):
+    return {k: dict(BLOCK_M=block_m, BLOCK_N=block_n) for k in attn._KERNELS}
+
+
+TABLE_BLOCKS = sorted({(e.block_m, e.block_n) for e in attn._LAUNCH.values()})
+OVERRIDES = {
+    **{f"table {m}x{n}": _all(m, n) for m, n in TABLE_BLOCKS},
+    "16x64": _all(16, 64),
+    "64x16": _all(64, 16),
+    "per kernel": dict(fwd=dict(BLOCK_M=16, BLOCK_N=64), delta=dict(BLOCK_M=64),
+                       dkdv=dict(BLOCK_M=16, BLOCK_N=32), dq=dict(BLOCK_M=64, BLOCK_N=16)),
+}
+
+
+def _apply(stack, overrides):
+    for kernel, cfg in overrides.items():
+        stack.enter_context(attn._launch_override(kernel, num_warps=4, num_stages=2, **cfg))
+
+
+def _check(fn, ref, inputs, dtype, what):
+    out = fn(*inputs)
+    expect = ref(*inputs)
+    assert_close_rel(out, expect, dtype, f"{what}: output")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(expect, inputs, grad.double())
+    for name, g, w in zip(["qkv"] if len(inputs) == 1 else "qkv", got, want):
+        assert_close_rel(g, w, dtype, f"{what}: d{name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(OVERRIDES))
+def test_override_matches_reference_on_fused_qkv_map(name, dtype, monkeypatch):
+    """q, k, v split out of one NCHW map (the tuner's layout); 5×9 = 45 tokens, two heads of D = 16.
+    Every kernel is launched with its override's tiles."""
+    launched = {}
+    plain = attn._config
+
+    def spy(kernel, head_dim, dtype):
+        blocks, launch = plain(kernel, head_dim, dtype)
+        launched[kernel] = (blocks, launch)
+        return blocks, launch
+
+    monkeypatch.setattr(attn, "_config", spy)
+    qkv = torch.randn(2, 96, 5, 9, device=DEVICE, dtype=torch.float64).to(dtype).requires_grad_()
+
+    def fn(x):
+        return image_attention(*x.split(32, 1), heads=2)
+
+    def ref(x):
+        return image_attention_ref(*x.split(32, 1), heads=2, upcast=True)
+
+    with contextlib.ExitStack() as stack:
+        _apply(stack, OVERRIDES[name])
+        _check(fn, ref, (qkv,), dtype, f"map {name}")
+    assert set(launched) == set(attn._KERNELS)
+    for kernel, cfg in OVERRIDES[name].items():
+        got = {**launched[kernel][0], **launched[kernel][1]}
+        for key, value in dict(num_warps=4, num_stages=2, **cfg).items():
+            if (kernel, key) != ("delta", "BLOCK_N"):  # the Δ kernel has no key blocks
+                assert got[key] == value, (kernel, key, got)
+
+
+@pytest.mark.parametrize("name", list(OVERRIDES))
+def test_override_matches_reference_on_sequences(name):
+    """N = 37 queries, M = 50 keys, D = 20: partial tiles on both sides of every block size."""
+    q = torch.randn(1, 2, 37, 20, device=DEVICE, dtype=torch.float32).requires_grad_()
+    k, v = (torch.randn(1, 2, 50, 20, device=DEVICE, dtype=torch.float32).requires_grad_() for _ in range(2))
+    with contextlib.ExitStack() as stack:
+        _apply(stack, OVERRIDES[name])
+        _check(flash_attention, lambda q, k, v: flash_attention_ref(q, k, v, upcast=True), (q, k, v),
+               torch.float32, f"seq {name}")
+
+
+def test_override_nests_and_restores():
+    with attn._launch_override("dq", BLOCK_M=16):
+        with attn._launch_override("dq", BLOCK_N=128, num_warps=8):
+            blocks, launch = attn._config("dq", 64, torch.float16)
+            assert (blocks["BLOCK_M"], blocks["BLOCK_N"], launch["num_warps"]) == (16, 128, 8)
+        assert attn._OVERRIDES == {"dq": {"BLOCK_M": 16}}
+        assert attn._config("dq", 64, torch.float16)[0]["BLOCK_M"] == 16
+    assert attn._OVERRIDES == {}
+
+
+@pytest.mark.parametrize("kernel, cfg, message", [
+    ("bwd", dict(BLOCK_M=16), "kernel 'bwd'"),
+    ("fwd", dict(BLOCK_M=24), "BLOCK_M = 24; expected a power of two >= 16"),
+    ("fwd", dict(BLOCK_N=8), "BLOCK_N = 8"),
+    ("dq", dict(num_warps=3), "num_warps = 3"),
+    ("dq", dict(num_stages=0), "num_stages = 0"),
+    ("dq", dict(BLOCK_K=16), "setting 'BLOCK_K'"),
+    ("dq", dict(BLOCK_M=32.0), "expected an int"),
+])
+def test_override_rejects_bad_settings(kernel, cfg, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        with attn._launch_override(kernel, **cfg):
+            pass
+    assert attn._OVERRIDES == {}
+
+
+def test_table_is_complete_and_fits():
+    """One entry per (kernel, BLOCK_D, dtype class); tiles are powers of two >= 16 whose streamed
+    tiles fit in a Hopper block's shared memory by the estimate the tuner prunes with."""
+    keys = {(k, d, c) for k in attn._KERNELS for d in (16, 32, 64, 128, 256) for c in attn._DTYPE_CLASSES}
+    assert set(attn._LAUNCH) == keys
+    elt = {"16bit": 2, "fp32": 4, "fp64": 8}
+    for (kernel, block_d, cls), e in attn._LAUNCH.items():
+        for b in (e.block_m, e.block_n):
+            assert b >= 16 and b & (b - 1) == 0, (kernel, block_d, cls, e)
+        assert e.num_warps in (1, 2, 4, 8, 16) and e.num_stages >= 1, (kernel, block_d, cls, e)
+        smem = attn._shared_memory_estimate(kernel, e.block_m, e.block_n, block_d, elt[cls], e.num_stages)
+        assert smem <= HOPPER_SMEM, (kernel, block_d, cls, e, smem)
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/tune.py
+# ----------------------------------------------------------------------------------------------
+
+
+def test_measure_flags_wrong_outputs_and_records_errors():
+    row = tune._candidates("fwd", 32, "float32", True, HOPPER_SMEM)[1]
+    reference = (torch.ones(4, 4),)
+    args = type("Args", (), dict(warmup_ms=1, rep_ms=1))
+    _, alive = tune._measure(dict(row), lambda: (torch.ones(4, 4),), reference, torch.device("cpu"), 1.0, args)
+    assert alive
+    wrong = dict(row)
+    tune._measure(wrong, lambda: (torch.full((4, 4), 1.5),), reference, torch.device("cpu"), 1.0, args)
+    assert wrong["status"].startswith("wrong: differs from the default by 5.00e-01"), wrong["status"]
+    unwritten = dict(row)
+    tune._measure(unwritten, lambda: (torch.full((4, 4), float("nan")),), reference, torch.device("cpu"), 1.0, args)
+    assert unwritten["status"].startswith("wrong"), unwritten["status"]
+
+    def fails():
+        raise RuntimeError("out of resource: shared memory, Required: 300000\nmore")
+
+    failed = dict(row)
+    _, alive = tune._measure(failed, fails, reference, torch.device("cpu"), 1.0, args)
+    assert alive and failed["status"] == "error: RuntimeError: out of resource: shared memory, Required: 300000"
+    assert failed["median_ms"] is None
+
+
+def test_candidates_are_pruned_by_shared_memory_and_registers(monkeypatch):
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    rows = tune._candidates("dkdv", 256, "float32", False, HOPPER_SMEM)
+    assert rows[0]["default"] and rows[0]["status"] == "pending"
+    assert len(rows) == 1 + 53  # the default and the other 53 of the 3·3·2·3 grid
+    pruned = [r for r in rows if r["status"].startswith("pruned")]
+    kept = [r for r in rows if r["status"] == "pending"]
+    assert pruned and kept
+    assert all(r["smem_estimate_kib"] * 1024 <= HOPPER_SMEM for r in kept)
+    assert any("registers" in r["status"] for r in pruned)
+    assert not any(r["BLOCK_M"] == 128 and r["num_stages"] == 3 for r in kept)  # 4·3·2·128·256 B > 227 KiB
+
+
+FAKE_WORKER = r"""
+import json, sys
+tasks = json.load(sys.stdin)["tasks"]
+if len(tasks) == 1 and tasks[0]["id"] == 4:
+    sys.exit(5)  # dies on its first task, every time
+print("noise on stdout")
+print("tune-result " + json.dumps({"id": tasks[0]["id"], "status": "ok", "compile_s": 0.5}), flush=True)
+sys.stderr.write("Segmentation fault\n")
+sys.exit(3)  # dies on the second task it was given
+"""
+
+
+def test_precompile_survives_dying_workers(tmp_path, monkeypatch):
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(tune, "WORKER_COMMAND", (sys.executable, str(script)))
+    tasks = [dict(id=i) for i in range(5)]
+    done = tune._precompile(tasks, 1, {}, time.monotonic() + 60)
+    assert done[0] == ("ok", 0.5) and done[2] == ("ok", 0.5)
+    assert done[1][0].startswith("crashed: compile worker exited with code 3 Segmentation fault")
+    assert done[3][0].startswith("crashed")
+    assert done[4][0].startswith("crashed: compile worker exited with code 5")
+
+
+def test_suggest_shares_the_16bit_entry_and_keeps_the_default_within_noise():
+    def row(dtype, bm, ms, default=False, status="ok"):
+        return dict(kernel="fwd", head_dim=64, block_d=64, dtype=dtype, BLOCK_M=bm, BLOCK_N=64, num_warps=4,
+                    num_stages=2, median_ms=ms, status=status, default=default)
+
+    payload = dict(
+        info=dict(device="GPU", interpreter=False),
+        groups=[dict(kernel="fwd", head_dim=64, dtype=d, spread=0.01) for d in ("bfloat16", "float16", "float32")],
+        rows=[row("bfloat16", 64, 2.0, True), row("float16", 64, 2.0, True),
+              row("bfloat16", 128, 1.0), row("float16", 128, 1.6),  # best on average over both
+              row("bfloat16", 32, 0.9), row("float16", 32, 9.0, status="wrong: ..."),  # wrong in fp16
+              row("float32", 64, 4.0, True), row("float32", 128, 3.95)],  # within noise: kept
+    )
+    lines = tune.suggest(payload)
+    assert lines[0].startswith('    ("fwd", 64, "16bit"): _Launch(128, 64, 4, 2),  # GPU: bfloat16 1.000 ms 2.00x')
+    assert "float16 1.600 ms 1.25x; was 64x64 w4 s2" in lines[0]
+    assert lines[1].startswith('    ("fwd", 64, "fp32"): _Launch(64, 64, 4, 2),') and lines[1].endswith("kept")
+
+
+def test_quick_run_writes_json(tmp_path):
+    """The whole tuner in a subprocess: compile workers, checks, timings, table, JSON."""
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.tune", "--quick", "--out", str(out), "--jobs", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert {"device", "torch", "triton", "shape", "budget_s"} <= set(payload["info"])
+    rows = payload["rows"]
+    assert len(rows) == 3 * 2 * 3  # kernels × dtypes × (default + 2 candidates)
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 and r["precompiled"] for r in rows), rows
+    assert all(r["rel_err"] <= tune.AGREE[r["dtype"]] for r in rows)
+    assert len(payload["groups"]) == 6 and all(g["best"] for g in payload["groups"])
+    assert "speed-up" in proc.stdout and "fwd" in proc.stdout
