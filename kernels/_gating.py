@@ -50,9 +50,11 @@ MAX_PIXELS = 2**31 - 1  # arg-max pixel indices are int32
 
 @triton.jit
 def _pixel_offsets(p, W, s_h, s_w):
-    """Offset (int64) of flat pixel p = h·W + w in a map with row stride s_h, column stride s_w."""
-    p = p.to(tl.int64)
-    return (p // W) * s_h + (p % W) * s_w
+    """Offset (int64) of flat pixel p = h·W + w in a map with row stride s_h, column stride s_w.
+
+    p < H·W < 2^31: the division and remainder run in int32 (int64 division is a long emulated
+    sequence on GPUs), the products in int64."""
+    return (p // W).to(tl.int64) * s_h + (p % W).to(tl.int64) * s_w
 
 
 @triton.jit

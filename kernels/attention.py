@@ -21,7 +21,9 @@ For a (B, H, N, D) sequence tensor: TW = 1, P = 1, s_r0 = stride(N), s_c0 = stri
 (B, C, H, W) map with p×p patches: TW = W/p (patches per row), s_r0 = p·stride(H),
 s_r1 = p·stride(W), s_c0 = stride(C), s_c1 = stride(H), s_c2 = stride(W), s_h = C/heads·stride(C).
 That covers NCHW, channels_last, q/k/v split out of one fused QKV conv output, patches without an
-im2col copy, and upstream gradients with stride 0.
+im2col copy, and upstream gradients with stride 0. Where every map of a call holds its tokens in
+one row (s_r0 = TW·s_r1: the pixels of NCHW and channels_last maps and their fused-qkv views), the
+launchers pass TW = 1 and s_r0 = s_r1, so row(n) = n·s_r0 needs no division.
 
 Limits. Head dim D ≤ 256: a block of queries and the fp32 accumulator live in registers; D is
 padded to the next power of two (at least 16) with masks. Batch and heads ≤ 65535 each (grid
@@ -77,9 +79,13 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _rows(n, TW, s_r0, s_r1):
-    """Offset of token n (int64): tokens laid on a grid TW tokens wide."""
-    n = n.to(tl.int64)
-    return (n // TW) * s_r0 + (n % TW) * s_r1
+    """Offset of token n (int64): tokens laid on a grid TW tokens wide.
+
+    n < 2^31 (an int32 block index), so the division and remainder run in int32 (int64 division is
+    a long emulated sequence on GPUs); the products are int64. The launchers pass TW = 1 when the
+    tokens lie in one row (pixels of NCHW or channels_last maps), and Triton folds a division by 1.
+    """
+    return (n // TW).to(tl.int64) * s_r0 + (n % TW).to(tl.int64) * s_r1
 
 
 @triton.jit
@@ -282,9 +288,9 @@ class _Tokens:
     batch, head, row0, row1, col0, col1, col2 (see the file header).
     """
 
-    def __init__(self, kind: str, heads: int, patch: int, width: int):
-        self.kind, self.heads, self.patch = kind, heads, patch
-        self.tw = 1 if kind == "seq" else width // patch
+    def __init__(self, kind: str, heads: int, patch: int, width: int, flat: bool = False):
+        self.kind, self.heads, self.patch, self.width, self.flat = kind, heads, patch, width, flat
+        self.tw = 1 if kind == "seq" or flat else width // patch
 
     def strides(self, t: torch.Tensor):
         if self.kind == "seq":
@@ -292,7 +298,22 @@ class _Tokens:
             return (s_b, s_h, s_n, 0, s_d, 0, 0)
         s_b, s_c, s_y, s_x = t.stride()
         p = self.patch
+        if self.flat:  # token n at n·(p·s_x): one row of tokens
+            return (s_b, (t.shape[1] // self.heads) * s_c, p * s_x, 0, s_c, s_y, s_x)
         return (s_b, (t.shape[1] // self.heads) * s_c, p * s_y, p * s_x, s_c, s_y, s_x)
+
+    def for_tensors(self, *tensors: torch.Tensor) -> "_Tokens":
+        """This layout, read as one row of tokens (TW = 1: no division per token in the kernels)
+        when every map of the call has row stride = TW × token stride, as the pixels (p = 1) of
+        NCHW and channels_last maps, their fused-qkv views and stride-0 gradients do; else itself."""
+        if self.kind == "seq" or self.flat:
+            return self
+        for t in tensors:
+            if t.dim() == 4 and t.numel() > 0:
+                _, _, s_r0, s_r1, *_ = self.strides(t)
+                if s_r0 != self.tw * s_r1:
+                    return self
+        return _Tokens(self.kind, self.heads, self.patch, self.width, flat=True)
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
         """A fresh output for ``t``: maps keep channels_last when ``t`` has channels innermost."""
@@ -498,6 +519,7 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
     lse = torch.empty((batch, heads, n_q), dtype=_stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
+    layout = layout.for_tensors(q, k, v, out)
     blocks, launch = _config("fwd", head_dim, q.dtype)
     grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
     _attn_fwd_kernel[grid](
@@ -521,6 +543,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    layout = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
     dtypes = _dtypes(q.dtype)
     delta = torch.empty_like(lse)
     blocks, launch = _config("delta", head_dim, q.dtype)

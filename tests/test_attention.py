@@ -189,6 +189,42 @@ def test_upstream_gradient_with_stride_zero():
     assert_close_rel(g, w, torch.float32, "grad of sum()")
 
 
+def test_token_rows_are_flattened_only_where_they_lie_in_one_row():
+    """Pixels of NCHW / channels_last maps (and stride-0 gradients) are addressed as one row of tokens
+    (no division per token); patches and maps whose rows are not contiguous keep the 2-D grid."""
+    from kernels.attention import _Tokens
+
+    def layout(patch, *maps):
+        return _Tokens("map", 1, patch, maps[0].shape[-1]).for_tensors(*maps)
+
+    nchw = torch.randn(2, 6, 5, 7)
+    cl = nchw.contiguous(memory_format=torch.channels_last)
+    cropped = torch.randn(2, 6, 5, 10)[..., 1:8]  # row stride 10 for 7 pixels
+    everyother = torch.randn(2, 6, 5, 14)[..., ::2]  # evenly spaced pixels: still one row
+    expanded = torch.ones(()).expand(2, 6, 5, 7)
+    assert layout(1, nchw, cl, everyother, expanded).tw == 1
+    assert layout(1, nchw).strides(nchw)[2:4] == (1, 0)
+    assert layout(1, cl).strides(cl)[2:4] == (6, 0)
+    assert layout(1, nchw, cropped).tw == 7, "a cropped map must keep the token grid"
+    assert layout(2, torch.randn(1, 6, 4, 6)).tw == 3, "patches must keep the token grid"
+
+
+@pytest.mark.parametrize("patch", [1, 2])
+def test_image_attention_on_cropped_maps(patch):
+    """q is a crop of a wider map (rows not contiguous), k and v are plain: forward and gradients."""
+    wide = torch.randn(2, 8, 6, 13, device=DEVICE, dtype=torch.float64).float().requires_grad_()
+    q = wide[..., 2:12]
+    k, v = (_leaf((2, 8, 6, 10), torch.float32) for _ in range(2))
+    out = image_attention(q, k, v, heads=2, patch_size=patch)
+    expect = image_attention_ref(q, k, v, heads=2, patch_size=patch, upcast=True)
+    assert_close_rel(out, expect, torch.float32, f"cropped p{patch}: output")
+    grad = torch.randn_like(out)
+    got = _grads(out, (wide, k, v), grad)
+    want = _grads(expect, (wide, k, v), grad.double())
+    for name, g, w in zip(("wide", "k", "v"), got, want):
+        assert_close_rel(g, w, torch.float32, f"cropped p{patch}: d{name}")
+
+
 def test_backward_is_deterministic():
     qkv = torch.randn(2, 3 * 16, 9, 10, device=DEVICE, requires_grad=True)
     grad = torch.randn(2, 16, 9, 10, device=DEVICE)
