@@ -43,6 +43,7 @@ def cases(device: torch.device, quick: bool = False) -> list:
     dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
     shapes = [(s, 64, 1, 1) for s in SIZES]
     shapes += [(s, c, c // 64, 1) for s in (64, 128) for c in (128, 256)]
+    shapes += [(s, 128, 1, 1) for s in (64, 128)]  # head dim 128
     shapes += [(s, 64, 1, 2) for s in (64, 128, 256)]
     if quick:
         shapes = [(64, 64, 1, 1), (128, 64, 1, 1)]
@@ -62,6 +63,13 @@ def cases(device: torch.device, quick: bool = False) -> list:
                 "batch": 1, "size": size, "channels": 64, "heads": 1, "patch": 1,
             })
     return out
+
+
+def headline(case: dict) -> bool:
+    """Behind the targets: bf16 single-head maps of N ≥ 4096 pixels (head dim 64 and 128), and the layer."""
+    if case["op"] == "SelfAttention2d":
+        return True
+    return case["dtype"] == "bfloat16" and case["heads"] == 1 and case["patch"] == 1 and case["size"] >= 64
 
 
 def flops(case: dict) -> float:

@@ -163,8 +163,13 @@ def _measure_rss(case: dict) -> None:
     print(json.dumps({"growth_mib": (_peak_rss_kib() - base) / 1024}))
 
 
+def case_row(case: dict, status: str = "ok") -> Row:
+    """A row for ``case`` with no figures yet."""
+    return Row(**{k: case[k] for k in ("suite", "group", "op", "provider", "shape", "dtype", "mode")}, status=status)
+
+
 def run_case(case: dict, device: torch.device, measure_memory: bool = True, cpu_repeats: int = 3) -> Row:
-    row = Row(**{k: case[k] for k in ("suite", "group", "op", "provider", "shape", "dtype", "mode")})
+    row = case_row(case)
     try:
         bench = suite_module(case["suite"]).build(case, device)
     except Skip as why:

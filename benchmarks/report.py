@@ -3,7 +3,7 @@
     python -m benchmarks.report                       # every suite on this device
     python -m benchmarks.report --suite attention --quick
     python -m benchmarks.report --plot benchmarks/results/<file>.json
-    python -m benchmarks.report --readme benchmarks/results/<file>.json   # regenerate README tables
+    python -m benchmarks.report --readme benchmarks/results/<file>.json [...]   # regenerate README tables
 
 Rows go to ``benchmarks/results/<device>-<date>.json`` (rows of suites not run now are kept when
 the file exists), plots next to it as ``<device>-<date>-<suite>-<what>.png``.
@@ -14,6 +14,8 @@ import json
 import os
 import re
 import sys
+import time
+import traceback
 
 import torch
 
@@ -48,23 +50,45 @@ def print_table(rows, file=sys.stdout) -> None:
               f"{_fmt(r['tflops'], '8.2f'):>8} {_fmt(r['gbps'], '7.1f'):>7}  {ratios}", file=file)
 
 
-def run(suites, quick: bool, memory: bool, out=None, cpu_repeats: int = 3) -> str:
+def _todo(suites, device, quick: bool, headline_first: bool) -> list:
+    todo = [case for suite in suites for case in harness.suite_module(suite).cases(device, quick)]
+    if headline_first:  # stable: each suite's order kept within the headline cases and the rest
+        todo.sort(key=lambda case: not harness.suite_module(case["suite"]).headline(case))  # per group, not provider
+    return todo
+
+
+def run(suites, quick: bool, memory: bool, out=None, cpu_repeats: int = 3, budget_s=None,
+        headline_first: bool = False) -> str:
+    """Run the cases of ``suites``; write the JSON after every case, so an interrupted run keeps
+    what it measured. A case that raises becomes a ``failed: ...`` row (traceback on stderr). With
+    ``budget_s``, no case starts once that many seconds have passed; the rest are recorded as
+    skipped. ``headline_first`` runs the cases behind the README's headline figures first."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = harness.device_info(device)
-    rows = []
-    for suite in suites:
-        module = harness.suite_module(suite)
-        todo = module.cases(device, quick)
-        for i, case in enumerate(todo, 1):
-            print(f"[{suite} {i}/{len(todo)}] {case['group']} :: {case['provider']}", file=sys.stderr, flush=True)
-            rows.append(harness.run_case(case, device, measure_memory=memory, cpu_repeats=cpu_repeats))
-    harness.add_speedups(rows, BASELINES)
     path = out or os.path.join(RESULTS, f"{_slug(info['device'])}-{info['date']}.json")
     kept = []
     if os.path.exists(path):
         with open(path) as f:
             kept = [harness.Row(**r) for r in json.load(f)["rows"] if r["suite"] not in suites]
-    harness.write_json(kept + rows, info, path)
+    todo = _todo(suites, device, quick, headline_first)
+    rows = []
+    start = time.monotonic()
+    for i, case in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {case['group']} :: {case['provider']}", file=sys.stderr, flush=True)
+        if budget_s is not None and time.monotonic() - start >= budget_s:
+            row = harness.case_row(case, f"skipped: the run's time budget of {budget_s:g} s was spent")
+        else:
+            try:
+                row = harness.run_case(case, device, measure_memory=memory, cpu_repeats=cpu_repeats)
+            except Exception as error:  # one broken case must not lose the others' figures
+                traceback.print_exc()
+                first = (str(error).strip().splitlines() or [""])[0][:200]
+                row = harness.case_row(case, f"failed: {type(error).__name__}: {first}")
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        rows.append(row)
+        harness.add_speedups(rows, BASELINES)
+        harness.write_json(kept + rows, info, path)
     print(f"device: {info['device']}  torch {info['torch']}  triton {info['triton']}  date {info['date']}")
     print_table([vars(r) for r in rows])
     print(f"\nrows written to {path}")
@@ -94,7 +118,7 @@ def plot(path: str) -> list:
     written = []
     stem = os.path.splitext(path)[0]
     for suite in sorted({k[0] for k in series}):
-        keys = [k for k in series if k[0] == suite and sum(len(v) for v in series[k].values()) > 2]
+        keys = [k for k in series if k[0] == suite and len({p[0] for v in series[k].values() for p in v}) > 1]
         if not keys:
             continue
         fig, axes = plt.subplots(len(keys), 2, figsize=(10, 3.2 * len(keys)), squeeze=False)
@@ -130,11 +154,17 @@ def _map_size(shape: str):
     return int(m.group(1)) if m else None
 
 
-def markdown(path: str) -> str:
-    """The README's tables for one results file: one line per group, times and ratios."""
+def _suites_in(path: str) -> set:
+    with open(path) as f:
+        return {r["suite"] for r in json.load(f)["rows"]}
+
+
+def markdown(path: str, suites=None) -> str:
+    """The README's tables for one results file (``suites`` of it, default all): one line per
+    group, times and ratios."""
     with open(path) as f:
         payload = json.load(f)
-    info, rows = payload["info"], payload["rows"]
+    info, rows = payload["info"], [r for r in payload["rows"] if suites is None or r["suite"] in suites]
     lines = [f"Measured on **{info['device']}**, torch {info['torch']}, triton {info['triton']}, "
              f"{info['date']} (`{os.path.relpath(path, os.path.dirname(README))}`).", ""]
     for suite in harness.SUITES:
@@ -177,7 +207,11 @@ def markdown(path: str) -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: str) -> None:
+def update_readme(paths) -> None:
+    """Regenerate the README's performance section from one or more results files, in order; a
+    suite found in several files is taken from the last of them."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    owned = [_suites_in(p) - set().union(*map(_suites_in, paths[i + 1:])) for i, p in enumerate(paths)]
     with open(README) as f:
         text = f.read()
     begin, end = "<!-- performance: begin -->", "<!-- performance: end -->"
@@ -185,9 +219,10 @@ def update_readme(path: str) -> None:
         raise SystemExit(f"README has no {begin} ... {end} section to update")
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
-    generated = f"{begin}\n<!-- generated by: python -m benchmarks.report --readme {os.path.relpath(path)} -->\n"
+    command = " ".join(os.path.relpath(p) for p in paths)
+    generated = f"{begin}\n<!-- generated by: python -m benchmarks.report --readme {command} -->\n"
     with open(README + ".tmp", "w") as f:
-        f.write(head + generated + markdown(path) + "\n" + end + tail)
+        f.write(head + generated + "\n".join(markdown(p, o) for p, o in zip(paths, owned) if o) + "\n" + end + tail)
     os.replace(README + ".tmp", README)
 
 
@@ -198,18 +233,24 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small subset of each suite")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case on CPU (median)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no case after this many seconds; the rest are recorded as skipped")
+    parser.add_argument("--headline-first", action="store_true",
+                        help="run the cases behind the headline figures (the issues' targets) first")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--plot", metavar="JSON", help="only draw the plots of an existing results file")
-    parser.add_argument("--readme", metavar="JSON", help="only regenerate the README performance tables")
+    parser.add_argument("--readme", metavar="JSON", nargs="+",
+                        help="only regenerate the README performance tables, from these results files in order")
     args = parser.parse_args(argv)
     if args.plot:
         print("\n".join(plot(args.plot)))
         return 0
     if args.readme:
         update_readme(args.readme)
-        print(f"README performance section regenerated from {args.readme}")
+        print(f"README performance section regenerated from {', '.join(args.readme)}")
         return 0
-    path = run(args.suite or list(harness.SUITES), args.quick, not args.no_memory, args.out, args.repeats)
+    path = run(args.suite or list(harness.SUITES), args.quick, not args.no_memory, args.out, args.repeats,
+               args.budget_s, args.headline_first)
     for png in plot(path):
         print(f"plot: {png}")
     return 0

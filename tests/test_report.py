@@ -1,0 +1,99 @@
+"""benchmarks.report's plumbing: case order, the time budget, a failing case, incremental JSON.
+
+No case is timed here (timings belong to benchmarks): run_case is replaced where a row is needed.
+"""
+
+import json
+
+import torch
+
+from benchmarks import harness, report
+
+GPU = torch.device("cuda")  # only its type is read: the suites' GPU case lists, built without a GPU
+
+
+def _fake_row(case, device, measure_memory=True, cpu_repeats=3):
+    row = harness.case_row(case)
+    row.median_ms = {"eager": 4.0, "compile": 2.0, "fused": 1.0}.get(case["provider"], 3.0)
+    return row
+
+
+def test_headline_cases_run_first_and_groups_stay_whole():
+    todo = report._todo(harness.SUITES, GPU, quick=False, headline_first=True)
+    flags = [harness.suite_module(c["suite"]).headline(c) for c in todo]
+    first_rest = flags.index(False)
+    assert first_rest > 0 and not any(flags[first_rest:]), "headline cases must all come first"
+    headline = {(c["suite"], c["op"], c["dtype"]) for c, f in zip(todo, flags) if f}
+    assert ("attention", "image_attention", "bfloat16") in headline
+    assert ("gating", "cbam_gate", "bfloat16") in headline
+    assert ("networks", "ImageInpaintingModel", "bfloat16") in headline
+    assert any(c["shape"] == "8x4x256x256 b8" for c in todo), "the batch-8 training-step target is missing"
+    seen, previous = set(), None
+    for c in todo:  # every group's providers are adjacent, so the table compares them side by side
+        if c["group"] != previous:
+            assert c["group"] not in seen, f"group {c['group']} is split"
+            seen.add(c["group"])
+            previous = c["group"]
+    assert len(todo) == len(report._todo(harness.SUITES, GPU, quick=False, headline_first=False))
+
+
+def test_spent_budget_records_every_case_as_skipped(tmp_path):
+    out = tmp_path / "r.json"
+    report.run(["gating"], quick=True, memory=False, out=str(out), budget_s=0)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and len(rows) == len(harness.suite_module("gating").cases(torch.device("cpu"), True))
+    assert all(r["status"].startswith("skipped: the run's time budget of 0 s was spent") for r in rows)
+
+
+def test_a_failing_case_is_a_row_and_the_others_are_kept(tmp_path, monkeypatch):
+    def run_case(case, device, measure_memory=True, cpu_repeats=3):
+        if case["provider"] == "compile":
+            raise RuntimeError("boom\nsecond line")
+        return _fake_row(case, device)
+
+    written = []
+    real_write = harness.write_json
+
+    def write_json(rows, info, path):  # the JSON is rewritten after every case
+        written.append(len(rows))
+        real_write(rows, info, path)
+
+    monkeypatch.setattr(harness, "run_case", run_case)
+    monkeypatch.setattr(harness, "write_json", write_json)
+    out = tmp_path / "r.json"
+    report.run(["gating"], quick=True, memory=False, out=str(out))
+    rows = json.loads(out.read_text())["rows"]
+    n = len(rows)
+    assert written == list(range(1, n + 1))
+    failed = [r for r in rows if r["provider"] == "compile"]
+    assert failed and all(r["status"] == "failed: RuntimeError: boom" for r in failed)
+    eager = [r for r in rows if r["provider"] == "eager"]
+    assert eager and all(r["status"] == "ok" and r["speedup"] == {} for r in eager)
+    fused = [r for r in rows if r["provider"] == "fused"]
+    assert fused and all(r["speedup"] == {"eager": 4.0} for r in fused), "ratios against the baseline that ran"
+
+
+def test_readme_section_takes_each_suite_from_the_last_file_that_has_it(tmp_path, monkeypatch):
+    def results(name, date, suites):
+        rows = []
+        for suite in suites:
+            case = {"suite": suite, "group": f"{suite} case", "op": "op", "provider": report.BASELINES[suite][0],
+                    "shape": "1x1x8x8", "dtype": "float32", "mode": "fwd"}
+            rows.append(_fake_row(case, None))
+        info = {"device": name, "torch": "t", "triton": "tr", "date": date}
+        path = tmp_path / f"{name}.json"
+        harness.write_json(rows, info, str(path))
+        return str(path)
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- performance: begin -->\nold\n<!-- performance: end -->\nafter\n")
+    monkeypatch.setattr(report, "README", str(readme))
+    older = results("cpu-a", "2026-01-01", ["attention", "gating"])
+    newer = results("cpu-b", "2026-02-02", ["gating"])
+    report.update_readme([older, newer])
+    text = readme.read_text()
+    assert text.startswith("intro\n<!-- performance: begin -->") and text.endswith("<!-- performance: end -->\nafter\n")
+    assert "old" not in text
+    a, b = text.index("Measured on **cpu-a**"), text.index("Measured on **cpu-b**")
+    assert a < text.index("| attention case |") < b < text.index("| gating case |")
+    assert text.count("| gating case |") == 1, "gating must come from the newer file only"
