@@ -57,7 +57,7 @@ for step in $STEPS; do
       rc=$?
       { echo "== tests on CUDA (exit $rc$([ $rc = 124 ] && echo ": stopped after $t s"))"
         grep -cE "(PASSED|SKIPPED|FAILED|ERROR)( |$)" "$LOGS/tests-cuda.log" | sed 's/^/results logged: /'
-        grep -E "^(FAILED|ERROR)|^=+ .*(passed|failed|error)" "$LOGS/tests-cuda.log" | tail -n 40
+        grep -E "FAILED|ERROR|^=+ .*(passed|failed|error)" "$LOGS/tests-cuda.log" | awk '!seen[$0]++' | tail -n 60
       } >>"$LOGS/summary.txt" ;;
     bench)
       t=$(cap "$BENCH_S")
