@@ -8,6 +8,8 @@ Providers:
 and one layer-level group: SelfAttention2d(64) with backend ``naive`` vs ``auto``.
 
 q, k, v are split views of one (B, 3C, S, S) tensor, as a fused QKV convolution produces them.
+Dtypes: float32 (PyTorch's default exact fp32), on a GPU also "tf32" (float32 tensors with
+``torch.backends.cuda.matmul.allow_tf32`` on for the call) and bfloat16.
 FLOPs: 4·B·heads·N·M·D forward, 2.5× that for forward + backward.
 """
 
@@ -26,7 +28,23 @@ def _batch(size: int, patch: int) -> int:
 
 
 def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
+    """The tensors' dtype; "tf32" is float32 run with PyTorch's tf32 matmul setting on."""
+    return torch.float32 if name == "tf32" else getattr(torch, name)
+
+
+def _with_tf32(fn):
+    """``fn`` run with ``torch.backends.cuda.matmul.allow_tf32`` on (the naive bmm and the fused
+    kernel then use tf32 tensor cores; SDPA's fp32 kernels do as they do), restored after."""
+
+    def run():
+        before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+        try:
+            fn()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = before
+
+    return run
 
 
 def _case(size, channels, heads, patch, dtype, mode, provider):
@@ -40,7 +58,7 @@ def _case(size, channels, heads, patch, dtype, mode, provider):
 
 
 def cases(device: torch.device, quick: bool = False) -> list:
-    dtypes = ["float32", "bfloat16"] if device.type == "cuda" else ["float32"]
+    dtypes = ["float32", "tf32", "bfloat16"] if device.type == "cuda" else ["float32"]
     shapes = [(s, 64, 1, 1) for s in SIZES]
     shapes += [(s, c, c // 64, 1) for s in (64, 128) for c in (128, 256)]
     shapes += [(s, 128, 1, 1) for s in (64, 128)]  # head dim 128
@@ -133,5 +151,7 @@ def build(case: dict, device: torch.device):
             with torch.no_grad():
                 run()
 
-        return Bench(run_no_grad, flops=flops(case))
-    return Bench(run, flops=flops(case))
+        fn = run_no_grad
+    else:
+        fn = run
+    return Bench(_with_tf32(fn) if case["dtype"] == "tf32" else fn, flops=flops(case))
