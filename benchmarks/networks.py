@@ -28,7 +28,7 @@ def cases(device: torch.device, quick: bool = False) -> list:
         for size, b in runs:
             shape = f"{b}x{4 if net == 'ImageInpaintingModel' else 3}x{size}x{size}"
             if b != _batch(size, device):
-                shape += f" b{b}"  # its own plot series (the others keep ~64K pixels per step)
+                shape += f" b{b}"  # kept off the others' plot series (they hold ~64K pixels per step)
             for provider in ("naive", "torch", "triton"):
                 out.append({"suite": "networks", "op": net, "provider": provider, "mode": "train step",
                             "dtype": dtype, "shape": shape, "group": f"{net} train step {dtype} {shape}",

@@ -10,6 +10,7 @@ the file exists), plots next to it as ``<device>-<date>-<suite>-<what>.png``.
 """
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -50,18 +51,39 @@ def print_table(rows, file=sys.stdout) -> None:
               f"{_fmt(r['tflops'], '8.2f'):>8} {_fmt(r['gbps'], '7.1f'):>7}  {ratios}", file=file)
 
 
+# headline cases run in this order of suites: the attention targets, then the network step, then
+# the gating (whose torch.compile baseline takes longest to build)
+HEADLINE_ORDER = ("attention", "networks", "gating")
+
+
 def _todo(suites, device, quick: bool, headline_first: bool) -> list:
     todo = [case for suite in suites for case in harness.suite_module(suite).cases(device, quick)]
-    if headline_first:  # stable: each suite's order kept within the headline cases and the rest
-        todo.sort(key=lambda case: not harness.suite_module(case["suite"]).headline(case))  # per group, not provider
+    if headline_first:  # stable: within a suite the order stays; headline() is per group, not provider
+        def rank(case):
+            if harness.suite_module(case["suite"]).headline(case):
+                return HEADLINE_ORDER.index(case["suite"])
+            return len(HEADLINE_ORDER)
+
+        todo.sort(key=rank)
     return todo
+
+
+def _free_device_memory(device: torch.device) -> None:
+    """Return what a failed case left to the allocator, so the next case's memory budget is true."""
+    gc.collect()
+    if device.type == "cuda":
+        try:
+            torch.cuda.empty_cache()
+        except RuntimeError as error:  # a sticky CUDA error: the following cases will fail and say so
+            print(f"empty_cache failed: {error}", file=sys.stderr)
 
 
 def run(suites, quick: bool, memory: bool, out=None, cpu_repeats: int = 3, budget_s=None,
         headline_first: bool = False) -> str:
     """Run the cases of ``suites``; write the JSON after every case, so an interrupted run keeps
     what it measured. A case that raises becomes a ``failed: ...`` row (traceback on stderr). With
-    ``budget_s``, no case starts once that many seconds have passed; the rest are recorded as
+    ``budget_s``, no group of cases (the providers compared on one shape) starts once that many
+    seconds have passed; a group already started is finished, and the rest are recorded as
     skipped. ``headline_first`` runs the cases behind the README's headline figures first."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = harness.device_info(device)
@@ -73,26 +95,44 @@ def run(suites, quick: bool, memory: bool, out=None, cpu_repeats: int = 3, budge
     todo = _todo(suites, device, quick, headline_first)
     rows = []
     start = time.monotonic()
+    group, spent = None, False
     for i, case in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {case['group']} :: {case['provider']}", file=sys.stderr, flush=True)
-        if budget_s is not None and time.monotonic() - start >= budget_s:
+        if case["group"] != group:
+            group = case["group"]
+            spent = budget_s is not None and time.monotonic() - start >= budget_s
+        if spent:
             row = harness.case_row(case, f"skipped: the run's time budget of {budget_s:g} s was spent")
         else:
+            failure = None
             try:
                 row = harness.run_case(case, device, measure_memory=memory, cpu_repeats=cpu_repeats)
             except Exception as error:  # one broken case must not lose the others' figures
                 traceback.print_exc()
                 first = (str(error).strip().splitlines() or [""])[0][:200]
-                row = harness.case_row(case, f"failed: {type(error).__name__}: {first}")
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                failure = f"failed: {type(error).__name__}: {first}"
+            if failure is not None:  # outside the handler: the traceback no longer holds the case's tensors
+                row = harness.case_row(case, failure)
+                _free_device_memory(device)
         rows.append(row)
         harness.add_speedups(rows, BASELINES)
         harness.write_json(kept + rows, info, path)
     print(f"device: {info['device']}  torch {info['torch']}  triton {info['triton']}  date {info['date']}")
     print_table([vars(r) for r in rows])
     print(f"\nrows written to {path}")
+    print(status_counts(rows))
     return path
+
+
+def status_counts(rows) -> str:
+    """One line: per suite, how many rows are ok, skipped and failed."""
+    counts = {}
+    for r in rows:
+        kind = r.status.split(":")[0]
+        counts.setdefault(r.suite, {}).setdefault(kind, 0)
+        counts[r.suite][kind] += 1
+    return "cases: " + "; ".join(f"{suite} " + ", ".join(f"{n} {kind}" for kind, n in sorted(c.items()))
+                                 for suite, c in counts.items())
 
 
 def plot(path: str) -> list:
@@ -155,8 +195,9 @@ def _map_size(shape: str):
 
 
 def _suites_in(path: str) -> set:
+    """The suites of which a results file holds at least one measured row."""
     with open(path) as f:
-        return {r["suite"] for r in json.load(f)["rows"]}
+        return {r["suite"] for r in json.load(f)["rows"] if r["status"] == "ok"}
 
 
 def markdown(path: str, suites=None) -> str:
@@ -191,7 +232,8 @@ def markdown(path: str, suites=None) -> str:
                 if r is None:
                     cells.append("")
                 elif r["status"] != "ok":
-                    cells.append("not run" if "GPU" in r["status"] else r["status"].replace("skipped: ", "skip: "))
+                    status = "not run" if "GPU" in r["status"] else r["status"].replace("skipped: ", "skip: ")
+                    cells.append(status.replace("|", "\\|"))
                 else:
                     cells.append(f"{r['median_ms']:.2f} ms / {_fmt(r['peak_mib'], '.0f')} MiB")
             first = BASELINES.get(suite, ("",))[0]  # naive / eager: every other provider vs it and vs the rest
@@ -209,7 +251,7 @@ def markdown(path: str, suites=None) -> str:
 
 def update_readme(paths) -> None:
     """Regenerate the README's performance section from one or more results files, in order; a
-    suite found in several files is taken from the last of them."""
+    suite measured in several files (at least one row that ran) is taken from the last of them."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     owned = [_suites_in(p) - set().union(*map(_suites_in, paths[i + 1:])) for i, p in enumerate(paths)]
     with open(README) as f:

@@ -5,14 +5,16 @@
 #          TEST_WORKERS processes (default 8) when pytest-xdist is installed; stopped after TESTS_S
 #          seconds (default 210), the log then shows how far it got;
 #   bench  the benchmark report with the headline cases (the issues' targets) first, starting no
-#          case after BENCH_S seconds (default 200): the rest are recorded as skipped, and the JSON
-#          is rewritten after every case; then the plots;
+#          group of cases after 3/4 of BENCH_S seconds (default 240): the rest are recorded as skipped,
+#          and the JSON is rewritten after every case; then the plots;
 #   tune   python -m benchmarks.tune on what is left of the deadline (skipped under 90 s), TUNE_ARGS
-#          (default: bf16 only) choosing the groups; the proposed _LAUNCH entries in the log.
-# Results go to $OUT (default benchmarks/results): <device>-<date>.json and its PNG plots,
-# tune-<device>-<date>.json, and logs-<device>-<date>.tar.gz holding every log and table, so that
-# at most 8 files come back from a machine that returns only a few. summary.txt (inside the archive,
-# and printed last) holds the test outcome and the tables.
+#          (default: bf16 only) choosing the groups; the proposed _LAUNCH entries in its table.
+# No step starts or runs past the deadline. Results go to $OUT (default benchmarks/results):
+# <device>-<date>.json and its PNG plots, tune-<device>-<date>.json, and
+# logs-<device>-<date>.tar.gz (every log and table, rewritten after each step, so a run killed
+# from outside keeps what was done): at most 8 files, for a machine that returns only a few.
+# Printed last: the start of the benchmark table (headline groups first), the tuner's table and
+# the test outcome, the part a caller that sees only the tail of the output needs most.
 #   OUT=/some/dir bash benchmarks/run_gpu.sh
 #   STEPS=bench BENCH_S=480 bash benchmarks/run_gpu.sh
 # Uses the installed torch/triton (no network needed): PYTHONPATH points at the checkout.
@@ -23,14 +25,16 @@ OUT=${OUT:-benchmarks/results}
 STEPS=${STEPS:-tests bench tune}
 DEADLINE_S=${DEADLINE_S:-540}
 TESTS_S=${TESTS_S:-210}
-BENCH_S=${BENCH_S:-200}
+BENCH_S=${BENCH_S:-240}
 TEST_WORKERS=${TEST_WORKERS:-8}
 TUNE_ARGS=${TUNE_ARGS:---dtypes bfloat16}
+MARGIN_S=20  # packing the logs, and the kill grace of the last step
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-left() { echo $((DEADLINE_S - (SECONDS - START))); }
+left() { echo $((DEADLINE_S - MARGIN_S - (SECONDS - START))); }
 cap() { local want=$1 rest; rest=$(left); echo $((want < rest ? want : rest)); }
+stopped() { case $1 in 124|137) echo ": stopped at its time limit" ;; esac; }
 
 if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "run_gpu.sh: torch sees no CUDA device; this script is for a GPU machine" >&2
@@ -45,42 +49,49 @@ PY
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
   >>"$LOGS/environment.txt" 2>&1
 name=$(python -c "import torch,re,datetime;print(re.sub(r'[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-')+'-'+datetime.date.today().isoformat())")
-: >"$LOGS/summary.txt"
+pack() { tar -czf "$OUT/logs-$name.tar.gz.tmp" -C "$LOGS" . && mv "$OUT/logs-$name.tar.gz.tmp" "$OUT/logs-$name.tar.gz"; }
+: >"$LOGS/tests.txt"; : >"$LOGS/bench.txt"; : >"$LOGS/tune.txt"
 
 for step in $STEPS; do
   case $step in
     tests)
+      t=$(cap "$TESTS_S")
+      if [ "$t" -lt 30 ]; then echo "== tests: skipped, $(left) s left" >"$LOGS/tests.txt"; continue; fi
       xdist=()
       python -c "import xdist" 2>/dev/null && xdist=(-n "$TEST_WORKERS")
-      t=$(cap "$TESTS_S")
-      timeout -k 10 "$t" python -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" tests >"$LOGS/tests-cuda.log" 2>&1
+      timeout -k 5 "$t" python -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" tests >"$LOGS/tests-cuda.log" 2>&1
       rc=$?
-      { echo "== tests on CUDA (exit $rc$([ $rc = 124 ] && echo ": stopped after $t s"))"
-        grep -cE "(PASSED|SKIPPED|FAILED|ERROR)( |$)" "$LOGS/tests-cuda.log" | sed 's/^/results logged: /'
-        grep -E "FAILED|ERROR|^=+ .*(passed|failed|error)" "$LOGS/tests-cuda.log" | awk '!seen[$0]++' | tail -n 60
-      } >>"$LOGS/summary.txt" ;;
+      { echo "== tests on CUDA (exit $rc$(stopped $rc), limit $t s)"
+        # one verdict per test line: "tests/x.py::t PASSED [ 5%]" or, with xdist, "[gw0] [ 5%] PASSED tests/x.py::t"
+        grep -oE "^\[gw[0-9]+\] \[ *[0-9]+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |::[^ ]+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) +\[" \
+          "$LOGS/tests-cuda.log" | grep -oE "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS" | sort | uniq -c | tr '\n' ' '
+        echo
+        grep -E "^(FAILED|ERROR) |^=+ .*(passed|failed|error)" "$LOGS/tests-cuda.log" | tail -n 40
+      } >"$LOGS/tests.txt" ;;
     bench)
       t=$(cap "$BENCH_S")
-      timeout -k 10 $((t + 100)) python -m benchmarks.report --headline-first --budget-s "$t" \
-        --out "$OUT/$name.json" >"$LOGS/bench-table.txt" 2>"$LOGS/bench-progress.log"
+      if [ "$t" -lt 30 ]; then echo "== benchmarks: skipped, $(left) s left" >"$LOGS/bench.txt"; continue; fi
+      # the report starts no group after its budget; the timeout ends a group that overruns the deadline
+      timeout -k 5 "$(left)" python -m benchmarks.report --headline-first \
+        --budget-s $((t * 3 / 4)) --out "$OUT/$name.json" >"$LOGS/bench-table.txt" 2>"$LOGS/bench-progress.log"
       rc=$?
-      { echo "== benchmarks (exit $rc)"; cat "$LOGS/bench-table.txt"; } >>"$LOGS/summary.txt" ;;
+      { echo "== benchmarks (exit $rc$(stopped $rc))"; grep -E "^cases: " "$LOGS/bench-table.txt"
+        head -c 5000 "$LOGS/bench-table.txt"; echo; } >"$LOGS/bench.txt" ;;
     tune)
-      t=$(($(left) - 45))
-      if [ "$t" -lt 90 ]; then
-        echo "== tune: skipped, $(left) s left of the deadline" >>"$LOGS/summary.txt"
-        continue
-      fi
-      # the tuner stops starting candidates at its budget; timeout only guards against a hang
-      timeout -k 10 $((t + 30)) python -m benchmarks.tune --budget-s "$t" $TUNE_ARGS \
+      t=$(($(left) - 30))
+      if [ "$t" -lt 90 ]; then echo "== tune: skipped, $(left) s left" >"$LOGS/tune.txt"; continue; fi
+      # the tuner stops starting candidates at its budget; the timeout only guards against a hang
+      timeout -k 5 $((t + 25)) python -m benchmarks.tune --budget-s "$t" $TUNE_ARGS \
         --out "$OUT/tune-$name.json" >"$LOGS/tune-table.txt" 2>"$LOGS/tune-progress.log"
       rc=$?
-      { echo "== tune (exit $rc, budget $t s)"; cat "$LOGS/tune-table.txt"; } >>"$LOGS/summary.txt" ;;
+      { echo "== tune (exit $rc$(stopped $rc), budget $t s)"; tail -c 3000 "$LOGS/tune-table.txt"; } >"$LOGS/tune.txt" ;;
     *)
       echo "run_gpu.sh: unknown step '$step'; expected tests, bench or tune" >&2 ;;
   esac
+  pack
 done
-echo "== done in $((SECONDS - START)) s" >>"$LOGS/summary.txt"
-tar -czf "$OUT/logs-$name.tar.gz" -C "$LOGS" .
+echo "== done in $((SECONDS - START)) s" >>"$LOGS/tests.txt"
+cat "$LOGS/bench.txt" "$LOGS/tune.txt" "$LOGS/tests.txt" >"$LOGS/summary.txt"
+pack
 ls -l "$OUT"
 cat "$LOGS/summary.txt"

@@ -207,11 +207,30 @@ def test_token_rows_are_flattened_only_where_they_lie_in_one_row():
     assert layout(1, cl).strides(cl)[2:4] == (6, 0)
     assert layout(1, nchw, cropped).tw == 7, "a cropped map must keep the token grid"
     assert layout(2, torch.randn(1, 6, 4, 6)).tw == 3, "patches must keep the token grid"
+    assert layout(1, nchw, torch.empty(0)).tw == 1, "the (0,) placeholder of a gradient not asked for is ignored"
+    for h, w in ((1, 7), (5, 1), (1, 1)):
+        m = torch.randn(2, 6, h, w)
+        assert layout(1, m).tw == 1, f"a {h}x{w} NCHW map"
+        assert layout(1, m.contiguous(memory_format=torch.channels_last)).tw == 1, f"a {h}x{w} channels_last map"
+
+
+def test_flat_forward_with_a_grid_backward():
+    """q, k, v are plain maps (flat rows) but the upstream gradient is a crop of a wider tensor, so
+    the backward reads the token grid while the forward did not: gradients against float64."""
+    q, k, v = (_leaf((2, 8, 5, 6), torch.float32) for _ in range(3))
+    out = image_attention(q, k, v, heads=2)
+    expect = image_attention_ref(q, k, v, heads=2, upcast=True)
+    grad = torch.randn(2, 8, 5, 9, device=DEVICE)[..., 1:7]
+    got = _grads(out, (q, k, v), grad)
+    want = _grads(expect, (q, k, v), grad.double())
+    for name, g, w in zip("qkv", got, want):
+        assert_close_rel(g, w, torch.float32, f"cropped upstream gradient: d{name}")
 
 
 @pytest.mark.parametrize("patch", [1, 2])
 def test_image_attention_on_cropped_maps(patch):
-    """q is a crop of a wider map (rows not contiguous), k and v are plain: forward and gradients."""
+    """q is a crop of a wider map (rows not contiguous), k and v are plain: forward and gradients
+    (p = 1: the crop alone takes the call off the flat path; p = 2 reads the grid in any case)."""
     wide = torch.randn(2, 8, 6, 13, device=DEVICE, dtype=torch.float64).float().requires_grad_()
     q = wide[..., 2:12]
     k, v = (_leaf((2, 8, 6, 10), torch.float32) for _ in range(2))

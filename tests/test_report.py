@@ -35,6 +35,26 @@ def test_headline_cases_run_first_and_groups_stay_whole():
             seen.add(c["group"])
             previous = c["group"]
     assert len(todo) == len(report._todo(harness.SUITES, GPU, quick=False, headline_first=False))
+    order = [c["suite"] for c, f in zip(todo, flags) if f]
+    assert order == sorted(order, key=report.HEADLINE_ORDER.index), "headline suites out of priority order"
+
+
+def test_budget_is_checked_per_group_and_other_suites_rows_are_kept(tmp_path, monkeypatch):
+    out = tmp_path / "r.json"
+    other = harness.case_row({"suite": "attention", "group": "g", "op": "op", "provider": "naive", "shape": "s",
+                              "dtype": "float32", "mode": "fwd"})
+    harness.write_json([other], {"device": "d"}, str(out))
+    clock = iter(range(1000))  # every reading one second later
+    monkeypatch.setattr(report.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(harness, "run_case", _fake_row)
+    report.run(["gating"], quick=True, memory=False, out=str(out), budget_s=1.5)
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["suite"] == "attention", "the rows of suites not run now must be kept"
+    gating = rows[1:]
+    first = [r for r in gating if r["group"] == gating[0]["group"]]
+    assert len(first) == 3 and all(r["status"] == "ok" for r in first), "a started group must be finished"
+    rest = [r for r in gating if r["group"] != gating[0]["group"]]
+    assert rest and all(r["status"].startswith("skipped: the run's time budget") for r in rest)
 
 
 def test_spent_budget_records_every_case_as_skipped(tmp_path):
