@@ -180,12 +180,12 @@ def _demo(args) -> int:
     return run_demo(out=args.out, steps=args.steps, device=args.device)
 
 
-def _bench(args) -> int:
+def _bench(rest: list) -> int:
     try:
         from benchmarks import report
     except ImportError as e:
         raise InputError(f"the benchmark suites are not installed ({e}); run from the source checkout") from None
-    return report.main(args.rest)
+    return report.main(rest, prog="attnsr bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,13 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the demo's budget)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
-    p = sub.add_parser("bench", help="run the benchmark suites (arguments go to python -m benchmarks.report)")
+    # listed here for --help; main() hands everything after "bench" to benchmarks.report untouched
+    p = sub.add_parser("bench", help="run the benchmark suites (arguments go to python -m benchmarks.report)",
+                       add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="e.g. --quick --suite attention")
     return parser
 
 
 COMMANDS = {"train": _train, "upscale": _upscale, "inpaint": _inpaint, "check": _check, "demo": _demo,
-            "bench": _bench}
+            "bench": lambda args: _bench(args.rest)}
 
 
 def _check_device(name) -> None:
@@ -243,6 +245,13 @@ def _check_device(name) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # argparse would take the report's own options for attnsr's
+        try:
+            return _bench(argv[1:])
+        except InputError as e:
+            print(f"attnsr: error: {e}", file=sys.stderr)
+            return EXIT_INPUT_ERROR
     args = build_parser().parse_args(argv)
     if getattr(args, "backend", None) == "triton" or args.command in ("check", "demo"):
         from attnsr.check import enable_interpreter_if_no_gpu

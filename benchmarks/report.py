@@ -268,8 +268,9 @@ def update_readme(paths) -> None:
     os.replace(README + ".tmp", README)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", action="append", choices=harness.SUITES,
                         help="suite to run (repeatable; default: all)")
     parser.add_argument("--quick", action="store_true", help="a small subset of each suite")

@@ -1,5 +1,6 @@
 """The `attnsr` command end to end on tiny images and tiny networks, including every bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -103,6 +104,18 @@ def test_check_prints_parity_table(capsys):
     for op in ("image_attention", "flash_attention", "channel_gate", "spatial_gate", "cbam_gate", "layer_fusion"):
         assert op in out
     assert "all within bounds" in out
+
+
+def test_bench_passes_its_options_to_the_report(tmp_path, capsys):
+    """`attnsr bench --suite ... --quick` (options first) reaches benchmarks.report untouched; a spent
+    budget records the cases without timing them."""
+    out = tmp_path / "rows.json"
+    assert cli.main(["bench", "--suite", "gating", "--quick", "--no-memory", "--budget-s", "0",
+                     "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and all(r["suite"] == "gating" and r["status"].startswith("skipped: the run's time budget")
+                        for r in rows)
+    assert "rows written to" in capsys.readouterr().out
 
 
 # ---- bad input: one line of error, exit status 2, no output file ----------------------------------------------
