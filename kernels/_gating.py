@@ -41,7 +41,7 @@ from kernels._runtime import (
 )
 
 MAX_GRID_YZ = 65535
-MAX_PIXELS = 2**31 - 1  # arg-max pixel indices are int32
+MAX_PIXELS = 2**31 - 2**16  # pixel indices are int32, and a block's indices past the last pixel must not wrap
 
 # ----------------------------------------------------------------------------------------------
 # Kernel helpers

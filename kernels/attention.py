@@ -27,7 +27,8 @@ launchers pass TW = 1 and s_r0 = s_r1, so row(n) = n·s_r0 needs no division.
 
 Limits. Head dim D ≤ 256: a block of queries and the fp32 accumulator live in registers; D is
 padded to the next power of two (at least 16) with masks. Batch and heads ≤ 65535 each (grid
-axes 1 and 2). fp32 inputs use tf32 tensor cores when PyTorch allows tf32 for CUDA matmuls
+axes 1 and 2). At most 2^31 − 2^16 tokens per sequence: token indices are int32. fp32 inputs
+use tf32 tensor cores when PyTorch allows tf32 for CUDA matmuls
 (``torch.backends.cuda.matmul.allow_tf32`` / ``fp32_precision``) and exact fp32 otherwise; fp16
 and bf16 accumulate in fp32; float64 computes in float64 (for gradcheck). Statistics (LSE, Δ) are
 fp32 (float64 for float64 inputs). Under Triton's CPU interpreter, whose bf16 ``tl.dot`` is wrong,
@@ -69,6 +70,7 @@ from kernels._runtime import (
 
 MAX_HEAD_DIM = 256
 MAX_GRID_YZ = 65535
+MAX_TOKENS = 2**31 - 2**16  # token indices are int32, and a block's indices past the last token must not wrap
 LOG2E = 1.4426950408889634
 
 
@@ -673,9 +675,11 @@ def _check_head_dim(op: str, head_dim: int, how: str) -> None:
         raise ValueError(f"{op}: head dim D = {how} = {head_dim}; expected at least 1")
 
 
-def _check_grid(op: str, batch: int, heads: int) -> None:
+def _check_grid(op: str, batch: int, heads: int, n_q: int, n_kv: int) -> None:
     if batch > MAX_GRID_YZ or heads > MAX_GRID_YZ:
         raise ValueError(f"{op}: batch {batch} and heads {heads} must each be at most {MAX_GRID_YZ}")
+    if max(n_q, n_kv) > MAX_TOKENS:
+        raise ValueError(f"{op}: {max(n_q, n_kv)} tokens per sequence; the kernels handle at most {MAX_TOKENS}")
 
 
 def flash_attention(q, k, v, *, scale=None):
@@ -705,7 +709,7 @@ def flash_attention(q, k, v, *, scale=None):
         raise ValueError(f"{op}: k and v have M = 0 keys; softmax over no keys is undefined")
     scale = _check_scale(op, scale, head_dim)
     check_runnable(op, q.device)
-    _check_grid(op, batch, heads)
+    _check_grid(op, batch, heads, n_q, n_kv)
     return _attention_op(q, k, v, "seq", heads, 1, scale)[0]
 
 
@@ -743,5 +747,6 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
     _check_head_dim(op, head_dim, f"C/heads·p² = {channels}/{heads}·{patch_size}²")
     scale = _check_scale(op, scale, head_dim)
     check_runnable(op, q.device)
-    _check_grid(op, batch, heads)
+    tokens = (height // patch_size) * (width // patch_size)
+    _check_grid(op, batch, heads, tokens, tokens)
     return _attention_op(q, k, v, "map", heads, patch_size, scale)[0]

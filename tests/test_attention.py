@@ -442,6 +442,19 @@ def test_image_attention_rejects_bad_input(args, kwargs, exc, match):
         image_attention(args["q"], args["k"], args["v"], **kwargs)
 
 
+def test_token_counts_past_int32_are_refused():
+    """Token indices are int32 in the kernels: 2^31 tokens (stride-0 views, nothing allocated) get an
+    error, not wrapped indices."""
+    side = 46341  # 46341² > 2^31
+    m = torch.zeros((), device=DEVICE).expand(1, 1, side, side)
+    with pytest.raises(ValueError, match=r"image_attention: 2147488281 tokens per sequence; the kernels handle"):
+        image_attention(m, m, m)
+    s = torch.zeros((), device=DEVICE).expand(1, 1, 2**31, 4)
+    short = torch.zeros(1, 1, 8, 4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"flash_attention: 2147483648 tokens per sequence"):
+        flash_attention(short, s, s)
+
+
 @pytest.mark.parametrize(
     "q_shape, k_shape, v_shape, match",
     [

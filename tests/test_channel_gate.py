@@ -121,6 +121,9 @@ def test_channel_gate_bad_input():
         channel_gate(x.long(), w1, b1, w2, b2)
     with pytest.raises(ValueError, match=r"expected C, H and W of at least 1"):
         channel_gate(x[:, :, :0], w1, b1, w2, b2)
+    huge = torch.zeros((), device=x.device).expand(1, 6, 46341, 46341)  # > 2^31 pixels, nothing allocated
+    with pytest.raises(ValueError, match=r"x has H·W = 2147488281 pixels; at most 2147418112 are supported"):
+        channel_gate(huge, w1, b1, w2, b2)
 
 
 def test_channel_gate_empty_batch():
