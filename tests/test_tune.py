@@ -45,7 +45,7 @@ def _apply(stack, overrides):
         stack.enter_context(attn._launch_override(kernel, num_warps=4, num_stages=2, **cfg))
 
 
-def _check(fn, ref, inputs, dtype, what):
+def check_outputs_and_grads(fn, ref, inputs, dtype, what):
     out = fn(*inputs)
     expect = ref(*inputs)
     assert_close_rel(out, expect, dtype, f"{what}: output")
@@ -80,7 +80,7 @@ def test_override_matches_reference_on_fused_qkv_map(name, dtype, monkeypatch):
 
     with contextlib.ExitStack() as stack:
         _apply(stack, OVERRIDES[name])
-        _check(fn, ref, (qkv,), dtype, f"map {name}")
+        check_outputs_and_grads(fn, ref, (qkv,), dtype, f"map {name}")
     assert set(launched) == set(attn._KERNELS)
     for kernel, cfg in OVERRIDES[name].items():
         got = {**launched[kernel][0], **launched[kernel][1]}
@@ -96,7 +96,7 @@ def test_override_matches_reference_on_sequences(name):
     k, v = (torch.randn(1, 2, 50, 20, device=DEVICE, dtype=torch.float32).requires_grad_() for _ in range(2))
     with contextlib.ExitStack() as stack:
         _apply(stack, OVERRIDES[name])
-        _check(flash_attention, lambda q, k, v: flash_attention_ref(q, k, v, upcast=True), (q, k, v),
+        check_outputs_and_grads(flash_attention, lambda q, k, v: flash_attention_ref(q, k, v, upcast=True), (q, k, v),
                torch.float32, f"seq {name}")
 
 
