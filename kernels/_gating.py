@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from kernels._runtime import (
+    MAX_INDEX,
     autocast_inputs,
     channels_innermost,
     check_no_forward_ad,
@@ -41,7 +42,7 @@ from kernels._runtime import (
 )
 
 MAX_GRID_YZ = 65535
-MAX_PIXELS = 2**31 - 2**16  # pixel indices are int32, and a block's indices past the last pixel must not wrap
+MAX_PIXELS = MAX_INDEX
 
 # ----------------------------------------------------------------------------------------------
 # Kernel helpers

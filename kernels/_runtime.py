@@ -12,6 +12,8 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Token and pixel indices are int32 in the kernels; a block's indices past the last one must not wrap.
+MAX_INDEX = 2**31 - 2**16
 
 
 def interpreting() -> bool:

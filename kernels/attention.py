@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from kernels._runtime import (
+    MAX_INDEX,
     empty_map_like,
     on_tensor_device,
     autocast_inputs,
@@ -70,7 +71,7 @@ from kernels._runtime import (
 
 MAX_HEAD_DIM = 256
 MAX_GRID_YZ = 65535
-MAX_TOKENS = 2**31 - 2**16  # token indices are int32, and a block's indices past the last token must not wrap
+MAX_TOKENS = MAX_INDEX
 LOG2E = 1.4426950408889634
 
 
