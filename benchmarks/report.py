@@ -153,6 +153,8 @@ def plot(path: str) -> list:
         if r["status"] != "ok" or size is None:
             continue
         variant = re.sub(r"^\d+x\d+x\d+x\d+ ?", "", r["shape"]) or "-"
+        if r["suite"] == "attention":  # the channels set the head dim: one line per C
+            variant = f"C{r['shape'].split('x')[1]}" + ("" if variant == "-" else f" {variant}")
         key = (r["suite"], r["op"], r["mode"], r["dtype"], variant)
         series.setdefault(key, {}).setdefault(r["provider"], []).append((size, r["median_ms"], r["peak_mib"]))
     written = []
