@@ -3,6 +3,7 @@
     python -m benchmarks.report                       # every suite on this device
     python -m benchmarks.report --suite attention --quick
     python -m benchmarks.report --plot benchmarks/results/<file>.json
+    python -m benchmarks.report --table benchmarks/results/<file>.json    # print its table again
     python -m benchmarks.report --readme benchmarks/results/<file>.json [...]   # regenerate README tables
 
 Rows go to ``benchmarks/results/<device>-<date>.json`` (rows of suites not run now are kept when
@@ -35,7 +36,8 @@ def _fmt(value, spec, empty="-"):
     return empty if value is None else format(value, spec)
 
 
-def print_table(rows, file=sys.stdout) -> None:
+def print_table(rows, file=None) -> None:
+    file = file or sys.stdout  # looked up per call, so a redirected stdout is honoured
     group = None
     for r in rows:
         if r["group"] != group:
@@ -291,9 +293,20 @@ def main(argv=None, prog=None) -> int:
                         help="run the cases behind the headline figures (the issues' targets) first")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/<device>-<date>.json)")
     parser.add_argument("--plot", metavar="JSON", help="only draw the plots of an existing results file")
+    parser.add_argument("--table", metavar="JSON",
+                        help="only print the table of an existing results file (groups the budget cut: counted)")
     parser.add_argument("--readme", metavar="JSON", nargs="+",
                         help="only regenerate the README performance tables, from these results files in order")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            payload = json.load(f)
+        rows = [harness.Row(**r) for r in payload["rows"]]
+        ran = {r.group for r in rows if "time budget" not in r.status}  # groups cut by the budget: counted only
+        print(" ".join(f"{k} {payload['info'].get(k)}" for k in ("device", "torch", "triton", "date")))
+        print_table([vars(r) for r in rows if r.group in ran])
+        print(status_counts(rows))
+        return 0
     if args.plot:
         print("\n".join(plot(args.plot)))
         return 0

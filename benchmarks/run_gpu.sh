@@ -17,7 +17,8 @@
 # the test outcome, the part a caller that sees only the tail of the output needs most.
 #   OUT=/some/dir bash benchmarks/run_gpu.sh
 #   STEPS=bench BENCH_S=480 bash benchmarks/run_gpu.sh
-# Uses the installed torch/triton (no network needed): PYTHONPATH points at the checkout.
+# Uses the installed torch/triton (no network needed) through python3, or $PYTHON; PYTHONPATH
+# points at the checkout.
 set -u
 cd "$(dirname "$0")/.."
 START=$SECONDS
@@ -29,6 +30,7 @@ BENCH_S=${BENCH_S:-240}
 TEST_WORKERS=${TEST_WORKERS:-8}
 TUNE_ARGS=${TUNE_ARGS:---dtypes bfloat16}
 MARGIN_S=20  # packing the logs, and the kill grace of the last step
+PY=${PYTHON:-$(command -v python3 || command -v python)}  # the interpreter that has torch (python3 on the GPU image)
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,19 +38,19 @@ left() { echo $((DEADLINE_S - MARGIN_S - (SECONDS - START))); }
 cap() { local want=$1 rest; rest=$(left); echo $((want < rest ? want : rest)); }
 stopped() { case $1 in 124|137) echo ": stopped at its time limit" ;; esac; }
 
-if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+if ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "run_gpu.sh: torch sees no CUDA device; this script is for a GPU machine" >&2
   exit 2
 fi
-python - <<'PY' | tee "$LOGS/environment.txt"
+"$PY" - <<'END' | tee "$LOGS/environment.txt"
 import torch, triton
 p = torch.cuda.get_device_properties(0)
 print(f"device: {p.name} | {p.multi_processor_count} SMs | {p.total_memory / 2**30:.0f} GiB | "
       f"torch {torch.__version__} | triton {triton.__version__} | CUDA {torch.version.cuda}")
-PY
+END
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv \
   >>"$LOGS/environment.txt" 2>&1
-name=$(python -c "import torch,re,datetime;print(re.sub(r'[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-')+'-'+datetime.date.today().isoformat())")
+name=$("$PY" -c "import torch,re,datetime;print(re.sub(r'[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-')+'-'+datetime.date.today().isoformat())")
 pack() { tar -czf "$OUT/logs-$name.tar.gz.tmp" -C "$LOGS" . && mv "$OUT/logs-$name.tar.gz.tmp" "$OUT/logs-$name.tar.gz"; }
 : >"$LOGS/tests.txt"; : >"$LOGS/bench.txt"; : >"$LOGS/tune.txt"
 
@@ -58,8 +60,8 @@ for step in $STEPS; do
       t=$(cap "$TESTS_S")
       if [ "$t" -lt 30 ]; then echo "== tests: skipped, $(left) s left" >"$LOGS/tests.txt"; continue; fi
       xdist=()
-      python -c "import xdist" 2>/dev/null && xdist=(-n "$TEST_WORKERS")
-      timeout -k 5 "$t" python -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" tests >"$LOGS/tests-cuda.log" 2>&1
+      "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$TEST_WORKERS")
+      timeout -k 5 "$t" "$PY" -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" tests >"$LOGS/tests-cuda.log" 2>&1
       rc=$?
       { echo "== tests on CUDA (exit $rc$(stopped $rc), limit $t s)"
         # one verdict per test line: "tests/x.py::t PASSED [ 5%]" or, with xdist, "[gw0] [ 5%] PASSED tests/x.py::t"
@@ -72,16 +74,18 @@ for step in $STEPS; do
       t=$(cap "$BENCH_S")
       if [ "$t" -lt 30 ]; then echo "== benchmarks: skipped, $(left) s left" >"$LOGS/bench.txt"; continue; fi
       # the report starts no group after its budget; the timeout ends a group that overruns the deadline
-      timeout -k 5 "$(left)" python -m benchmarks.report --headline-first \
+      timeout -k 5 "$(left)" "$PY" -m benchmarks.report --headline-first \
         --budget-s $((t * 3 / 4)) --out "$OUT/$name.json" >"$LOGS/bench-table.txt" 2>"$LOGS/bench-progress.log"
       rc=$?
-      { echo "== benchmarks (exit $rc$(stopped $rc))"; grep -E "^cases: " "$LOGS/bench-table.txt"
-        head -c 5000 "$LOGS/bench-table.txt"; echo; } >"$LOGS/bench.txt" ;;
+      # the table again from the JSON: it holds every case that finished, even if the report was stopped
+      "$PY" -m benchmarks.report --table "$OUT/$name.json" >"$LOGS/bench-rows.txt" 2>&1
+      { echo "== benchmarks (exit $rc$(stopped $rc))"; tail -n 1 "$LOGS/bench-rows.txt"
+        head -c 5000 "$LOGS/bench-rows.txt"; echo; } >"$LOGS/bench.txt" ;;
     tune)
       t=$(($(left) - 30))
       if [ "$t" -lt 90 ]; then echo "== tune: skipped, $(left) s left" >"$LOGS/tune.txt"; continue; fi
       # the tuner stops starting candidates at its budget; the timeout only guards against a hang
-      timeout -k 5 $((t + 25)) python -m benchmarks.tune --budget-s "$t" $TUNE_ARGS \
+      timeout -k 5 $((t + 25)) "$PY" -m benchmarks.tune --budget-s "$t" $TUNE_ARGS \
         --out "$OUT/tune-$name.json" >"$LOGS/tune-table.txt" 2>"$LOGS/tune-progress.log"
       rc=$?
       { echo "== tune (exit $rc$(stopped $rc), budget $t s)"; tail -c 3000 "$LOGS/tune-table.txt"; } >"$LOGS/tune.txt" ;;

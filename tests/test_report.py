@@ -117,3 +117,15 @@ def test_readme_section_takes_each_suite_from_the_last_file_that_has_it(tmp_path
     a, b = text.index("Measured on **cpu-a**"), text.index("Measured on **cpu-b**")
     assert a < text.index("| attention case |") < b < text.index("| gating case |")
     assert text.count("| gating case |") == 1, "gating must come from the newer file only"
+
+
+def test_table_prints_a_results_file_again(tmp_path, capsys):
+    rows = [_fake_row({"suite": "gating", "group": "cbam_gate fwd g", "op": "cbam_gate", "provider": p,
+                       "shape": "1x2x3x4", "dtype": "float32", "mode": "fwd"}, None) for p in ("eager", "fused")]
+    harness.add_speedups(rows, report.BASELINES)
+    path = tmp_path / "r.json"
+    harness.write_json(rows, {"device": "dev", "torch": "t", "triton": "tr", "date": "d"}, str(path))
+    assert report.main(["--table", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "device dev" in out and "cbam_gate fwd g" in out and "4.00x vs eager" in out
+    assert out.strip().endswith("cases: gating 2 ok")
