@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call from the repository root, within DEADLINE_S seconds
 # (default 540: one 10-minute command, with a margin). Steps, in order (STEPS, default all three):
-#   tests  the whole test suite on CUDA (bf16 and the GPU-only tests included), spread over
-#          TEST_WORKERS processes (default 8) when pytest-xdist is installed; stopped after TESTS_S
-#          seconds (default 210), the log then shows how far it got;
+#   tests  the whole test suite on CUDA, the GPU-only tests (marked gpu: native bf16, tf32,
+#          inductor, AMP) first, spread over TEST_WORKERS processes (default 8) when pytest-xdist
+#          is installed; stopped after TESTS_S seconds (default 210), the log then shows how far it got;
 #   bench  the benchmark report with the headline cases (the issues' targets) first, starting no
 #          group of cases after 3/4 of BENCH_S seconds (default 240): the rest are recorded as skipped,
 #          and the JSON is rewritten after every case; then the plots;
@@ -61,9 +61,19 @@ for step in $STEPS; do
       if [ "$t" -lt 30 ]; then echo "== tests: skipped, $(left) s left" >"$LOGS/tests.txt"; continue; fi
       xdist=()
       "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$TEST_WORKERS")
-      timeout -k 5 "$t" "$PY" -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" tests >"$LOGS/tests-cuda.log" 2>&1
-      rc=$?
-      { echo "== tests on CUDA (exit $rc$(stopped $rc), limit $t s)"
+      # the GPU-only tests (native bf16, tf32, inductor, AMP) first, then the rest in the time left
+      begun=$SECONDS
+      timeout -k 5 "$t" "$PY" -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" -m gpu tests \
+        >"$LOGS/tests-cuda.log" 2>&1
+      rc_gpu=$?
+      t2=$((t - (SECONDS - begun)))
+      rc=124
+      if [ "$t2" -ge 10 ]; then
+        timeout -k 5 "$t2" "$PY" -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" -m "not gpu" tests \
+          >>"$LOGS/tests-cuda.log" 2>&1
+        rc=$?
+      fi
+      { echo "== tests on CUDA: GPU-only tests exit $rc_gpu$(stopped $rc_gpu), the rest exit $rc$(stopped $rc) (limit $t s)"
         # one verdict per test line: "tests/x.py::t PASSED [ 5%]" or, with xdist, "[gw0] [ 5%] PASSED tests/x.py::t"
         grep -oE "^\[gw[0-9]+\] \[ *[0-9]+%\] (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) |::[^ ]+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) +\[" \
           "$LOGS/tests-cuda.log" | grep -oE "PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS" | sort | uniq -c | tr '\n' ' '

@@ -15,7 +15,15 @@ if not torch.cuda.is_available():
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 
-needs_gpu = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+
+def needs_gpu(test):
+    """Marks a test that only a CUDA GPU can run: skipped elsewhere, and marked ``gpu`` so that a
+    GPU run can take these first (``pytest -m gpu tests``; benchmarks/run_gpu.sh does)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")(test))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run first on a GPU machine: pytest -m gpu)")
 
 
 @pytest.fixture

@@ -532,6 +532,7 @@ def test_torch_compile_fullgraph():
     assert torch.equal(g, w) or rel_error(g, w) < REL_TOL[torch.float32]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_kernels_launch_on_the_tensors_device():
     """Triton launches on the current device; the ops must switch to their inputs' device."""
