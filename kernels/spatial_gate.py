@@ -17,8 +17,9 @@ Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one
     saved for backward: x and per-(b, h, w) statistics only: [mean, max] and s (fp32), sarg (int32).
 Between the passes, two small kernels work on (B, 2, H, W) and (B, H, W) maps (2/C and 1/C of x):
 the convolution + sigmoid forward, and in backward the transposed convolution together with
-per-program partial sums of the weight and bias gradients. The partials (B, programs, 2, k²) are
-summed in PyTorch in a fixed order: no atomics, bitwise reproducible. Eager PyTorch reads x three
+per-program partial sums of the weight and bias gradients. The partials (B, programs, 2, k²), of
+about CONV_PROGRAMS programs in all (at least one per batch element) each looping over its blocks
+of pixels, are summed in PyTorch in a fixed order: no atomics, bitwise reproducible. Eager PyTorch reads x three
 times (mean, max, multiply) and writes the (B, 2, H, W) concatenation besides y.
 
 Registration: ``attnsr::spatial_gate`` (forward passes and the convolution kernel; returns y and
@@ -63,6 +64,7 @@ from kernels._runtime import (
 )
 
 MAX_KERNEL_SIZE = 15
+CONV_PROGRAMS = 2048  # programs of the convolution's backward in all, at most: fills a GPU, bounds the partials
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,35 +196,43 @@ def _spatial_conv_bwd_kernel(
     PW,  # (B, NPB, 2, KK) contiguous ACC, out: this program's partial weight gradient
     PB,  # (B, NPB) contiguous ACC, out: this program's partial bias gradient
     H, W, HW, C,  # map height, width, pixels; channels (the mean's divisor)
-    NPB,  # programs per batch element = cdiv(HW, BLOCK_P)
+    NPB,  # programs per batch element
+    ITERS,  # blocks of BLOCK_P pixels per program: program i takes blocks i·ITERS ... i·ITERS + ITERS − 1
     K: tl.constexpr, KK: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    p = pid * BLOCK_P + tl.arange(0, BLOCK_P)
     b = tl.program_id(1).to(tl.int64)
-    p_in = p < HW
     t = tl.arange(0, KK)
     t_in = t < K * K
     w_mean = tl.load(WT + t, mask=t_in, other=0.0)
     w_max = tl.load(WT + K * K + t, mask=t_in, other=0.0)
     dpre = DPRE + b * HW
-    # transposed convolution: d_stat[q] = Σ_t w[t] · dpre[q − offset(t)]
-    offs, inside = _taps(p, H, W, HW, K, KK, -1)
-    dn = tl.load(dpre + offs, mask=inside, other=0.0)
-    d_mean = tl.sum(dn * w_mean[None, :], 1) / C
-    d_max = tl.sum(dn * w_max[None, :], 1)
-    tl.store(DPOOL + (2 * b) * HW + p, d_mean, mask=p_in)
-    tl.store(DPOOL + (2 * b + 1) * HW + p, d_max, mask=p_in)
-    # weight and bias partials over this block of pixels: Σ_q dpre[q] · stat[q + offset(t)]
-    dq = tl.load(dpre + p, mask=p_in, other=0.0)
-    offs, inside = _taps(p, H, W, HW, K, KK, 1)
     stats = STATS + (2 * b) * HW
-    mean = tl.load(stats + offs, mask=inside, other=0.0)
-    mx = tl.load(stats + HW + offs, mask=inside, other=0.0)
+    pw_mean = tl.zeros([KK], dtype=ACC)
+    pw_max = tl.zeros([KK], dtype=ACC)
+    pb = tl.zeros([BLOCK_P], dtype=ACC)
+    for i in range(ITERS):
+        p = (pid * ITERS + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p_in = p < HW
+        # transposed convolution: d_stat[q] = Σ_t w[t] · dpre[q − offset(t)]
+        offs, inside = _taps(p, H, W, HW, K, KK, -1)
+        dn = tl.load(dpre + offs, mask=inside, other=0.0)
+        d_mean = tl.sum(dn * w_mean[None, :], 1) / C
+        d_max = tl.sum(dn * w_max[None, :], 1)
+        tl.store(DPOOL + (2 * b) * HW + p, d_mean, mask=p_in)
+        tl.store(DPOOL + (2 * b + 1) * HW + p, d_max, mask=p_in)
+        # weight and bias partials over this block of pixels: Σ_q dpre[q] · stat[q + offset(t)]
+        dq = tl.load(dpre + p, mask=p_in, other=0.0)
+        offs, inside = _taps(p, H, W, HW, K, KK, 1)
+        mean = tl.load(stats + offs, mask=inside, other=0.0)
+        mx = tl.load(stats + HW + offs, mask=inside, other=0.0)
+        pw_mean += tl.sum(dq[:, None] * mean, 0)
+        pw_max += tl.sum(dq[:, None] * mx, 0)
+        pb += dq
     part = b * NPB + pid
-    tl.store(PW + (2 * part) * KK + t, tl.sum(dq[:, None] * mean, 0))
-    tl.store(PW + (2 * part + 1) * KK + t, tl.sum(dq[:, None] * mx, 0))
-    tl.store(PB + part, tl.sum(dq, 0))
+    tl.store(PW + (2 * part) * KK + t, pw_mean)
+    tl.store(PW + (2 * part + 1) * KK + t, pw_max)
+    tl.store(PB + part, tl.sum(pb, 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,13 +302,16 @@ def spatial_conv_backward(dpre, stats, weight, bias, channels: int, height: int,
     k = weight.shape[-1]
     wt = weight.to(stats.dtype).contiguous()
     kk, block_p, launch = _conv_config(k)
-    npb = triton.cdiv(hw, block_p)
+    # about CONV_PROGRAMS programs in all, each looping over its blocks of pixels: the weight-gradient
+    # partials stay under CONV_PROGRAMS × 2 × KK values (4 MiB at k = 15) whatever the map size
+    iters = triton.cdiv(triton.cdiv(hw, block_p), max(1, CONV_PROGRAMS // max(1, batch)))
+    npb = triton.cdiv(hw, block_p * iters)
     dpool = torch.empty((batch, 2, hw), dtype=stats.dtype, device=stats.device)
     pw = torch.empty((batch, npb, 2, kk), dtype=stats.dtype, device=stats.device)
     pb = torch.empty((batch, npb), dtype=stats.dtype, device=stats.device)
     if batch > 0:
         _spatial_conv_bwd_kernel[(npb, batch)](
-            dpre, stats, wt, dpool, pw, pb, height, width, hw, channels, npb,
+            dpre, stats, wt, dpool, pw, pb, height, width, hw, channels, npb, iters,
             K=k, KK=kk, ACC=acc_dtype(stats.dtype), BLOCK_P=block_p, **launch,
         )
     dweight = pw.sum((0, 1))[:, : k * k].contiguous().reshape(1, 2, k, k).to(weight.dtype)

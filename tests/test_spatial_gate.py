@@ -30,6 +30,27 @@ def test_spatial_gate_matches_reference(shape, dtype, k):
     check_op(spatial_gate, _ref, [x, *conv_weights(k, dtype)], dtype, f"spatial_gate {shape} k={k}")
 
 
+@pytest.mark.parametrize("programs", [1, 2])
+def test_convolution_backward_loops_when_programs_are_capped(programs, monkeypatch):
+    """With fewer programs than pixel blocks, each program loops over several blocks (the last one
+    partly past the map): the weight, bias and x gradients are unchanged, and the partials shrink."""
+    monkeypatch.setattr(sg_module, "CONV_PROGRAMS", 2 * programs)  # batch 2: `programs` per batch element
+    sizes = []
+    empty = torch.empty
+
+    def spy(*shape, **kw):
+        t = empty(*shape, **kw)
+        sizes.append(tuple(t.shape))
+        return t
+
+    monkeypatch.setattr(sg_module.torch, "empty", spy)
+    x = feature_map((2, 6, 13, 11), torch.float32)  # 143 pixels: 3 blocks of 64 under the interpreter
+    check_op(spatial_gate, _ref, [x, *conv_weights(5, torch.float32)], torch.float32,
+             f"spatial_gate, {programs} conv program(s) per batch element")
+    partials = [s for s in sizes if len(s) == 4 and s[2] == 2]  # (B, programs, 2, KK)
+    assert partials and all(s[1] <= programs for s in partials), partials
+
+
 @pytest.mark.parametrize("k", [1, 5])
 def test_spatial_gate_other_kernel_sizes_without_bias(k):
     x = feature_map((2, 6, 8, 7), torch.float32)
