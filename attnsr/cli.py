@@ -218,15 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the demo's budget)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
 
-    # listed here for --help; main() hands everything after "bench" to benchmarks.report untouched
-    p = sub.add_parser("bench", help="run the benchmark suites (arguments go to python -m benchmarks.report)",
-                       add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="e.g. --quick --suite attention")
+    # listed here for --help only: main() hands everything after "bench" to benchmarks.report untouched
+    sub.add_parser("bench", help="run the benchmark suites (arguments go to python -m benchmarks.report)",
+                   add_help=False)
     return parser
 
 
-COMMANDS = {"train": _train, "upscale": _upscale, "inpaint": _inpaint, "check": _check, "demo": _demo,
-            "bench": lambda args: _bench(args.rest)}
+COMMANDS = {"train": _train, "upscale": _upscale, "inpaint": _inpaint, "check": _check, "demo": _demo}
 
 
 def _check_device(name) -> None:

@@ -119,11 +119,19 @@ def run(suites, quick: bool, memory: bool, out=None, cpu_repeats: int = 3, budge
         rows.append(row)
         harness.add_speedups(rows, BASELINES)
         harness.write_json(kept + rows, info, path)
-    print(f"device: {info['device']}  torch {info['torch']}  triton {info['triton']}  date {info['date']}")
-    print_table([vars(r) for r in rows])
-    print(f"\nrows written to {path}")
-    print(status_counts(rows))
+    print_results(info, rows)
+    print(f"rows written to {path}")
     return path
+
+
+def print_results(info: dict, rows: list, ran_only: bool = False) -> None:
+    """The device line, the table (``ran_only``: without the groups the time budget cut) and the
+    per-suite count of ok, skipped and failed rows."""
+    shown = {r.group for r in rows if not ran_only or "time budget" not in r.status}
+    print(f"device: {info.get('device')}  torch {info.get('torch')}  triton {info.get('triton')}  "
+          f"date {info.get('date')}")
+    print_table([vars(r) for r in rows if r.group in shown])
+    print(status_counts(rows))
 
 
 def status_counts(rows) -> str:
@@ -288,7 +296,8 @@ def main(argv=None, prog=None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case on CPU (median)")
     parser.add_argument("--budget-s", type=float, default=None,
-                        help="start no case after this many seconds; the rest are recorded as skipped")
+                        help="start no group of cases after this many seconds (a started group is finished); "
+                             "the rest are recorded as skipped")
     parser.add_argument("--headline-first", action="store_true",
                         help="run the cases behind the headline figures (the issues' targets) first")
     parser.add_argument("--out", help="JSON path (default: benchmarks/results/<device>-<date>.json)")
@@ -301,11 +310,7 @@ def main(argv=None, prog=None) -> int:
     if args.table:
         with open(args.table) as f:
             payload = json.load(f)
-        rows = [harness.Row(**r) for r in payload["rows"]]
-        ran = {r.group for r in rows if "time budget" not in r.status}  # groups cut by the budget: counted only
-        print(" ".join(f"{k} {payload['info'].get(k)}" for k in ("device", "torch", "triton", "date")))
-        print_table([vars(r) for r in rows if r.group in ran])
-        print(status_counts(rows))
+        print_results(payload["info"], [harness.Row(**r) for r in payload["rows"]], ran_only=True)
         return 0
     if args.plot:
         print("\n".join(plot(args.plot)))

@@ -61,16 +61,17 @@ for step in $STEPS; do
       if [ "$t" -lt 30 ]; then echo "== tests: skipped, $(left) s left" >"$LOGS/tests.txt"; continue; fi
       xdist=()
       "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$TEST_WORKERS")
+      pytest_for() { timeout -k 5 "$1" "$PY" -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" -m "$2" tests \
+        >>"$LOGS/tests-cuda.log" 2>&1; }
       # the GPU-only tests (native bf16, tf32, inductor, AMP) first, then the rest in the time left
+      : >"$LOGS/tests-cuda.log"
       begun=$SECONDS
-      timeout -k 5 "$t" "$PY" -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" -m gpu tests \
-        >"$LOGS/tests-cuda.log" 2>&1
+      pytest_for "$t" gpu
       rc_gpu=$?
       t2=$((t - (SECONDS - begun)))
       rc=124
       if [ "$t2" -ge 10 ]; then
-        timeout -k 5 "$t2" "$PY" -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" -m "not gpu" tests \
-          >>"$LOGS/tests-cuda.log" 2>&1
+        pytest_for "$t2" "not gpu"
         rc=$?
       fi
       { echo "== tests on CUDA: GPU-only tests exit $rc_gpu$(stopped $rc_gpu), the rest exit $rc$(stopped $rc) (limit $t s)"

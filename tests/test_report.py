@@ -127,5 +127,5 @@ def test_table_prints_a_results_file_again(tmp_path, capsys):
     harness.write_json(rows, {"device": "dev", "torch": "t", "triton": "tr", "date": "d"}, str(path))
     assert report.main(["--table", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "device dev" in out and "cbam_gate fwd g" in out and "4.00x vs eager" in out
+    assert "device: dev" in out and "cbam_gate fwd g" in out and "4.00x vs eager" in out
     assert out.strip().endswith("cases: gating 2 ok")
