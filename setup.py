@@ -6,11 +6,14 @@ setup(
     description="Fused Triton kernels for the attention layers of image-restoration networks",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["kernels", "kernels.*", "attnsr", "attnsr.*", "benchmarks"]),
-    python_requires=">=3.9",
+    # the kernels/ folder is installed as attnsr.kernels (attnsr/kernels links to it); benchmarks/ and tests/
+    # stay in the source tree: the wheel holds nothing but attnsr at the top of site-packages
+    packages=find_packages(include=["attnsr", "attnsr.*"]),
+    # the floors tested: torch 2.11 + triton 3.6 (the GPU image's versions; torch 2.11 needs Python 3.10)
+    python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
-        "triton>=3.4; platform_system == 'Linux'",
+        "torch>=2.11",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy",
         "pillow",
         "scikit-image",  # the bundled photographs the CLI trains on by default (no download)
@@ -18,7 +21,7 @@ setup(
     ],
     entry_points={"console_scripts": ["attnsr=attnsr.cli:main"]},
     extras_require={
-        "test": ["pytest"],
+        "test": ["pytest", "setuptools>=70.1"],  # setuptools: the packaging test builds the wheel offline
         "bench": ["pytest", "pytest-benchmark", "matplotlib"],
     },
 )

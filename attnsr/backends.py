@@ -18,10 +18,10 @@ import torch.nn.functional as F
 def _kernels():
     """The kernels package, imported on first use: importing attnsr does not import triton, so
     TRITON_INTERPRET can still be set after ``import attnsr`` (it must precede triton's import)."""
-    import kernels
-    import kernels.reference
+    import attnsr.kernels
+    import attnsr.kernels.reference  # kernels.reference is used through the package
 
-    return kernels
+    return attnsr.kernels
 
 BACKENDS = ("naive", "torch", "triton", "auto")
 
@@ -48,7 +48,7 @@ def resolve(backend: str, x: torch.Tensor) -> str:
 def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto"):
     """Self-attention over the pixels or patches of q, k, v: (B, C, H, W) -> (B, C, H, W).
 
-    Same semantics as :func:`kernels.image_attention` on every backend.
+    Same semantics as :func:`attnsr.kernels.image_attention` on every backend.
     """
     backend = resolve(backend, q)
     if backend == "triton":
@@ -72,7 +72,7 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
 
 
 # ----------------------------------------------------------------------------------------------
-# Gating and layer fusion: naive and torch both run the eager maths of kernels.reference
+# Gating and layer fusion: naive and torch both run the eager maths of attnsr.kernels.reference
 # ----------------------------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 
 Each case runs a kernel forward and backward on random inputs in the layouts the layers produce
 (fused-qkv views, channels_last, odd sizes), and compares the output and every input gradient
-with the plain PyTorch reference of ``kernels.reference`` computed in float64, as
+with the plain PyTorch reference of ``attnsr.kernels.reference`` computed in float64, as
 ``‖out − ref‖ / ‖ref‖``. The bounds are the test suite's (``tests/tolerances.py``). On a machine
 without CUDA the kernels run in Triton's CPU interpreter, which the caller must enable
 (``TRITON_INTERPRET=1``) before triton is first imported; :func:`enable_interpreter_if_no_gpu` does.
@@ -30,8 +30,8 @@ def _rel(a, b) -> float:
 
 def _cases(device):
     """(name, dtypes, make inputs, kernel, reference) for every op of ``kernels``."""
-    import kernels as K
-    from kernels import reference as R
+    from attnsr import kernels as K
+    from attnsr.kernels import reference as R
 
     def randn(*shape, gen):
         return torch.randn(*shape, generator=gen)

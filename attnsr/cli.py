@@ -183,8 +183,9 @@ def _demo(args) -> int:
 def _bench(rest: list) -> int:
     try:
         from benchmarks import report
-    except ImportError as e:
-        raise InputError(f"the benchmark suites are not installed ({e}); run from the source checkout") from None
+    except ImportError:
+        raise InputError("the benchmarks are not installed with the package: run `attnsr bench` from a checkout of "
+                         "attnsr's source repository (its benchmarks/ folder)") from None
     return report.main(rest, prog="attnsr bench")
 
 

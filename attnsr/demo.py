@@ -12,6 +12,7 @@ Exit status 0 when every kernel is within its bound and the network beats bicubi
 
 import os
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -22,27 +23,45 @@ DEMO_TRAIN = dict(features=32, blocks=4, patch=24, batch_size=16, lr=1e-3, scale
 DEMO_STEPS = {"cpu": 3000, "cuda": 4000}
 
 
+def build_layer_case(case: dict, device: torch.device) -> SimpleNamespace:
+    """SelfAttention2d(channels) forward + backward on a random (1, C, S, S) map with ``backend=provider``
+    (the builder :func:`attnsr.timing.cpu_peak_mib` calls in its subprocess)."""
+    import attnsr
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    size, channels = case["size"], case["channels"]
+    layer = attnsr.SelfAttention2d(channels, backend=case["provider"]).to(device)
+    x = torch.randn(1, channels, size, size, device=device, generator=gen, requires_grad=True)
+
+    def run():
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        layer(x).square().mean().backward()
+
+    return SimpleNamespace(fn=run, setup=None)
+
+
 def _bench_table(device: torch.device) -> None:
-    from benchmarks import harness  # builds the case with the attention suite, times it, measures memory
+    from attnsr.timing import cpu_peak_mib, cuda_peak_mib, device_info, time_ms
 
     providers = ("naive", "torch", "triton") if device.type == "cuda" else ("naive", "auto")
     size, channels = 64, 64
-    shape = f"1x{channels}x{size}x{size}"
     rows = []
     for provider in providers:
-        case = {"suite": "attention", "op": "SelfAttention2d", "provider": provider, "mode": "fwd+bwd",
-                "dtype": "float32", "shape": shape, "group": f"demo {shape}", "batch": 1, "size": size,
-                "channels": channels, "heads": 1, "patch": 1}
-        rows.append(harness.run_case(case, device, measure_memory=True, cpu_repeats=5))
-    naive = rows[0]
-    where = harness.device_info(device)["device"]
+        case = {"provider": provider, "size": size, "channels": channels}
+        bench = build_layer_case(case, device)
+        ms = time_ms(bench.fn, device, cpu_repeats=5)
+        mib = cuda_peak_mib(bench.fn) if device.type == "cuda" else cpu_peak_mib(case, "attnsr.demo:build_layer_case")
+        rows.append((provider, ms, mib))
+        del bench
+    _, naive_ms, naive_mib = rows[0]
+    where = device_info(device)["device"]
     print(f"\nSelfAttention2d({channels}) forward+backward on a {size}×{size} map, fp32, {where}")
     header = f"{'backend':<8} {'median ms':>10} {'peak MiB':>9} {'time ÷ naive':>13} {'memory ÷ naive':>15}"
     print(header)
     print("-" * len(header))
-    for r in rows:
-        print(f"{r.provider:<8} {r.median_ms:10.1f} {r.peak_mib:9.1f} {r.median_ms / naive.median_ms:12.2f}× "
-              f"{r.peak_mib / naive.peak_mib:14.3f}×")
+    for provider, ms, mib in rows:
+        print(f"{provider:<8} {ms:10.1f} {mib:9.1f} {ms / naive_ms:12.2f}× {mib / naive_mib:14.3f}×")
     if device.type == "cpu":
         print("(on CPU `auto` is PyTorch SDPA; the Triton kernels run on CPU only in the interpreter, a test tool)")
 

@@ -94,7 +94,7 @@ class TrainConfig:
     resume: str | None = None       # last.pt to continue from
     device: str | None = None       # default: cuda (LOCAL_RANK under torchrun) if available, else cpu
     workers: int = 0                # DataLoader workers
-    progress: bool = True           # tqdm bar on stderr (rank 0)
+    progress: bool = True           # progress on stderr (rank 0): a bar on a terminal, else a line every 10 s
 
 
 # ----------------------------------------------------------------------------------------------
@@ -342,11 +342,72 @@ def _logged_step(line: str) -> float:
         return math.inf
 
 
-class _Log:
-    """Validation lines: printed with tqdm.write and appended to out/metrics.jsonl (rank 0 only)."""
+class Progress:
+    """Training progress on stderr: a tqdm bar redrawn in place on a terminal; into a log file or a
+    pipe (CI, ``make demo > log 2>&1``), a plain line every ``interval`` seconds at most and one at
+    the end, never carriage returns.
 
-    def __init__(self, path: str, resume_step: int | None):
-        self.path = path
+    ``update(n)`` counts steps, ``set_loss(x)`` sets the loss shown, ``write(text)`` prints a line
+    (validation) on stdout without breaking the bar.
+    """
+
+    def __init__(self, total: int, initial: int, desc: str, *, enabled: bool = True, stream=None,
+                 interval: float = 10.0):
+        self.stream = sys.stderr if stream is None else stream
+        self.total, self.step, self.desc, self.loss = total, initial, desc, None
+        self.disable = not enabled
+        self.interval = interval
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.bar = tqdm(total=total, initial=initial, desc=desc, file=self.stream, disable=self.disable or not tty,
+                        dynamic_ncols=True, mininterval=0.1) if tty else None
+        self.started = self.last = time.perf_counter()
+        self.first = initial
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.disable and time.perf_counter() - self.last >= self.interval:
+            self._line()
+
+    def set_loss(self, loss: float) -> None:
+        self.loss = loss
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            tqdm.write(text)
+        else:
+            print(text, flush=True)
+
+    def _line(self) -> None:
+        now = time.perf_counter()
+        self.last = now
+        rate = (self.step - self.first) / max(now - self.started, 1e-9)
+        eta = f"  eta {_duration((self.total - self.step) / rate)}" if rate > 0 and self.step < self.total else ""
+        loss = f"  loss {self.loss:.4f}" if self.loss is not None else ""
+        print(f"{self.desc}: step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%){loss}  "
+              f"{rate:.1f} steps/s{eta}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif not self.disable and self.step > self.first:
+            self._line()
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class _Log:
+    """Validation lines: printed through the progress display and appended to out/metrics.jsonl (rank 0 only)."""
+
+    def __init__(self, path: str, resume_step: int | None, progress: Progress):
+        self.path, self.progress = path, progress
         kept = []
         if resume_step is not None and os.path.isfile(path):  # drop what came after the resume point
             with open(path, encoding="utf-8") as f:
@@ -363,7 +424,7 @@ class _Log:
                     f"ssim {v['ssim']:.4f} (bicubic {v['bicubic_ssim']:.4f})")
         else:
             what = f"psnr hole {v['psnr_hole']:.2f} dB  psnr {v['psnr']:.2f} dB  ssim {v['ssim']:.4f}"
-        tqdm.write(f"step {record['step']}  loss {record['train_loss']:.4f}  lr {record['lr']:.3g}  {what}")
+        self.progress.write(f"step {record['step']}  loss {record['train_loss']:.4f}  lr {record['lr']:.3g}  {what}")
 
 
 def _join_process_group(device: torch.device) -> bool:
@@ -421,10 +482,11 @@ def _fit(cfg: TrainConfig, device: torch.device, amp: torch.dtype | None, starte
     dataset, sampler, loader = _training_data(train_photos, cfg, world, rank, device)
     cases = validation_cases(val_photos, cfg) if rank == 0 else None
     log = None
+    bar = Progress(cfg.steps, start_step, f"train {cfg.task}", enabled=cfg.progress and rank == 0)
     if rank == 0:
         _check(not os.path.exists(cfg.out) or os.path.isdir(cfg.out), f"out = {cfg.out!r} is a file; expected a folder")
         os.makedirs(cfg.out, exist_ok=True)
-        log = _Log(os.path.join(cfg.out, "metrics.jsonl"), start_step if ckpt else None)
+        log = _Log(os.path.join(cfg.out, "metrics.jsonl"), start_step if ckpt else None, bar)
 
     torch.manual_seed(cfg.seed)
     net = build_network(cfg)
@@ -477,10 +539,6 @@ def _fit(cfg: TrainConfig, device: torch.device, amp: torch.dtype | None, starte
         scheduler.step()
         return loss.detach()
 
-    # redrawn in place on a terminal; into a log file or pipe, one line every 15 s at most
-    bar = tqdm(total=cfg.steps, initial=start_step, desc=f"train {cfg.task}", file=sys.stderr,
-               disable=not cfg.progress or rank != 0, dynamic_ncols=True,
-               mininterval=0.1 if sys.stderr.isatty() else 15.0)
     loss_sum = torch.zeros((), device=device)  # since the last validation (read only then)
     window, window_steps = torch.zeros((), device=device), 0  # since the last progress-bar update
     since_val, train_loss = 0, None
@@ -502,7 +560,7 @@ def _fit(cfg: TrainConfig, device: torch.device, amp: torch.dtype | None, starte
                 window += loss
                 window_steps += 1
                 if window_steps == LOG_EVERY or step == cfg.steps:
-                    bar.set_postfix(loss=f"{window.item() / window_steps:.4f}")
+                    bar.set_loss(window.item() / window_steps)
                     window.zero_()
                     window_steps = 0
             do_val = step % cfg.val_every == 0 or step == cfg.steps

@@ -1,7 +1,7 @@
 """Gating suite: channel, spatial, CBAM gates and layer fusion; fused vs eager vs torch.compile.
 
 Providers:
-- ``eager``: the reference maths of kernels.reference in the input dtype (what a model written
+- ``eager``: the reference maths of attnsr.kernels.reference in the input dtype (what a model written
   with PyTorch ops runs);
 - ``compile``: ``torch.compile`` of that same function;
 - ``fused``: attnsr's Triton kernels (GPU only).
@@ -70,8 +70,8 @@ def _inputs(case: dict, device: torch.device, dtype: torch.dtype, grad: bool):
 
 
 def build(case: dict, device: torch.device) -> Bench:
-    import kernels
-    from kernels import reference
+    from attnsr import kernels
+    from attnsr.kernels import reference
 
     if case["provider"] == "fused" and device.type != "cuda":
         raise Skip("Triton kernels need a GPU (on CPU they run in Triton's interpreter, a test tool)")

@@ -12,7 +12,7 @@ dtype. Inputs are q, k, v split out of one fused-qkv NCHW map (B, 3C, 128, 128),
 ``SelfAttention2d`` produces them: N = 16384 tokens, B = 4, heads = 2, so 8 (batch, head) pairs and
 1024 to 4096 programs per launch (tiles of 128 to 32 rows): several waves on 132 SMs.
 Candidates: BLOCK_M, BLOCK_N ∈ {32, 64, 128} × num_warps ∈ {4, 8} × num_stages ∈ {1, 2, 3}, less
-those that cannot fit: the shared-memory estimate of ``kernels.attention._shared_memory_estimate``
+those that cannot fit: the shared-memory estimate of ``attnsr.kernels.attention._shared_memory_estimate``
 over the device's per-block limit, or fp32 accumulators alone over 255 registers per thread (such
 rows are kept with status "pruned: ..."). The group's current default (its ``_LAUNCH`` entry) runs
 first and again last: the two times give the group's spread, the noise floor of its ratios.
@@ -64,7 +64,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-import kernels.attention as attn
+import attnsr.kernels.attention as attn
 from benchmarks import harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

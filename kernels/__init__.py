@@ -5,11 +5,11 @@ fake kernels and an autograd formula, so they work under autograd, autocast and 
 On CPU tensors the kernels need ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 
-from kernels.attention import flash_attention, image_attention
-from kernels.cbam import cbam_gate
-from kernels.channel_gate import channel_gate
-from kernels.layer_fusion import layer_fusion
-from kernels.spatial_gate import spatial_gate
+from .attention import flash_attention, image_attention
+from .cbam import cbam_gate
+from .channel_gate import channel_gate
+from .layer_fusion import layer_fusion
+from .spatial_gate import spatial_gate
 
 __all__ = [
     "cbam_gate",

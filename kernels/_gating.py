@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import (
+from ._runtime import (
     MAX_INDEX,
     autocast_inputs,
     channels_innermost,

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._runtime import (
+from ._runtime import (
     MAX_INDEX,
     empty_map_like,
     on_tensor_device,

@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from kernels._gating import (
+from ._gating import (
     check_map_limits,
     empty_map_like,
     empty_stat,
@@ -50,8 +50,8 @@ from kernels._gating import (
     prepare_inputs,
     refuse_double_backward,
 )
-from kernels._runtime import check_runnable, check_same, on_tensor_device
-from kernels.channel_gate import (
+from ._runtime import check_runnable, check_same, on_tensor_device
+from .channel_gate import (
     ChannelState,
     channel_dot,
     channel_gate_backward,
@@ -61,7 +61,7 @@ from kernels.channel_gate import (
     fake_weight_grads,
     weight_grad_outputs,
 )
-from kernels.spatial_gate import (
+from .spatial_gate import (
     check_spatial_conv,
     fake_conv_grads,
     fake_spatial_state,

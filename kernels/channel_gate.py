@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._gating import (
+from ._gating import (
     _through_spatial_gate,
     _tile_offsets,
     acc_dtype,
@@ -62,7 +62,7 @@ from kernels._gating import (
     stat_dtype,
     tile_config,
 )
-from kernels._runtime import check_rank, check_runnable, check_same, check_tensor, interpreting, on_tensor_device
+from ._runtime import check_rank, check_runnable, check_same, check_tensor, interpreting, on_tensor_device
 
 POOLS = ("avg", "avgmax")
 

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._gating import (
+from ._gating import (
     _tile_offsets,
     acc_dtype,
     check_map_limits,
@@ -53,7 +53,7 @@ from kernels._gating import (
     stat_dtype,
     tile_config,
 )
-from kernels._runtime import (
+from ._runtime import (
     check_rank,
     check_runnable,
     check_same,

@@ -5,8 +5,8 @@ import torch
 from conftest import DEVICE, ON_GPU, needs_gpu
 from tolerances import REL_TOL, assert_close_rel, rel_error
 
-from kernels import flash_attention, image_attention
-from kernels.reference import (
+from attnsr.kernels import flash_attention, image_attention
+from attnsr.kernels.reference import (
     flash_attention_ref,
     image_attention_ref,
     image_to_tokens,
@@ -192,7 +192,7 @@ def test_upstream_gradient_with_stride_zero():
 def test_token_rows_are_flattened_only_where_they_lie_in_one_row():
     """Pixels of NCHW / channels_last maps (and stride-0 gradients) are addressed as one row of tokens
     (no division per token); patches and maps whose rows are not contiguous keep the 2-D grid."""
-    from kernels.attention import _Tokens
+    from attnsr.kernels.attention import _Tokens
 
     def layout(patch, *maps):
         return _Tokens("map", 1, patch, maps[0].shape[-1]).for_tensors(*maps)
@@ -486,7 +486,7 @@ def test_cpu_without_interpreter_says_what_to_do(monkeypatch):
 
 
 def test_custom_ops_pass_opcheck():
-    from kernels.attention import _attention_backward_op, _attention_op
+    from attnsr.kernels.attention import _attention_backward_op, _attention_op
 
     qkv = torch.randn(2, 3 * 8, 4, 6, device=DEVICE, requires_grad=True)
     q, k, v = qkv.split(8, dim=1)
@@ -536,7 +536,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_kernels_launch_on_the_tensors_device():
     """Triton launches on the current device; the ops must switch to their inputs' device."""
-    import kernels
+    from attnsr import kernels
 
     dev = torch.device("cuda:1")
     qkv = torch.randn(1, 3 * 8, 6, 6, device=dev, requires_grad=True)

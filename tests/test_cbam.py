@@ -8,10 +8,10 @@ import torch
 from conftest import DEVICE
 from gating_checks import LaunchLog, check_op, check_pass_counts, conv_weights, feature_map, mlp_weights
 
-from kernels import _gating, cbam_gate
-from kernels.reference import cbam_gate_ref
+from attnsr.kernels import _gating, cbam_gate
+from attnsr.kernels.reference import cbam_gate_ref
 
-MODULES = [_gating, importlib.import_module("kernels.channel_gate"), importlib.import_module("kernels.spatial_gate")]
+MODULES = [_gating, *(importlib.import_module(f"attnsr.kernels.{name}") for name in ("channel_gate", "spatial_gate"))]
 
 
 def _fn(pool):

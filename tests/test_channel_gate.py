@@ -7,11 +7,11 @@ import torch
 from conftest import DEVICE
 from gating_checks import LaunchLog, check_op, check_pass_counts, feature_map, leaf, mlp_weights
 
-from kernels import _gating, channel_gate
-from kernels.reference import channel_gate_ref
+from attnsr.kernels import _gating, channel_gate
+from attnsr.kernels.reference import channel_gate_ref
 
-# the module (kernels.channel_gate is the function: the package exports it under the module's name)
-cg_module = importlib.import_module("kernels.channel_gate")
+# the module (attnsr.kernels.channel_gate is the function: the package exports it under the module's name)
+cg_module = importlib.import_module("attnsr.kernels.channel_gate")
 
 
 def _fn(pool):

@@ -10,13 +10,13 @@ from conftest import DEVICE, needs_gpu
 from gating_checks import check_op, conv_weights, feature_map, leaf, mlp_weights
 from tolerances import REL_TOL, rel_error
 
-from kernels import cbam_gate, channel_gate, layer_fusion, spatial_gate
-from kernels.reference import cbam_gate_ref, channel_gate_ref, layer_fusion_ref, spatial_gate_ref
+from attnsr.kernels import cbam_gate, channel_gate, layer_fusion, spatial_gate
+from attnsr.kernels.reference import cbam_gate_ref, channel_gate_ref, layer_fusion_ref, spatial_gate_ref
 
-cg = importlib.import_module("kernels.channel_gate")
-sg = importlib.import_module("kernels.spatial_gate")
-cb = importlib.import_module("kernels.cbam")
-lf = importlib.import_module("kernels.layer_fusion")
+cg = importlib.import_module("attnsr.kernels.channel_gate")
+sg = importlib.import_module("attnsr.kernels.spatial_gate")
+cb = importlib.import_module("attnsr.kernels.cbam")
+lf = importlib.import_module("attnsr.kernels.layer_fusion")
 
 
 # Each public op as fn(*inputs), its float64 reference ref(*inputs), and fresh inputs of a dtype

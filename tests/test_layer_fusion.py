@@ -8,10 +8,10 @@ import torch
 from conftest import DEVICE
 from gating_checks import LaunchLog, check_op, leaf
 
-from kernels import layer_fusion
-from kernels.reference import layer_fusion_ref
+from attnsr.kernels import layer_fusion
+from attnsr.kernels.reference import layer_fusion_ref
 
-lf_module = importlib.import_module("kernels.layer_fusion")
+lf_module = importlib.import_module("attnsr.kernels.layer_fusion")
 
 
 def _stacked(features, weights):

@@ -7,10 +7,10 @@ import torch
 from conftest import DEVICE
 from gating_checks import LaunchLog, check_op, check_pass_counts, conv_weights, feature_map, leaf
 
-from kernels import _gating, spatial_gate
-from kernels.reference import spatial_gate_ref
+from attnsr.kernels import _gating, spatial_gate
+from attnsr.kernels.reference import spatial_gate_ref
 
-sg_module = importlib.import_module("kernels.spatial_gate")
+sg_module = importlib.import_module("attnsr.kernels.spatial_gate")
 
 
 def _ref(x, weight, bias):

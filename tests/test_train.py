@@ -6,6 +6,7 @@ smoke test), CPU unless a test needs the GPU.
 """
 
 import dataclasses
+import io
 import json
 import math
 import os
@@ -200,8 +201,40 @@ def test_inpaint_runs_at_patch_16_with_a_progress_bar(tmp_path, capsys):
     assert all(torch.isfinite(torch.tensor(v)) for v in result["val"].values())
     assert result["val"]["psnr"] > result["val"]["psnr_hole"]  # the known pixels are kept exactly
     assert load_checkpoint(result["checkpoint"], task="inpaint")["model"]["kwargs"]["heads"] == 1
-    err = capsys.readouterr().err
-    assert "it/s" in err and "loss=" in err, f"no progress bar on stderr: {err[-300:]!r}"
+    err = capsys.readouterr().err  # not a terminal: plain lines, the last at the end of training
+    assert "train inpaint: step 2/2 (100%)  loss " in err and "\r" not in err, f"progress on stderr: {err[-300:]!r}"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_into_a_log_is_a_readable_line_every_interval(monkeypatch):
+    """Into a file or pipe: one plain line per interval and one at the end, no carriage returns;
+    on a terminal: tqdm's bar, redrawn in place."""
+    clock = [0.0]
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: clock[0])
+    log = io.StringIO()
+    progress = train_module.Progress(1000, 0, "train sr", stream=log, interval=10.0)
+    for step in range(1000):  # 125 s at 8 steps/s
+        clock[0] += 0.125
+        progress.update(1)
+        if step % 10 == 9:
+            progress.set_loss(0.5)
+    progress.close()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue()
+    assert len(lines) == 13, lines  # at 10 s, 20 s, ... 120 s, and the end
+    assert lines[0] == "train sr: step 80/1000 (8%)  loss 0.5000  8.0 steps/s  eta 1m55s", lines[0]
+    assert lines[-1] == "train sr: step 1000/1000 (100%)  loss 0.5000  8.0 steps/s", lines[-1]
+
+    terminal = _Terminal()
+    bar = train_module.Progress(5, 0, "train sr", stream=terminal)
+    for _ in range(5):
+        bar.update(1)
+    bar.close()
+    assert "\r" in terminal.getvalue() and "5/5" in terminal.getvalue()
 
 
 def test_triton_backend_trains(tmp_path):

@@ -17,10 +17,10 @@ import torch
 from conftest import DEVICE
 from tolerances import assert_close_rel
 
-import kernels.attention as attn
+import attnsr.kernels.attention as attn
 from benchmarks import tune
-from kernels import flash_attention, image_attention
-from kernels.reference import flash_attention_ref, image_attention_ref
+from attnsr.kernels import flash_attention, image_attention
+from attnsr.kernels.reference import flash_attention_ref, image_attention_ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOPPER_SMEM = 227 * 1024
