@@ -24,7 +24,12 @@ SKIP_IN_COPY = {".git", ".venv", "build", "demo-output", "__pycache__", ".pytest
                 "docs"}
 
 
-def _run(args, cwd, timeout=300, env=None):
+# what the fresh environments see: no PYTHONPATH (a source tree on it would look like an installed attnsr to
+# pip and to Python) and no interpreter switch (the commands decide, as they do for a user)
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+
+
+def _run(args, cwd, timeout=300, env=CLEAN_ENV):
     out = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     assert out.returncode == 0, f"{' '.join(map(str, args))} exited {out.returncode}:\n{out.stdout[-2000:]}\n" \
                                 f"{out.stderr[-3000:]}"
@@ -95,7 +100,6 @@ def test_installs_beside_a_top_level_kernels_package_and_both_import(wheels):
 
     assert sorted(os.listdir(os.path.join(site, "kernels"))) in (["__init__.py", "utils.py"],
                                                                   ["__init__.py", "__pycache__", "utils.py"])
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     probe = textwrap.dedent("""\
         import json, kernels, attnsr, attnsr.kernels
         from attnsr.kernels import flash_attention, image_attention, channel_gate, spatial_gate, cbam_gate
@@ -103,26 +107,26 @@ def test_installs_beside_a_top_level_kernels_package_and_both_import(wheels):
                           "attnsr_kernels": attnsr.kernels.__file__, "attnsr": attnsr.__file__,
                           "ops": [f.__name__ for f in (flash_attention, image_attention, channel_gate)]}))
     """)
-    got = json.loads(_run([python, "-c", probe], cwd=tmp, env=env).strip().splitlines()[-1])
+    got = json.loads(_run([python, "-c", probe], cwd=tmp).strip().splitlines()[-1])
     assert got["standin"] == "stand-in" and got["hub"] == "x"
     assert got["attnsr_kernels"] == os.path.join(site, "attnsr", "kernels", "__init__.py")
     assert got["attnsr"].startswith(site), f"attnsr imported from {got['attnsr']}, not the fresh environment"
 
     # the commands of an installed wheel, run outside any checkout
-    check = _run([python, "-m", "attnsr", "check", "--device", "cpu"], cwd=tmp, env=env, timeout=600)
+    check = _run([python, "-m", "attnsr", "check", "--device", "cpu"], cwd=tmp, env=CLEAN_ENV, timeout=600)
     assert "all within bounds" in check
-    bench = subprocess.run([python, "-m", "attnsr", "bench"], cwd=tmp, env=env, capture_output=True, text=True,
+    bench = subprocess.run([python, "-m", "attnsr", "bench"], cwd=tmp, env=CLEAN_ENV, capture_output=True, text=True,
                            timeout=120)
     assert bench.returncode == 2 and bench.stdout == ""
     assert bench.stderr.count("\n") == 1 and "benchmarks/" in bench.stderr and "checkout" in bench.stderr, bench.stderr
 
     # each uninstall leaves the other package whole
     _run([python, "-m", "pip", "uninstall", "-y", "-q", "attnsr"], cwd=tmp)
-    assert _run([python, "-c", "import kernels; print(kernels.OWNER)"], cwd=tmp, env=env).strip() == "stand-in"
+    assert _run([python, "-c", "import kernels; print(kernels.OWNER)"], cwd=tmp).strip() == "stand-in"
     _run([*pip, attnsr_wheel], cwd=tmp)
     _run([python, "-m", "pip", "uninstall", "-y", "-q", "kernels-standin"], cwd=tmp)
     out = _run([python, "-c", "import attnsr.kernels, importlib.util; print(importlib.util.find_spec('kernels'))"],
-               cwd=tmp, env=env)
+               cwd=tmp)
     assert out.strip() == "None"
 
 
@@ -135,9 +139,8 @@ def test_demo_runs_from_the_installed_wheel(wheels):
 
     python, _ = _fresh_venv(tmp / "fresh-demo", (torch, numpy, PIL, skimage, tqdm))
     _run([python, "-m", "pip", "install", "--no-deps", "--no-index", "-q", attnsr_wheel], cwd=tmp)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
     out = subprocess.run([python, "-m", "attnsr", "demo", "--steps", "2", "--out", str(tmp / "demo"), "--device",
-                          "cpu"], cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
+                          "cpu"], cwd=tmp, env=CLEAN_ENV, capture_output=True, text=True, timeout=900)
     assert out.returncode in (0, 1), out.stderr[-3000:]  # 1: two steps do not beat bicubic
     assert "all within bounds" in out.stdout and "time ÷ naive" in out.stdout and "attnsr is" in out.stdout
     assert "\r" not in out.stderr
