@@ -7,6 +7,11 @@
 - ``triton``: the fused kernels of :mod:`kernels`.
 - ``auto``: ``triton`` for CUDA tensors, ``torch`` otherwise (CPU tensors would need Triton's slow
   interpreter).
+
+Autocast, one rule for every backend: inside ``torch.autocast`` an op casts its floating-point
+tensors other than float64 to the autocast dtype (as autocast does for matmuls and convolutions)
+and returns the autocast dtype (``autocast_inputs``; the fused ops apply the same function, also
+to direct ``torch.ops.attnsr.*`` calls).
 """
 
 import math
@@ -24,6 +29,13 @@ def _kernels():
     return attnsr.kernels
 
 BACKENDS = ("naive", "torch", "triton", "auto")
+
+
+def autocast_inputs(*args):
+    """The autocast rule of every op and backend (see the module docstring)."""
+    from attnsr.kernels._runtime import autocast_inputs as rule
+
+    return rule(*args)
 
 
 def check_backend(backend: str) -> str:
@@ -51,6 +63,7 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
     Same semantics as :func:`attnsr.kernels.image_attention` on every backend.
     """
     backend = resolve(backend, q)
+    q, k, v = autocast_inputs(q, k, v)
     if backend == "triton":
         return _kernels().image_attention(q, k, v, heads=heads, patch_size=patch_size, scale=scale)
     b, c, h, w = q.shape
@@ -78,6 +91,7 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
 
 def channel_gate(x, w1, b1, w2, b2, *, pool="avg", backend="auto"):
     """x · sigmoid(mlp(avg_hw x) [+ mlp(max_hw x)]): (B, C, H, W) -> (B, C, H, W)."""
+    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
     if resolve(backend, x) == "triton":
         return _kernels().channel_gate(x, w1, b1, w2, b2, pool=pool)
     return _kernels().reference.channel_gate_ref(x, w1, b1, w2, b2, pool=pool)
@@ -85,6 +99,7 @@ def channel_gate(x, w1, b1, w2, b2, *, pool="avg", backend="auto"):
 
 def spatial_gate(x, weight, bias=None, *, backend="auto"):
     """x · sigmoid(conv_k×k([mean_c x, max_c x])): (B, C, H, W) -> (B, C, H, W)."""
+    x, weight, bias = autocast_inputs(x, weight, bias)
     if resolve(backend, x) == "triton":
         return _kernels().spatial_gate(x, weight, bias)
     return _kernels().reference.spatial_gate_ref(x, weight, bias)
@@ -92,6 +107,7 @@ def spatial_gate(x, weight, bias=None, *, backend="auto"):
 
 def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax", backend="auto"):
     """spatial_gate(channel_gate(x)): (B, C, H, W) -> (B, C, H, W)."""
+    x, w1, b1, w2, b2, sweight, sbias = autocast_inputs(x, w1, b1, w2, b2, sweight, sbias)
     if resolve(backend, x) == "triton":
         return _kernels().cbam_gate(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
     return _kernels().reference.cbam_gate_ref(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
@@ -99,6 +115,7 @@ def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax", backend="auto
 
 def layer_fusion(features, weights, *, backend="auto"):
     """Σ_l weights[:, l] · features[l] for L maps (B, C, H, W) (a sequence or an (L, B, ...) tensor)."""
+    features, weights = autocast_inputs(features, weights)
     if resolve(backend, weights) == "triton":
         return _kernels().layer_fusion(features, weights)
     return _kernels().reference.layer_fusion_ref(features, weights)

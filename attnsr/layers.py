@@ -210,6 +210,7 @@ class SpatialAttention(_AttnsrLayer):
 
     def forward(self, x):
         if self.mode == "conv":
+            (x,) = backends.autocast_inputs(x)  # the gates' autocast rule: the output in the autocast dtype
             return x * torch.sigmoid(self.conv(x))
         return backends.spatial_gate(x, self.conv.weight, self.conv.bias, backend=self.backend)
 

@@ -272,9 +272,7 @@ def refuse_double_backward(backward_op, name: str) -> None:
 
 def prepare_inputs(op: str, *tensors):
     """First step of every public gating function: refuse forward-mode AD (dual tensors, torch.func.jvp),
-    then, under torch.autocast, cast fp32 tensors to the autocast dtype. Non-tensors (None biases,
-    inputs that validation will reject) pass through unchanged."""
+    then apply the autocast rule (``_runtime.autocast_inputs``). Non-tensors (None biases, inputs
+    that validation will reject) pass through unchanged."""
     check_no_forward_ad(op, *tensors)
-    if not any(isinstance(t, torch.Tensor) for t in tensors):
-        return tensors
     return autocast_inputs(*tensors)

@@ -95,18 +95,62 @@ def positive_int(op: str, name: str, value) -> int:
     return value
 
 
-def autocast_inputs(*tensors):
-    """Under torch.autocast, cast fp32 tensors to the autocast dtype, as autocast does for matmuls.
+def _autocast_dtype(device_type: str):
+    """The dtype of the enclosing ``torch.autocast`` region for ``device_type``, or None outside one."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
-    Tensors that are None or not fp32 pass through unchanged.
+
+def _cast(value, device_type: str, dtype: torch.dtype):
+    """``value`` with its floating-point tensors on ``device_type`` (float64 excepted) cast to ``dtype``;
+    lists and tuples are walked, anything else is returned as is."""
+    if isinstance(value, torch.Tensor):
+        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, device_type, dtype) for v in value)
+    return value
+
+
+def autocast_inputs(*args):
+    """The autocast rule of every attnsr op, on every backend: inside ``torch.autocast``, floating-point
+    tensors other than float64 are cast to the autocast dtype (as autocast does for matmuls and
+    convolutions), so the op computes in and returns the autocast dtype. Outside autocast, and for
+    float64 tensors, None and non-tensors, the arguments come back unchanged. Lists and tuples of
+    tensors (layer_fusion's maps) are cast element by element.
     """
-    first = next(t for t in tensors if isinstance(t, torch.Tensor))
-    device = first.device.type
-    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
-                     for t in tensors)
-    return tensors
+    first = next((t for t in _tensors(args)), None)
+    dtype = None if first is None else _autocast_dtype(first.device.type)
+    return args if dtype is None else tuple(_cast(a, first.device.type, dtype) for a in args)
+
+
+def _tensors(values):
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _tensors(v)
+
+
+_AUTOCAST_LIBRARY = torch.library.Library("attnsr", "FRAGMENT")
+
+
+def register_autocast(op, name: str) -> None:
+    """Give the custom op ``attnsr::<name>`` (``op``) the autocast rule of :func:`autocast_inputs`, so
+    that a direct ``torch.ops.attnsr.<name>`` call inside ``torch.autocast`` follows it too.
+
+    ``torch.library.register_autocast`` casts to a dtype fixed at registration; this reads the
+    region's dtype (float16 or bfloat16) at call time. The op itself then runs with autocast off.
+    """
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+
+        def kernel(*args, _device_type=device_type):
+            dtype = torch.get_autocast_dtype(_device_type)
+            with torch.autocast(_device_type, enabled=False):
+                return op(*(_cast(a, _device_type, dtype) for a in args))
+
+        _AUTOCAST_LIBRARY.impl(name, kernel, key)
 
 
 def channels_innermost(t: torch.Tensor) -> bool:

@@ -66,6 +66,7 @@ from ._runtime import (
     interpreting,
     next_pow2,
     positive_int,
+    register_autocast,
     tf32_precision,
 )
 
@@ -638,6 +639,7 @@ def _backward(ctx, do, _dlse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_attention_op, "attention")
 
 
 def _no_double_backward(ctx, *grads):

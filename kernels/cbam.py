@@ -50,7 +50,7 @@ from ._gating import (
     prepare_inputs,
     refuse_double_backward,
 )
-from ._runtime import check_runnable, check_same, on_tensor_device
+from ._runtime import check_runnable, check_same, on_tensor_device, register_autocast
 from .channel_gate import (
     ChannelState,
     channel_dot,
@@ -144,6 +144,7 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 _cbam_gate_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_cbam_gate_op, "cbam_gate")
 refuse_double_backward(_cbam_gate_backward_op, "cbam_gate")
 
 

@@ -30,9 +30,10 @@ Registration. Two torch.library custom ops, each with a fake (meta) kernel so th
 torch.compile(fullgraph=True) traces them: ``attnsr::channel_gate`` (forward passes 1 and 2 and
 the MLP; returns y and the statistics above) and ``attnsr::channel_gate_backward`` (backward passes
 1 and 2 and the MLP's backward), which the forward op's registered autograd formula calls. Under
-torch.autocast, fp32 inputs are cast to the autocast dtype before the op; inside the ops autocast is
-off, so the statistics and the MLP stay fp32. Reverse mode only: forward-mode AD and double
-backward raise.
+torch.autocast, the floating-point inputs (float64 excepted) are cast to the autocast dtype, by the
+public function and by the op's autocast rule (``_runtime.autocast_inputs``, the rule of every
+attnsr op and backend); inside the ops autocast is off, so the statistics and the MLP stay fp32.
+Reverse mode only: forward-mode AD and double backward raise.
 
 Limits and precision. x: (B, C, H, W) with any strides (NCHW, channels_last, views); y and dx are
 channels_last when x has channels innermost, else contiguous. B ≤ 65535, H·W < 2^31. Statistics,
@@ -62,7 +63,15 @@ from ._gating import (
     stat_dtype,
     tile_config,
 )
-from ._runtime import check_rank, check_runnable, check_same, check_tensor, interpreting, on_tensor_device
+from ._runtime import (
+    check_rank,
+    check_runnable,
+    check_same,
+    check_tensor,
+    interpreting,
+    on_tensor_device,
+    register_autocast,
+)
 
 POOLS = ("avg", "avgmax")
 
@@ -378,6 +387,7 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 _channel_gate_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_channel_gate_op, "channel_gate")
 refuse_double_backward(_channel_gate_backward_op, "channel_gate")
 
 

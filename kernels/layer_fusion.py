@@ -47,7 +47,7 @@ from ._gating import (
     stat_dtype,
     tile_config,
 )
-from ._runtime import check_rank, check_runnable, check_same, check_tensor, on_tensor_device
+from ._runtime import check_rank, check_runnable, check_same, check_tensor, on_tensor_device, register_autocast
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,6 +284,7 @@ def _backward(ctx, dout):
 
 
 _layer_fusion_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_layer_fusion_op, "layer_fusion")
 refuse_double_backward(_layer_fusion_backward_op, "layer_fusion")
 
 

@@ -61,6 +61,7 @@ from ._runtime import (
     interpreting,
     next_pow2,
     on_tensor_device,
+    register_autocast,
 )
 
 MAX_KERNEL_SIZE = 15
@@ -390,6 +391,7 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 _spatial_gate_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_spatial_gate_op, "spatial_gate")
 refuse_double_backward(_spatial_gate_backward_op, "spatial_gate")
 
 

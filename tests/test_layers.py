@@ -1,6 +1,8 @@
 """attnsr layers: every backend matches `naive` (the documents' maths) in float64, forward and every
 gradient; one set of parameters and state_dict keys across backends."""
 
+import copy
+
 import pytest
 import torch
 from conftest import DEVICE
@@ -135,3 +137,57 @@ def test_layer_attention_rejects_wrong_count():
     layer = attnsr.LayerAttention(3, 4)
     with pytest.raises(ValueError, match=r"got 2 feature maps; expected num_layers = 3"):
         layer([torch.randn(1, 4, 2, 2)] * 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autocast: one rule for every backend
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*LAYERS, "layer_attention"])
+def test_autocast_gives_one_dtype_on_every_backend(name):
+    """Inside torch.autocast(bfloat16) an fp32 input gives the same output dtype on naive, torch and
+    triton: bfloat16 (the ops compute in the autocast dtype), except SelfAttention2d, whose residual
+    add promotes back to the input's float32 on every backend. Values stay within bf16 tolerance of
+    the float64 layer."""
+    if name == "layer_attention":
+        layer = attnsr.LayerAttention(3, 6, reduction=2).to(DEVICE)
+        x = [torch.randn(2, 6, 5, 7, device=DEVICE) for _ in range(3)]
+        expect = _double(layer, "naive")([t.double() for t in x])
+    else:
+        build, shape = LAYERS[name]
+        layer = build().to(DEVICE)
+        x = torch.randn(shape, device=DEVICE)
+        expect = _double(layer, "naive")(x.double())
+    want = torch.float32 if name.startswith("self_attention") else torch.bfloat16
+    for backend in ["naive", "torch", "triton"]:
+        layer.backend = backend
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == want, f"{name} on {backend} under bf16 autocast: {y.dtype}, expected {want}"
+        assert_close_rel(y, expect, torch.bfloat16, f"{name} on {backend} under bf16 autocast")
+
+
+def _double(layer, backend):
+    twin = copy.deepcopy(layer).double()
+    twin.backend = backend
+    return twin
+
+
+@pytest.mark.parametrize("op", ["channel_gate", "spatial_gate", "cbam_gate", "layer_fusion", "attention"])
+def test_direct_op_calls_follow_autocast(op):
+    """torch.ops.attnsr.* called directly inside autocast casts its fp32 inputs like the public functions."""
+    x = torch.randn(2, 4, 5, 6, device=DEVICE)
+    w = [torch.randn(s, device=DEVICE) for s in ((2, 4), (2,), (4, 2), (4,))]
+    conv = torch.randn(1, 2, 3, 3, device=DEVICE)
+    args = {
+        "channel_gate": (x, *w, "avgmax"),
+        "spatial_gate": (x, conv, None),
+        "cbam_gate": (x, *w, conv, None, "avgmax"),
+        "layer_fusion": ([x, x.flip(0)], torch.rand(2, 2, device=DEVICE)),
+        "attention": (x, x.flip(1), x.flip(2), "map", 2, 1, 0.5),
+    }[op]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = getattr(torch.ops.attnsr, op)(*args)
+    y = out if isinstance(out, torch.Tensor) else out[0]
+    assert y.dtype == torch.bfloat16, f"torch.ops.attnsr.{op} under bf16 autocast returned {y.dtype}"
