@@ -65,6 +65,31 @@ def _tile_offsets(c, p, W, s_c, s_h, s_w):
 
 
 @triton.jit
+def _block_max(x, idx, NONE, AXIS: tl.constexpr):
+    """Max of x along AXIS and the first index attaining it, as torch.max / torch.argmax define
+    them: NaN counts as greater than every number, so a NaN is the max and the first NaN its index.
+
+    idx: the indices along AXIS, broadcastable to x; NONE: an index above all of them (masked
+    entries of x must be -inf). Explicit NaN handling: ``tl.max`` may ignore NaN on a GPU."""
+    is_nan = x != x
+    nan_arg = tl.min(tl.where(is_nan, idx, NONE), AXIS)
+    x = tl.where(is_nan, float("-inf"), x)
+    blk_max = tl.max(x, AXIS)
+    blk_arg = tl.min(tl.where(x == tl.expand_dims(blk_max, AXIS), idx, NONE), AXIS)
+    has_nan = nan_arg < NONE
+    return tl.where(has_nan, float("nan"), blk_max), tl.where(has_nan, nan_arg, blk_arg)
+
+
+@triton.jit
+def _merge_max(run_max, run_arg, blk_max, blk_arg, NONE):
+    """Running (max, arg-max) updated with a later block's: the later block wins only when strictly
+    greater, when it holds the first NaN, or when nothing was taken yet (run_arg = NONE)."""
+    run_nan = run_max != run_max
+    take = ~run_nan & ((blk_max != blk_max) | (blk_max > run_max) | (run_arg == NONE))
+    return tl.where(take, blk_max, run_max), tl.where(take, blk_arg, run_arg)
+
+
+@triton.jit
 def _through_spatial_gate(g, c, p, p_in, b, HW, S, DPOOL, SARG):
     """Gradient at the spatial gate's input from g = dy on a [channels c × pixels p] tile:
     g·s + d_mean + [c = arg-max channel]·d_max (S, SARG: (B, H·W); DPOOL: (B, 2, H·W); d_mean is

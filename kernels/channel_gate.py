@@ -11,7 +11,7 @@ Backward, with dy the upstream gradient:
     back through the MLP (each branch): dw1, db1, dw2, db2 and ds_avg, ds_max
     dx = dy · ca[b, c] + ds_avg[b, c] / HW + [p = carg[b, c]] · ds_max[b, c]
 The max-pool gradient goes to exactly one pixel per (b, c): the first (lowest h·W + w) attaining
-the maximum, deterministically.
+the maximum, deterministically. NaN counts as the maximum (the first NaN), as in torch.max.
 
 Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one):
     forward   2 reads, 1 write: (1) x → per-(b, c) sum, max and arg-max;  (2) x → y = x · ca
@@ -48,6 +48,8 @@ import triton
 import triton.language as tl
 
 from ._gating import (
+    _block_max,
+    _merge_max,
     _through_spatial_gate,
     _tile_offsets,
     acc_dtype,
@@ -110,13 +112,8 @@ def _channel_stats_kernel(
         x = tl.load(X + _tile_offsets(c, p, W, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC)
         acc += tl.sum(x, 1)
         if WITH_MAX:
-            x = tl.where(mask, x, float("-inf"))
-            blk_max = tl.max(x, 1)
-            blk_arg = tl.min(tl.where(x == blk_max[:, None], p[None, :], HW), 1)
-            # strictly greater: an earlier block keeps a tie
-            take = (blk_max > run_max) | (run_arg == HW)
-            run_max = tl.where(take, blk_max, run_max)
-            run_arg = tl.where(take, blk_arg, run_arg)
+            blk_max, blk_arg = _block_max(tl.where(mask, x, float("-inf")), p[None, :], HW, 1)
+            run_max, run_arg = _merge_max(run_max, run_arg, blk_max, blk_arg, HW)
     out = (b * C + c) * NCH + chunk
     tl.store(SUM + out, acc, mask=c_in)
     if WITH_MAX:

@@ -9,7 +9,8 @@ Backward, with dy the upstream gradient:
     d_mean, d_max = the 2→1 convolution transposed, applied to dpre (same zero padding)
     dweight[0, ch, i, j] = Σ_{b, p} dpre[b, p] · stat_ch[b, h + i − k//2, w + j − k//2],  dbias = Σ dpre
     dx = dy · s[b, p] + d_mean[b, p] / C + [c = sarg[b, p]] · d_max[b, p]
-The max gradient goes to exactly one channel per pixel: the first (lowest c) attaining the maximum.
+The max gradient goes to exactly one channel per pixel: the first (lowest c) attaining the maximum
+(NaN counts as the maximum, the first NaN, as in torch.max).
 
 Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one):
     forward   2 reads, 1 write: (1) x → per-pixel mean, max, arg-max channel;  (2) x → y = x · s
@@ -39,6 +40,8 @@ import triton
 import triton.language as tl
 
 from ._gating import (
+    _block_max,
+    _merge_max,
     _tile_offsets,
     acc_dtype,
     check_map_limits,
@@ -101,13 +104,8 @@ def _spatial_stats_kernel(
             ca = tl.load(CA + b * C + c, mask=c_in, other=0.0)
             x = x * ca[:, None]
         acc += tl.sum(x, 0)
-        x = tl.where(mask, x, float("-inf"))
-        blk_max = tl.max(x, 0)
-        blk_arg = tl.min(tl.where(x == blk_max[None, :], c[:, None], C), 0)
-        # strictly greater: an earlier channel block keeps a tie
-        take = (blk_max > run_max) | (run_arg == C)
-        run_max = tl.where(take, blk_max, run_max)
-        run_arg = tl.where(take, blk_arg, run_arg)
+        blk_max, blk_arg = _block_max(tl.where(mask, x, float("-inf")), c[:, None], C, 0)
+        run_max, run_arg = _merge_max(run_max, run_arg, blk_max, blk_arg, C)
     tl.store(STATS + (2 * b) * HW + p, acc / C, mask=p_in)
     tl.store(STATS + (2 * b + 1) * HW + p, run_max, mask=p_in)
     tl.store(ARG + b * HW + p, run_arg, mask=p_in)

@@ -5,7 +5,16 @@ import importlib
 import pytest
 import torch
 from conftest import DEVICE
-from gating_checks import LaunchLog, check_op, check_pass_counts, conv_weights, feature_map, leaf
+from gating_checks import (
+    LaunchLog,
+    assert_max_matches_torch,
+    assert_same_nonfinite,
+    check_op,
+    check_pass_counts,
+    conv_weights,
+    feature_map,
+    leaf,
+)
 
 from attnsr.kernels import _gating, spatial_gate
 from attnsr.kernels.reference import spatial_gate_ref
@@ -92,6 +101,34 @@ def test_spatial_gate_max_tie_goes_to_first_channel():
     # x, so they differ only by the routed d_max
     assert torch.equal(dx[:, 9], dx[:, 18])
     assert (dx[:, 2] != dx[:, 9]).all()
+
+
+def test_spatial_gate_max_pool_with_nan_and_inf_matches_torch():
+    """NaN counts as greater than every number (torch.max / torch.argmax): the first NaN channel of a
+    pixel is its max and arg-max, also in a later 16-channel block behind larger numbers; ±inf are
+    ordinary values; a pixel of -inf keeps channel 0. Output and gradients carry NaN and inf where
+    the reference's do."""
+    nan, inf = float("nan"), float("inf")
+    x = feature_map((2, 20, 6, 7), torch.float32).detach()
+    x[0, 18, 1, 1] = nan
+    x[0, 3, 1, 1] = nan  # the first NaN of pixel (1, 1)
+    x[0, 17, 2, 2] = nan  # behind the first block's larger numbers
+    x[0, 0, 2, 2] = 50.0
+    x[0, 5, 3, 3] = inf
+    x[0, 12, 3, 3] = inf
+    x[0, :, 5, 6] = -inf
+    x[1, 19, 0, 0] = nan
+    weight, bias = (t.detach() for t in conv_weights(3, torch.float32))
+    _, stats, sarg, _ = sg_module._spatial_gate_op(x, weight, bias)
+    assert_max_matches_torch(stats[:, 1], sarg, x.flatten(2), 1, "spatial max pool")
+    x.requires_grad_()
+    out = spatial_gate(x, weight, bias)
+    xd = x.detach().double().requires_grad_()
+    expect = spatial_gate_ref(xd, weight.double(), bias.double())
+    assert_same_nonfinite(out, expect, torch.float32, "output")
+    dy = torch.randn_like(out)
+    (dx,), (want,) = torch.autograd.grad(out, x, dy), torch.autograd.grad(expect, xd, dy.double())
+    assert_same_nonfinite(dx, want, torch.float32, "d(x)")
 
 
 def test_spatial_gate_deterministic():
