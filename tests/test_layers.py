@@ -1,7 +1,9 @@
-"""attnsr layers: every backend matches `naive` (the documents' maths) in float64, forward and every
-gradient; one set of parameters and state_dict keys across backends."""
+"""attnsr layers: every backend matches `naive` (the documents' code, written independently of
+attnsr.kernels.reference) in float64, forward and every gradient; one set of parameters and
+state_dict keys across backends."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -60,6 +62,31 @@ def test_layer_triton_float32_and_channels_last(name):
     got = _run(layer.float(), x, "triton")
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close_rel(g, w, torch.float32, f"{name} fp32 channels_last: tensor {i}", tol=10 * REL_TOL[torch.float32])
+
+
+def test_naive_backend_is_an_independent_writing(monkeypatch):
+    """The layers' comparisons with ``naive`` can fail only if naive is not the code under test:
+    with every reference function of attnsr.kernels.reference broken, naive still runs (it is the
+    documents' module code), while torch, which runs the reference, breaks."""
+    reference = importlib.import_module("attnsr.kernels.reference")
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the naive backend called attnsr.kernels.reference")
+
+    for name in ("channel_gate_ref", "spatial_gate_ref", "cbam_gate_ref", "layer_fusion_ref", "image_attention_ref",
+                 "flash_attention_ref"):
+        monkeypatch.setattr(reference, name, broken)
+    for name in ("channel_avgmax", "spatial_pool_k3", "cbam", "self_attention"):
+        build, shape = LAYERS[name]
+        layer = build()
+        layer.backend = "naive"
+        assert torch.isfinite(layer(torch.randn(shape))).all()
+        if name != "self_attention":  # torch's attention is SDPA, not the reference
+            layer.backend = "torch"
+            with pytest.raises(AssertionError, match=r"called attnsr\.kernels\.reference"):
+                layer(torch.randn(shape))
+    fusion = attnsr.LayerAttention(2, 4, backend="naive")
+    assert torch.isfinite(fusion([torch.randn(1, 4, 3, 3)] * 2)).all()
 
 
 def test_layer_attention_backends_match():
