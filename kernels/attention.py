@@ -663,7 +663,8 @@ _attention_backward_op.register_autograd(_no_double_backward, setup_context=_set
 def _check_scale(op: str, scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    # abs(scale) < inf rather than math.isfinite: it also takes torch.compile(dynamic=True)'s symbolic floats
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) < math.inf:
         raise TypeError(f"{op}: scale must be a finite real number or None, got {scale!r}")
     return float(scale)
 

@@ -29,7 +29,7 @@ def _inputs(shape, dtype, k, *, hidden=2, channels_last=False, biases=True):
 
 # (B, C, H, W, hidden): B = 1 and 3, C not a power of two and above one 16-channel interpreter
 # block, H != W, H·W = 63 and 143 (not multiples of the blocks; 143 spans three pixel chunks).
-SHAPES = [(1, 5, 7, 9, 2), (3, 18, 13, 11, 3)]
+SHAPES = [(1, 5, 7, 9, 2), (3, 18, 13, 11, 3), (2, 32, 8, 8, 4)]  # and exact block multiples
 
 
 @pytest.mark.parametrize("pool", ["avg", "avgmax"])

@@ -32,8 +32,9 @@ def _ref(pool):
 
 
 # (B, C, H, W, hidden): B = 1 and 3, C not a power of two, H != W, H·W = 63 (under one 64-pixel
-# interpreter chunk) and 143 (three chunks, the last one partial), hidden = 1.
-SHAPES = [(1, 5, 7, 9, 2), (3, 12, 13, 11, 3), (2, 3, 1, 20, 1)]
+# interpreter chunk) and 143 (three chunks, the last one partial), hidden = 1; and exact multiples
+# of the blocks: 16 channels and 8×16 pixels (two full interpreter chunks), and a 64×64 map.
+SHAPES = [(1, 5, 7, 9, 2), (3, 12, 13, 11, 3), (2, 3, 1, 20, 1), (2, 16, 8, 16, 4), (1, 16, 64, 64, 4)]
 
 
 @pytest.mark.parametrize("pool", ["avg", "avgmax"])

@@ -218,3 +218,42 @@ def test_direct_op_calls_follow_autocast(op):
         out = getattr(torch.ops.attnsr, op)(*args)
     y = out if isinstance(out, torch.Tensor) else out[0]
     assert y.dtype == torch.bfloat16, f"torch.ops.attnsr.{op} under bf16 autocast returned {y.dtype}"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile(dynamic=True) over the layers
+# ----------------------------------------------------------------------------------------------
+
+COMPILED = {
+    "self_attention_heads_patches": [(2, 8, 6, 10), (1, 8, 4, 6)],
+    "channel_avgmax": [(1, 20, 5, 11), (2, 20, 7, 6)],
+    "spatial_pool_k3": [(3, 6, 9, 7), (1, 6, 5, 12)],
+    "cbam": [(2, 24, 7, 10), (1, 24, 6, 5)],
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_torch_compile_dynamic_shapes(name):
+    """torch.compile(dynamic=True, fullgraph=True) of a layer on the triton backend: the fake kernels
+    trace with symbolic sizes, and two input sizes run through one graph with the eager results
+    (backend aot_eager: Dynamo and AOTAutograd without code generation)."""
+    build, _ = LAYERS[name]
+    layer = build().to(DEVICE)
+    layer.backend = "triton"
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for shape in COMPILED[name]:
+        x = torch.randn(shape, device=DEVICE)
+        want = _run(layer, x, "triton")
+        got = _run(compiled, x, "triton")
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close_rel(g, w, torch.float32, f"{name} compiled, {shape}: tensor {i}")
+
+
+def test_torch_compile_dynamic_layer_attention():
+    layer = attnsr.LayerAttention(3, 6, reduction=2, backend="triton").to(DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for shape in [(2, 6, 5, 7), (1, 6, 4, 9)]:
+        maps = [torch.randn(shape, device=DEVICE) for _ in range(3)]
+        assert_close_rel(compiled(maps), layer(maps), torch.float32, f"LayerAttention compiled, {shape}")

@@ -27,8 +27,9 @@ def _ref(x, weight, bias):
 
 
 # (B, C, H, W): B = 1 and 3, C = 1 and not a power of two, C above one 16-channel interpreter
-# block, H != W, H·W = 63 and 143 (not multiples of the 32- and 64-pixel blocks), H < k.
-SHAPES = [(1, 5, 7, 9), (3, 12, 13, 11), (2, 1, 5, 6), (1, 19, 3, 8)]
+# block, H != W, H·W = 63 and 143 (not multiples of the 32- and 64-pixel blocks), H < k; and exact
+# multiples of the blocks: 32 channels on an 8×8 map, and a 64×64 map.
+SHAPES = [(1, 5, 7, 9), (3, 12, 13, 11), (2, 1, 5, 6), (1, 19, 3, 8), (2, 32, 8, 8), (1, 4, 64, 64)]
 
 
 @pytest.mark.parametrize("k", [3, 7])
@@ -58,6 +59,14 @@ def test_convolution_backward_loops_when_programs_are_capped(programs, monkeypat
              f"spatial_gate, {programs} conv program(s) per batch element")
     partials = [s for s in sizes if len(s) == 4 and s[2] == 2]  # (B, programs, 2, KK)
     assert partials and all(s[1] <= programs for s in partials), partials
+
+
+@pytest.mark.parametrize("k", [9, 11, 13, 15])
+def test_spatial_gate_large_kernels(k):
+    """k from 9 to the limit 15: k² taps of 81 to 225 (padded to 128 and 256), the kernel wider
+    than the map in one direction."""
+    x = feature_map((2, 5, 12, 9), torch.float32)
+    check_op(spatial_gate, _ref, [x, *conv_weights(k, torch.float32)], torch.float32, f"spatial_gate k={k}")
 
 
 @pytest.mark.parametrize("k", [1, 5])
