@@ -65,6 +65,14 @@ def _tile_offsets(c, p, W, s_c, s_h, s_w):
 
 
 @triton.jit
+def _chunk_end(start, CHUNK, HW):
+    """End of the chunk of pixels [start, start + CHUNK) cut at HW (start < HW), computed without
+    start + CHUNK, which passes 2^31 for the last chunk of a map near the pixel limit (int32 wrap:
+    the chunk would be skipped). The loops over it then stay below HW + BLOCK_P < 2^31."""
+    return start + tl.minimum(CHUNK, HW - start)
+
+
+@triton.jit
 def _block_max(x, idx, NONE, AXIS: tl.constexpr):
     """Max of x along AXIS and the first index attaining it, as torch.max / torch.argmax define
     them: NaN counts as greater than every number, so a NaN is the max and the first NaN its index.

@@ -36,7 +36,8 @@ attnsr op and backend); inside the ops autocast is off, so the statistics and th
 Reverse mode only: forward-mode AD and double backward raise.
 
 Limits and precision. x: (B, C, H, W) with any strides (NCHW, channels_last, views); y and dx are
-channels_last when x has channels innermost, else contiguous. B ≤ 65535, H·W < 2^31. Statistics,
+channels_last when x has channels innermost, else contiguous. B ≤ 65535, H·W ≤ 2^31 − 2^16 (int32 pixel
+indices; every loop bound stays below 2^31, tests/test_index_bounds.py). Statistics,
 the MLP and the gate are fp32 for fp16 / bf16 / fp32 inputs and float64 for float64 inputs; y is
 rounded once to x's dtype. Weight gradients are returned in the weights' dtype.
 """
@@ -49,6 +50,7 @@ import triton.language as tl
 
 from ._gating import (
     _block_max,
+    _chunk_end,
     _merge_max,
     _through_spatial_gate,
     _tile_offsets,
@@ -106,7 +108,7 @@ def _channel_stats_kernel(
     run_max = tl.full([BLOCK_C], float("-inf"), dtype=ACC)
     run_arg = tl.zeros([BLOCK_C], dtype=tl.int32) + HW  # HW = none yet
     start = chunk * CHUNK
-    for p0 in range(start, tl.minimum(start + CHUNK, HW), BLOCK_P):
+    for p0 in range(start, _chunk_end(start, CHUNK, HW), BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = c_in[:, None] & (p < HW)[None, :]
         x = tl.load(X + _tile_offsets(c, p, W, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC)
@@ -144,7 +146,7 @@ def _channel_dot_kernel(
     X += b * sx_b
     acc = tl.zeros([BLOCK_C], dtype=ACC)
     start = chunk * CHUNK
-    for p0 in range(start, tl.minimum(start + CHUNK, HW), BLOCK_P):
+    for p0 in range(start, _chunk_end(start, CHUNK, HW), BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_in = p < HW
         mask = c_in[:, None] & p_in[None, :]

@@ -29,7 +29,8 @@ kernels, autocast and reverse-mode-only rules as in channel_gate.py.
 
 Limits and precision. x: (B, C, H, W) with any strides; y and dx are channels_last when x has
 channels innermost, else contiguous. k odd, 1 ≤ k ≤ 15 (the k² taps of a block of pixels form
-one register tile). B ≤ 65535, H·W < 2^31. Statistics, the convolution and the gate are fp32
+one register tile). B ≤ 65535, H·W ≤ 2^31 − 2^16 (int32 pixel indices; every loop bound stays below
+2^31, tests/test_index_bounds.py). Statistics, the convolution and the gate are fp32
 (float64 for float64 inputs); weight and bias gradients are returned in their own dtype.
 """
 
@@ -187,6 +188,16 @@ def _spatial_conv_fwd_kernel(
 
 
 @triton.jit
+def _conv_block(pid, i, ITERS, n_blocks):
+    """Pixel block of iteration i of program pid in the convolution's backward: pid·ITERS + i, or
+    n_blocks (one past the last block: every pixel masked) for the iterations past the map. The
+    clamp keeps block·BLOCK_P below HW + BLOCK_P < 2^31: unclamped, the last program's trailing
+    iterations pass 2^31 for maps near the pixel limit and wrap to negative pixels, which the
+    p < HW mask lets through."""
+    return tl.minimum(pid * ITERS + i, n_blocks)
+
+
+@triton.jit
 def _spatial_conv_bwd_kernel(
     DPRE,  # (B, H·W) contiguous ACC: gradient of the pre-sigmoid map
     STATS,  # (B, 2, H·W) contiguous ACC: [mean, max] maps saved by the forward
@@ -210,8 +221,9 @@ def _spatial_conv_bwd_kernel(
     pw_mean = tl.zeros([KK], dtype=ACC)
     pw_max = tl.zeros([KK], dtype=ACC)
     pb = tl.zeros([BLOCK_P], dtype=ACC)
+    n_blocks = tl.cdiv(HW, BLOCK_P)
     for i in range(ITERS):
-        p = (pid * ITERS + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p = _conv_block(pid, i, ITERS, n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_in = p < HW
         # transposed convolution: d_stat[q] = Σ_t w[t] · dpre[q − offset(t)]
         offs, inside = _taps(p, H, W, HW, K, KK, -1)
@@ -295,16 +307,21 @@ def spatial_dot(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, ca=None) -> 
     return dpre
 
 
+def conv_programs(batch: int, hw: int, block_p: int):
+    """(ITERS, NPB) of the convolution's backward: about CONV_PROGRAMS programs in all, NPB per batch
+    element, each looping over ITERS blocks of pixels. The weight-gradient partials stay under
+    CONV_PROGRAMS × 2 × KK values (4 MiB at k = 15) whatever the map size."""
+    iters = triton.cdiv(triton.cdiv(hw, block_p), max(1, CONV_PROGRAMS // max(1, batch)))
+    return iters, triton.cdiv(hw, block_p * iters)
+
+
 def spatial_conv_backward(dpre, stats, weight, bias, channels: int, height: int, width: int):
     """Back through the convolution: dpool (B, 2, H·W), dweight (1, 2, k, k), dbias (1,) or None."""
     batch, hw = stats.shape[0], height * width
     k = weight.shape[-1]
     wt = weight.to(stats.dtype).contiguous()
     kk, block_p, launch = _conv_config(k)
-    # about CONV_PROGRAMS programs in all, each looping over its blocks of pixels: the weight-gradient
-    # partials stay under CONV_PROGRAMS × 2 × KK values (4 MiB at k = 15) whatever the map size
-    iters = triton.cdiv(triton.cdiv(hw, block_p), max(1, CONV_PROGRAMS // max(1, batch)))
-    npb = triton.cdiv(hw, block_p * iters)
+    iters, npb = conv_programs(batch, hw, block_p)
     dpool = torch.empty((batch, 2, hw), dtype=stats.dtype, device=stats.device)
     pw = torch.empty((batch, npb, 2, kk), dtype=stats.dtype, device=stats.device)
     pb = torch.empty((batch, npb), dtype=stats.dtype, device=stats.device)
