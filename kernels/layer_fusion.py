@@ -28,8 +28,9 @@ Registration: ``attnsr::layer_fusion(maps: list[Tensor], weights)`` and
 list: [the stacked tensor], or the L maps themselves (still no stacking copy); the map gradients
 come back in the same form. Autocast and reverse-mode-only rules as in channel_gate.py.
 
-Limits and precision. L ≥ 1; C, H, W ≥ 1; B ≤ 65535; H·W ≤ 2^31 − 2^16. Accumulation in fp32 (float64 for float64 inputs); the
-output is rounded once to the maps' dtype; the weight gradient is returned in w's dtype.
+Limits and precision. L ≥ 1; C, H, W ≥ 1; B ≤ 65535; H·W ≤ 2^31 − 2^16. Accumulation in fp32
+(float64 for float64 inputs); the output is rounded once to the maps' dtype; the weight gradient is
+returned in w's dtype.
 """
 
 import torch
