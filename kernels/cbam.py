@@ -153,11 +153,11 @@ refuse_double_backward(_cbam_gate_backward_op, "cbam_gate")
 # ----------------------------------------------------------------------------------------------
 
 
-def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avg"):
+def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax"):
     """spatial_gate(channel_gate(x, w1, b1, w2, b2, pool=pool), sweight, sbias), fused.
 
     x: (B, C, H, W), any strides. Channel MLP: w1 (C//r, C), b1 (C//r,) or None, w2 (C, C//r),
-    b2 (C,) or None; pool "avg" (SE) or "avgmax" (CBAM). Spatial convolution: sweight (1, 2, k, k)
+    b2 (C,) or None; pool "avgmax" (CBAM's, the default) or "avg" (SE). Spatial convolution: sweight (1, 2, k, k)
     with k odd, sbias (1,) or None. All of x's dtype and device. Returns (B, C, H, W) in x's dtype,
     channels_last when x has channels innermost.
     """
