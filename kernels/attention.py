@@ -627,6 +627,7 @@ def _(do, q, k, v, out, lse, kind, heads, patch, scale, need_dq, need_dkdv):
 def _setup_context(ctx, inputs, output):
     q, k, v, kind, heads, patch, scale = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # a saved statistic, as the gating ops' statistics
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.meta = (kind, heads, patch, scale)
 

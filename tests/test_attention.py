@@ -554,6 +554,17 @@ def test_custom_ops_pass_opcheck():
         assert all(r == "SUCCESS" for r in result.values()), result
 
 
+def test_lse_output_is_not_differentiable():
+    """The op's second output, the log-sum-exp saved for backward, is a statistic: no gradient
+    flows through it, and asking for one says so instead of returning garbage."""
+    qkv = torch.randn(1, 3 * 8, 4, 6, device=DEVICE, requires_grad=True)
+    out, lse = torch.ops.attnsr.attention(*qkv.split(8, dim=1), "map", 2, 1, 0.5)
+    assert out.requires_grad
+    assert not lse.requires_grad and lse.grad_fn is None, "lse must be marked non-differentiable"
+    with pytest.raises(RuntimeError, match=r"does not require grad"):
+        torch.autograd.grad(lse.sum(), qkv)
+
+
 def test_autocast_runs_the_kernel_in_half_precision():
     dtype = torch.float16
     qkv = torch.randn(1, 3 * 16, 6, 6, device=DEVICE, requires_grad=True)
