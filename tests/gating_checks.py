@@ -81,8 +81,15 @@ class LaunchLog:
                     monkeypatch.setattr(obj, "run", self._wrap(attr, obj.run))
 
     def _wrap(self, name, run):
+        def tensors(values):
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    yield v
+                elif isinstance(v, tuple):  # a tuple argument (layer_fusion's maps)
+                    yield from tensors(v)
+
         def logged(*args, **kwargs):
-            ptrs = {a.data_ptr() for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}
+            ptrs = {a.data_ptr() for a in tensors(list(args) + list(kwargs.values()))}
             self.launches.append((name, ptrs))
             return run(*args, **kwargs)
 
