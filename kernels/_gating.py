@@ -23,8 +23,8 @@ small, contiguous and in the accumulator dtype: fp32, or float64 for float64 inp
 
 torch.library plumbing shared by the gating ops' custom ops (each op file registers its own
 ``attnsr::<op>`` forward and ``attnsr::<op>_backward`` ops) is at the end of this file: the
-autocast guard of the op bodies, the refusal of double backward, and the handling of autocast
-and forward-mode AD in the public functions.
+autocast guard of the op bodies and the handling of autocast and forward-mode AD in the public
+functions (the refusal of double backward, shared with the attention op, is in _runtime.py).
 """
 
 import torch
@@ -32,7 +32,9 @@ import triton
 import triton.language as tl
 
 from ._runtime import (
+    MAX_GRID_YZ,
     MAX_INDEX,
+    acc_dtype,
     autocast_inputs,
     channels_innermost,
     check_no_forward_ad,
@@ -41,7 +43,6 @@ from ._runtime import (
     next_pow2,
 )
 
-MAX_GRID_YZ = 65535
 MAX_PIXELS = MAX_INDEX
 
 # ----------------------------------------------------------------------------------------------
@@ -181,16 +182,6 @@ def _gate_dx_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def acc_dtype(dtype: torch.dtype):
-    """Triton arithmetic dtype for inputs of ``dtype``: fp32, or fp64 for float64 inputs."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Torch dtype of the statistics and gates: float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def map_strides(t: torch.Tensor):
     return tuple(t.stride())
 
@@ -280,27 +271,6 @@ def no_autocast(t: torch.Tensor):
     PyTorch MLP stay in fp32 (the dispatcher runs a custom op's body with the caller's autocast
     state, which would round the MLP's matmuls to fp16 / bf16)."""
     return torch.autocast(device_type=t.device.type, enabled=False)
-
-
-def empty_stat(t: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An empty (0,) tensor: what a custom op returns in place of an absent output (a gradient
-    that was not asked for, a bias that is None, the max statistics of pool="avg")."""
-    return t.new_empty((0,), dtype=t.dtype if dtype is None else dtype)
-
-
-def refuse_double_backward(backward_op, name: str) -> None:
-    """Register an autograd formula on ``backward_op`` that says the gating op has no double backward."""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"{name} does not support double backward (a gradient of its gradient); "
-            "use the attnsr layers' backend='torch' for higher-order derivatives"
-        )
-
-    def setup_context(ctx, inputs, output):
-        pass
-
-    backward_op.register_autograd(backward, setup_context=setup_context)
 
 
 def prepare_inputs(op: str, *tensors):

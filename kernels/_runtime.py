@@ -1,4 +1,5 @@
-"""Shared plumbing for the kernel launchers: interpreter detection and input validation.
+"""Shared plumbing for the kernel launchers: interpreter detection, input validation, dtypes,
+limits, the autocast rule and the refusal of double backward.
 
 Nothing here launches a kernel. Every public op validates its inputs with these helpers so that
 errors read the same everywhere: ``<op>: <what was given>; <what was expected>``.
@@ -12,6 +13,7 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (batch, heads)
 # Token and pixel indices are int32 in the kernels; a block's indices past the last one must not wrap.
 MAX_INDEX = 2**31 - 2**16
 
@@ -83,7 +85,8 @@ def check_no_forward_ad(op: str, *tensors) -> None:
 
 
 def positive_int(op: str, name: str, value) -> int:
-    """``value`` as an int >= 1 (Python or NumPy integers), else TypeError."""
+    """``value`` as an int >= 1 (Python or NumPy integers): TypeError for another type, ValueError
+    for an int below 1 (as PyTorch's own argument checks)."""
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -91,7 +94,7 @@ def positive_int(op: str, name: str, value) -> int:
     except TypeError:
         raise TypeError(f"{op}: {name} must be a positive int, got {value!r}") from None
     if value < 1:
-        raise TypeError(f"{op}: {name} must be a positive int, got {value!r}")
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
     return value
 
 
@@ -191,6 +194,40 @@ def dot_dtype(dtype: torch.dtype):
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
             torch.float64: tl.float64}[dtype]
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Triton arithmetic dtype of the accumulators and statistics for inputs of ``dtype``: fp32, or
+    fp64 for float64 inputs."""
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Torch dtype of saved statistics (LSE, Δ, pooled maps, gates): float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def absent_output(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An empty (0,) tensor: what a custom op returns in place of an absent output (a gradient that
+    was not asked for, the gradient of a bias that is None, the max statistics of pool="avg")."""
+    return t.new_empty((0,), dtype=t.dtype if dtype is None else dtype)
+
+
+def refuse_double_backward(backward_op, name: str) -> None:
+    """Register an autograd formula on ``backward_op`` that says the op ``name`` has no double backward."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name} does not support double backward (a gradient of its gradient); "
+            "use the attnsr layers' backend='torch' for higher-order derivatives"
+        )
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward_op.register_autograd(backward, setup_context=setup_context)
 
 
 def next_pow2(n: int) -> int:

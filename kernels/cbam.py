@@ -43,14 +43,19 @@ import torch
 from ._gating import (
     check_map_limits,
     empty_map_like,
-    empty_stat,
     gate_apply,
     gate_dx,
     no_autocast,
     prepare_inputs,
-    refuse_double_backward,
 )
-from ._runtime import check_runnable, check_same, on_tensor_device, register_autocast
+from ._runtime import (
+    absent_output,
+    check_runnable,
+    check_same,
+    on_tensor_device,
+    refuse_double_backward,
+    register_autocast,
+)
 from .channel_gate import (
     ChannelState,
     channel_dot,
@@ -116,16 +121,16 @@ def _cbam_gate_backward_op(
         dpool, dsweight, dsbias = spatial_conv_backward(dpre, stats, sweight, sbias, channels, height, width)
         dca = channel_dot(dy, x, s=s, dpool=dpool, sarg=sarg)  # pass 2 over dy and x
         gpool, wgrads = channel_gate_backward(dca, state, w1, b1, w2, b2, height * width)
-        dx = empty_stat(x)
+        dx = absent_output(x)
         if need_dx:  # pass 3: dy -> dx
             dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg, s=s, dpool=dpool, sarg=sarg)
     return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2), dsweight,
-            empty_stat(sweight) if dsbias is None else dsbias)
+            absent_output(sweight) if dsbias is None else dsbias)
 
 
 @_cbam_gate_backward_op.register_fake
 def _(dy, x, w1, b1, w2, b2, sweight, sbias, ca, avg, mx, carg, stats, sarg, s, pool, need_dx):
-    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_weight_grads(w1, b1, w2, b2),
+    return (empty_map_like(x) if need_dx else absent_output(x), *fake_weight_grads(w1, b1, w2, b2),
             *fake_conv_grads(sweight, sbias))
 
 

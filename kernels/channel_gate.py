@@ -54,27 +54,27 @@ from ._gating import (
     _merge_max,
     _through_spatial_gate,
     _tile_offsets,
-    acc_dtype,
     check_map_limits,
     empty_map_like,
-    empty_stat,
     gate_apply,
     gate_dx,
     map_strides,
     no_autocast,
     prepare_inputs,
-    refuse_double_backward,
-    stat_dtype,
     tile_config,
 )
 from ._runtime import (
+    absent_output,
+    acc_dtype,
     check_rank,
     check_runnable,
     check_same,
     check_tensor,
     interpreting,
     on_tensor_device,
+    refuse_double_backward,
     register_autocast,
+    stat_dtype,
 )
 
 POOLS = ("avg", "avgmax")
@@ -259,9 +259,9 @@ class ChannelState:
         self.ca, self.avg, self.mx, self.arg = ca, avg, mx, arg
 
     def outputs(self):
-        absent = empty_stat(self.ca)
+        absent = absent_output(self.ca)
         return (self.ca, self.avg, absent if self.mx is None else self.mx,
-                empty_stat(self.ca, torch.int32) if self.arg is None else self.arg)
+                absent_output(self.ca, torch.int32) if self.arg is None else self.arg)
 
     @staticmethod
     def from_outputs(ca, avg, mx, arg, pool: str) -> "ChannelState":
@@ -323,13 +323,13 @@ def channel_gate_backward(dca, state: ChannelState, w1, b1, w2, b2, hw: int):
 def weight_grad_outputs(wgrads, w1, b1, w2, b2):
     """(dw1, db1, dw2, db2) as custom-op outputs: an empty (0,) tensor for an absent bias."""
     dw1, db1, dw2, db2 = wgrads
-    return dw1, empty_stat(w1) if db1 is None else db1, dw2, empty_stat(w2) if db2 is None else db2
+    return dw1, absent_output(w1) if db1 is None else db1, dw2, absent_output(w2) if db2 is None else db2
 
 
 def fake_weight_grads(w1, b1, w2, b2):
     """Fake (meta) weight gradients: contiguous, like the real ones (matmul results)."""
-    return (w1.new_empty(w1.shape), empty_stat(w1) if b1 is None else b1.new_empty(b1.shape),
-            w2.new_empty(w2.shape), empty_stat(w2) if b2 is None else b2.new_empty(b2.shape))
+    return (w1.new_empty(w1.shape), absent_output(w1) if b1 is None else b1.new_empty(b1.shape),
+            w2.new_empty(w2.shape), absent_output(w2) if b2 is None else b2.new_empty(b2.shape))
 
 
 @torch.library.custom_op("attnsr::channel_gate", mutates_args=())
@@ -362,13 +362,13 @@ def _channel_gate_backward_op(
     with no_autocast(x):
         dca = channel_dot(dy, x)
         gpool, wgrads = channel_gate_backward(dca, state, w1, b1, w2, b2, x.shape[2] * x.shape[3])
-        dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg) if need_dx else empty_stat(x)
+        dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg) if need_dx else absent_output(x)
     return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2))
 
 
 @_channel_gate_backward_op.register_fake
 def _(dy, x, w1, b1, w2, b2, ca, avg, mx, arg, pool, need_dx):
-    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_weight_grads(w1, b1, w2, b2))
+    return (empty_map_like(x) if need_dx else absent_output(x), *fake_weight_grads(w1, b1, w2, b2))
 
 
 def _setup_context(ctx, inputs, output):

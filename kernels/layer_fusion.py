@@ -41,16 +41,23 @@ import triton.language as tl
 
 from ._gating import (
     _tile_offsets,
-    acc_dtype,
     check_map_limits,
     empty_map_like,
-    empty_stat,
     prepare_inputs,
-    refuse_double_backward,
-    stat_dtype,
     tile_config,
 )
-from ._runtime import check_rank, check_runnable, check_same, check_tensor, on_tensor_device, register_autocast
+from ._runtime import (
+    absent_output,
+    acc_dtype,
+    check_rank,
+    check_runnable,
+    check_same,
+    check_tensor,
+    on_tensor_device,
+    refuse_double_backward,
+    register_autocast,
+    stat_dtype,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,7 +263,7 @@ def _layer_fusion_backward_op(
         dout, _MapSet(maps[0] if stacked else maps, stacked), weights, need_df, need_dw
     )
     grads = [] if grads is None else [grads] if stacked else grads
-    return grads, empty_stat(weights) if dweights is None else dweights
+    return grads, absent_output(weights) if dweights is None else dweights
 
 
 @_layer_fusion_backward_op.register_fake
@@ -264,7 +271,7 @@ def _(dout, maps, weights, need_df, need_dw):
     grads = []
     if need_df:
         grads = [_empty_grads(maps[0], True)] if _is_stacked(maps) else _empty_grads(maps, False)
-    return grads, weights.new_empty(weights.shape) if need_dw else empty_stat(weights)
+    return grads, weights.new_empty(weights.shape) if need_dw else absent_output(weights)
 
 
 def _setup_context(ctx, inputs, output):

@@ -18,10 +18,12 @@ Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one
     saved for backward: x and per-(b, h, w) statistics only: [mean, max] and s (fp32), sarg (int32).
 Between the passes, two small kernels work on (B, 2, H, W) and (B, H, W) maps (2/C and 1/C of x):
 the convolution + sigmoid forward, and in backward the transposed convolution together with
-per-program partial sums of the weight and bias gradients. The partials (B, programs, 2, k²), of
-about CONV_PROGRAMS programs in all (at least one per batch element) each looping over its blocks
-of pixels, are summed in PyTorch in a fixed order: no atomics, bitwise reproducible. Eager PyTorch reads x three
-times (mean, max, multiply) and writes the (B, 2, H, W) concatenation besides y.
+per-program partial sums of the weight and bias gradients. The partials, (B, NPB, 2, KK) for the
+weight (NPB programs per batch element, KK = k² rounded up to a power of two, the taps past k²
+zero) and (B, NPB) for the bias, of about CONV_PROGRAMS programs in all (at least one per batch
+element) each looping over its blocks of pixels, are summed in PyTorch in a fixed order: no
+atomics, bitwise reproducible. Eager PyTorch reads x three times (mean, max, multiply) and writes
+the (B, 2, H, W) concatenation besides y.
 
 Registration: ``attnsr::spatial_gate`` (forward passes and the convolution kernel; returns y and
 [mean, max], sarg, s) and ``attnsr::spatial_gate_backward``, torch.library custom ops with fake
@@ -44,20 +46,18 @@ from ._gating import (
     _block_max,
     _merge_max,
     _tile_offsets,
-    acc_dtype,
     check_map_limits,
     empty_map_like,
-    empty_stat,
     gate_apply,
     gate_dx,
     map_strides,
     no_autocast,
     prepare_inputs,
-    refuse_double_backward,
-    stat_dtype,
     tile_config,
 )
 from ._runtime import (
+    absent_output,
+    acc_dtype,
     check_rank,
     check_runnable,
     check_same,
@@ -65,7 +65,9 @@ from ._runtime import (
     interpreting,
     next_pow2,
     on_tensor_device,
+    refuse_double_backward,
     register_autocast,
+    stat_dtype,
 )
 
 MAX_KERNEL_SIZE = 15
@@ -350,7 +352,7 @@ def fake_spatial_state(x: torch.Tensor):
 
 def fake_conv_grads(weight, bias):
     """Fake (meta) dweight (contiguous, like the real one) and dbias (empty (0,) when bias is None)."""
-    return weight.new_empty(weight.shape), empty_stat(weight) if bias is None else bias.new_empty((1,))
+    return weight.new_empty(weight.shape), absent_output(weight) if bias is None else bias.new_empty((1,))
 
 
 @torch.library.custom_op("attnsr::spatial_gate", mutates_args=())
@@ -383,13 +385,13 @@ def _spatial_gate_backward_op(
     with no_autocast(x):
         dpre = spatial_dot(dy, x, s)
         dpool, dweight, dbias = spatial_conv_backward(dpre, stats, weight, bias, channels, height, width)
-        dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if need_dx else empty_stat(x)
-    return dx, dweight, empty_stat(weight) if dbias is None else dbias
+        dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if need_dx else absent_output(x)
+    return dx, dweight, absent_output(weight) if dbias is None else dbias
 
 
 @_spatial_gate_backward_op.register_fake
 def _(dy, x, weight, bias, stats, sarg, s, need_dx):
-    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_conv_grads(weight, bias))
+    return (empty_map_like(x) if need_dx else absent_output(x), *fake_conv_grads(weight, bias))
 
 
 def _setup_context(ctx, inputs, output):

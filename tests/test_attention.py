@@ -359,7 +359,7 @@ def test_forward_mode_ad_and_double_backward_raise():
         torch.func.jvp(lambda a: flash_attention(a, q, q), (q,), (torch.ones_like(q),))
     x = q.clone().requires_grad_()
     (g,) = torch.autograd.grad(flash_attention(x, x, x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"do not support double backward"):
+    with pytest.raises(RuntimeError, match=r"image_attention does not support double backward"):
         g.sum().backward()
 
 
@@ -468,8 +468,10 @@ def _bad(**kw):
         (_bad(q=torch.ones(2, 8, 4, 4, device=DEVICE, dtype=torch.int64)), {}, TypeError, r"q has dtype torch.int64"),
         (_bad(), {"heads": 3}, ValueError, r"heads = 3 does not divide C = 8"),
         (_bad(), {"patch_size": 3}, ValueError, r"patch_size = 3 does not divide the map size H×W = 4×4"),
-        (_bad(), {"heads": 0}, TypeError, r"heads must be a positive int, got 0"),
-        (_bad(), {"scale": float("nan")}, TypeError, r"scale must be a finite real number"),
+        (_bad(), {"heads": 0}, ValueError, r"heads must be a positive int, got 0"),
+        (_bad(), {"heads": 1.5}, TypeError, r"heads must be a positive int, got 1.5"),
+        (_bad(), {"scale": float("nan")}, ValueError, r"scale must be a finite real number"),
+        (_bad(), {"scale": "0.5"}, TypeError, r"scale must be a finite real number"),
         (
             {k: torch.randn(1, 80, 4, 4, device=DEVICE) for k in "qkv"},
             {"patch_size": 2},
