@@ -112,6 +112,7 @@ def test_spatial_gate_max_tie_goes_to_first_channel():
     assert (dx[:, 2] != dx[:, 9]).all()
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs, on purpose
 def test_spatial_gate_max_pool_with_nan_and_inf_matches_torch():
     """NaN counts as greater than every number (torch.max / torch.argmax): the first NaN channel of a
     pixel is its max and arg-max, also in a later 16-channel block behind larger numbers; ±inf are
