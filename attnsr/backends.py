@@ -1,12 +1,17 @@
 """Backend dispatch: one function per op, four ways to compute it.
 
-- ``naive``: the source documents' literal maths (bmm + softmax that materialises the N×N score
-  matrix; eager gating). The benchmark baseline.
+- ``naive``: the source documents' code (bmm + softmax that materialises the N×N score matrix;
+  gates with pooling modules and 1×1 convolutions). The benchmark baseline.
 - ``torch``: the best pure PyTorch: SDPA on 4-D (B, heads, N, D) tensors with a contiguous last
-  dim (so it can take its flash path), eager gating.
+  dim (so it can take its flash path), the functional eager gating of attnsr.kernels.reference.
 - ``triton``: the fused kernels of :mod:`kernels`.
 - ``auto``: ``triton`` for CUDA tensors, ``torch`` otherwise (CPU tensors would need Triton's slow
   interpreter).
+
+Autocast, one rule for every backend: inside ``torch.autocast`` an op casts its floating-point
+tensors other than float64 to the autocast dtype (as autocast does for matmuls and convolutions)
+and returns the autocast dtype (``autocast_inputs``; the fused ops apply the same function, also
+to direct ``torch.ops.attnsr.*`` calls).
 """
 
 import math
@@ -24,6 +29,13 @@ def _kernels():
     return attnsr.kernels
 
 BACKENDS = ("naive", "torch", "triton", "auto")
+
+
+def autocast_inputs(*args):
+    """The autocast rule of every op and backend (see the module docstring)."""
+    from attnsr.kernels._runtime import autocast_inputs as rule
+
+    return rule(*args)
 
 
 def check_backend(backend: str) -> str:
@@ -51,6 +63,7 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
     Same semantics as :func:`attnsr.kernels.image_attention` on every backend.
     """
     backend = resolve(backend, q)
+    q, k, v = autocast_inputs(q, k, v)
     if backend == "triton":
         return _kernels().image_attention(q, k, v, heads=heads, patch_size=patch_size, scale=scale)
     b, c, h, w = q.shape
@@ -72,33 +85,77 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
 
 
 # ----------------------------------------------------------------------------------------------
-# Gating and layer fusion: naive and torch both run the eager maths of attnsr.kernels.reference
+# Gating and layer fusion. naive: the documents' module code, written out (pooling modules, 1×1
+# convolutions on (B, C, 1, 1) maps, torch.max over channels, torch.cat, a loop over the layers);
+# torch: the plain functional maths of attnsr.kernels.reference. Two independent writings, so
+# comparing the backends compares something.
 # ----------------------------------------------------------------------------------------------
+
+
+def _naive_channel_gate(x, w1, b1, w2, b2, pool):
+    """RCAN's CALayer / CBAM's ChannelGate as written: pool to (B, C, 1, 1), conv 1×1, ReLU, conv 1×1."""
+
+    def mlp(pooled):
+        hidden = F.relu(F.conv2d(pooled, w1[:, :, None, None], b1))
+        return F.conv2d(hidden, w2[:, :, None, None], b2)
+
+    z = mlp(F.adaptive_avg_pool2d(x, 1))
+    if pool == "avgmax":
+        z = z + mlp(F.adaptive_max_pool2d(x, 1))
+    elif pool != "avg":
+        raise ValueError(f"channel_gate: pool={pool!r}; expected 'avg' or 'avgmax'")
+    return x * torch.sigmoid(z)
+
+
+def _naive_spatial_gate(x, weight, bias):
+    """CBAM's SpatialGate as written: cat([mean over C, max over C]), conv k×k, sigmoid."""
+    avg = torch.mean(x, dim=1, keepdim=True)
+    mx, _ = torch.max(x, dim=1, keepdim=True)
+    return x * torch.sigmoid(F.conv2d(torch.cat([avg, mx], dim=1), weight, bias, padding=weight.shape[-1] // 2))
 
 
 def channel_gate(x, w1, b1, w2, b2, *, pool="avg", backend="auto"):
     """x · sigmoid(mlp(avg_hw x) [+ mlp(max_hw x)]): (B, C, H, W) -> (B, C, H, W)."""
-    if resolve(backend, x) == "triton":
+    x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
+    backend = resolve(backend, x)
+    if backend == "triton":
         return _kernels().channel_gate(x, w1, b1, w2, b2, pool=pool)
+    if backend == "naive":
+        return _naive_channel_gate(x, w1, b1, w2, b2, pool)
     return _kernels().reference.channel_gate_ref(x, w1, b1, w2, b2, pool=pool)
 
 
 def spatial_gate(x, weight, bias=None, *, backend="auto"):
     """x · sigmoid(conv_k×k([mean_c x, max_c x])): (B, C, H, W) -> (B, C, H, W)."""
-    if resolve(backend, x) == "triton":
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    backend = resolve(backend, x)
+    if backend == "triton":
         return _kernels().spatial_gate(x, weight, bias)
+    if backend == "naive":
+        return _naive_spatial_gate(x, weight, bias)
     return _kernels().reference.spatial_gate_ref(x, weight, bias)
 
 
 def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax", backend="auto"):
     """spatial_gate(channel_gate(x)): (B, C, H, W) -> (B, C, H, W)."""
-    if resolve(backend, x) == "triton":
+    x, w1, b1, w2, b2, sweight, sbias = autocast_inputs(x, w1, b1, w2, b2, sweight, sbias)
+    backend = resolve(backend, x)
+    if backend == "triton":
         return _kernels().cbam_gate(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
+    if backend == "naive":
+        return _naive_spatial_gate(_naive_channel_gate(x, w1, b1, w2, b2, pool), sweight, sbias)
     return _kernels().reference.cbam_gate_ref(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
 
 
 def layer_fusion(features, weights, *, backend="auto"):
     """Σ_l weights[:, l] · features[l] for L maps (B, C, H, W) (a sequence or an (L, B, ...) tensor)."""
-    if resolve(backend, weights) == "triton":
+    features, weights = autocast_inputs(features, weights)
+    backend = resolve(backend, weights)
+    if backend == "triton":
         return _kernels().layer_fusion(features, weights)
+    if backend == "naive":  # the SR document's Σ_l w_l · f_l, one map at a time
+        out = weights[:, 0, None, None, None] * features[0]
+        for i in range(1, len(features)):
+            out = out + weights[:, i, None, None, None] * features[i]
+        return out
     return _kernels().reference.layer_fusion_ref(features, weights)

@@ -3,7 +3,7 @@
 Each case runs a kernel forward and backward on random inputs in the layouts the layers produce
 (fused-qkv views, channels_last, odd sizes), and compares the output and every input gradient
 with the plain PyTorch reference of ``attnsr.kernels.reference`` computed in float64, as
-``‖out − ref‖ / ‖ref‖``. The bounds are the test suite's (``tests/tolerances.py``). On a machine
+``‖out − ref‖ / ‖ref‖``. The bounds are the test suite's (``attnsr.tolerances``). On a machine
 without CUDA the kernels run in Triton's CPU interpreter, which the caller must enable
 (``TRITON_INTERPRET=1``) before triton is first imported; :func:`enable_interpreter_if_no_gpu` does.
 """
@@ -13,8 +13,7 @@ import time
 
 import torch
 
-# Accuracy bounds per dtype for ‖out − ref‖ / ‖ref‖ (the same table as tests/tolerances.py).
-BOUND = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+from attnsr.tolerances import REL_TOL
 
 
 def enable_interpreter_if_no_gpu() -> None:
@@ -97,7 +96,7 @@ def parity_rows(device: torch.device, seed: int = 0) -> list:
             want = torch.autograd.grad(expect, exact, grad.double())
             err_out = _rel(out, expect)
             err_grad = max(_rel(g, w) for g, w in zip(got, want))
-            bound = BOUND[dtype]
+            bound = REL_TOL[dtype]
             rows.append({"case": name, "dtype": str(dtype).replace("torch.", ""), "out": err_out,
                          "grads": err_grad, "bound": bound, "ms": ms,
                          "ok": err_out <= bound and err_grad <= bound})

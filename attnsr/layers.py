@@ -7,6 +7,7 @@ one loads into another, and ``layer.backend = "triton"`` switches a built layer.
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnsr import backends
@@ -59,6 +60,15 @@ class SelfAttention2d(_AttnsrLayer):
     def __init__(self, in_channels, out_channels=None, *, heads=1, patch_size=1, kernel_size=3, scale=None,
                  bias=True, backend="auto"):
         super().__init__(backend)
+        self._configure(in_channels, out_channels, heads, patch_size, kernel_size, scale)
+        out_channels = self.out_channels
+        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.out = nn.Conv2d(out_channels, in_channels, 1, bias=bias)
+        for kind in ("weight", "bias"):
+            self.checkpoint_aliases[f"qkv.{kind}"] = [f"conv_{n}.{kind}" for n in "qkv"]
+            self.checkpoint_aliases[f"out.{kind}"] = [f"conv_out.{kind}"]
+
+    def _configure(self, in_channels, out_channels, heads, patch_size, kernel_size, scale):
         out_channels = in_channels if out_channels is None else out_channels
         if out_channels % heads:
             raise ValueError(f"SelfAttention2d: heads = {heads} does not divide out_channels = {out_channels}")
@@ -70,26 +80,62 @@ class SelfAttention2d(_AttnsrLayer):
             default_d = in_channels if heads == 1 and patch_size == 1 else out_channels // heads * patch_size**2
             scale = 1.0 / math.sqrt(default_d)
         self.scale = float(scale)
-        self.qkv = nn.Conv2d(in_channels, 3 * out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
-        self.out = nn.Conv2d(out_channels, in_channels, 1, bias=bias)
-        for kind in ("weight", "bias"):
-            self.checkpoint_aliases[f"qkv.{kind}"] = [f"conv_{n}.{kind}" for n in "qkv"]
-            self.checkpoint_aliases[f"out.{kind}"] = [f"conv_out.{kind}"]
+
+    @classmethod
+    def from_convs(cls, conv_q: nn.Conv2d, conv_k: nn.Conv2d, conv_v: nn.Conv2d, conv_out: nn.Conv2d, *,
+                   backend="auto") -> "SelfAttention2d":
+        """The layer computed with the document block's own four convolutions (heads=1, patch_size=1).
+
+        The convolutions are adopted, not copied: the layer holds the same modules and Parameter
+        objects (an optimizer built on them keeps training them; ``requires_grad`` flags stay), under
+        the document's names ``conv_q``, ``conv_k``, ``conv_v``, ``conv_out``, so the state_dict keys
+        are the block's. The fused q, k, v convolution's weight is their concatenation, taken in each
+        forward (differentiable; nothing is stored). The convolutions must be k×k, stride 1, padding
+        k//2 (q, k, v: C → C') and 1×1 (out: C' → C); :func:`attnsr.swap_attention` checks that.
+        """
+        layer = cls.__new__(cls)
+        _AttnsrLayer.__init__(layer, backend)
+        layer._configure(conv_q.in_channels, conv_q.out_channels, 1, 1, conv_q.kernel_size[0], None)
+        layer.conv_q, layer.conv_k, layer.conv_v, layer.conv_out = conv_q, conv_k, conv_v, conv_out
+        return layer
+
+    def qkv_conv(self):
+        """(weight (3·out_channels, in_channels, k, k), bias or None) of the fused q, k, v convolution."""
+        if "qkv" in self._modules:
+            return self.qkv.weight, self.qkv.bias
+        convs = (self.conv_q, self.conv_k, self.conv_v)
+        bias = None if convs[0].bias is None else torch.cat([c.bias for c in convs])
+        return torch.cat([c.weight for c in convs]), bias
 
     def forward(self, x):
-        q, k, v = self.qkv(x).split(self.out_channels, dim=1)
+        weight, bias = self.qkv_conv()
+        qkv = F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
+        q, k, v = qkv.split(self.out_channels, dim=1)
         a = backends.image_attention(q, k, v, heads=self.heads, patch_size=self.patch_size, scale=self.scale,
                                      backend=self.backend)
-        return x + self.out(a)
+        out = self.out if "out" in self._modules else self.conv_out
+        return x + out(a)
 
     def extra_repr(self):
         return (f"{self.in_channels}, {self.out_channels}, heads={self.heads}, patch_size={self.patch_size}, "
                 f"kernel_size={self.kernel_size}, scale={self.scale:.4g}, backend={self.backend!r}")
 
 
-def _mlp_weights(fc1: nn.Conv2d, fc2: nn.Conv2d):
-    """The 1×1 convs of a channel MLP as matrices: w1 (C//r, C), b1, w2 (C, C//r), b2."""
+def _mlp_weights(fc1: nn.Module, fc2: nn.Module):
+    """The 1×1 convs (or Linear layers) of a channel MLP as matrices: w1 (C//r, C), b1, w2 (C, C//r), b2."""
     return fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias
+
+
+def _check_pool(pool) -> None:
+    if pool not in ("avg", "avgmax"):
+        raise ValueError(f"ChannelAttention: pool must be 'avg' or 'avgmax', got {pool!r}")
+
+
+def _mlp_dims(layer: nn.Module):
+    """(in, out) features of a 1×1 Conv2d or a Linear."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.in_channels, layer.out_channels
 
 
 class ChannelAttention(_AttnsrLayer):
@@ -104,12 +150,28 @@ class ChannelAttention(_AttnsrLayer):
 
     def __init__(self, channels, reduction=16, *, pool="avg", bias=True, hidden=None, backend="auto"):
         super().__init__(backend)
-        if pool not in ("avg", "avgmax"):
-            raise ValueError(f"ChannelAttention: pool must be 'avg' or 'avgmax', got {pool!r}")
+        _check_pool(pool)
         hidden = max(1, channels // reduction) if hidden is None else hidden
         self.channels, self.reduction, self.pool = channels, reduction, pool
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
+
+    @classmethod
+    def from_mlp(cls, fc1: nn.Module, fc2: nn.Module, *, pool="avg", backend="auto") -> "ChannelAttention":
+        """The layer computed with an existing MLP's own layers: ``fc1`` (C → hidden) and ``fc2``
+        (hidden → C), each a 1×1 Conv2d or a Linear with matching biases.
+
+        The layers are adopted, not copied: the same modules and Parameter objects (an optimizer
+        built on them keeps training them; ``requires_grad`` flags stay), registered as ``fc1`` and
+        ``fc2`` with the shapes they have (a Linear's weight stays (out, in)).
+        """
+        channels, hidden = _mlp_dims(fc1)
+        layer = cls.__new__(cls)
+        _AttnsrLayer.__init__(layer, backend)
+        _check_pool(pool)
+        layer.channels, layer.reduction, layer.pool = channels, max(1, channels // hidden), pool
+        layer.fc1, layer.fc2 = fc1, fc2
+        return layer
 
     def forward(self, x):
         return backends.channel_gate(x, *_mlp_weights(self.fc1, self.fc2), pool=self.pool, backend=self.backend)
@@ -148,6 +210,7 @@ class SpatialAttention(_AttnsrLayer):
 
     def forward(self, x):
         if self.mode == "conv":
+            (x,) = backends.autocast_inputs(x)  # the gates' autocast rule: the output in the autocast dtype
             return x * torch.sigmoid(self.conv(x))
         return backends.spatial_gate(x, self.conv.weight, self.conv.bias, backend=self.backend)
 

@@ -12,8 +12,13 @@ reproduce is left untouched. Recognised:
   parameters; forward x · gate -> :class:`ChannelAttention`;
 - attnsr's own layers: switched to the requested backend.
 
-The replacements keep the original parameters (values, device, dtype, count) and register their
-old state_dict keys as aliases, so a checkpoint saved before the swap loads after it.
+The replacements adopt the original layers instead of copying them: the model keeps its own
+modules and Parameter objects (an optimizer built before the swap still trains the model), their
+``requires_grad`` flags, device and dtype, and each replacement takes the train/eval mode of the
+module it replaces. Where attnsr's layout fuses weights (q, k, v in one convolution), the fused
+weight is concatenated from the originals in each forward. A self-attention block keeps its
+state_dict keys (``conv_q`` ...); a channel attention's MLP becomes ``fc1``/``fc2`` and accepts its
+old keys as aliases, so a checkpoint saved before the swap loads after it.
 """
 
 import copy
@@ -23,7 +28,7 @@ import torch
 from torch import nn
 
 from attnsr.backends import check_backend
-from attnsr.layers import ChannelAttention, SelfAttention2d, _AttnsrLayer
+from attnsr.layers import ChannelAttention, SelfAttention2d, _AttnsrLayer, _mlp_dims
 
 logger = logging.getLogger("attnsr.swap")
 
@@ -53,24 +58,12 @@ def _as_self_attention(module: nn.Module, backend: str):
     has_bias = {c.bias is not None for c in convs}
     if len(has_bias) != 1 or _param_count(module) != sum(_param_count(c) for c in convs):
         return None
-    new = SelfAttention2d(q.in_channels, q.out_channels, kernel_size=ks, bias=has_bias.pop(), backend=backend)
-    new.to(device=q.weight.device, dtype=q.weight.dtype)
-    with torch.no_grad():
-        new.qkv.weight.copy_(torch.cat([q.weight, k.weight, v.weight]))
-        new.out.weight.copy_(out.weight)
-        if new.qkv.bias is not None:
-            new.qkv.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
-            new.out.bias.copy_(out.bias)
-    return new
+    return SelfAttention2d.from_convs(q, k, v, out, backend=backend)
 
 
 def _mlp_layer(layer):
     """(in, out) of a 1×1 conv or a Linear, else None."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features
-    if _plain_conv(layer, 1, 0):
-        return layer.in_channels, layer.out_channels
-    return None
+    return _mlp_dims(layer) if isinstance(layer, nn.Linear) or _plain_conv(layer, 1, 0) else None
 
 
 def _as_channel_attention(module: nn.Module, backend: str):
@@ -88,14 +81,7 @@ def _as_channel_attention(module: nn.Module, backend: str):
     has_bias = {fc1.bias is not None, fc2.bias is not None}
     if len(has_bias) != 1 or _param_count(module) != _param_count(fc1) + _param_count(fc2):
         return None
-    channels, hidden = dims1
-    new = ChannelAttention(channels, hidden=hidden, bias=has_bias.pop(), backend=backend)
-    new.to(device=fc1.weight.device, dtype=fc1.weight.dtype)
-    with torch.no_grad():
-        for ours, theirs in ((new.fc1, fc1), (new.fc2, fc2)):
-            ours.weight.copy_(theirs.weight.reshape(ours.weight.shape))
-            if ours.bias is not None:
-                ours.bias.copy_(theirs.bias)
+    new = ChannelAttention.from_mlp(fc1, fc2, backend=backend)
     for ours, index in (("fc1", 0), ("fc2", 2)):
         for kind in ("weight", "bias"):
             new.checkpoint_aliases[f"{ours}.{kind}"] = [f"{name}.{index}.{kind}"]
@@ -160,6 +146,7 @@ def _swap_children(module: nn.Module, prefix: str, backend: str, report: list) -
                 logger.info("swap_attention: %s looks like %s but computes something else: left as is",
                             qualified, type(candidate).__name__)
         if new is not None:
+            new.training = child.training  # the adopted modules keep their own modes
             setattr(module, name, new)
             report.append((qualified, type(child).__name__, type(new).__name__))
         else:

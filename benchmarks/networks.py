@@ -1,8 +1,9 @@
 """Networks suite: one training step (forward, L1 loss, backward, AdamW step) of the documents'
 networks, AttentionSRNet (×2) and ImageInpaintingModel (4-channel input), with each backend.
 
-Providers are the layers' backends: ``naive`` (the documents' maths), ``torch`` (SDPA, eager
-gating) and ``triton`` (fused kernels, GPU only). FLOPs count the self-attention only
+Providers are the layers' backends: ``naive`` (the documents' code: bmm + softmax attention,
+gates with pooling modules and 1×1 convolutions), ``torch`` (SDPA, functional eager gating) and
+``triton`` (fused kernels, GPU only). FLOPs count the self-attention only
 (4·B·N²·D forward, 2.5× with backward), the part the backends change.
 """
 

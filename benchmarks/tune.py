@@ -156,7 +156,7 @@ def _inputs(shape: dict, head_dim: int, dtype_name: str, device: torch.device, b
         inp["out"], inp["lse"] = attn.attention_forward(q, k, v, layout, n_q, n_kv, d, inp["scale"])
     else:
         inp["out"] = torch.randn(b, c, size, size, device=device, dtype=dtype, generator=gen)
-        inp["lse"] = torch.zeros(b, heads, n_q, device=device, dtype=attn._stat_dtype(dtype))
+        inp["lse"] = torch.zeros(b, heads, n_q, device=device, dtype=attn.stat_dtype(dtype))
     return inp
 
 

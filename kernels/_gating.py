@@ -23,8 +23,8 @@ small, contiguous and in the accumulator dtype: fp32, or float64 for float64 inp
 
 torch.library plumbing shared by the gating ops' custom ops (each op file registers its own
 ``attnsr::<op>`` forward and ``attnsr::<op>_backward`` ops) is at the end of this file: the
-autocast guard of the op bodies, the refusal of double backward, and the handling of autocast
-and forward-mode AD in the public functions.
+autocast guard of the op bodies and the handling of autocast and forward-mode AD in the public
+functions (the refusal of double backward, shared with the attention op, is in _runtime.py).
 """
 
 import torch
@@ -32,7 +32,9 @@ import triton
 import triton.language as tl
 
 from ._runtime import (
+    MAX_GRID_YZ,
     MAX_INDEX,
+    acc_dtype,
     autocast_inputs,
     channels_innermost,
     check_no_forward_ad,
@@ -41,7 +43,6 @@ from ._runtime import (
     next_pow2,
 )
 
-MAX_GRID_YZ = 65535
 MAX_PIXELS = MAX_INDEX
 
 # ----------------------------------------------------------------------------------------------
@@ -62,6 +63,39 @@ def _pixel_offsets(p, W, s_h, s_w):
 def _tile_offsets(c, p, W, s_c, s_h, s_w):
     """[len(c), len(p)] offsets (int64) of channels c × flat pixels p."""
     return c.to(tl.int64)[:, None] * s_c + _pixel_offsets(p, W, s_h, s_w)[None, :]
+
+
+@triton.jit
+def _chunk_end(start, CHUNK, HW):
+    """End of the chunk of pixels [start, start + CHUNK) cut at HW (start < HW), computed without
+    start + CHUNK, which passes 2^31 for the last chunk of a map near the pixel limit (int32 wrap:
+    the chunk would be skipped). The loops over it then stay below HW + BLOCK_P < 2^31."""
+    return start + tl.minimum(CHUNK, HW - start)
+
+
+@triton.jit
+def _block_max(x, idx, NONE, AXIS: tl.constexpr):
+    """Max of x along AXIS and the first index attaining it, as torch.max / torch.argmax define
+    them: NaN counts as greater than every number, so a NaN is the max and the first NaN its index.
+
+    idx: the indices along AXIS, broadcastable to x; NONE: an index above all of them (masked
+    entries of x must be -inf). Explicit NaN handling: ``tl.max`` may ignore NaN on a GPU."""
+    is_nan = x != x
+    nan_arg = tl.min(tl.where(is_nan, idx, NONE), AXIS)
+    x = tl.where(is_nan, float("-inf"), x)
+    blk_max = tl.max(x, AXIS)
+    blk_arg = tl.min(tl.where(x == tl.expand_dims(blk_max, AXIS), idx, NONE), AXIS)
+    has_nan = nan_arg < NONE
+    return tl.where(has_nan, float("nan"), blk_max), tl.where(has_nan, nan_arg, blk_arg)
+
+
+@triton.jit
+def _merge_max(run_max, run_arg, blk_max, blk_arg, NONE):
+    """Running (max, arg-max) updated with a later block's: the later block wins only when strictly
+    greater, when it holds the first NaN, or when nothing was taken yet (run_arg = NONE)."""
+    run_nan = run_max != run_max
+    take = ~run_nan & ((blk_max != blk_max) | (blk_max > run_max) | (run_arg == NONE))
+    return tl.where(take, blk_max, run_max), tl.where(take, blk_arg, run_arg)
 
 
 @triton.jit
@@ -146,16 +180,6 @@ def _gate_dx_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launch helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def acc_dtype(dtype: torch.dtype):
-    """Triton arithmetic dtype for inputs of ``dtype``: fp32, or fp64 for float64 inputs."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Torch dtype of the statistics and gates: float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def map_strides(t: torch.Tensor):
@@ -249,32 +273,9 @@ def no_autocast(t: torch.Tensor):
     return torch.autocast(device_type=t.device.type, enabled=False)
 
 
-def empty_stat(t: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An empty (0,) tensor: what a custom op returns in place of an absent output (a gradient
-    that was not asked for, a bias that is None, the max statistics of pool="avg")."""
-    return t.new_empty((0,), dtype=t.dtype if dtype is None else dtype)
-
-
-def refuse_double_backward(backward_op, name: str) -> None:
-    """Register an autograd formula on ``backward_op`` that says the gating op has no double backward."""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"{name} does not support double backward (a gradient of its gradient); "
-            "use the attnsr layers' backend='torch' for higher-order derivatives"
-        )
-
-    def setup_context(ctx, inputs, output):
-        pass
-
-    backward_op.register_autograd(backward, setup_context=setup_context)
-
-
 def prepare_inputs(op: str, *tensors):
     """First step of every public gating function: refuse forward-mode AD (dual tensors, torch.func.jvp),
-    then, under torch.autocast, cast fp32 tensors to the autocast dtype. Non-tensors (None biases,
-    inputs that validation will reject) pass through unchanged."""
+    then apply the autocast rule (``_runtime.autocast_inputs``). Non-tensors (None biases, inputs
+    that validation will reject) pass through unchanged."""
     check_no_forward_ad(op, *tensors)
-    if not any(isinstance(t, torch.Tensor) for t in tensors):
-        return tensors
     return autocast_inputs(*tensors)

@@ -1,4 +1,5 @@
-"""Shared plumbing for the kernel launchers: interpreter detection and input validation.
+"""Shared plumbing for the kernel launchers: interpreter detection, input validation, dtypes,
+limits, the autocast rule and the refusal of double backward.
 
 Nothing here launches a kernel. Every public op validates its inputs with these helpers so that
 errors read the same everywhere: ``<op>: <what was given>; <what was expected>``.
@@ -12,6 +13,7 @@ import os
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (batch, heads)
 # Token and pixel indices are int32 in the kernels; a block's indices past the last one must not wrap.
 MAX_INDEX = 2**31 - 2**16
 
@@ -83,7 +85,8 @@ def check_no_forward_ad(op: str, *tensors) -> None:
 
 
 def positive_int(op: str, name: str, value) -> int:
-    """``value`` as an int >= 1 (Python or NumPy integers), else TypeError."""
+    """``value`` as an int >= 1 (Python or NumPy integers): TypeError for another type, ValueError
+    for an int below 1 (as PyTorch's own argument checks)."""
     try:
         if isinstance(value, bool):
             raise TypeError
@@ -91,22 +94,66 @@ def positive_int(op: str, name: str, value) -> int:
     except TypeError:
         raise TypeError(f"{op}: {name} must be a positive int, got {value!r}") from None
     if value < 1:
-        raise TypeError(f"{op}: {name} must be a positive int, got {value!r}")
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
     return value
 
 
-def autocast_inputs(*tensors):
-    """Under torch.autocast, cast fp32 tensors to the autocast dtype, as autocast does for matmuls.
+def _autocast_dtype(device_type: str):
+    """The dtype of the enclosing ``torch.autocast`` region for ``device_type``, or None outside one."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
-    Tensors that are None or not fp32 pass through unchanged.
+
+def _cast(value, device_type: str, dtype: torch.dtype):
+    """``value`` with its floating-point tensors on ``device_type`` (float64 excepted) cast to ``dtype``;
+    lists and tuples are walked, anything else is returned as is."""
+    if isinstance(value, torch.Tensor):
+        eligible = value.is_floating_point() and value.device.type == device_type and value.dtype != torch.float64
+        return value.to(dtype) if eligible else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, device_type, dtype) for v in value)
+    return value
+
+
+def autocast_inputs(*args):
+    """The autocast rule of every attnsr op, on every backend: inside ``torch.autocast``, floating-point
+    tensors other than float64 are cast to the autocast dtype (as autocast does for matmuls and
+    convolutions), so the op computes in and returns the autocast dtype. Outside autocast, and for
+    float64 tensors, None and non-tensors, the arguments come back unchanged. Lists and tuples of
+    tensors (layer_fusion's maps) are cast element by element.
     """
-    first = next(t for t in tensors if isinstance(t, torch.Tensor))
-    device = first.device.type
-    if device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
-                     for t in tensors)
-    return tensors
+    first = next((t for t in _tensors(args)), None)
+    dtype = None if first is None else _autocast_dtype(first.device.type)
+    return args if dtype is None else tuple(_cast(a, first.device.type, dtype) for a in args)
+
+
+def _tensors(values):
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _tensors(v)
+
+
+_AUTOCAST_LIBRARY = torch.library.Library("attnsr", "FRAGMENT")
+
+
+def register_autocast(op, name: str) -> None:
+    """Give the custom op ``attnsr::<name>`` (``op``) the autocast rule of :func:`autocast_inputs`, so
+    that a direct ``torch.ops.attnsr.<name>`` call inside ``torch.autocast`` follows it too.
+
+    ``torch.library.register_autocast`` casts to a dtype fixed at registration; this reads the
+    region's dtype (float16 or bfloat16) at call time. The op itself then runs with autocast off.
+    """
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+
+        def kernel(*args, _device_type=device_type):
+            dtype = torch.get_autocast_dtype(_device_type)
+            with torch.autocast(_device_type, enabled=False):
+                return op(*(_cast(a, _device_type, dtype) for a in args))
+
+        _AUTOCAST_LIBRARY.impl(name, kernel, key)
 
 
 def channels_innermost(t: torch.Tensor) -> bool:
@@ -147,6 +194,40 @@ def dot_dtype(dtype: torch.dtype):
         return tl.float32
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
             torch.float64: tl.float64}[dtype]
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Triton arithmetic dtype of the accumulators and statistics for inputs of ``dtype``: fp32, or
+    fp64 for float64 inputs."""
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Torch dtype of saved statistics (LSE, Δ, pooled maps, gates): float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def absent_output(t: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An empty (0,) tensor: what a custom op returns in place of an absent output (a gradient that
+    was not asked for, the gradient of a bias that is None, the max statistics of pool="avg")."""
+    return t.new_empty((0,), dtype=t.dtype if dtype is None else dtype)
+
+
+def refuse_double_backward(backward_op, name: str) -> None:
+    """Register an autograd formula on ``backward_op`` that says the op ``name`` has no double backward."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{name} does not support double backward (a gradient of its gradient); "
+            "use the attnsr layers' backend='torch' for higher-order derivatives"
+        )
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    backward_op.register_autograd(backward, setup_context=setup_context)
 
 
 def next_pow2(n: int) -> int:

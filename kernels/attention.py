@@ -46,14 +46,16 @@ Under the interpreter every kernel runs 32×32 tiles unless overridden.
 import contextlib
 import math
 import numbers
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._runtime import (
+    MAX_GRID_YZ,
     MAX_INDEX,
+    acc_dtype,
     empty_map_like,
     on_tensor_device,
     autocast_inputs,
@@ -66,11 +68,13 @@ from ._runtime import (
     interpreting,
     next_pow2,
     positive_int,
+    refuse_double_backward,
+    register_autocast,
+    stat_dtype,
     tf32_precision,
 )
 
 MAX_HEAD_DIM = 256
-MAX_GRID_YZ = 65535
 MAX_TOKENS = MAX_INDEX
 LOG2E = 1.4426950408889634
 
@@ -327,9 +331,9 @@ class _Launch(NamedTuple):
     """One kernel's launch configuration."""
 
     block_m: int  # query rows per tile (the Δ kernel's rows per program)
-    block_n: int  # key rows per tile (unused by the Δ kernel)
+    block_n: Optional[int]  # key rows per tile; None for the Δ kernel (no key blocks)
     num_warps: int
-    num_stages: int  # Triton's software-pipelining depth of the loop over the other sequence
+    num_stages: Optional[int]  # pipelining depth of the loop over the other sequence; None for Δ (no loop)
 
 
 _KERNELS = ("fwd", "delta", "dkdv", "dq")
@@ -369,22 +373,22 @@ _LAUNCH = {
     ("fwd", 256, "16bit"): _Launch(32, 32, 8, 1),
     ("fwd", 256, "fp32"): _Launch(32, 32, 8, 1),
     ("fwd", 256, "fp64"): _Launch(32, 32, 8, 1),
-    # Δ = rowsum(dO ∘ O) (BLOCK_N unused)
-    ("delta", 16, "16bit"): _Launch(64, 64, 4, 2),
-    ("delta", 16, "fp32"): _Launch(64, 64, 4, 2),
-    ("delta", 16, "fp64"): _Launch(64, 64, 4, 2),
-    ("delta", 32, "16bit"): _Launch(64, 64, 4, 2),
-    ("delta", 32, "fp32"): _Launch(64, 64, 4, 2),
-    ("delta", 32, "fp64"): _Launch(64, 64, 4, 2),
-    ("delta", 64, "16bit"): _Launch(64, 64, 4, 2),
-    ("delta", 64, "fp32"): _Launch(64, 64, 4, 2),
-    ("delta", 64, "fp64"): _Launch(64, 64, 4, 2),
-    ("delta", 128, "16bit"): _Launch(64, 64, 8, 2),
-    ("delta", 128, "fp32"): _Launch(32, 32, 8, 1),
-    ("delta", 128, "fp64"): _Launch(32, 32, 8, 1),
-    ("delta", 256, "16bit"): _Launch(32, 32, 8, 1),
-    ("delta", 256, "fp32"): _Launch(32, 32, 8, 1),
-    ("delta", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # Δ = rowsum(dO ∘ O): rows per program and warps only
+    ("delta", 16, "16bit"): _Launch(64, None, 4, None),
+    ("delta", 16, "fp32"): _Launch(64, None, 4, None),
+    ("delta", 16, "fp64"): _Launch(64, None, 4, None),
+    ("delta", 32, "16bit"): _Launch(64, None, 4, None),
+    ("delta", 32, "fp32"): _Launch(64, None, 4, None),
+    ("delta", 32, "fp64"): _Launch(64, None, 4, None),
+    ("delta", 64, "16bit"): _Launch(64, None, 4, None),
+    ("delta", 64, "fp32"): _Launch(64, None, 4, None),
+    ("delta", 64, "fp64"): _Launch(64, None, 4, None),
+    ("delta", 128, "16bit"): _Launch(64, None, 8, None),
+    ("delta", 128, "fp32"): _Launch(32, None, 8, None),
+    ("delta", 128, "fp64"): _Launch(32, None, 8, None),
+    ("delta", 256, "16bit"): _Launch(32, None, 8, None),
+    ("delta", 256, "fp32"): _Launch(32, None, 8, None),
+    ("delta", 256, "fp64"): _Launch(32, None, 8, None),
     # backward dK, dV
     ("dkdv", 16, "16bit"): _Launch(64, 64, 4, 2),
     ("dkdv", 16, "fp32"): _Launch(64, 64, 4, 2),
@@ -440,7 +444,7 @@ def _shared_memory_estimate(kernel: str, block_m: int, block_n: int, block_d: in
     device's limit can still fail with OutOfResources (the tuner records such a failure).
     """
     rows = {"fwd": block_n, "dq": block_n, "dkdv": block_m, "delta": 0}[kernel]
-    return 2 * rows * block_d * elt_bytes * max(1, num_stages)
+    return 2 * rows * block_d * elt_bytes * max(1, num_stages or 1)
 
 
 _OVERRIDES = {}  # kernel -> launch settings replacing its table entry (set by _launch_override only)
@@ -452,6 +456,9 @@ def _check_launch(kernel: str, cfg: dict) -> None:
     for key, value in cfg.items():
         if key not in _LAUNCH_KEYS:
             raise ValueError(f"_launch_override: setting {key!r}; expected some of {', '.join(_LAUNCH_KEYS)}")
+        if kernel == "delta" and key in ("BLOCK_N", "num_stages"):
+            raise ValueError(f"_launch_override: {key} for the Δ kernel, which has no key blocks and no loop; "
+                             "expected BLOCK_M and num_warps only")
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"_launch_override: {key} = {value!r}; expected an int")
         if key in ("BLOCK_M", "BLOCK_N") and (value < 16 or value & (value - 1)):
@@ -496,30 +503,24 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype):
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages)
     cfg.update(_OVERRIDES.get(kernel, {}))
-    blocks = dict(BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"), BLOCK_D=block_d)
-    if kernel == "delta":
-        del blocks["BLOCK_N"]
+    if kernel == "delta":  # no key blocks, no loop to pipeline
+        cfg.pop("BLOCK_N")
+        cfg.pop("num_stages", None)
+    blocks = dict(BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_D=block_d)
+    if "BLOCK_N" in cfg:
+        blocks["BLOCK_N"] = cfg.pop("BLOCK_N")
     return blocks, cfg
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Saved statistics (LSE, Δ): fp32, or fp64 for fp64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _dtypes(dtype: torch.dtype) -> dict:
-    return dict(ACC=_acc_dtype(dtype), PRECISION=tf32_precision(dtype), DOT=dot_dtype(dtype))
+    return dict(ACC=acc_dtype(dtype), PRECISION=tf32_precision(dtype), DOT=dot_dtype(dtype))
 
 
 def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float):
     """Launch the forward kernel. Returns (out shaped like q, LSE (B, heads, N) in base 2)."""
     batch, heads = q.shape[0], layout.heads
     out = layout.empty_like(q)
-    lse = torch.empty((batch, heads, n_q), dtype=_stat_dtype(q.dtype), device=q.device)
+    lse = torch.empty((batch, heads, n_q), dtype=stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     layout = layout.for_tensors(q, k, v, out)
@@ -601,7 +602,7 @@ def _attention_op(
 @_attention_op.register_fake
 def _(q, k, v, kind, heads, patch, scale):
     layout, n_q, _, _ = _geometry(q, k, kind, heads, patch)
-    lse = q.new_empty((q.shape[0], heads, n_q), dtype=_stat_dtype(q.dtype))
+    lse = q.new_empty((q.shape[0], heads, n_q), dtype=stat_dtype(q.dtype))
     return layout.empty_like(q), lse
 
 
@@ -626,6 +627,7 @@ def _(do, q, k, v, out, lse, kind, heads, patch, scale, need_dq, need_dkdv):
 def _setup_context(ctx, inputs, output):
     q, k, v, kind, heads, patch, scale = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # a saved statistic, as the gating ops' statistics
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.meta = (kind, heads, patch, scale)
 
@@ -638,19 +640,10 @@ def _backward(ctx, do, _dlse):
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_attention_op, "attention")
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "flash_attention / image_attention do not support double backward (a gradient of their gradient)"
-    )
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
-
-
-_attention_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+refuse_double_backward(_attention_backward_op, "flash_attention / image_attention")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -661,8 +654,11 @@ _attention_backward_op.register_autograd(_no_double_backward, setup_context=_set
 def _check_scale(op: str, scale, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{op}: scale must be a finite real number or None, got {scale!r}")
+    # abs(scale) < inf rather than math.isfinite: it also takes torch.compile(dynamic=True)'s symbolic floats
+    if not abs(scale) < math.inf:
+        raise ValueError(f"{op}: scale must be a finite real number or None, got {scale!r}")
     return float(scale)
 
 

@@ -43,14 +43,19 @@ import torch
 from ._gating import (
     check_map_limits,
     empty_map_like,
-    empty_stat,
     gate_apply,
     gate_dx,
     no_autocast,
     prepare_inputs,
-    refuse_double_backward,
 )
-from ._runtime import check_runnable, check_same, on_tensor_device
+from ._runtime import (
+    absent_output,
+    check_runnable,
+    check_same,
+    on_tensor_device,
+    refuse_double_backward,
+    register_autocast,
+)
 from .channel_gate import (
     ChannelState,
     channel_dot,
@@ -116,16 +121,16 @@ def _cbam_gate_backward_op(
         dpool, dsweight, dsbias = spatial_conv_backward(dpre, stats, sweight, sbias, channels, height, width)
         dca = channel_dot(dy, x, s=s, dpool=dpool, sarg=sarg)  # pass 2 over dy and x
         gpool, wgrads = channel_gate_backward(dca, state, w1, b1, w2, b2, height * width)
-        dx = empty_stat(x)
+        dx = absent_output(x)
         if need_dx:  # pass 3: dy -> dx
             dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg, s=s, dpool=dpool, sarg=sarg)
     return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2), dsweight,
-            empty_stat(sweight) if dsbias is None else dsbias)
+            absent_output(sweight) if dsbias is None else dsbias)
 
 
 @_cbam_gate_backward_op.register_fake
 def _(dy, x, w1, b1, w2, b2, sweight, sbias, ca, avg, mx, carg, stats, sarg, s, pool, need_dx):
-    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_weight_grads(w1, b1, w2, b2),
+    return (empty_map_like(x) if need_dx else absent_output(x), *fake_weight_grads(w1, b1, w2, b2),
             *fake_conv_grads(sweight, sbias))
 
 
@@ -144,6 +149,7 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 _cbam_gate_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_cbam_gate_op, "cbam_gate")
 refuse_double_backward(_cbam_gate_backward_op, "cbam_gate")
 
 
@@ -152,11 +158,11 @@ refuse_double_backward(_cbam_gate_backward_op, "cbam_gate")
 # ----------------------------------------------------------------------------------------------
 
 
-def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avg"):
+def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax"):
     """spatial_gate(channel_gate(x, w1, b1, w2, b2, pool=pool), sweight, sbias), fused.
 
     x: (B, C, H, W), any strides. Channel MLP: w1 (C//r, C), b1 (C//r,) or None, w2 (C, C//r),
-    b2 (C,) or None; pool "avg" (SE) or "avgmax" (CBAM). Spatial convolution: sweight (1, 2, k, k)
+    b2 (C,) or None; pool "avgmax" (CBAM's, the default) or "avg" (SE). Spatial convolution: sweight (1, 2, k, k)
     with k odd, sbias (1,) or None. All of x's dtype and device. Returns (B, C, H, W) in x's dtype,
     channels_last when x has channels innermost.
     """

@@ -11,7 +11,7 @@ Backward, with dy the upstream gradient:
     back through the MLP (each branch): dw1, db1, dw2, db2 and ds_avg, ds_max
     dx = dy · ca[b, c] + ds_avg[b, c] / HW + [p = carg[b, c]] · ds_max[b, c]
 The max-pool gradient goes to exactly one pixel per (b, c): the first (lowest h·W + w) attaining
-the maximum, deterministically.
+the maximum, deterministically. NaN counts as the maximum (the first NaN), as in torch.max.
 
 Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one):
     forward   2 reads, 1 write: (1) x → per-(b, c) sum, max and arg-max;  (2) x → y = x · ca
@@ -30,12 +30,14 @@ Registration. Two torch.library custom ops, each with a fake (meta) kernel so th
 torch.compile(fullgraph=True) traces them: ``attnsr::channel_gate`` (forward passes 1 and 2 and
 the MLP; returns y and the statistics above) and ``attnsr::channel_gate_backward`` (backward passes
 1 and 2 and the MLP's backward), which the forward op's registered autograd formula calls. Under
-torch.autocast, fp32 inputs are cast to the autocast dtype before the op; inside the ops autocast is
-off, so the statistics and the MLP stay fp32. Reverse mode only: forward-mode AD and double
-backward raise.
+torch.autocast, the floating-point inputs (float64 excepted) are cast to the autocast dtype, by the
+public function and by the op's autocast rule (``_runtime.autocast_inputs``, the rule of every
+attnsr op and backend); inside the ops autocast is off, so the statistics and the MLP stay fp32.
+Reverse mode only: forward-mode AD and double backward raise.
 
 Limits and precision. x: (B, C, H, W) with any strides (NCHW, channels_last, views); y and dx are
-channels_last when x has channels innermost, else contiguous. B ≤ 65535, H·W < 2^31. Statistics,
+channels_last when x has channels innermost, else contiguous. B ≤ 65535, H·W ≤ 2^31 − 2^16 (int32 pixel
+indices; every loop bound stays below 2^31, tests/test_index_bounds.py). Statistics,
 the MLP and the gate are fp32 for fp16 / bf16 / fp32 inputs and float64 for float64 inputs; y is
 rounded once to x's dtype. Weight gradients are returned in the weights' dtype.
 """
@@ -47,22 +49,33 @@ import triton
 import triton.language as tl
 
 from ._gating import (
+    _block_max,
+    _chunk_end,
+    _merge_max,
     _through_spatial_gate,
     _tile_offsets,
-    acc_dtype,
     check_map_limits,
     empty_map_like,
-    empty_stat,
     gate_apply,
     gate_dx,
     map_strides,
     no_autocast,
     prepare_inputs,
-    refuse_double_backward,
-    stat_dtype,
     tile_config,
 )
-from ._runtime import check_rank, check_runnable, check_same, check_tensor, interpreting, on_tensor_device
+from ._runtime import (
+    absent_output,
+    acc_dtype,
+    check_rank,
+    check_runnable,
+    check_same,
+    check_tensor,
+    interpreting,
+    on_tensor_device,
+    refuse_double_backward,
+    register_autocast,
+    stat_dtype,
+)
 
 POOLS = ("avg", "avgmax")
 
@@ -95,19 +108,14 @@ def _channel_stats_kernel(
     run_max = tl.full([BLOCK_C], float("-inf"), dtype=ACC)
     run_arg = tl.zeros([BLOCK_C], dtype=tl.int32) + HW  # HW = none yet
     start = chunk * CHUNK
-    for p0 in range(start, tl.minimum(start + CHUNK, HW), BLOCK_P):
+    for p0 in range(start, _chunk_end(start, CHUNK, HW), BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         mask = c_in[:, None] & (p < HW)[None, :]
         x = tl.load(X + _tile_offsets(c, p, W, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC)
         acc += tl.sum(x, 1)
         if WITH_MAX:
-            x = tl.where(mask, x, float("-inf"))
-            blk_max = tl.max(x, 1)
-            blk_arg = tl.min(tl.where(x == blk_max[:, None], p[None, :], HW), 1)
-            # strictly greater: an earlier block keeps a tie
-            take = (blk_max > run_max) | (run_arg == HW)
-            run_max = tl.where(take, blk_max, run_max)
-            run_arg = tl.where(take, blk_arg, run_arg)
+            blk_max, blk_arg = _block_max(tl.where(mask, x, float("-inf")), p[None, :], HW, 1)
+            run_max, run_arg = _merge_max(run_max, run_arg, blk_max, blk_arg, HW)
     out = (b * C + c) * NCH + chunk
     tl.store(SUM + out, acc, mask=c_in)
     if WITH_MAX:
@@ -138,7 +146,7 @@ def _channel_dot_kernel(
     X += b * sx_b
     acc = tl.zeros([BLOCK_C], dtype=ACC)
     start = chunk * CHUNK
-    for p0 in range(start, tl.minimum(start + CHUNK, HW), BLOCK_P):
+    for p0 in range(start, _chunk_end(start, CHUNK, HW), BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         p_in = p < HW
         mask = c_in[:, None] & p_in[None, :]
@@ -251,9 +259,9 @@ class ChannelState:
         self.ca, self.avg, self.mx, self.arg = ca, avg, mx, arg
 
     def outputs(self):
-        absent = empty_stat(self.ca)
+        absent = absent_output(self.ca)
         return (self.ca, self.avg, absent if self.mx is None else self.mx,
-                empty_stat(self.ca, torch.int32) if self.arg is None else self.arg)
+                absent_output(self.ca, torch.int32) if self.arg is None else self.arg)
 
     @staticmethod
     def from_outputs(ca, avg, mx, arg, pool: str) -> "ChannelState":
@@ -315,13 +323,13 @@ def channel_gate_backward(dca, state: ChannelState, w1, b1, w2, b2, hw: int):
 def weight_grad_outputs(wgrads, w1, b1, w2, b2):
     """(dw1, db1, dw2, db2) as custom-op outputs: an empty (0,) tensor for an absent bias."""
     dw1, db1, dw2, db2 = wgrads
-    return dw1, empty_stat(w1) if db1 is None else db1, dw2, empty_stat(w2) if db2 is None else db2
+    return dw1, absent_output(w1) if db1 is None else db1, dw2, absent_output(w2) if db2 is None else db2
 
 
 def fake_weight_grads(w1, b1, w2, b2):
     """Fake (meta) weight gradients: contiguous, like the real ones (matmul results)."""
-    return (w1.new_empty(w1.shape), empty_stat(w1) if b1 is None else b1.new_empty(b1.shape),
-            w2.new_empty(w2.shape), empty_stat(w2) if b2 is None else b2.new_empty(b2.shape))
+    return (w1.new_empty(w1.shape), absent_output(w1) if b1 is None else b1.new_empty(b1.shape),
+            w2.new_empty(w2.shape), absent_output(w2) if b2 is None else b2.new_empty(b2.shape))
 
 
 @torch.library.custom_op("attnsr::channel_gate", mutates_args=())
@@ -354,13 +362,13 @@ def _channel_gate_backward_op(
     with no_autocast(x):
         dca = channel_dot(dy, x)
         gpool, wgrads = channel_gate_backward(dca, state, w1, b1, w2, b2, x.shape[2] * x.shape[3])
-        dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg) if need_dx else empty_stat(x)
+        dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg) if need_dx else absent_output(x)
     return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2))
 
 
 @_channel_gate_backward_op.register_fake
 def _(dy, x, w1, b1, w2, b2, ca, avg, mx, arg, pool, need_dx):
-    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_weight_grads(w1, b1, w2, b2))
+    return (empty_map_like(x) if need_dx else absent_output(x), *fake_weight_grads(w1, b1, w2, b2))
 
 
 def _setup_context(ctx, inputs, output):
@@ -378,6 +386,7 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 _channel_gate_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_channel_gate_op, "channel_gate")
 refuse_double_backward(_channel_gate_backward_op, "channel_gate")
 
 

@@ -18,8 +18,10 @@ stacked copy besides the output.
 
 Input forms. ``features`` is either one stacked (L, B, C, H, W) tensor (any strides) or a sequence
 of L (B, C, H, W) tensors, each with its own strides and storage: no stacking copy is made. For a
-sequence the kernels get a table of the maps' data pointers, and a table of their strides when the
-maps' strides differ. Gradients come back in the same form (one (L, B, C, H, W) tensor, or one
+sequence the kernels take the maps as a tuple argument (their data pointers and strides travel in
+the launch's parameters, the loop over the maps is unrolled: one compiled kernel per L), so nothing
+is copied to the device per call and a launch can be captured in a CUDA graph (torch.compile's
+mode="reduce-overhead"). Gradients come back in the same form (one (L, B, C, H, W) tensor, or one
 tensor per map). The output (and each gradient) is channels_last when the (first) map has channels
 innermost.
 
@@ -28,8 +30,9 @@ Registration: ``attnsr::layer_fusion(maps: list[Tensor], weights)`` and
 list: [the stacked tensor], or the L maps themselves (still no stacking copy); the map gradients
 come back in the same form. Autocast and reverse-mode-only rules as in channel_gate.py.
 
-Limits and precision. L ≥ 1; C, H, W ≥ 1; B ≤ 65535; H·W < 2^31. Accumulation in fp32 (float64 for float64 inputs); the
-output is rounded once to the maps' dtype; the weight gradient is returned in w's dtype.
+Limits and precision. L ≥ 1; C, H, W ≥ 1; B ≤ 65535; H·W ≤ 2^31 − 2^16. Accumulation in fp32
+(float64 for float64 inputs); the output is rounded once to the maps' dtype; the weight gradient is
+returned in w's dtype.
 """
 
 import torch
@@ -38,16 +41,23 @@ import triton.language as tl
 
 from ._gating import (
     _tile_offsets,
-    acc_dtype,
     check_map_limits,
     empty_map_like,
-    empty_stat,
     prepare_inputs,
-    refuse_double_backward,
-    stat_dtype,
     tile_config,
 )
-from ._runtime import check_rank, check_runnable, check_same, check_tensor, on_tensor_device
+from ._runtime import (
+    absent_output,
+    acc_dtype,
+    check_rank,
+    check_runnable,
+    check_same,
+    check_tensor,
+    on_tensor_device,
+    refuse_double_backward,
+    register_autocast,
+    stat_dtype,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,39 +66,27 @@ from ._runtime import check_rank, check_runnable, check_same, check_tensor, on_t
 
 
 @triton.jit
-def _map_tile(
-    F, PTRS, STRS,  # one map set: base pointer, pointer table, stride table (see the kernels)
-    l, b, c, p, W,  # map index, batch index (int64), channel and pixel vectors, map width
-    s_l, s_b, s_c, s_h, s_w,  # shared strides (s_l: stacked tensors only)
-    TABLE: tl.constexpr, PER_MAP: tl.constexpr,
-):
-    """Pointers of the [len(c), len(p)] tile of map l, batch element b."""
-    if PER_MAP:
-        strs = STRS + 4 * l
-        s_b = tl.load(strs)
-        s_c = tl.load(strs + 1)
-        s_h = tl.load(strs + 2)
-        s_w = tl.load(strs + 3)
-    if TABLE:
-        base = tl.load(PTRS + l).to(tl.pointer_type(F.dtype.element_ty))
+def _map_tile(F, FS, l, b, c, p, W, STACKED: tl.constexpr):
+    """Pointers of the [len(c), len(p)] tile of map l, batch element b. Stacked: F is the (L, B, C,
+    H, W) tensor and FS its 5 strides; else F is the tuple of the L maps and FS their 4·L strides
+    (b, c, h, w of each), and l is a compile-time index."""
+    if STACKED:
+        return F + tl.cast(l, tl.int64) * FS[0] + b * FS[1] + _tile_offsets(c, p, W, FS[2], FS[3], FS[4])
     else:
-        base = F + tl.cast(l, tl.int64) * s_l
-    return base + b * s_b + _tile_offsets(c, p, W, s_c, s_h, s_w)
+        return F[l] + b * FS[4 * l] + _tile_offsets(c, p, W, FS[4 * l + 1], FS[4 * l + 2], FS[4 * l + 3])
 
 
 @triton.jit
 def _layer_fusion_fwd_kernel(
-    F,  # the maps: the stacked (L, B, C, H, W) tensor, or (TABLE) the first map (only its dtype is used)
-    PTRS,  # (L,) int64: data pointers of the L maps (TABLE)
-    STRS,  # (L, 4) int64: strides b, c, h, w of each map (PER_MAP)
+    F,  # the maps: the stacked (L, B, C, H, W) tensor, or (not STACKED) a tuple of the L maps
+    FS,  # their strides (elements): 5 of the stacked tensor (l, b, c, h, w), or 4·L (b, c, h, w per map)
     WTS,  # (B, L) weights, any strides
     OUT,  # (B, C, H, W) output, any strides
-    sf_l, sf_b, sf_c, sf_h, sf_w,  # strides shared by the maps (elements; sf_l for stacked only)
     sw_b, sw_l,  # weight strides
     so_b, so_c, so_h, so_w,  # output strides
     L, C, HW, W,  # maps, channels, pixels per map, map width
-    TABLE: tl.constexpr,  # maps given by a pointer table (a sequence of tensors)
-    PER_MAP: tl.constexpr,  # strides differ per map: read them from STRS
+    STACKED: tl.constexpr,  # one stacked tensor (loop over l at run time) or a tuple (loop unrolled)
+    NMAPS: tl.constexpr,  # L, for the unrolled loop over a tuple (1 when STACKED)
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for fp64 inputs)
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -97,27 +95,41 @@ def _layer_fusion_fwd_kernel(
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (c[:, None] < C) & (p[None, :] < HW)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
-    for l in range(L):
-        ptrs = _map_tile(F, PTRS, STRS, l, b, c, p, W, sf_l, sf_b, sf_c, sf_h, sf_w, TABLE, PER_MAP)
-        f = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-        acc += tl.load(WTS + b * sw_b + l * sw_l).to(ACC) * f
+    if STACKED:
+        for l in range(L):
+            f = tl.load(_map_tile(F, FS, l, b, c, p, W, STACKED), mask=mask, other=0.0).to(ACC)
+            acc += tl.load(WTS + b * sw_b + l * sw_l).to(ACC) * f
+    else:
+        for l in tl.static_range(NMAPS):
+            f = tl.load(_map_tile(F, FS, l, b, c, p, W, STACKED), mask=mask, other=0.0).to(ACC)
+            acc += tl.load(WTS + b * sw_b + l * sw_l).to(ACC) * f
     tl.store(OUT + b * so_b + _tile_offsets(c, p, W, so_c, so_h, so_w), acc.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _fusion_bwd_map(F, FS, G, GS, l, b, c, p, W, mask, wt, dout, part,
+                    STACKED: tl.constexpr, NEED_DF: tl.constexpr, NEED_DW: tl.constexpr, ACC: tl.constexpr):
+    """Map l of the backward: its partial Σ dout · f_l into part[l] and its gradient wt · dout."""
+    if NEED_DW:
+        f = tl.load(_map_tile(F, FS, l, b, c, p, W, STACKED), mask=mask, other=0.0).to(ACC)
+        tl.store(part + l, tl.sum(tl.sum(dout * f, 1), 0))
+    if NEED_DF:
+        ptrs = _map_tile(G, GS, l, b, c, p, W, STACKED)
+        tl.store(ptrs, (wt * dout).to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _layer_fusion_bwd_kernel(
-    F, PTRS, STRS,  # the maps, as in the forward kernel
-    G, GPTRS, GSTRS,  # their gradients (out), addressed the same way
+    F, FS,  # the maps and their strides, as in the forward kernel
+    G, GS,  # their gradients (out) and strides, in the same form as the maps
     WTS,  # (B, L) weights, any strides
     DOUT,  # (B, C, H, W) upstream gradient, any strides (stride 0 included)
     PART,  # (B, NPB, L) contiguous ACC, out: this program's partial Σ dout · f_l
-    sf_l, sf_b, sf_c, sf_h, sf_w,  # strides shared by the maps
-    sg_l, sg_b, sg_c, sg_h, sg_w,  # strides shared by the gradients
     sw_b, sw_l,  # weight strides
     sd_b, sd_c, sd_h, sd_w,  # dout strides
     L, C, HW, W,  # maps, channels, pixels per map, map width
     NPB,  # programs per batch element
-    TABLE: tl.constexpr, PER_MAP: tl.constexpr, G_PER_MAP: tl.constexpr,
+    STACKED: tl.constexpr, NMAPS: tl.constexpr,
     NEED_DF: tl.constexpr, NEED_DW: tl.constexpr,  # which gradients to compute
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -128,15 +140,14 @@ def _layer_fusion_bwd_kernel(
     mask = (c[:, None] < C) & (p[None, :] < HW)
     dout = tl.load(DOUT + b * sd_b + _tile_offsets(c, p, W, sd_c, sd_h, sd_w), mask=mask, other=0.0).to(ACC)
     part = PART + (b * NPB + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * L
-    for l in range(L):
-        if NEED_DW:
-            ptrs = _map_tile(F, PTRS, STRS, l, b, c, p, W, sf_l, sf_b, sf_c, sf_h, sf_w, TABLE, PER_MAP)
-            f = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
-            tl.store(part + l, tl.sum(tl.sum(dout * f, 1), 0))
-        if NEED_DF:
+    if STACKED:
+        for l in range(L):
             wt = tl.load(WTS + b * sw_b + l * sw_l).to(ACC)
-            gptrs = _map_tile(G, GPTRS, GSTRS, l, b, c, p, W, sg_l, sg_b, sg_c, sg_h, sg_w, TABLE, G_PER_MAP)
-            tl.store(gptrs, (wt * dout).to(G.dtype.element_ty), mask=mask)
+            _fusion_bwd_map(F, FS, G, GS, l, b, c, p, W, mask, wt, dout, part, STACKED, NEED_DF, NEED_DW, ACC)
+    else:
+        for l in tl.static_range(NMAPS):
+            wt = tl.load(WTS + b * sw_b + l * sw_l).to(ACC)
+            _fusion_bwd_map(F, FS, G, GS, l, b, c, p, W, mask, wt, dout, part, STACKED, NEED_DF, NEED_DW, ACC)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,30 +158,26 @@ def _layer_fusion_bwd_kernel(
 class _MapSet:
     """How the kernels address L maps: a stacked (L, B, C, H, W) tensor or a sequence of tensors.
 
-    ``args()`` gives (base, pointer table, stride table) and ``strides()`` the 5 shared strides.
+    ``args()`` gives the kernels' (maps, strides) pair: the stacked tensor and its 5 strides, or
+    the tuple of the maps and their 4·L strides. Pointers and strides travel as kernel arguments:
+    nothing is copied to the device to describe the maps (no host → device copy per call, which
+    would stall on pageable memory and is not allowed inside CUDA-graph capture).
     """
 
     def __init__(self, maps, stacked: bool):
         self.maps, self.stacked = maps, stacked
-        first = maps if stacked else maps[0]
-        self.base = first
-        self.table = not stacked
-        self.per_map = False
-        if stacked:
-            self.shared = tuple(maps.stride())
-            self.ptrs = self.strs = first
-            return
-        self.ptrs = torch.tensor([m.data_ptr() for m in maps], dtype=torch.int64, device=first.device)
-        strides = [tuple(m.stride()) for m in maps]
-        self.per_map = any(s != strides[0] for s in strides)
-        self.shared = (0, *strides[0])
-        self.strs = torch.tensor(strides, dtype=torch.int64, device=first.device) if self.per_map else self.ptrs
+        self.count = maps.shape[0] if stacked else len(maps)
 
     def first(self) -> torch.Tensor:
         return self.maps[0]
 
     def args(self):
-        return self.base, self.ptrs, self.strs
+        if self.stacked:
+            return self.maps, tuple(self.maps.stride())
+        return tuple(self.maps), tuple(s for m in self.maps for s in m.stride())
+
+    def constexprs(self) -> dict:
+        return dict(STACKED=self.stacked, NMAPS=1 if self.stacked else self.count)
 
 
 def _empty_grads(maps, stacked: bool):
@@ -192,10 +199,9 @@ def layer_fusion_forward(maps: _MapSet, weights: torch.Tensor) -> torch.Tensor:
     block_c, block_p, launch = tile_config(first)
     grid = (triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c), batch)
     _layer_fusion_fwd_kernel[grid](
-        *maps.args(), weights, out, *maps.shared, *weights.stride(), *out.stride(),
+        *maps.args(), weights, out, *weights.stride(), *out.stride(),
         weights.shape[1], channels, height * width, width,
-        TABLE=maps.table, PER_MAP=maps.per_map, ACC=acc_dtype(first.dtype),
-        BLOCK_C=block_c, BLOCK_P=block_p, **launch,
+        **maps.constexprs(), ACC=acc_dtype(first.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
     )
     return out
 
@@ -214,10 +220,9 @@ def layer_fusion_backward(dout, maps: _MapSet, weights: torch.Tensor, need_df: b
         gset = _MapSet(grads, maps.stacked) if need_df else maps
         _layer_fusion_bwd_kernel[grid](
             *maps.args(), *gset.args(), weights, dout, part,
-            *maps.shared, *gset.shared, *weights.stride(), *dout.stride(),
+            *weights.stride(), *dout.stride(),
             n_maps, channels, height * width, width, npb,
-            TABLE=maps.table, PER_MAP=maps.per_map, G_PER_MAP=gset.per_map,
-            NEED_DF=need_df, NEED_DW=need_dw, ACC=acc_dtype(first.dtype),
+            **maps.constexprs(), NEED_DF=need_df, NEED_DW=need_dw, ACC=acc_dtype(first.dtype),
             BLOCK_C=block_c, BLOCK_P=block_p, **launch,
         )
     dweights = part.sum(1).to(weights.dtype) if need_dw else None
@@ -258,7 +263,7 @@ def _layer_fusion_backward_op(
         dout, _MapSet(maps[0] if stacked else maps, stacked), weights, need_df, need_dw
     )
     grads = [] if grads is None else [grads] if stacked else grads
-    return grads, empty_stat(weights) if dweights is None else dweights
+    return grads, absent_output(weights) if dweights is None else dweights
 
 
 @_layer_fusion_backward_op.register_fake
@@ -266,7 +271,7 @@ def _(dout, maps, weights, need_df, need_dw):
     grads = []
     if need_df:
         grads = [_empty_grads(maps[0], True)] if _is_stacked(maps) else _empty_grads(maps, False)
-    return grads, weights.new_empty(weights.shape) if need_dw else empty_stat(weights)
+    return grads, weights.new_empty(weights.shape) if need_dw else absent_output(weights)
 
 
 def _setup_context(ctx, inputs, output):
@@ -284,6 +289,7 @@ def _backward(ctx, dout):
 
 
 _layer_fusion_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_layer_fusion_op, "layer_fusion")
 refuse_double_backward(_layer_fusion_backward_op, "layer_fusion")
 
 

@@ -103,7 +103,7 @@ def spatial_gate_ref(x, weight, bias=None, *, upcast=False):
     return x * torch.sigmoid(pre)
 
 
-def cbam_gate_ref(x, w1, b1, w2, b2, sweight, sbias, *, pool="avg", upcast=False):
+def cbam_gate_ref(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax", upcast=False):
     """spatial_gate_ref(channel_gate_ref(x, ...), sweight, sbias): eager CBAM, x · ca materialised."""
     x1 = channel_gate_ref(x, w1, b1, w2, b2, pool=pool, upcast=upcast)
     return spatial_gate_ref(x1, sweight, sbias, upcast=upcast)

@@ -9,7 +9,8 @@ Backward, with dy the upstream gradient:
     d_mean, d_max = the 2→1 convolution transposed, applied to dpre (same zero padding)
     dweight[0, ch, i, j] = Σ_{b, p} dpre[b, p] · stat_ch[b, h + i − k//2, w + j − k//2],  dbias = Σ dpre
     dx = dy · s[b, p] + d_mean[b, p] / C + [c = sarg[b, p]] · d_max[b, p]
-The max gradient goes to exactly one channel per pixel: the first (lowest c) attaining the maximum.
+The max gradient goes to exactly one channel per pixel: the first (lowest c) attaining the maximum
+(NaN counts as the maximum, the first NaN, as in torch.max).
 
 Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one):
     forward   2 reads, 1 write: (1) x → per-pixel mean, max, arg-max channel;  (2) x → y = x · s
@@ -17,10 +18,12 @@ Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one
     saved for backward: x and per-(b, h, w) statistics only: [mean, max] and s (fp32), sarg (int32).
 Between the passes, two small kernels work on (B, 2, H, W) and (B, H, W) maps (2/C and 1/C of x):
 the convolution + sigmoid forward, and in backward the transposed convolution together with
-per-program partial sums of the weight and bias gradients. The partials (B, programs, 2, k²), of
-about CONV_PROGRAMS programs in all (at least one per batch element) each looping over its blocks
-of pixels, are summed in PyTorch in a fixed order: no atomics, bitwise reproducible. Eager PyTorch reads x three
-times (mean, max, multiply) and writes the (B, 2, H, W) concatenation besides y.
+per-program partial sums of the weight and bias gradients. The partials, (B, NPB, 2, KK) for the
+weight (NPB programs per batch element, KK = k² rounded up to a power of two, the taps past k²
+zero) and (B, NPB) for the bias, of about CONV_PROGRAMS programs in all (at least one per batch
+element) each looping over its blocks of pixels, are summed in PyTorch in a fixed order: no
+atomics, bitwise reproducible. Eager PyTorch reads x three times (mean, max, multiply) and writes
+the (B, 2, H, W) concatenation besides y.
 
 Registration: ``attnsr::spatial_gate`` (forward passes and the convolution kernel; returns y and
 [mean, max], sarg, s) and ``attnsr::spatial_gate_backward``, torch.library custom ops with fake
@@ -28,7 +31,8 @@ kernels, autocast and reverse-mode-only rules as in channel_gate.py.
 
 Limits and precision. x: (B, C, H, W) with any strides; y and dx are channels_last when x has
 channels innermost, else contiguous. k odd, 1 ≤ k ≤ 15 (the k² taps of a block of pixels form
-one register tile). B ≤ 65535, H·W < 2^31. Statistics, the convolution and the gate are fp32
+one register tile). B ≤ 65535, H·W ≤ 2^31 − 2^16 (int32 pixel indices; every loop bound stays below
+2^31, tests/test_index_bounds.py). Statistics, the convolution and the gate are fp32
 (float64 for float64 inputs); weight and bias gradients are returned in their own dtype.
 """
 
@@ -39,21 +43,21 @@ import triton
 import triton.language as tl
 
 from ._gating import (
+    _block_max,
+    _merge_max,
     _tile_offsets,
-    acc_dtype,
     check_map_limits,
     empty_map_like,
-    empty_stat,
     gate_apply,
     gate_dx,
     map_strides,
     no_autocast,
     prepare_inputs,
-    refuse_double_backward,
-    stat_dtype,
     tile_config,
 )
 from ._runtime import (
+    absent_output,
+    acc_dtype,
     check_rank,
     check_runnable,
     check_same,
@@ -61,6 +65,9 @@ from ._runtime import (
     interpreting,
     next_pow2,
     on_tensor_device,
+    refuse_double_backward,
+    register_autocast,
+    stat_dtype,
 )
 
 MAX_KERNEL_SIZE = 15
@@ -100,13 +107,8 @@ def _spatial_stats_kernel(
             ca = tl.load(CA + b * C + c, mask=c_in, other=0.0)
             x = x * ca[:, None]
         acc += tl.sum(x, 0)
-        x = tl.where(mask, x, float("-inf"))
-        blk_max = tl.max(x, 0)
-        blk_arg = tl.min(tl.where(x == blk_max[None, :], c[:, None], C), 0)
-        # strictly greater: an earlier channel block keeps a tie
-        take = (blk_max > run_max) | (run_arg == C)
-        run_max = tl.where(take, blk_max, run_max)
-        run_arg = tl.where(take, blk_arg, run_arg)
+        blk_max, blk_arg = _block_max(tl.where(mask, x, float("-inf")), c[:, None], C, 0)
+        run_max, run_arg = _merge_max(run_max, run_arg, blk_max, blk_arg, C)
     tl.store(STATS + (2 * b) * HW + p, acc / C, mask=p_in)
     tl.store(STATS + (2 * b + 1) * HW + p, run_max, mask=p_in)
     tl.store(ARG + b * HW + p, run_arg, mask=p_in)
@@ -188,6 +190,16 @@ def _spatial_conv_fwd_kernel(
 
 
 @triton.jit
+def _conv_block(pid, i, ITERS, n_blocks):
+    """Pixel block of iteration i of program pid in the convolution's backward: pid·ITERS + i, or
+    n_blocks (one past the last block: every pixel masked) for the iterations past the map. The
+    clamp keeps block·BLOCK_P below HW + BLOCK_P < 2^31: unclamped, the last program's trailing
+    iterations pass 2^31 for maps near the pixel limit and wrap to negative pixels, which the
+    p < HW mask lets through."""
+    return tl.minimum(pid * ITERS + i, n_blocks)
+
+
+@triton.jit
 def _spatial_conv_bwd_kernel(
     DPRE,  # (B, H·W) contiguous ACC: gradient of the pre-sigmoid map
     STATS,  # (B, 2, H·W) contiguous ACC: [mean, max] maps saved by the forward
@@ -211,8 +223,9 @@ def _spatial_conv_bwd_kernel(
     pw_mean = tl.zeros([KK], dtype=ACC)
     pw_max = tl.zeros([KK], dtype=ACC)
     pb = tl.zeros([BLOCK_P], dtype=ACC)
+    n_blocks = tl.cdiv(HW, BLOCK_P)
     for i in range(ITERS):
-        p = (pid * ITERS + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+        p = _conv_block(pid, i, ITERS, n_blocks) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_in = p < HW
         # transposed convolution: d_stat[q] = Σ_t w[t] · dpre[q − offset(t)]
         offs, inside = _taps(p, H, W, HW, K, KK, -1)
@@ -296,16 +309,21 @@ def spatial_dot(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, ca=None) -> 
     return dpre
 
 
+def conv_programs(batch: int, hw: int, block_p: int):
+    """(ITERS, NPB) of the convolution's backward: about CONV_PROGRAMS programs in all, NPB per batch
+    element, each looping over ITERS blocks of pixels. The weight-gradient partials stay under
+    CONV_PROGRAMS × 2 × KK values (4 MiB at k = 15) whatever the map size."""
+    iters = triton.cdiv(triton.cdiv(hw, block_p), max(1, CONV_PROGRAMS // max(1, batch)))
+    return iters, triton.cdiv(hw, block_p * iters)
+
+
 def spatial_conv_backward(dpre, stats, weight, bias, channels: int, height: int, width: int):
     """Back through the convolution: dpool (B, 2, H·W), dweight (1, 2, k, k), dbias (1,) or None."""
     batch, hw = stats.shape[0], height * width
     k = weight.shape[-1]
     wt = weight.to(stats.dtype).contiguous()
     kk, block_p, launch = _conv_config(k)
-    # about CONV_PROGRAMS programs in all, each looping over its blocks of pixels: the weight-gradient
-    # partials stay under CONV_PROGRAMS × 2 × KK values (4 MiB at k = 15) whatever the map size
-    iters = triton.cdiv(triton.cdiv(hw, block_p), max(1, CONV_PROGRAMS // max(1, batch)))
-    npb = triton.cdiv(hw, block_p * iters)
+    iters, npb = conv_programs(batch, hw, block_p)
     dpool = torch.empty((batch, 2, hw), dtype=stats.dtype, device=stats.device)
     pw = torch.empty((batch, npb, 2, kk), dtype=stats.dtype, device=stats.device)
     pb = torch.empty((batch, npb), dtype=stats.dtype, device=stats.device)
@@ -334,7 +352,7 @@ def fake_spatial_state(x: torch.Tensor):
 
 def fake_conv_grads(weight, bias):
     """Fake (meta) dweight (contiguous, like the real one) and dbias (empty (0,) when bias is None)."""
-    return weight.new_empty(weight.shape), empty_stat(weight) if bias is None else bias.new_empty((1,))
+    return weight.new_empty(weight.shape), absent_output(weight) if bias is None else bias.new_empty((1,))
 
 
 @torch.library.custom_op("attnsr::spatial_gate", mutates_args=())
@@ -367,13 +385,13 @@ def _spatial_gate_backward_op(
     with no_autocast(x):
         dpre = spatial_dot(dy, x, s)
         dpool, dweight, dbias = spatial_conv_backward(dpre, stats, weight, bias, channels, height, width)
-        dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if need_dx else empty_stat(x)
-    return dx, dweight, empty_stat(weight) if dbias is None else dbias
+        dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if need_dx else absent_output(x)
+    return dx, dweight, absent_output(weight) if dbias is None else dbias
 
 
 @_spatial_gate_backward_op.register_fake
 def _(dy, x, weight, bias, stats, sarg, s, need_dx):
-    return (empty_map_like(x) if need_dx else empty_stat(x), *fake_conv_grads(weight, bias))
+    return (empty_map_like(x) if need_dx else absent_output(x), *fake_conv_grads(weight, bias))
 
 
 def _setup_context(ctx, inputs, output):
@@ -390,6 +408,7 @@ def _backward(ctx, dy, *_stat_grads):
 
 
 _spatial_gate_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_spatial_gate_op, "spatial_gate")
 refuse_double_backward(_spatial_gate_backward_op, "spatial_gate")
 
 

@@ -81,8 +81,15 @@ class LaunchLog:
                     monkeypatch.setattr(obj, "run", self._wrap(attr, obj.run))
 
     def _wrap(self, name, run):
+        def tensors(values):
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    yield v
+                elif isinstance(v, tuple):  # a tuple argument (layer_fusion's maps)
+                    yield from tensors(v)
+
         def logged(*args, **kwargs):
-            ptrs = {a.data_ptr() for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}
+            ptrs = {a.data_ptr() for a in tensors(list(args) + list(kwargs.values()))}
             self.launches.append((name, ptrs))
             return run(*args, **kwargs)
 
@@ -116,3 +123,32 @@ def check_pass_counts(log: LaunchLog, fn, x, *, forward, backward):
     log.watch("dy", dy)
     log.watch("dx", dx)
     assert (log.count("dy"), log.count("x"), log.count("dx")) == backward, "backward passes over (dy, x, dx)"
+
+
+def assert_same_nonfinite(out, ref, dtype, what):
+    """NaN, +inf and -inf exactly where the reference has them; the finite rest within tolerance."""
+    out, ref = out.detach().double(), ref.detach().double()
+    for name, where in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+        a, b = where(out), where(ref)
+        if not torch.equal(a, b):
+            first = (a != b).nonzero()[0].tolist()
+            raise AssertionError(f"{what}: {name} at {int(a.sum())} places, the reference at {int(b.sum())}; "
+                                 f"first difference at {first}")
+    finite = torch.isfinite(ref)
+    if finite.any():
+        assert_close_rel(out[finite], ref[finite], dtype, f"{what} (finite elements)")
+
+
+def assert_max_matches_torch(mx, arg, x, dim, what):
+    """A kernel's max statistic and arg-max index against torch.amax / torch.argmax over ``dim``:
+    NaN is the max, the first NaN its index (torch's rule)."""
+    want_max, want_arg = x.amax(dim), x.argmax(dim)
+    arg = arg.long().reshape(want_arg.shape)
+    bad = (arg != want_arg).nonzero()
+    if bad.numel():
+        first = tuple(bad[0].tolist())
+        raise AssertionError(f"{what}: arg-max differs from torch.argmax at {len(bad)} places, first {first}: "
+                             f"got {arg[first]}, expected {want_arg[first]}")
+    mx = mx.reshape(want_max.shape).to(want_max.dtype)
+    assert torch.equal(mx.isnan(), want_max.isnan()), f"{what}: NaN maxima differ from torch.amax"
+    assert torch.equal(mx.nan_to_num(), want_max.nan_to_num()), f"{what}: maxima differ from torch.amax"

@@ -1,5 +1,8 @@
 """flash_attention and image_attention against the float64 reference: forward and every gradient."""
 
+import importlib
+import warnings
+
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, needs_gpu
@@ -52,6 +55,7 @@ SEQ_SHAPES = [
     (1, 1, 130, 130, 32),
     (2, 2, 9, 5, 1),
     (1, 1, 5, 40, 256),
+    (1, 2, 64, 128, 32),  # exact multiples of the blocks (32 under the interpreter, 32 or 64 on a GPU)
 ]
 
 
@@ -120,6 +124,8 @@ MAP_SHAPES = [
     (2, 16, 12, 10, 4, 2),  # D 16, four heads, 2x2 patches
     (1, 12, 6, 9, 3, 3),  # D 36, 3x3 patches
     (1, 27, 4, 6, 1, 2),  # D 108
+    (1, 16, 8, 8, 2, 1),  # D 8, N 64: two full interpreter blocks
+    (2, 8, 16, 8, 1, 2),  # D 32, N 32 patches: one full block
 ]
 LAYOUTS = ["nchw", "channels_last", "fused_qkv", "fused_qkv_channels_last"]
 
@@ -158,6 +164,21 @@ def test_image_attention_matches_reference(shape, layout, dtype):
     want = _grads(expect, leaves, grad.double())
     for i, (g, wnt) in enumerate(zip(got, want)):
         assert_close_rel(g, wnt, dtype, f"{what}: grad of input {i}")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_image_attention_64x64_map(dtype):
+    """The common case, 4096 tokens: an exact multiple of every block size, fused qkv (too slow for
+    the interpreter)."""
+    qkv, (q, k, v) = _maps("fused_qkv", 2, 64, 64, 64, dtype)
+    out = image_attention(q, k, v, heads=2)
+    expect = image_attention_ref(q, k, v, heads=2, upcast=True)
+    assert_close_rel(out, expect, dtype, "64x64 map: output")
+    grad = torch.randn_like(out)
+    (g,) = _grads(out, (qkv,), grad)
+    (w,) = _grads(expect, (qkv,), grad.double())
+    assert_close_rel(g, w, dtype, "64x64 map: d(qkv)")
 
 
 def test_image_attention_explicit_scale_and_large_inputs():
@@ -338,7 +359,7 @@ def test_forward_mode_ad_and_double_backward_raise():
         torch.func.jvp(lambda a: flash_attention(a, q, q), (q,), (torch.ones_like(q),))
     x = q.clone().requires_grad_()
     (g,) = torch.autograd.grad(flash_attention(x, x, x).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match=r"do not support double backward"):
+    with pytest.raises(RuntimeError, match=r"image_attention does not support double backward"):
         g.sum().backward()
 
 
@@ -349,9 +370,35 @@ def test_numpy_integers_and_reals_are_accepted():
     assert torch.equal(out, image_attention(q, q, q, heads=2, patch_size=2, scale=0.5))
 
 
+def test_fp32_dot_precision_follows_torch_flags(monkeypatch):
+    """What fp32 kernels are compiled with on a GPU (checked on any machine by answering as a GPU
+    run would, without the interpreter): tf32 exactly when torch allows tf32 for CUDA matmuls, by
+    the fp32_precision API or the legacy allow_tf32 flag; never for other dtypes."""
+    runtime = importlib.import_module("attnsr.kernels._runtime")
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    try:
+        for setting, want_tf32 in (("tf32", True), ("ieee", False)):
+            matmul.fp32_precision = setting
+            got = runtime.tf32_precision(torch.float32)
+            assert (got == "tf32") == want_tf32, f"fp32_precision={setting!r}: kernels would use {got!r}"
+            for dtype in (torch.float16, torch.bfloat16, torch.float64):
+                assert runtime.tf32_precision(dtype) != "tf32", f"{dtype} with fp32_precision={setting!r}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch may warn that allow_tf32 is the legacy API
+            for flag in (True, False):
+                matmul.allow_tf32 = flag
+                got = runtime.tf32_precision(torch.float32)
+                assert (got == "tf32") == flag, f"allow_tf32={flag}: kernels would use {got!r}"
+    finally:
+        matmul.fp32_precision = saved
+
+
 @needs_gpu
 def test_tf32_follows_torch_flag():
-    """With allow_tf32 the fp32 result moves (tf32 rounding) but stays close; without it, exact fp32."""
+    """With allow_tf32 the fp32 result moves by tf32 rounding (well above exact fp32's error, so the
+    test fails if the flag is ignored) but stays close; without it, exact fp32."""
     q, k, v = (torch.randn(1, 1, 256, 64, device=DEVICE) for _ in range(3))
     expect = flash_attention_ref(q, k, v, upcast=True)
     old = torch.backends.cuda.matmul.allow_tf32
@@ -364,6 +411,7 @@ def test_tf32_follows_torch_flag():
         torch.backends.cuda.matmul.allow_tf32 = old
     assert exact < 1e-5, f"exact fp32 error {exact:.2e}"
     assert tf32 < 5e-3, f"tf32 error {tf32:.2e}"
+    assert tf32 > 10 * exact and tf32 > 1e-5, f"tf32 error {tf32:.2e} vs fp32 {exact:.2e}: the flag was ignored"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,8 +468,10 @@ def _bad(**kw):
         (_bad(q=torch.ones(2, 8, 4, 4, device=DEVICE, dtype=torch.int64)), {}, TypeError, r"q has dtype torch.int64"),
         (_bad(), {"heads": 3}, ValueError, r"heads = 3 does not divide C = 8"),
         (_bad(), {"patch_size": 3}, ValueError, r"patch_size = 3 does not divide the map size H×W = 4×4"),
-        (_bad(), {"heads": 0}, TypeError, r"heads must be a positive int, got 0"),
-        (_bad(), {"scale": float("nan")}, TypeError, r"scale must be a finite real number"),
+        (_bad(), {"heads": 0}, ValueError, r"heads must be a positive int, got 0"),
+        (_bad(), {"heads": 1.5}, TypeError, r"heads must be a positive int, got 1.5"),
+        (_bad(), {"scale": float("nan")}, ValueError, r"scale must be a finite real number"),
+        (_bad(), {"scale": "0.5"}, TypeError, r"scale must be a finite real number"),
         (
             {k: torch.randn(1, 80, 4, 4, device=DEVICE) for k in "qkv"},
             {"patch_size": 2},
@@ -504,6 +554,17 @@ def test_custom_ops_pass_opcheck():
         args = (do, *seq, out, lse, "seq", 2, 1, 0.3, need_dq, need_dkdv)
         result = torch.library.opcheck(_attention_backward_op, args)
         assert all(r == "SUCCESS" for r in result.values()), result
+
+
+def test_lse_output_is_not_differentiable():
+    """The op's second output, the log-sum-exp saved for backward, is a statistic: no gradient
+    flows through it, and asking for one says so instead of returning garbage."""
+    qkv = torch.randn(1, 3 * 8, 4, 6, device=DEVICE, requires_grad=True)
+    out, lse = torch.ops.attnsr.attention(*qkv.split(8, dim=1), "map", 2, 1, 0.5)
+    assert out.requires_grad
+    assert not lse.requires_grad and lse.grad_fn is None, "lse must be marked non-differentiable"
+    with pytest.raises(RuntimeError, match=r"does not require grad"):
+        torch.autograd.grad(lse.sum(), qkv)
 
 
 def test_autocast_runs_the_kernel_in_half_precision():

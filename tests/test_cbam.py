@@ -2,6 +2,7 @@
 gradients of x, w1, b1, w2, b2, sweight, sbias; pass counts and what is saved for backward."""
 
 import importlib
+import inspect
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def _inputs(shape, dtype, k, *, hidden=2, channels_last=False, biases=True):
 
 # (B, C, H, W, hidden): B = 1 and 3, C not a power of two and above one 16-channel interpreter
 # block, H != W, H·W = 63 and 143 (not multiples of the blocks; 143 spans three pixel chunks).
-SHAPES = [(1, 5, 7, 9, 2), (3, 18, 13, 11, 3)]
+SHAPES = [(1, 5, 7, 9, 2), (3, 18, 13, 11, 3), (2, 32, 8, 8, 4)]  # and exact block multiples
 
 
 @pytest.mark.parametrize("pool", ["avg", "avgmax"])
@@ -124,3 +125,16 @@ def test_cbam_gate_bad_input():
 def test_cbam_gate_empty_batch():
     inputs = _inputs((0, 4, 3, 5), torch.float32, 3)
     assert cbam_gate(*inputs, pool="avgmax").shape == (0, 4, 3, 5)
+
+
+def test_cbam_gate_default_pool_is_cbams_everywhere():
+    """One default, CBAM's avg + max pooling: the kernel, the backends' dispatch and the reference."""
+    from attnsr import backends
+    from attnsr.kernels import reference
+
+    for fn in (cbam_gate, backends.cbam_gate, reference.cbam_gate_ref):
+        default = inspect.signature(fn).parameters["pool"].default
+        assert default == "avgmax", f"{fn.__module__}.{fn.__name__}: pool defaults to {default!r}"
+    inputs = [t.detach() for t in _inputs((2, 6, 5, 7), torch.float32, 3)]
+    assert torch.equal(cbam_gate(*inputs), cbam_gate(*inputs, pool="avgmax"))
+    assert not torch.equal(cbam_gate(*inputs), cbam_gate(*inputs, pool="avg"))

@@ -5,7 +5,16 @@ import importlib
 import pytest
 import torch
 from conftest import DEVICE
-from gating_checks import LaunchLog, check_op, check_pass_counts, feature_map, leaf, mlp_weights
+from gating_checks import (
+    LaunchLog,
+    assert_max_matches_torch,
+    assert_same_nonfinite,
+    check_op,
+    check_pass_counts,
+    feature_map,
+    leaf,
+    mlp_weights,
+)
 
 from attnsr.kernels import _gating, channel_gate
 from attnsr.kernels.reference import channel_gate_ref
@@ -23,8 +32,9 @@ def _ref(pool):
 
 
 # (B, C, H, W, hidden): B = 1 and 3, C not a power of two, H != W, H·W = 63 (under one 64-pixel
-# interpreter chunk) and 143 (three chunks, the last one partial), hidden = 1.
-SHAPES = [(1, 5, 7, 9, 2), (3, 12, 13, 11, 3), (2, 3, 1, 20, 1)]
+# interpreter chunk) and 143 (three chunks, the last one partial), hidden = 1; and exact multiples
+# of the blocks: 16 channels and 8×16 pixels (two full interpreter chunks), and a 64×64 map.
+SHAPES = [(1, 5, 7, 9, 2), (3, 12, 13, 11, 3), (2, 3, 1, 20, 1), (2, 16, 8, 16, 4), (1, 16, 64, 64, 4)]
 
 
 @pytest.mark.parametrize("pool", ["avg", "avgmax"])
@@ -79,6 +89,34 @@ def test_channel_gate_max_tie_goes_to_first_pixel():
     # deterministic: a second run is bitwise equal
     dx2 = torch.autograd.grad(channel_gate(x, *weights, pool="avgmax"), x, dy)[0]
     assert torch.equal(dx, dx2)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs, on purpose
+def test_channel_gate_max_pool_with_nan_and_inf_matches_torch():
+    """NaN counts as greater than every number (torch.max / torch.argmax): the first NaN of a channel
+    is its max and arg-max, even when a larger number or another NaN sits in an earlier chunk; ±inf
+    are ordinary values (the first +inf wins); a channel of -inf keeps pixel 0. Output and input
+    gradient then carry NaN and inf exactly where the reference's do."""
+    nan, inf = float("nan"), float("inf")
+    x = feature_map((3, 5, 9, 16), torch.float32).detach()  # 144 pixels: three 64-pixel interpreter chunks
+    x[0, 1, 8, 3] = nan  # pixel 131, third chunk
+    x[0, 1, 6, 0] = nan  # pixel 96, second chunk: the first NaN
+    x[0, 1, 0, 0] = 50.0  # a large number before both
+    x[0, 2, 0, 1] = inf
+    x[0, 2, 8, 15] = inf
+    x[0, 3] = -inf
+    x[1, 4, 7, 4] = nan  # pixel 116 only
+    weights = [t.detach() for t in mlp_weights(5, 2, torch.float32)]
+    _, _, _, mx, arg = cg_module._channel_gate_op(x, *weights, "avgmax")
+    assert_max_matches_torch(mx, arg, x.flatten(2), 2, "channel max pool")
+    x.requires_grad_()
+    out = channel_gate(x, *weights, pool="avgmax")
+    xd = x.detach().double().requires_grad_()
+    expect = channel_gate_ref(xd, *(w.double() for w in weights), pool="avgmax")
+    assert_same_nonfinite(out, expect, torch.float32, "output")
+    dy = torch.randn_like(out)
+    (dx,), (want,) = torch.autograd.grad(out, x, dy), torch.autograd.grad(expect, xd, dy.double())
+    assert_same_nonfinite(dx, want, torch.float32, "d(x)")
 
 
 @pytest.mark.parametrize("pool", ["avg", "avgmax"])

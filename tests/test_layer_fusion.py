@@ -5,8 +5,9 @@ import importlib
 
 import pytest
 import torch
-from conftest import DEVICE
+from conftest import DEVICE, needs_gpu
 from gating_checks import LaunchLog, check_op, leaf
+from tolerances import assert_close_rel
 
 from attnsr.kernels import layer_fusion
 from attnsr.kernels.reference import layer_fusion_ref
@@ -31,8 +32,8 @@ def _seq_ref(weights, *maps):
 
 
 # (L, B, C, H, W): L = 1 and 4, B = 1 and 3, C = 1 and not a power of two, H != W, H·W not a
-# multiple of the 32-pixel interpreter block.
-SHAPES = [(1, 1, 5, 7, 9), (4, 3, 12, 13, 11), (3, 2, 1, 6, 5), (2, 1, 19, 4, 3)]
+# multiple of the 32-pixel interpreter block; and exact block multiples (16 channels, 8×8 pixels).
+SHAPES = [(1, 1, 5, 7, 9), (4, 3, 12, 13, 11), (3, 2, 1, 6, 5), (2, 1, 19, 4, 3), (2, 2, 16, 8, 8)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -124,6 +125,71 @@ def test_layer_fusion_pass_counts(monkeypatch):
     log.watch("dout", dout)
     log.watch("dfeatures", dfeatures)
     assert (log.count("dout"), log.count("features"), log.count("dfeatures"), len(log.launches)) == (1, 1, 1, 1)
+
+
+def test_layer_fusion_sequence_copies_nothing_to_the_device(monkeypatch):
+    """The maps of a sequence reach the kernels as launch arguments: no tensor is built from host
+    values (a pointer table copied host → device on every call stalls on pageable memory and is not
+    allowed inside CUDA-graph capture), and each launch receives the maps themselves."""
+    built = []
+    tensor = torch.tensor
+
+    def spy(data, *args, **kwargs):
+        built.append(data)
+        return tensor(data, *args, **kwargs)
+
+    log = LaunchLog(monkeypatch, [lf_module])
+    maps = [leaf((2, 5, 7, 9), torch.float32, channels_last=i == 1) for i in range(3)]  # strides differ
+    weights = leaf((2, 3), torch.float32)
+    monkeypatch.setattr(torch, "tensor", spy)
+    out = layer_fusion(maps, weights)
+    grads = torch.autograd.grad(out, [*maps, weights], torch.randn_like(out))
+    monkeypatch.setattr(torch, "tensor", tensor)
+    assert built == [], f"layer_fusion built {len(built)} tensor(s) from host values: {built}"
+    for i, m in enumerate(maps):
+        log.watch(f"map {i}", m)
+        log.watch(f"grad {i}", grads[i])
+        assert (log.count(f"map {i}"), log.count(f"grad {i}")) == (2, 1), f"launches given map {i} / its gradient"
+    assert len(log.launches) == 2
+    check_op(_seq, _seq_ref, [weights, *maps], torch.float32, "sequence of three layouts")
+
+
+@needs_gpu
+def test_layer_fusion_sequence_in_a_cuda_graph():
+    """A launch on a sequence of maps is captured in a CUDA graph and replays on new contents."""
+    maps = [torch.randn(2, 8, 16, 12, device=DEVICE) for _ in range(3)]
+    maps[2] = maps[2].contiguous(memory_format=torch.channels_last)
+    weights = torch.rand(2, 3, device=DEVICE).softmax(1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layer_fusion(maps, weights)  # compiles the kernel outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer_fusion(maps, weights)
+    for t in (*maps, weights):
+        t.copy_(torch.rand_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close_rel(out, layer_fusion_ref(maps, weights, upcast=True), torch.float32, "replayed graph")
+
+
+@needs_gpu
+def test_layer_attention_under_reduce_overhead_compile():
+    """torch.compile(mode="reduce-overhead") runs the fused fusion inside CUDA graphs, fwd + bwd."""
+    import attnsr
+
+    layer = attnsr.LayerAttention(3, 8, reduction=2, backend="triton").to(DEVICE)
+    compiled = torch.compile(layer, mode="reduce-overhead")
+    for _ in range(3):
+        maps = [torch.randn(2, 8, 16, 12, device=DEVICE, requires_grad=True) for _ in range(3)]
+        got = compiled(maps)
+        (g,) = torch.autograd.grad(got.square().sum(), maps[0])
+        want = layer(maps)
+        (w,) = torch.autograd.grad(want.square().sum(), maps[0])
+        assert_close_rel(got, want, torch.float32, "compiled output")
+        assert_close_rel(g, w, torch.float32, "compiled d(map 0)")
 
 
 def test_layer_fusion_bad_input():

@@ -1,5 +1,9 @@
-"""attnsr layers: every backend matches `naive` (the documents' maths) in float64, forward and every
-gradient; one set of parameters and state_dict keys across backends."""
+"""attnsr layers: every backend matches `naive` (the documents' code, written independently of
+attnsr.kernels.reference) in float64, forward and every gradient; one set of parameters and
+state_dict keys across backends."""
+
+import copy
+import importlib
 
 import pytest
 import torch
@@ -58,6 +62,31 @@ def test_layer_triton_float32_and_channels_last(name):
     got = _run(layer.float(), x, "triton")
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close_rel(g, w, torch.float32, f"{name} fp32 channels_last: tensor {i}", tol=10 * REL_TOL[torch.float32])
+
+
+def test_naive_backend_is_an_independent_writing(monkeypatch):
+    """The layers' comparisons with ``naive`` can fail only if naive is not the code under test:
+    with every reference function of attnsr.kernels.reference broken, naive still runs (it is the
+    documents' module code), while torch, which runs the reference, breaks."""
+    reference = importlib.import_module("attnsr.kernels.reference")
+
+    def broken(*args, **kwargs):
+        raise AssertionError("the naive backend called attnsr.kernels.reference")
+
+    for name in ("channel_gate_ref", "spatial_gate_ref", "cbam_gate_ref", "layer_fusion_ref", "image_attention_ref",
+                 "flash_attention_ref"):
+        monkeypatch.setattr(reference, name, broken)
+    for name in ("channel_avgmax", "spatial_pool_k3", "cbam", "self_attention"):
+        build, shape = LAYERS[name]
+        layer = build()
+        layer.backend = "naive"
+        assert torch.isfinite(layer(torch.randn(shape))).all()
+        if name != "self_attention":  # torch's attention is SDPA, not the reference
+            layer.backend = "torch"
+            with pytest.raises(AssertionError, match=r"called attnsr\.kernels\.reference"):
+                layer(torch.randn(shape))
+    fusion = attnsr.LayerAttention(2, 4, backend="naive")
+    assert torch.isfinite(fusion([torch.randn(1, 4, 3, 3)] * 2)).all()
 
 
 def test_layer_attention_backends_match():
@@ -135,3 +164,96 @@ def test_layer_attention_rejects_wrong_count():
     layer = attnsr.LayerAttention(3, 4)
     with pytest.raises(ValueError, match=r"got 2 feature maps; expected num_layers = 3"):
         layer([torch.randn(1, 4, 2, 2)] * 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autocast: one rule for every backend
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*LAYERS, "layer_attention"])
+def test_autocast_gives_one_dtype_on_every_backend(name):
+    """Inside torch.autocast(bfloat16) an fp32 input gives the same output dtype on naive, torch and
+    triton: bfloat16 (the ops compute in the autocast dtype), except SelfAttention2d, whose residual
+    add promotes back to the input's float32 on every backend. Values stay within bf16 tolerance of
+    the float64 layer."""
+    if name == "layer_attention":
+        layer = attnsr.LayerAttention(3, 6, reduction=2).to(DEVICE)
+        x = [torch.randn(2, 6, 5, 7, device=DEVICE) for _ in range(3)]
+        expect = _double(layer, "naive")([t.double() for t in x])
+    else:
+        build, shape = LAYERS[name]
+        layer = build().to(DEVICE)
+        x = torch.randn(shape, device=DEVICE)
+        expect = _double(layer, "naive")(x.double())
+    want = torch.float32 if name.startswith("self_attention") else torch.bfloat16
+    for backend in ["naive", "torch", "triton"]:
+        layer.backend = backend
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            y = layer(x)
+        assert y.dtype == want, f"{name} on {backend} under bf16 autocast: {y.dtype}, expected {want}"
+        assert_close_rel(y, expect, torch.bfloat16, f"{name} on {backend} under bf16 autocast")
+
+
+def _double(layer, backend):
+    twin = copy.deepcopy(layer).double()
+    twin.backend = backend
+    return twin
+
+
+@pytest.mark.parametrize("op", ["channel_gate", "spatial_gate", "cbam_gate", "layer_fusion", "attention"])
+def test_direct_op_calls_follow_autocast(op):
+    """torch.ops.attnsr.* called directly inside autocast casts its fp32 inputs like the public functions."""
+    x = torch.randn(2, 4, 5, 6, device=DEVICE)
+    w = [torch.randn(s, device=DEVICE) for s in ((2, 4), (2,), (4, 2), (4,))]
+    conv = torch.randn(1, 2, 3, 3, device=DEVICE)
+    args = {
+        "channel_gate": (x, *w, "avgmax"),
+        "spatial_gate": (x, conv, None),
+        "cbam_gate": (x, *w, conv, None, "avgmax"),
+        "layer_fusion": ([x, x.flip(0)], torch.rand(2, 2, device=DEVICE)),
+        "attention": (x, x.flip(1), x.flip(2), "map", 2, 1, 0.5),
+    }[op]
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = getattr(torch.ops.attnsr, op)(*args)
+    y = out if isinstance(out, torch.Tensor) else out[0]
+    assert y.dtype == torch.bfloat16, f"torch.ops.attnsr.{op} under bf16 autocast returned {y.dtype}"
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.compile(dynamic=True) over the layers
+# ----------------------------------------------------------------------------------------------
+
+COMPILED = {
+    "self_attention_heads_patches": [(2, 8, 6, 10), (1, 8, 4, 6)],
+    "channel_avgmax": [(1, 20, 5, 11), (2, 20, 7, 6)],
+    "spatial_pool_k3": [(3, 6, 9, 7), (1, 6, 5, 12)],
+    "cbam": [(2, 24, 7, 10), (1, 24, 6, 5)],
+}
+
+
+@pytest.mark.parametrize("name", list(COMPILED))
+def test_torch_compile_dynamic_shapes(name):
+    """torch.compile(dynamic=True, fullgraph=True) of a layer on the triton backend: the fake kernels
+    trace with symbolic sizes, and two input sizes run through one graph with the eager results
+    (backend aot_eager: Dynamo and AOTAutograd without code generation)."""
+    build, _ = LAYERS[name]
+    layer = build().to(DEVICE)
+    layer.backend = "triton"
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for shape in COMPILED[name]:
+        x = torch.randn(shape, device=DEVICE)
+        want = _run(layer, x, "triton")
+        got = _run(compiled, x, "triton")
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close_rel(g, w, torch.float32, f"{name} compiled, {shape}: tensor {i}")
+
+
+def test_torch_compile_dynamic_layer_attention():
+    layer = attnsr.LayerAttention(3, 6, reduction=2, backend="triton").to(DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+    for shape in [(2, 6, 5, 7), (1, 6, 4, 9)]:
+        maps = [torch.randn(shape, device=DEVICE) for _ in range(3)]
+        assert_close_rel(compiled(maps), layer(maps), torch.float32, f"LayerAttention compiled, {shape}")

@@ -5,7 +5,16 @@ import importlib
 import pytest
 import torch
 from conftest import DEVICE
-from gating_checks import LaunchLog, check_op, check_pass_counts, conv_weights, feature_map, leaf
+from gating_checks import (
+    LaunchLog,
+    assert_max_matches_torch,
+    assert_same_nonfinite,
+    check_op,
+    check_pass_counts,
+    conv_weights,
+    feature_map,
+    leaf,
+)
 
 from attnsr.kernels import _gating, spatial_gate
 from attnsr.kernels.reference import spatial_gate_ref
@@ -18,8 +27,9 @@ def _ref(x, weight, bias):
 
 
 # (B, C, H, W): B = 1 and 3, C = 1 and not a power of two, C above one 16-channel interpreter
-# block, H != W, H·W = 63 and 143 (not multiples of the 32- and 64-pixel blocks), H < k.
-SHAPES = [(1, 5, 7, 9), (3, 12, 13, 11), (2, 1, 5, 6), (1, 19, 3, 8)]
+# block, H != W, H·W = 63 and 143 (not multiples of the 32- and 64-pixel blocks), H < k; and exact
+# multiples of the blocks: 32 channels on an 8×8 map, and a 64×64 map.
+SHAPES = [(1, 5, 7, 9), (3, 12, 13, 11), (2, 1, 5, 6), (1, 19, 3, 8), (2, 32, 8, 8), (1, 4, 64, 64)]
 
 
 @pytest.mark.parametrize("k", [3, 7])
@@ -49,6 +59,14 @@ def test_convolution_backward_loops_when_programs_are_capped(programs, monkeypat
              f"spatial_gate, {programs} conv program(s) per batch element")
     partials = [s for s in sizes if len(s) == 4 and s[2] == 2]  # (B, programs, 2, KK)
     assert partials and all(s[1] <= programs for s in partials), partials
+
+
+@pytest.mark.parametrize("k", [9, 11, 13, 15])
+def test_spatial_gate_large_kernels(k):
+    """k from 9 to the limit 15: k² taps of 81 to 225 (padded to 128 and 256), the kernel wider
+    than the map in one direction."""
+    x = feature_map((2, 5, 12, 9), torch.float32)
+    check_op(spatial_gate, _ref, [x, *conv_weights(k, torch.float32)], torch.float32, f"spatial_gate k={k}")
 
 
 @pytest.mark.parametrize("k", [1, 5])
@@ -92,6 +110,35 @@ def test_spatial_gate_max_tie_goes_to_first_channel():
     # x, so they differ only by the routed d_max
     assert torch.equal(dx[:, 9], dx[:, 18])
     assert (dx[:, 2] != dx[:, 9]).all()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN inputs, on purpose
+def test_spatial_gate_max_pool_with_nan_and_inf_matches_torch():
+    """NaN counts as greater than every number (torch.max / torch.argmax): the first NaN channel of a
+    pixel is its max and arg-max, also in a later 16-channel block behind larger numbers; ±inf are
+    ordinary values; a pixel of -inf keeps channel 0. Output and gradients carry NaN and inf where
+    the reference's do."""
+    nan, inf = float("nan"), float("inf")
+    x = feature_map((2, 20, 6, 7), torch.float32).detach()
+    x[0, 18, 1, 1] = nan
+    x[0, 3, 1, 1] = nan  # the first NaN of pixel (1, 1)
+    x[0, 17, 2, 2] = nan  # behind the first block's larger numbers
+    x[0, 0, 2, 2] = 50.0
+    x[0, 5, 3, 3] = inf
+    x[0, 12, 3, 3] = inf
+    x[0, :, 5, 6] = -inf
+    x[1, 19, 0, 0] = nan
+    weight, bias = (t.detach() for t in conv_weights(3, torch.float32))
+    _, stats, sarg, _ = sg_module._spatial_gate_op(x, weight, bias)
+    assert_max_matches_torch(stats[:, 1], sarg, x.flatten(2), 1, "spatial max pool")
+    x.requires_grad_()
+    out = spatial_gate(x, weight, bias)
+    xd = x.detach().double().requires_grad_()
+    expect = spatial_gate_ref(xd, weight.double(), bias.double())
+    assert_same_nonfinite(out, expect, torch.float32, "output")
+    dy = torch.randn_like(out)
+    (dx,), (want,) = torch.autograd.grad(out, x, dy), torch.autograd.grad(expect, xd, dy.double())
+    assert_same_nonfinite(dx, want, torch.float32, "d(x)")
 
 
 def test_spatial_gate_deterministic():

@@ -1,6 +1,7 @@
 """swap_attention on a model written the way users write them: document-style self-attention, an
 RCAN channel-attention layer, an SE layer with Linear layers, and look-alikes that must be left alone."""
 
+import copy
 import logging
 
 import pytest
@@ -108,18 +109,14 @@ def test_swap_keeps_function_weights_and_checkpoints(caplog):
     assert sum(p.numel() for p in model.parameters()) == n_params
 
     after = _outputs_and_grads(model, x)
-    # parameters are enumerated in a new order after the swap: compare outputs and input grads,
-    # then every parameter gradient through the checkpoint-key mapping below
+    # the swap adopts the model's own modules: the parameters are the same, in the same order
+    # (compared as one vector: the gradient of conv_k's bias is zero up to rounding, softmax being
+    # invariant to a shift of every key's logit)
+    assert len(after) == len(before)
     assert_close_rel(after[0], before[0], torch.float64, "output after swap")
     assert_close_rel(after[1], before[1], torch.float64, "d(input) after swap")
-    grads_before = dict(zip([k for k, _ in UserNet().named_parameters()], before[2:]))
-    sa = model.body[0]
-    assert_close_rel(sa.qkv.weight.grad, torch.cat([grads_before[f"body.0.conv_{n}.weight"] for n in "qkv"]),
-                     torch.float64, "d(qkv.weight)")
-    assert_close_rel(model.body[2].fc1.weight.grad.flatten(1), grads_before["body.2.conv_du.0.weight"].flatten(1),
-                     torch.float64, "d(fc1.weight) of the RCAN layer")
-    assert_close_rel(model.body[3].fc2.weight.grad.flatten(1), grads_before["body.3.excite.2.weight"],
-                     torch.float64, "d(fc2.weight) of the SE layer")
+    flat = [torch.cat([g.flatten() for g in grads[2:]]) for grads in (after, before)]
+    assert_close_rel(*flat, torch.float64, "parameter gradients after swap")
 
     # the checkpoint saved before the swap loads strictly after it
     model.load_state_dict(checkpoint)
@@ -140,3 +137,61 @@ def test_swap_leaves_unrecognised_models_alone():
     attnsr.swap_attention(model)
     assert [type(m) for m in model.modules()] == before
     assert model.attnsr_swapped == []
+
+
+def _train_step(model, x, optimizer):
+    optimizer.zero_grad()
+    loss = model(x).square().mean()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def test_optimizer_built_before_the_swap_still_trains_the_model():
+    """The swap keeps the model's Parameter objects: an optimizer built before it keeps training
+    the tensors the model computes with (with copies, steps would update tensors no longer used)."""
+    torch.manual_seed(0)
+    model = UserNet().to(DEVICE, torch.float64)
+    twin = copy.deepcopy(model)  # never swapped: the expected trajectory
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    twin_optimizer = torch.optim.SGD(twin.parameters(), lr=0.05)
+    attnsr.swap_attention(model, backend="triton")
+    assert [name for name, _, _ in model.attnsr_swapped] == ["body.0", "body.2", "body.3", "tail"]
+    kept = [a is b for a, b in zip(model.parameters(), params)]
+    assert len(kept) == len(params) and all(kept), f"parameters replaced by the swap: {kept}"
+    x = torch.randn(2, 3, 6, 7, device=DEVICE, dtype=torch.float64)
+    for step in range(2):
+        loss, twin_loss = _train_step(model, x, optimizer), _train_step(twin, x, twin_optimizer)
+        assert_close_rel(loss, twin_loss, torch.float64, f"loss at step {step}")
+    with torch.no_grad():
+        assert_close_rel(model(x), twin(x), torch.float64, "output after two steps")
+
+
+def test_swap_keeps_eval_mode_and_frozen_parameters():
+    model = UserNet().to(DEVICE, torch.float64)
+    model.body[0].conv_q.requires_grad_(False)  # a frozen projection
+    model.body[2].conv_du[0].weight.requires_grad_(False)
+    model.eval()
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    attnsr.swap_attention(model, backend="torch")
+    assert isinstance(model.body[0], attnsr.SelfAttention2d) and isinstance(model.body[2], attnsr.ChannelAttention)
+    training = [name for name, m in model.named_modules() if m.training]
+    assert training == [], f"modules in training mode after swapping an eval() model: {training}"
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+    assert all(any(p is f for p in model.parameters()) for f in frozen)
+    assert not model.body[0].conv_q.weight.requires_grad and not model.body[2].fc1.weight.requires_grad
+    # a model in train() with one block in eval(): that block's replacement comes back in eval()
+    model = UserNet().to(DEVICE, torch.float64)
+    model.body[3].eval()
+    attnsr.swap_attention(model, backend="torch")
+    assert model.body[0].training and model.body[2].training and not model.body[3].training
+
+
+def test_state_dict_keys_of_a_swapped_self_attention_block_are_kept():
+    block = nn.Sequential(DocSelfAttention(6, 4))
+    keys = list(block.state_dict())
+    attnsr.swap_attention(block, backend="torch")
+    assert isinstance(block[0], attnsr.SelfAttention2d)
+    assert list(block.state_dict()) == keys

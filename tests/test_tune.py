@@ -27,10 +27,12 @@ HOPPER_SMEM = 227 * 1024
 
 
 def _all(block_m, block_n):
-    return {k: dict(BLOCK_M=block_m, BLOCK_N=block_n) for k in attn._KERNELS}
+    """Every kernel's override: the Δ kernel takes BLOCK_M only (no key blocks)."""
+    return {k: dict(BLOCK_M=block_m) if k == "delta" else dict(BLOCK_M=block_m, BLOCK_N=block_n)
+            for k in attn._KERNELS}
 
 
-TABLE_BLOCKS = sorted({(e.block_m, e.block_n) for e in attn._LAUNCH.values()})
+TABLE_BLOCKS = sorted({(e.block_m, e.block_n) for e in attn._LAUNCH.values() if e.block_n is not None})
 OVERRIDES = {
     **{f"table {m}x{n}": _all(m, n) for m, n in TABLE_BLOCKS},
     "16x64": _all(16, 64),
@@ -42,7 +44,8 @@ OVERRIDES = {
 
 def _apply(stack, overrides):
     for kernel, cfg in overrides.items():
-        stack.enter_context(attn._launch_override(kernel, num_warps=4, num_stages=2, **cfg))
+        stages = {} if kernel == "delta" else dict(num_stages=2)  # the Δ kernel has no loop
+        stack.enter_context(attn._launch_override(kernel, num_warps=4, **stages, **cfg))
 
 
 def check_outputs_and_grads(fn, ref, inputs, dtype, what):
@@ -84,9 +87,11 @@ def test_override_matches_reference_on_fused_qkv_map(name, dtype, monkeypatch):
     assert set(launched) == set(attn._KERNELS)
     for kernel, cfg in OVERRIDES[name].items():
         got = {**launched[kernel][0], **launched[kernel][1]}
-        for key, value in dict(num_warps=4, num_stages=2, **cfg).items():
-            if (kernel, key) != ("delta", "BLOCK_N"):  # the Δ kernel has no key blocks
-                assert got[key] == value, (kernel, key, got)
+        stages = {} if kernel == "delta" else dict(num_stages=2)
+        for key, value in dict(num_warps=4, **stages, **cfg).items():
+            assert got[key] == value, (kernel, key, got)
+        if kernel == "delta":
+            assert "BLOCK_N" not in got and "num_stages" not in got, got
 
 
 @pytest.mark.parametrize("name", list(OVERRIDES))
@@ -118,6 +123,8 @@ def test_override_nests_and_restores():
     ("dq", dict(num_stages=0), "num_stages = 0"),
     ("dq", dict(BLOCK_K=16), "setting 'BLOCK_K'"),
     ("dq", dict(BLOCK_M=32.0), "expected an int"),
+    ("delta", dict(BLOCK_N=64), "BLOCK_N for the Δ kernel, which has no key blocks and no loop"),
+    ("delta", dict(num_stages=2), "num_stages for the Δ kernel"),
 ])
 def test_override_rejects_bad_settings(kernel, cfg, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -133,9 +140,12 @@ def test_table_is_complete_and_fits():
     assert set(attn._LAUNCH) == keys
     elt = {"16bit": 2, "fp32": 4, "fp64": 8}
     for (kernel, block_d, cls), e in attn._LAUNCH.items():
-        for b in (e.block_m, e.block_n):
+        if kernel == "delta":  # one block of rows per program, no loop: no key blocks, no pipelining
+            assert e.block_n is None and e.num_stages is None, (kernel, block_d, cls, e)
+        blocks = (e.block_m,) if kernel == "delta" else (e.block_m, e.block_n)
+        for b in blocks:
             assert b >= 16 and b & (b - 1) == 0, (kernel, block_d, cls, e)
-        assert e.num_warps in (1, 2, 4, 8, 16) and e.num_stages >= 1, (kernel, block_d, cls, e)
+        assert e.num_warps in (1, 2, 4, 8, 16) and (kernel == "delta" or e.num_stages >= 1), (kernel, block_d, cls, e)
         smem = attn._shared_memory_estimate(kernel, e.block_m, e.block_n, block_d, elt[cls], e.num_stages)
         assert smem <= HOPPER_SMEM, (kernel, block_d, cls, e, smem)
 
