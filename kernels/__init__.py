@@ -10,6 +10,7 @@ from .cbam import cbam_gate
 from .channel_gate import channel_gate
 from .layer_fusion import layer_fusion
 from .spatial_gate import spatial_gate
+from .window_attention import window_attention
 
 __all__ = [
     "cbam_gate",
@@ -18,4 +19,5 @@ __all__ = [
     "image_attention",
     "layer_fusion",
     "spatial_gate",
+    "window_attention",
 ]

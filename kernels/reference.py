@@ -62,6 +62,73 @@ def image_attention_ref(q, k, v, *, heads=1, patch_size=1, scale=None, upcast=Fa
 
 
 # ----------------------------------------------------------------------------------------------
+# Shifted-window attention (Swin: SwinIR, HAT, DRCT, ...)
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair(x):
+    return (x, x) if isinstance(x, int) else tuple(x)
+
+
+def relative_position_index(window_size) -> torch.Tensor:
+    """(N, N) index into Swin's relative position bias table for a Wh×Ww window, as Swin builds it:
+    (yᵢ − yⱼ + Wh − 1)·(2Ww − 1) + (xᵢ − xⱼ + Ww − 1)."""
+    wh, ww = _pair(window_size)
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+def swin_shift_mask(height: int, width: int, window_size, shift_size, dtype=torch.float32, device=None):
+    """Swin's attention mask of shifted windows, (nW, N, N): the rolled map is labelled by the
+    regions its rows and columns came from (slices [0, −Wh), [−Wh, −sh), [−sh, ∞) of each axis), and
+    pairs of tokens of one window from different regions get −100, the others 0."""
+    (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
+    labels = torch.zeros(height, width)
+    rows = (slice(0, -wh), slice(-wh, -sh), slice(-sh, None)) if sh else (slice(None),)
+    cols = (slice(0, -ww), slice(-ww, -sw), slice(-sw, None)) if sw else (slice(None),)
+    for i, hs in enumerate(rows):
+        for j, ws in enumerate(cols):
+            labels[hs, ws] = 3 * i + j
+    windows = labels.view(height // wh, wh, width // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    differ = windows[:, None, :] != windows[:, :, None]
+    return torch.where(differ, -100.0, 0.0).to(dtype=dtype, device=device)
+
+
+def window_attention_ref(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None,
+                         upcast=False):
+    """Swin window attention on (B, H, W, C) maps -> (B, H, W, C), written as SwinIR computes it:
+    roll by (−sh, −sw), partition into windows, softmax(q·scale kᵀ + bias + mask) v per window and
+    head, reverse the partition, roll back. A shifted call without ``mask`` uses Swin's mask."""
+    q, k, v, bias_table, mask = _maybe_upcast(upcast, q, k, v, bias_table, mask)
+    (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
+    b, h, w, c = q.shape
+    d, n, nw = c // heads, wh * ww, (h // wh) * (w // ww)
+    scale = d ** -0.5 if scale is None else scale
+
+    def windows(x):  # (B, H, W, C) -> (B·nW, heads, N, d)
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        x = x.reshape(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, n, heads, d)
+        return x.permute(0, 2, 1, 3)
+
+    qw, kw, vw = windows(q), windows(k), windows(v)
+    attn = (qw * scale) @ kw.transpose(-2, -1)
+    if bias_table is not None:
+        bias = bias_table[relative_position_index((wh, ww)).reshape(-1).to(bias_table.device)]
+        attn = attn + bias.reshape(n, n, heads).permute(2, 0, 1)[None]
+    if mask is None and (sh or sw):
+        mask = swin_shift_mask(h, w, (wh, ww), (sh, sw), dtype=attn.dtype, device=attn.device)
+    if mask is not None:
+        attn = (attn.reshape(b, nw, heads, n, n) + mask.to(attn.dtype)[None, :, None]).reshape(b * nw, heads, n, n)
+    out = (attn.softmax(-1) @ vw).permute(0, 2, 1, 3)  # (B·nW, N, heads, d)
+    out = out.reshape(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+    if sh or sw:
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Gating (channel, spatial, CBAM) and layer-attention fusion
 # ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,674 @@
+"""Shifted-window attention (Swin's W-MSA / SW-MSA, as in SwinIR, HAT, DRCT, ...), fused, forward and backward.
+
+Maths. The (H, W) token map is rolled by (−sh, −sw) and cut into Wh×Ww windows of N = Wh·Ww tokens.
+In each window and head, with Q, K, V: (N, D),
+    S = Q Kᵀ · scale + B + M,   P = softmax_rows(S),   O = P V,
+where B[i, j] = table[(yᵢ − yⱼ + Wh − 1)·(2Ww − 1) + (xᵢ − xⱼ + Ww − 1), head] is the relative
+position bias (y, x: a token's row and column inside its window) and M the shifted-window mask:
+Swin's −100 between tokens that came from different regions of the unrolled map (computed here
+from token coordinates), or an explicit additive (nW, N, N) mask given by the caller, broadcast
+over the batch. The output is rolled back, so O is written where the query token was read.
+No roll, partition or reverse is ever materialised: the token of window w at position t is read at
+    row = (wr·Wh + t // Ww + sh) mod H,   col = (wc·Ww + t % Ww + sw) mod W
+of the input maps, whatever their strides (a (B, H, W, 3C) qkv projection split in three, NHWC,
+or NCHW maps seen through a permuted view).
+
+Forward: online softmax over key blocks with fp32 running max and sum (the attention kernels'
+scheme); saves LSE per query token. Backward: Δ = rowsum(dO ∘ O); dK, dV per key block and dQ per
+query block of each window, recomputing P from LSE; the bias-table gradient
+dtable[r, h] = Σ over batch, windows and pairs (i, j) with offset r of dS[i, j] is formed without
+atomics: a kernel sums dS over a fixed, strided set of (batch, window) per program into fp32
+partial (N, N) tiles per head; fixed-order sums over the partials and over the pairs of each offset
+(a padded gather) finish it in PyTorch. Two runs give bitwise-equal gradients.
+
+Limits. Window sides ≥ 1 and dividing the map; 0 ≤ shift < window side; head dim D = C/heads ≤ 256
+(the query block and accumulators live in registers); windows of at most 2^31 tokens in all. The
+mask gets no gradient. fp32 inputs use tf32 when PyTorch allows it for CUDA matmuls, else exact
+fp32; fp16/bf16 accumulate in fp32; float64 computes in float64. Reverse mode only.
+"""
+
+import functools
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import (
+    MAX_INDEX,
+    autocast_inputs,
+    check_no_forward_ad,
+    check_rank,
+    check_runnable,
+    check_same,
+    check_tensor,
+    dot_dtype,
+    interpreting,
+    next_pow2,
+    on_tensor_device,
+    positive_int,
+    tf32_precision,
+)
+
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+MAX_GRID_YZ = 65535
+SWIN_MASK_VALUE = -100.0  # what Swin's reference code puts between tokens of different regions
+MASK_NONE, MASK_SWIN, MASK_GIVEN = 0, 1, 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _window_tokens(wid, t, NWC, WH: tl.constexpr, WW: tl.constexpr, SH, SW, H, W, SHIFTED: tl.constexpr):
+    """Token t of window wid: (row, col inside the window; row, col in the rolled frame; row, col
+    in the input map). Windows are numbered row-major, NWC per row of windows."""
+    ti = t // WW
+    tj = t % WW
+    r = (wid // NWC) * WH + ti
+    c = (wid % NWC) * WW + tj
+    if SHIFTED:
+        return ti, tj, r, c, (r + SH) % H, (c + SW) % W
+    return ti, tj, r, c, r, c
+
+
+@triton.jit
+def _tile_ptrs(ptr, ro, co, d, s_y, s_x, s_c):
+    """Pointers of the (len(ro), len(d)) tile of token vectors at map rows ro, columns co."""
+    return ptr + (ro.to(tl.int64) * s_y + co.to(tl.int64) * s_x)[:, None] + (d.to(tl.int64) * s_c)[None, :]
+
+
+@triton.jit
+def _region(r, H, WH: tl.constexpr, SH):
+    """Swin's region of a rolled-frame row (or column): 0 before the last window, 1 in the last
+    window before the rolled-in strip, 2 in the rolled-in strip of SH rows."""
+    return (r >= H - WH).to(tl.int32) + (r >= H - SH).to(tl.int32)
+
+
+@triton.jit
+def _bias_mask(
+    TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, wid,
+    tq, yq, xq, rq, cq,  # query tokens: index, row and column in the window, row and column in the rolled frame
+    tk, yk, xk, rk, ck,  # key tokens, the same; q and k arguments are broadcastable (either orientation)
+    valid, H, W, SH, SW,
+    WH: tl.constexpr, WW: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr, ACC: tl.constexpr,
+):
+    """B + M of the score tile, in natural units (the caller scales it by log2 e)."""
+    extra = tl.zeros(valid.shape, dtype=ACC)
+    if HAS_BIAS:
+        idx = (yq - yk + (WH - 1)) * (2 * WW - 1) + (xq - xk + (WW - 1))
+        extra += tl.load(TABLE + idx.to(tl.int64) * st_r + h * st_h, mask=valid, other=0.0).to(ACC)
+    if MASK_MODE == 1:
+        same = (_region(rq, H, WH, SH) == _region(rk, H, WH, SH)) & (_region(cq, W, WW, SW) == _region(ck, W, WW, SW))
+        extra += tl.where(same, 0.0, -100.0).to(ACC)
+    if MASK_MODE == 2:
+        extra += tl.load(MASK + wid.to(tl.int64) * sm_w + tq.to(tl.int64) * sm_i + tk.to(tl.int64) * sm_j,
+                         mask=valid, other=0.0).to(ACC)
+    return extra
+
+
+@triton.jit
+def _win_fwd_kernel(
+    Q, K, V, O,  # (B, H, W, C) token maps, any strides; head h owns channels [h·D, (h+1)·D)
+    LSE,  # (B, NH, H·W) contiguous, ACC: log2-sum-exp2 of each query token's scaled logits
+    TABLE,  # ((2WH−1)(2WW−1), NH) relative position bias table (HAS_BIAS), any strides
+    MASK,  # (nW, N, N) additive mask (MASK_MODE 2), any strides
+    sq_b, sq_y, sq_x, sq_c,  # Q strides (elements): batch, row, column, channel
+    sk_b, sk_y, sk_x, sk_c,  # K strides
+    sv_b, sv_y, sv_x, sv_c,  # V strides
+    so_b, so_y, so_x, so_c,  # O strides
+    st_r, st_h,  # TABLE strides: offset, head
+    sm_w, sm_i, sm_j,  # MASK strides: window, query, key
+    H, W, D, NH,  # map height, width (tokens), head dim (unpadded), heads
+    NWC, NQB,  # windows per row of windows, query blocks per window
+    SH, SW,  # cyclic shift (rows, columns)
+    scale, qk_scale, log2e,  # softmax scale, scale · log2 e, log2 e (host doubles: B + M is scaled by log2 e)
+    WH: tl.constexpr, WW: tl.constexpr,  # window height, width
+    SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,  # 0 none, 1 Swin's, 2 given
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    N: tl.constexpr = WH * WW
+    wid = tl.program_id(0) // NQB
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = (tl.program_id(0) % NQB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+    mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(_tile_ptrs(Q + b * sq_b + h * D * sq_c, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q,
+                other=0.0).to(DOT)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
+    l_i = tl.zeros([BLOCK_M], dtype=ACC)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, N, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+        mask_k = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+        k = tl.load(_tile_ptrs(K + b * sk_b + h * D * sk_c, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k,
+                    other=0.0).to(DOT)
+        valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+        extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, wid,
+                           offs_m[:, None], yq[:, None], xq[:, None], rq[:, None], cq[:, None],
+                           offs_n[None, :], yk[None, :], xk[None, :], rk[None, :], ck[None, :],
+                           valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale + extra * log2e
+        s = tl.where(offs_n[None, :] < N, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(_tile_ptrs(V + b * sv_b + h * D * sv_c, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k,
+                    other=0.0).to(DOT)
+        p = p.to(V.dtype.element_ty).to(DOT)  # rounded to the storage dtype, as on a GPU
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION, out_dtype=ACC)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(_tile_ptrs(O + b * so_b + h * D * so_c, roq, coq, offs_d, so_y, so_x, so_c),
+             acc.to(O.dtype.element_ty), mask=mask_q)
+    pos = roq.to(tl.int64) * W + coq
+    tl.store(LSE + (b * NH + h) * H * W + pos, m_i + tl.log2(l_i), mask=offs_m < N)
+
+
+@triton.jit
+def _win_delta_kernel(
+    O, DO,  # (B, H, W, C) forward output and its upstream gradient, any strides (stride 0 too)
+    DELTA,  # (B, NH, H·W) contiguous, ACC: rowsum(dO ∘ O) per token and head
+    so_b, so_y, so_x, so_c, sdo_b, sdo_y, sdo_x, sdo_c,
+    H, W, D, NH,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # token index y·W + x
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    y = pos // W
+    x = pos % W
+    mask = (pos[:, None] < H * W) & (offs_d[None, :] < D)
+    o = tl.load(_tile_ptrs(O + b * so_b + h * D * so_c, y, x, offs_d, so_y, so_x, so_c), mask=mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO + b * sdo_b + h * D * sdo_c, y, x, offs_d, sdo_y, sdo_x, sdo_c), mask=mask, other=0.0)
+    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+    tl.store(DELTA + (b * NH + h) * H * W + pos, delta, mask=pos < H * W)
+
+
+@triton.jit
+def _win_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV,  # (B, H, W, C) token maps, any strides
+    LSE, DELTA,  # (B, NH, H·W) contiguous statistics
+    TABLE, MASK,
+    sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
+    sdk_b, sdk_y, sdk_x, sdk_c, sdv_b, sdv_y, sdv_x, sdv_c,
+    st_r, st_h, sm_w, sm_i, sm_j,
+    H, W, D, NH, NWC, NKB,  # NKB: key blocks per window
+    SH, SW, scale, qk_scale, log2e,
+    WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    N: tl.constexpr = WH * WW
+    wid = tl.program_id(0) // NKB
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = (tl.program_id(0) % NKB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    stats = LSE + (b * NH + h) * H * W
+    dstats = DELTA + (b * NH + h) * H * W
+    yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+    mask_k = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    k = tl.load(_tile_ptrs(K + b * sk_b + h * D * sk_c, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k,
+                other=0.0).to(DOT)
+    v = tl.load(_tile_ptrs(V + b * sv_b + h * D * sv_c, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k,
+                other=0.0).to(DOT)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+    for start_m in range(0, N, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+        mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+        q = tl.load(_tile_ptrs(Q + b * sq_b + h * D * sq_c, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q,
+                    other=0.0).to(DOT)
+        do = tl.load(_tile_ptrs(DO + b * sdo_b + h * D * sdo_c, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q,
+                     other=0.0).to(DOT)
+        pos = roq.to(tl.int64) * W + coq
+        # query rows past N get LSE = +inf, hence P = 0: they add nothing
+        lse = tl.load(stats + pos, mask=offs_m < N, other=float("inf"))
+        delta = tl.load(dstats + pos, mask=offs_m < N, other=0.0)
+        valid = (offs_n[:, None] < N) & (offs_m[None, :] < N)
+        extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, wid,
+                           offs_m[None, :], yq[None, :], xq[None, :], rq[None, :], cq[None, :],
+                           offs_n[:, None], yk[:, None], xk[:, None], rk[:, None], ck[:, None],
+                           valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * qk_scale + extra * log2e
+        p_t = tl.exp2(s_t - lse[None, :])
+        dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT), do, input_precision=PRECISION, out_dtype=ACC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION, out_dtype=ACC)
+    dk = dk * scale
+    tl.store(_tile_ptrs(DK + b * sdk_b + h * D * sdk_c, rok, cok, offs_d, sdk_y, sdk_x, sdk_c),
+             dk.to(DK.dtype.element_ty), mask=mask_k)
+    tl.store(_tile_ptrs(DV + b * sdv_b + h * D * sdv_c, rok, cok, offs_d, sdv_y, sdv_x, sdv_c),
+             dv.to(DV.dtype.element_ty), mask=mask_k)
+
+
+@triton.jit
+def _win_scores_grad(
+    Q, K, V, DO, LSE, DELTA, TABLE, MASK,
+    sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c,
+    st_r, st_h, sm_w, sm_i, sm_j,
+    wid, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
+    WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+):
+    """dS = P ∘ (dO Vᵀ − Δ) of a (query block, key block) tile of one window and head, with the key
+    tile K (to form dQ = dS K). Q, K, V, DO, LSE, DELTA point at this batch element (and head)."""
+    N: tl.constexpr = WH * WW
+    yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+    yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+    mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+    mask_k = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(_tile_ptrs(Q, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q, other=0.0).to(DOT)
+    do = tl.load(_tile_ptrs(DO, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q, other=0.0).to(DOT)
+    k = tl.load(_tile_ptrs(K, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
+    v = tl.load(_tile_ptrs(V, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k, other=0.0).to(DOT)
+    pos = roq.to(tl.int64) * W + coq
+    lse = tl.load(LSE + pos, mask=offs_m < N, other=float("inf"))
+    delta = tl.load(DELTA + pos, mask=offs_m < N, other=0.0)
+    valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
+    extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, wid,
+                       offs_m[:, None], yq[:, None], xq[:, None], rq[:, None], cq[:, None],
+                       offs_n[None, :], yk[None, :], xk[None, :], rk[None, :], ck[None, :],
+                       valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale + extra * log2e
+    p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+    return p * (dp - delta[:, None]), k
+
+
+@triton.jit
+def _win_bwd_dq_kernel(
+    Q, K, V, DO, DQ,  # (B, H, W, C) token maps, any strides
+    LSE, DELTA, TABLE, MASK,
+    sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
+    sdq_b, sdq_y, sdq_x, sdq_c,
+    st_r, st_h, sm_w, sm_i, sm_j,
+    H, W, D, NH, NWC, NQB,
+    SH, SW, scale, qk_scale, log2e,
+    WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    N: tl.constexpr = WH * WW
+    wid = tl.program_id(0) // NQB
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = (tl.program_id(0) % NQB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    for start_n in range(0, N, BLOCK_N):
+        ds, k = _win_scores_grad(
+            Q + b * sq_b + h * D * sq_c, K + b * sk_b + h * D * sk_c, V + b * sv_b + h * D * sv_c,
+            DO + b * sdo_b + h * D * sdo_c, LSE + (b * NH + h) * H * W, DELTA + (b * NH + h) * H * W, TABLE, MASK,
+            sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c, st_r, st_h, sm_w, sm_i, sm_j,
+            wid, h, offs_m, start_n + tl.arange(0, BLOCK_N), offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
+            WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT,
+        )
+        dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT), k, input_precision=PRECISION, out_dtype=ACC)
+    dq = dq * scale
+    _, _, _, _, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+    tl.store(_tile_ptrs(DQ + b * sdq_b + h * D * sdq_c, roq, coq, offs_d, sdq_y, sdq_x, sdq_c),
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _win_bwd_dbias_kernel(
+    Q, K, V, DO,  # (B, H, W, C) token maps, any strides
+    LSE, DELTA, TABLE, MASK,
+    PART,  # (S, NH, N, N) contiguous, ACC: dS summed over the (batch, window) pairs of each split
+    sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
+    st_r, st_h, sm_w, sm_i, sm_j,
+    H, W, D, NH, NWC, NKB,
+    NWIN,  # windows per image
+    TOTAL,  # batch · NWIN: the (batch, window) pairs, split i taking i, i + S, i + 2S, ...
+    SH, SW, scale, qk_scale, log2e,
+    WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    N: tl.constexpr = WH * WW
+    offs_m = (tl.program_id(0) // NKB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (tl.program_id(0) % NKB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+    for pair in range(split, TOTAL, tl.num_programs(2)):
+        b = (pair // NWIN).to(tl.int64)
+        wid = pair % NWIN
+        ds, _ = _win_scores_grad(
+            Q + b * sq_b + h * D * sq_c, K + b * sk_b + h * D * sk_c, V + b * sv_b + h * D * sv_c,
+            DO + b * sdo_b + h * D * sdo_c, LSE + (b * NH + h) * H * W, DELTA + (b * NH + h) * H * W, TABLE, MASK,
+            sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c, st_r, st_h, sm_w, sm_i, sm_j,
+            wid, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
+            WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT,
+        )
+        acc += ds
+    out = PART + (split.to(tl.int64) * NH + h) * N * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc, mask=(offs_m[:, None] < N) & (offs_n[None, :] < N))
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _map_strides(t: torch.Tensor):
+    """(batch, row, column, channel) element strides of a (B, H, W, C) map."""
+    return tuple(t.stride())
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(n: int, head_dim: int) -> dict:
+    """Tile sizes: the whole window up to 64 tokens per tile (32 under the interpreter, so that a
+    window of 64 tokens spans two tiles in the tests)."""
+    block = 32 if interpreting() else 64
+    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, next_pow2(head_dim)))
+
+
+def _launch(head_dim: int) -> dict:
+    if interpreting():
+        return {}
+    return dict(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+
+
+class _Geometry:
+    """Everything a launch derives from the call: sizes, windows, flags, the optional tensors."""
+
+    def __init__(self, q, table, mask, window, shift, heads):
+        self.batch, self.height, self.width, channels = q.shape
+        self.wh, self.ww = window
+        self.sh, self.sw = shift
+        self.heads = heads
+        self.head_dim = channels // heads
+        self.n = self.wh * self.ww
+        self.nwc = self.width // self.ww
+        self.nwin = (self.height // self.wh) * self.nwc
+        self.has_bias = table is not None
+        self.mask_mode = MASK_GIVEN if mask is not None else MASK_SWIN if (self.sh or self.sw) else MASK_NONE
+        self.table = table if table is not None else q  # any pointer: unused when HAS_BIAS is off
+        self.mask = mask if mask is not None else q
+        self.table_strides = table.stride() if table is not None else (0, 0)
+        self.mask_strides = mask.stride() if mask is not None else (0, 0, 0)
+
+    def constexprs(self, dtype: torch.dtype) -> dict:
+        return dict(WH=self.wh, WW=self.ww, SHIFTED=bool(self.sh or self.sw), HAS_BIAS=self.has_bias,
+                    MASK_MODE=self.mask_mode, ACC=_acc_dtype(dtype), PRECISION=tf32_precision(dtype),
+                    DOT=dot_dtype(dtype))
+
+    def extras(self):
+        return (self.table, self.mask)
+
+    def extra_strides(self):
+        return (*self.table_strides, *self.mask_strides)
+
+
+def window_forward(q, k, v, geo: _Geometry, scale: float):
+    """Launch the forward kernel. Returns (out (B, H, W, C) contiguous, LSE (B, heads, H·W) base 2)."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((geo.batch, geo.heads, geo.height * geo.width), dtype=_stat_dtype(q.dtype), device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    blocks = _blocks(geo.n, geo.head_dim)
+    nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
+    _win_fwd_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
+        q, k, v, out, lse, *geo.extras(),
+        *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(out), *geo.extra_strides(),
+        geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
+        **geo.constexprs(q.dtype), **blocks, **_launch(geo.head_dim),
+    )
+    return out, lse
+
+
+@functools.lru_cache(maxsize=32)
+def _offset_pairs(wh: int, ww: int, device: torch.device) -> torch.Tensor:
+    """(R, wh·ww) flat indices i·N + j of the (query, key) pairs of each relative offset r of the
+    bias table, padded with N·N (an appended zero): dtable[r] = Σ over row r of the gathered dS."""
+    n = wh * ww
+    t = torch.arange(n)
+    y, x = t // ww, t % ww
+    idx = ((y[:, None] - y[None, :] + wh - 1) * (2 * ww - 1) + (x[:, None] - x[None, :] + ww - 1)).flatten()
+    order = torch.argsort(idx, stable=True)
+    counts = torch.bincount(idx, minlength=(2 * wh - 1) * (2 * ww - 1))
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(n * n) - starts[idx[order]]
+    pairs = torch.full((counts.numel(), n), n * n, dtype=torch.int64)
+    pairs[idx[order], slot] = order
+    return pairs.to(device)
+
+
+def _splits(geo: _Geometry, tiles: int) -> int:
+    """How many programs share the (batch, window) pairs of one bias tile: about two waves of a
+    132-SM GPU in all (one under the interpreter), never more than there are pairs."""
+    if interpreting():
+        return min(2, geo.batch * geo.nwin)
+    return max(1, min(geo.batch * geo.nwin, triton.cdiv(264, tiles * geo.heads)))
+
+
+def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qkv: bool, need_table: bool):
+    """Launch the backward kernels. ``do`` may have any strides (stride 0 included).
+
+    Returns (dq, dk, dv, dtable); what is not needed comes back as an empty (0,) tensor.
+    """
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_qkv else q.new_empty((0,))
+                  for _ in range(3))
+    dtable = q.new_empty((0,))
+    if q.numel() == 0:
+        if need_table:
+            dtable = torch.zeros_like(geo.table)
+        return dq.zero_(), dk.zero_(), dv.zero_(), dtable
+    constexprs = geo.constexprs(q.dtype)
+    blocks = _blocks(geo.n, geo.head_dim)
+    launch = _launch(geo.head_dim)
+    delta = torch.empty_like(lse)
+    _win_delta_kernel[(triton.cdiv(geo.height * geo.width, blocks["BLOCK_M"]), geo.heads, geo.batch)](
+        out, do, delta, *_map_strides(out), *_map_strides(do), geo.height, geo.width, geo.head_dim, geo.heads,
+        ACC=constexprs["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **launch,
+    )
+    strides_in = (*_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do))
+    nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
+    nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
+    sizes = (geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc)
+    if need_qkv:
+        _win_bwd_dkdv_kernel[(geo.nwin * nkb, geo.heads, geo.batch)](
+            q, k, v, do, dk, dv, lse, delta, *geo.extras(),
+            *strides_in, *_map_strides(dk), *_map_strides(dv), *geo.extra_strides(),
+            *sizes, nkb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **launch,
+        )
+        _win_bwd_dq_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
+            q, k, v, do, dq, lse, delta, *geo.extras(),
+            *strides_in, *_map_strides(dq), *geo.extra_strides(),
+            *sizes, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **launch,
+        )
+    if need_table:
+        splits = _splits(geo, nqb * nkb)
+        part = torch.empty((splits, geo.heads, geo.n, geo.n), dtype=_stat_dtype(q.dtype), device=q.device)
+        _win_bwd_dbias_kernel[(nqb * nkb, geo.heads, splits)](
+            q, k, v, do, lse, delta, *geo.extras(), part,
+            *strides_in, *geo.extra_strides(),
+            *sizes, nkb, geo.nwin, geo.batch * geo.nwin, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
+            **constexprs, **blocks, **launch,
+        )
+        ds = part.sum(0).flatten(1)  # (heads, N·N), a fixed-order sum over the splits
+        ds = torch.cat([ds, ds.new_zeros((geo.heads, 1))], 1)
+        dtable = ds[:, _offset_pairs(geo.wh, geo.ww, q.device)].sum(-1).t()  # (R, heads)
+        dtable = dtable.to(geo.table.dtype).contiguous()
+    return dq, dk, dv, dtable
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd and torch.compile: two torch.library custom ops with fake (meta) kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnsr::window_attention", mutates_args=())
+@on_tensor_device
+def _window_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None, mask: torch.Tensor | None,
+    window: list[int], shift: list[int], heads: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return window_forward(q, k, v, _Geometry(q, table, mask, window, shift, heads), scale)
+
+
+@_window_op.register_fake
+def _(q, k, v, table, mask, window, shift, heads, scale):
+    b, h, w, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, heads, h * w),
+                                                                                      dtype=_stat_dtype(q.dtype))
+
+
+@torch.library.custom_op("attnsr::window_attention_backward", mutates_args=())
+@on_tensor_device
+def _window_backward_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    table: torch.Tensor | None, mask: torch.Tensor | None, window: list[int], shift: list[int], heads: int,
+    scale: float, need_qkv: bool, need_table: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    geo = _Geometry(q, table, mask, window, shift, heads)
+    return window_backward(do, q, k, v, out, lse, geo, scale, need_qkv, need_table)
+
+
+@_window_backward_op.register_fake
+def _(do, q, k, v, out, lse, table, mask, window, shift, heads, scale, need_qkv, need_table):
+    grads = [torch.empty_like(q, memory_format=torch.contiguous_format) if need_qkv else q.new_empty((0,))
+             for _ in range(3)]
+    return (*grads, table.new_empty(table.shape) if need_table else q.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, table, mask, window, shift, heads, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, table, mask)
+    ctx.meta = (window, shift, heads, scale)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, out, lse, table, mask = ctx.saved_tensors
+    need_q, need_k, need_v, need_table = ctx.needs_input_grad[:4]
+    need_qkv = need_q or need_k or need_v
+    dq, dk, dv, dtable = _window_backward_op(do, q, k, v, out, lse, table, mask, *ctx.meta, need_qkv,
+                                             bool(need_table and table is not None))
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+            dtable if need_table else None, None, None, None, None, None)
+
+
+_window_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("window_attention does not support double backward (a gradient of its gradient)")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+_window_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair(op: str, name: str, value, low: int) -> tuple:
+    """An int or a pair of ints, each at least ``low``, as a pair."""
+    values = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    try:
+        a, b = values
+        if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in (a, b)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be an int or a pair of ints, got {value!r}") from None
+    if a < low or b < low:
+        raise ValueError(f"{op}: {name} = {value!r}; expected values of at least {low}")
+    return int(a), int(b)
+
+
+def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None):
+    """Swin window attention (W-MSA, or SW-MSA with a shift), fused, forward and backward.
+
+    q, k, v: (B, H, W, C) token maps with any strides, e.g. ``qkv.view(B, H, W, 3 * C).split(C, -1)``
+    of one qkv projection of a (B, H·W, C) sequence (SwinIR's layout), or NCHW maps through
+    ``x.permute(0, 2, 3, 1)``. Head h owns channels [h·C/heads, (h+1)·C/heads).
+    window_size: Wh or (Wh, Ww), dividing H and W. shift_size: s or (sh, sw), 0 ≤ s < window side;
+    a shifted call masks, as Swin does, the pairs of tokens that the roll brought together (−100),
+    unless ``mask`` is given.
+    bias_table: ((2Wh−1)(2Ww−1), heads) relative position bias table (Swin's
+    ``relative_position_bias_table``), gathered in the kernel; it gets a gradient.
+    mask: an additive (nW, N, N) mask (nW = H/Wh · W/Ww windows in row-major order of the rolled
+    map, N = Wh·Ww), broadcast over the batch; it gets no gradient.
+    scale defaults to (C/heads)^−½. Returns (B, H, W, C), contiguous.
+    """
+    op = "window_attention"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(op, name, t)
+        check_rank(op, name, t, 4, "(B, H, W, C)")
+    check_no_forward_ad(op, q, k, v, bias_table)
+    q, k, v = autocast_inputs(q, k, v)
+    check_same(op, {"q": q, "k": k, "v": v})
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != q.shape:
+            raise ValueError(f"{op}: q is {tuple(q.shape)} but {name} is {tuple(t.shape)}; q, k and v must share "
+                             "(B, H, W, C)")
+    batch, height, width, channels = q.shape
+    heads = positive_int(op, "heads", heads)
+    wh, ww = _pair(op, "window_size", window_size, 1)
+    sh, sw = _pair(op, "shift_size", shift_size, 0)
+    if height % wh or width % ww:
+        raise ValueError(f"{op}: window_size {wh}×{ww} does not divide the map's H×W = {height}×{width}")
+    if sh >= wh or sw >= ww:
+        raise ValueError(f"{op}: shift_size {sh}×{sw} must be smaller than the window {wh}×{ww}")
+    if channels % heads:
+        raise ValueError(f"{op}: heads = {heads} does not divide C = {channels}")
+    head_dim = channels // heads
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim C/heads = {head_dim} is above the kernel's limit {MAX_HEAD_DIM}")
+    n = wh * ww
+    if bias_table is not None:
+        check_tensor(op, "bias_table", bias_table)
+        want = ((2 * wh - 1) * (2 * ww - 1), heads)
+        if tuple(bias_table.shape) != want:
+            raise ValueError(f"{op}: bias_table is {tuple(bias_table.shape)}; expected {want} for a {wh}×{ww} "
+                             f"window and {heads} heads")
+        if bias_table.device != q.device:
+            raise ValueError(f"{op}: bias_table is on {bias_table.device} but q is on {q.device}")
+    if mask is not None:
+        check_tensor(op, "mask", mask)
+        want = ((height // wh) * (width // ww), n, n)
+        if tuple(mask.shape) != want:
+            raise ValueError(f"{op}: mask is {tuple(mask.shape)}; expected (nW, N, N) = {want}")
+        if mask.device != q.device:
+            raise ValueError(f"{op}: mask is on {mask.device} but q is on {q.device}")
+        mask = mask.detach()
+    if scale is None:
+        scale = head_dim ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite real number or None, got {scale!r}")
+    check_runnable(op, q.device)
+    if batch > MAX_GRID_YZ or heads > MAX_GRID_YZ:
+        raise ValueError(f"{op}: batch {batch} and heads {heads} must each be at most {MAX_GRID_YZ}")
+    if batch * height * width > MAX_INDEX:
+        raise ValueError(f"{op}: {batch * height * width} tokens; the kernels handle at most {MAX_INDEX}")
+    return _window_op(q, k, v, bias_table, mask, [wh, ww], [sh, sw], heads, float(scale))[0]

@@ -1,0 +1,213 @@
+"""window_attention (Swin W-MSA / SW-MSA) against the float64 reference written from SwinIR's maths:
+output and every gradient (q, k, v, the bias table), shifts, rectangular and odd windows, head dims
+that are not powers of two, the layouts SR transformers hold q, k, v in, masks, determinism, errors."""
+
+import pytest
+import torch
+from conftest import DEVICE
+from tolerances import assert_close_rel
+
+from attnsr.kernels import window_attention
+from attnsr.kernels.reference import relative_position_index, swin_shift_mask, window_attention_ref
+
+
+def _qkv(layout, b, h, w, c, dtype):
+    """q, k, v as (B, H, W, C) views of one tensor laid out as ``layout``, and the leaf tensor."""
+    base = torch.randn(b, h * w, 3 * c, device=DEVICE, dtype=torch.float64).to(dtype)
+    if layout == "swinir":  # the (B, H·W, 3C) output of one qkv Linear, channels [3][heads][d]
+        leaf = base.requires_grad_()
+        return (*leaf.view(b, h, w, 3 * c).split(c, -1), leaf)
+    if layout == "nchw":  # a fused qkv conv output (B, 3C, H, W), seen through a permuted view
+        leaf = base.view(b, h, w, 3 * c).permute(0, 3, 1, 2).contiguous().requires_grad_()
+        return (*leaf.permute(0, 2, 3, 1).split(c, -1), leaf)
+    leaf = base.view(b, h, w, 3 * c).requires_grad_()  # "nhwc"
+    return (*leaf.split(c, -1), leaf)
+
+
+def _table(window, heads, dtype):
+    wh, ww = window
+    return (torch.randn((2 * wh - 1) * (2 * ww - 1), heads, device=DEVICE, dtype=torch.float64) * 0.5).to(dtype) \
+        .requires_grad_()
+
+
+CASES = [  # b, h, w, c, heads, window, shift, bias, layout
+    pytest.param(1, 16, 16, 20, 2, (8, 8), (4, 4), True, "swinir", id="swinir-w8-shift4-D10"),
+    pytest.param(2, 8, 12, 20, 2, (4, 6), (2, 3), True, "nhwc", id="rect-w4x6-shift2x3-B2"),
+    pytest.param(1, 8, 8, 60, 2, (4, 4), (0, 0), False, "nchw", id="nchw-w4-noshift-D30"),
+    pytest.param(1, 6, 10, 21, 3, (3, 5), (1, 2), True, "nhwc", id="odd-w3x5-D7"),
+    pytest.param(1, 4, 8, 8, 1, (4, 8), (2, 5), True, "swinir", id="one-window-shifted"),
+]
+
+
+@pytest.mark.parametrize("b,h,w,c,heads,window,shift,bias,layout", CASES)
+def test_matches_reference_output_and_every_gradient(b, h, w, c, heads, window, shift, bias, layout):
+    dtype = torch.float32
+    q, k, v, leaf = _qkv(layout, b, h, w, c, dtype)
+    table = _table(window, heads, dtype) if bias else None
+    kwargs = dict(window_size=window, shift_size=shift, heads=heads, bias_table=table)
+    out = window_attention(q, k, v, **kwargs)
+    ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
+    assert out.shape == (b, h, w, c) and out.dtype == dtype and out.is_contiguous()
+    assert_close_rel(out, ref, dtype, "output")
+    grad = torch.randn_like(out)
+    inputs = (leaf, table) if bias else (leaf,)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad.double())
+    assert_close_rel(got[0], want[0], dtype, "dq, dk, dv (the qkv tensor)")
+    if bias:
+        assert got[1].dtype == dtype and got[1].shape == table.shape
+        assert_close_rel(got[1], want[1], dtype, "d bias_table")
+
+
+def test_gradcheck_float64():
+    """Directional derivatives (gradcheck's fast mode: each interpreted launch costs a second)."""
+    *_, leaf = _qkv("nhwc", 1, 4, 6, 4, torch.float64)
+    table = _table((2, 3), 2, torch.float64)
+
+    def fn(leaf, table):
+        return window_attention(*leaf.split(4, -1), window_size=(2, 3), shift_size=1, heads=2, bias_table=table)
+
+    assert torch.autograd.gradcheck(fn, (leaf, table), eps=1e-6, atol=1e-8, fast_mode=True)
+
+
+def test_float64_matches_the_reference_to_float64_precision():
+    q, k, v, _ = _qkv("swinir", 2, 8, 8, 12, torch.float64)
+    table = _table((4, 4), 3, torch.float64)
+    kwargs = dict(window_size=4, shift_size=2, heads=3, bias_table=table)
+    assert_close_rel(window_attention(q, k, v, **kwargs), window_attention_ref(q, k, v, **kwargs), torch.float64)
+
+
+def test_in_kernel_mask_equals_swins_mask_bit_for_bit():
+    """Swin's −100 mask computed from coordinates gives the very bits of the same mask passed in."""
+    q, k, v, _ = _qkv("nhwc", 1, 8, 12, 8, torch.float64)
+    table = _table((4, 4), 2, torch.float64)
+    mask = swin_shift_mask(8, 12, 4, 2, dtype=torch.float64, device=DEVICE)
+    assert mask.shape == (6, 16, 16) and set(mask.unique().tolist()) == {-100.0, 0.0}
+    kwargs = dict(window_size=4, shift_size=2, heads=2, bias_table=table)
+    assert torch.equal(window_attention(q, k, v, **kwargs), window_attention(q, k, v, **kwargs, mask=mask))
+    # and the mask matters: without it (an explicit zero mask) the result differs
+    assert not torch.allclose(window_attention(q, k, v, **kwargs), window_attention(q, k, v, **kwargs,
+                                                                                       mask=torch.zeros_like(mask)))
+
+
+def test_explicit_mask_is_broadcast_over_the_batch_and_gets_no_gradient():
+    dtype = torch.float32
+    q, k, v, leaf = _qkv("nhwc", 2, 8, 8, 8, dtype)
+    mask = torch.randn(4, 16, 16, device=DEVICE).requires_grad_()
+    out = window_attention(q, k, v, window_size=4, shift_size=2, mask=mask)
+    ref = window_attention_ref(q, k, v, window_size=4, shift_size=2, mask=mask, upcast=True)
+    assert_close_rel(out, ref, dtype, "output")
+    grad = torch.randn_like(out)
+    assert_close_rel(torch.autograd.grad(out, leaf, grad, retain_graph=True)[0],
+                     torch.autograd.grad(ref, leaf, grad.double())[0], dtype, "dqkv")
+    out.sum().backward()
+    assert mask.grad is None
+
+
+def test_float16():
+    dtype = torch.float16
+    q, k, v, leaf = _qkv("swinir", 1, 8, 8, 16, dtype)
+    table = _table((4, 4), 2, dtype)
+    kwargs = dict(window_size=4, shift_size=2, heads=2, bias_table=table)
+    out = window_attention(q, k, v, **kwargs)
+    ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
+    assert out.dtype == dtype
+    assert_close_rel(out, ref, dtype, "output")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (leaf, table), grad)
+    want = torch.autograd.grad(ref, (leaf, table), grad.double())
+    assert_close_rel(got[0], want[0], dtype, "dqkv")
+    assert_close_rel(got[1], want[1], dtype, "d bias_table")
+
+
+def test_backward_is_deterministic():
+    q, k, v, leaf = _qkv("nhwc", 2, 8, 8, 8, torch.float32)
+    table = _table((4, 4), 2, torch.float32)
+    out = window_attention(q, k, v, window_size=4, shift_size=2, heads=2, bias_table=table)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, (leaf, table), grad, retain_graph=True)
+    second = torch.autograd.grad(out, (leaf, table), grad)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_only_the_table_gradient_when_only_it_is_asked():
+    q, k, v, _ = _qkv("nhwc", 1, 8, 8, 8, torch.float32)
+    table = _table((4, 4), 2, torch.float32)
+    out = window_attention(q.detach(), k.detach(), v.detach(), window_size=4, shift_size=2, heads=2, bias_table=table)
+    ref = window_attention_ref(q.detach(), k.detach(), v.detach(), window_size=4, shift_size=2, heads=2,
+                               bias_table=table, upcast=True)
+    grad = torch.randn_like(out)
+    assert_close_rel(torch.autograd.grad(out, table, grad)[0], torch.autograd.grad(ref, table, grad.double())[0],
+                     torch.float32, "d bias_table")
+
+
+def test_relative_position_index_is_swins():
+    """Swin's table index for a 2×3 window, written out: (Δy + 1)·5 + (Δx + 2)."""
+    idx = relative_position_index((2, 3))
+    assert idx.shape == (6, 6)
+    assert idx[0].tolist() == [7, 6, 5, 2, 1, 0] and idx[5].tolist() == [14, 13, 12, 9, 8, 7]
+    assert int(idx.max()) == 14 and int(idx.min()) == 0
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(window_size=3), "window_size 3×3 does not divide the map's H×W = 8×8"),
+    (dict(shift_size=4), "shift_size 4×4 must be smaller than the window 4×4"),
+    (dict(heads=3), "heads = 3 does not divide C = 8"),
+    (dict(bias_table=torch.zeros(48, 2)), r"bias_table is \(48, 2\); expected \(49, 2\) for a 4×4 window and 2 heads"),
+    (dict(mask=torch.zeros(4, 16, 15)), r"mask is \(4, 16, 15\); expected \(nW, N, N\) = \(4, 16, 16\)"),
+    (dict(window_size=(4, 4, 4)), "window_size must be an int or a pair of ints, got"),
+    (dict(scale=float("nan")), "scale must be a finite real number or None, got nan"),
+])
+def test_bad_input_says_what_was_given_and_expected(change, message):
+    q = torch.randn(1, 8, 8, 8, device=DEVICE)
+    kwargs = dict(window_size=4, shift_size=0, heads=2)
+    kwargs.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
+    with pytest.raises((ValueError, TypeError), match=message):
+        window_attention(q, q, q, **kwargs)
+
+
+def test_mismatched_maps_are_refused():
+    q = torch.randn(1, 8, 8, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"q is \(1, 8, 8, 8\) but k is \(1, 8, 4, 8\)"):
+        window_attention(q, q[:, :, :4], q, window_size=4)
+
+
+def test_custom_ops_pass_opcheck():
+    from attnsr.kernels.window_attention import _window_backward_op, _window_op
+
+    qkv = torch.randn(1, 4, 6, 3 * 4, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.split(4, -1)
+    table = torch.randn(15, 2, device=DEVICE, requires_grad=True)
+    mask = torch.randn(4, 6, 6, device=DEVICE)
+    for args in ((q, k, v, table, None, [2, 3], [1, 1], 2, 0.5), (q, k, v, None, mask, [2, 3], [1, 1], 1, 0.3)):
+        result = torch.library.opcheck(_window_op, args)
+        assert all(r == "SUCCESS" for r in result.values()), result
+    q, k, v, table = (t.detach() for t in (q, k, v, table))  # the backward op has no derivative itself
+    out, lse = _window_op(q, k, v, table, None, [2, 3], [1, 1], 2, 0.5)
+    do = torch.randn_like(out)
+    for need_qkv, need_table in ((True, True), (False, True), (True, False)):
+        args = (do, q, k, v, out, lse, table, None, [2, 3], [1, 1], 2, 0.5, need_qkv, need_table)
+        result = torch.library.opcheck(_window_backward_op, args)
+        assert all(r == "SUCCESS" for r in result.values()), result
+
+
+def test_torch_compile_dynamic_changes_of_image_size_do_not_recompile():
+    """The published SwinIR code breaks under dynamic shapes on a data-dependent reshape; the op
+    takes any image size (multiple of the window) without a new graph."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    table = _table((4, 4), 2, torch.float32)
+
+    @torch.compile(dynamic=True, fullgraph=True, backend=counter)
+    def layer(x):
+        q, k, v = x.split(8, -1)
+        return window_attention(q, k, v, window_size=4, shift_size=2, heads=2, bias_table=table)
+
+    for h, w in ((8, 12), (12, 16), (16, 8)):  # not square first: equal sizes would share one symbol
+        x = torch.randn(1, h, w, 24, device=DEVICE)
+        ref = window_attention_ref(*x.split(8, -1), window_size=4, shift_size=2, heads=2, bias_table=table,
+                                   upcast=True)
+        assert_close_rel(layer(x), ref, torch.float32, f"compiled output at {h}×{w}")
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for three image sizes"
