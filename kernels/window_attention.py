@@ -36,7 +36,10 @@ import triton
 import triton.language as tl
 
 from ._runtime import (
+    MAX_GRID_YZ,
     MAX_INDEX,
+    absent_output,
+    acc_dtype,
     autocast_inputs,
     check_no_forward_ad,
     check_rank,
@@ -48,12 +51,13 @@ from ._runtime import (
     next_pow2,
     on_tensor_device,
     positive_int,
+    refuse_double_backward,
+    stat_dtype,
     tf32_precision,
 )
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
-MAX_GRID_YZ = 65535
 SWIN_MASK_VALUE = -100.0  # what Swin's reference code puts between tokens of different regions
 MASK_NONE, MASK_SWIN, MASK_GIVEN = 0, 1, 2
 
@@ -371,14 +375,6 @@ def _map_strides(t: torch.Tensor):
     return tuple(t.stride())
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _blocks(n: int, head_dim: int) -> dict:
     """Tile sizes: the whole window up to 64 tokens per tile (32 under the interpreter, so that a
     window of 64 tokens spans two tiles in the tests)."""
@@ -413,7 +409,7 @@ class _Geometry:
 
     def constexprs(self, dtype: torch.dtype) -> dict:
         return dict(WH=self.wh, WW=self.ww, SHIFTED=bool(self.sh or self.sw), HAS_BIAS=self.has_bias,
-                    MASK_MODE=self.mask_mode, ACC=_acc_dtype(dtype), PRECISION=tf32_precision(dtype),
+                    MASK_MODE=self.mask_mode, ACC=acc_dtype(dtype), PRECISION=tf32_precision(dtype),
                     DOT=dot_dtype(dtype))
 
     def extras(self):
@@ -426,7 +422,7 @@ class _Geometry:
 def window_forward(q, k, v, geo: _Geometry, scale: float):
     """Launch the forward kernel. Returns (out (B, H, W, C) contiguous, LSE (B, heads, H·W) base 2)."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((geo.batch, geo.heads, geo.height * geo.width), dtype=_stat_dtype(q.dtype), device=q.device)
+    lse = torch.empty((geo.batch, geo.heads, geo.height * geo.width), dtype=stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     blocks = _blocks(geo.n, geo.head_dim)
@@ -470,9 +466,9 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
 
     Returns (dq, dk, dv, dtable); what is not needed comes back as an empty (0,) tensor.
     """
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_qkv else q.new_empty((0,))
+    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_qkv else absent_output(q)
                   for _ in range(3))
-    dtable = q.new_empty((0,))
+    dtable = absent_output(q)
     if q.numel() == 0:
         if need_table:
             dtable = torch.zeros_like(geo.table)
@@ -502,7 +498,7 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
         )
     if need_table:
         splits = _splits(geo, nqb * nkb)
-        part = torch.empty((splits, geo.heads, geo.n, geo.n), dtype=_stat_dtype(q.dtype), device=q.device)
+        part = torch.empty((splits, geo.heads, geo.n, geo.n), dtype=stat_dtype(q.dtype), device=q.device)
         _win_bwd_dbias_kernel[(nqb * nkb, geo.heads, splits)](
             q, k, v, do, lse, delta, *geo.extras(), part,
             *strides_in, *geo.extra_strides(),
@@ -534,7 +530,7 @@ def _window_op(
 def _(q, k, v, table, mask, window, shift, heads, scale):
     b, h, w, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, heads, h * w),
-                                                                                      dtype=_stat_dtype(q.dtype))
+                                                                                      dtype=stat_dtype(q.dtype))
 
 
 @torch.library.custom_op("attnsr::window_attention_backward", mutates_args=())
@@ -550,9 +546,9 @@ def _window_backward_op(
 
 @_window_backward_op.register_fake
 def _(do, q, k, v, out, lse, table, mask, window, shift, heads, scale, need_qkv, need_table):
-    grads = [torch.empty_like(q, memory_format=torch.contiguous_format) if need_qkv else q.new_empty((0,))
+    grads = [torch.empty_like(q, memory_format=torch.contiguous_format) if need_qkv else absent_output(q)
              for _ in range(3)]
-    return (*grads, table.new_empty(table.shape) if need_table else q.new_empty((0,)))
+    return (*grads, table.new_empty(table.shape) if need_table else absent_output(q))
 
 
 def _setup_context(ctx, inputs, output):
@@ -576,15 +572,7 @@ def _backward(ctx, do, _dlse):
 _window_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("window_attention does not support double backward (a gradient of its gradient)")
-
-
-def _setup_nothing(ctx, inputs, output):
-    pass
-
-
-_window_backward_op.register_autograd(_no_double_backward, setup_context=_setup_nothing)
+refuse_double_backward(_window_backward_op, "window_attention")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,7 +614,7 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
         check_tensor(op, name, t)
         check_rank(op, name, t, 4, "(B, H, W, C)")
     check_no_forward_ad(op, q, k, v, bias_table)
-    q, k, v = autocast_inputs(q, k, v)
+    q, k, v = autocast_inputs(q, k, v)  # the bias table and the mask keep their dtype (added in fp32)
     check_same(op, {"q": q, "k": k, "v": v})
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
