@@ -14,6 +14,9 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Token and pixel indices are int32 in the kernels; a block's indices past the last one must not wrap.
 MAX_INDEX = 2**31 - 2**16
+# [True] while kernels/compile_report.py compiles the ops' launches for a GPU target without running
+# them: then CPU tensors are accepted without the interpreter (nothing is computed).
+COMPILE_ONLY = [False]
 
 
 def interpreting() -> bool:
@@ -60,7 +63,7 @@ def check_same(op: str, tensors: dict) -> torch.Tensor:
 
 def check_runnable(op: str, device: torch.device) -> None:
     """Triton kernels need a GPU, or CPU tensors with the interpreter switched on."""
-    if device.type == "cpu" and not interpreting():
+    if device.type == "cpu" and not interpreting() and not COMPILE_ONLY[0]:
         raise RuntimeError(
             f"{op}: got CPU tensors but Triton kernels need a GPU. Set TRITON_INTERPRET=1 before "
             "importing triton to run them on CPU with Triton's interpreter (slow, for testing), or use "
