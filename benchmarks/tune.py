@@ -440,7 +440,7 @@ def tune(args) -> dict:
                 interpreter=attn.interpreting(), warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, precision={})
     for d in dtypes:
         with _precision(d):
-            info["precision"][d] = attn.tf32_precision(_torch_dtype(d))  # tl.dot's for fp32 operands
+            info["precision"][d] = attn.dot_precision(_torch_dtype(d))  # tl.dot's for fp32 operands
 
     groups = [(d, h, k) for d in dtypes for h in head_dims for k in args.kernels]
     rows = {g: _candidates(g[2], g[1], g[0], quick, smem_limit) for g in groups}

@@ -28,8 +28,9 @@ launchers pass TW = 1 and s_r0 = s_r1, so row(n) = n·s_r0 needs no division.
 Limits. Head dim D ≤ 256: a block of queries and the fp32 accumulator live in registers; D is
 padded to the next power of two (at least 16) with masks. Batch and heads ≤ 65535 each (grid
 axes 1 and 2). At most 2^31 − 2^16 tokens per sequence: token indices are int32. fp32 inputs
-use tf32 tensor cores when PyTorch allows tf32 for CUDA matmuls
-(``torch.backends.cuda.matmul.allow_tf32`` / ``fp32_precision``) and exact fp32 otherwise; fp16
+run their dot products on tensor cores as 3×TF32 ("tf32x3": about fp32 accuracy), or as one tf32
+product where PyTorch allows tf32 for CUDA matmuls (``torch.backends.cuda.matmul.allow_tf32`` /
+``fp32_precision``), or exactly on the FMA units when the call asks ``precision="ieee"``; fp16
 and bf16 accumulate in fp32; float64 computes in float64 (for gradcheck). Statistics (LSE, Δ) are
 fp32 (float64 for float64 inputs). Under Triton's CPU interpreter, whose bf16 ``tl.dot`` is wrong,
 bf16 operands are widened to fp32 for the dot products only (the probabilities are still rounded
@@ -66,7 +67,8 @@ from ._runtime import (
     interpreting,
     next_pow2,
     positive_int,
-    tf32_precision,
+    check_precision,
+    dot_precision,
 )
 
 MAX_HEAD_DIM = 256
@@ -99,6 +101,15 @@ def _cols(d, P: tl.constexpr, s_c0, s_c1, s_c2):
 
 
 @triton.jit
+def _in_acc(x, ACC: tl.constexpr):
+    """A float scalar argument (typed fp64 in the signatures, so that a float64 kernel gets every
+    bit of a Python float) in the accumulator dtype: fp32 kernels convert it once."""
+    if ACC != tl.float64:
+        x = tl.cast(x, ACC)
+    return x
+
+
+@triton.jit
 def _load_tokens(ptr, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2, DT: tl.constexpr):
     """Load a (len(n), len(d)) tile of token vectors as dtype DT, zero outside n < n_lim, d < d_lim."""
     offs = _rows(n, TW, s_r0, s_r1)[:, None] + _cols(d, P, s_c0, s_c1, s_c2)[None, :]
@@ -124,16 +135,17 @@ def _attn_fwd_kernel(
     N, M, D,  # queries, keys, head dim (unpadded)
     TW,  # tokens per row of the token grid (W/p for maps, 1 for sequences)
     NH,  # number of heads
-    qk_scale,  # softmax scale · log2(e)
+    qk_scale: tl.float64,  # softmax scale · log2(e)
     P: tl.constexpr,  # patch size (1 for pixels and sequences)
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for fp64 inputs)
-    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32" or "ieee"
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32x3", "tf32" or "ieee"
     DOT: tl.constexpr,  # tl.dot operand dtype: the input dtype (fp32 for bf16 under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    qk_scale = _in_acc(qk_scale, ACC)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     Q += b * sq_b + h * sq_h
@@ -198,14 +210,16 @@ def _attn_bwd_dkdv_kernel(
     sdk_b, sdk_h, sdk_r0, sdk_r1, sdk_c0, sdk_c1, sdk_c2,
     sdv_b, sdv_h, sdv_r0, sdv_r1, sdv_c0, sdv_c1, sdv_c2,
     N, M, D, TW, NH,
-    scale,  # softmax scale (dK = scale · dSᵀ Q)
-    qk_scale,  # scale · log2(e)
+    scale: tl.float64,  # softmax scale (dK = scale · dSᵀ Q)
+    qk_scale: tl.float64,  # scale · log2(e)
     P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    scale = _in_acc(scale, ACC)
+    qk_scale = _in_acc(qk_scale, ACC)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     Q += b * sq_b + h * sq_h
@@ -245,13 +259,15 @@ def _attn_bwd_dq_kernel(
     sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
     sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
     N, M, D, TW, NH,
-    scale, qk_scale,
+    scale: tl.float64, qk_scale: tl.float64,  # as in the dK/dV kernel
     P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    scale = _in_acc(scale, ACC)
+    qk_scale = _in_acc(qk_scale, ACC)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += b * sk_b + h * sk_h
@@ -511,12 +527,14 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dtypes(dtype: torch.dtype) -> dict:
-    return dict(ACC=_acc_dtype(dtype), PRECISION=tf32_precision(dtype), DOT=dot_dtype(dtype))
+def _dtypes(dtype: torch.dtype, precision=None) -> dict:
+    return dict(ACC=_acc_dtype(dtype), PRECISION=dot_precision(dtype, precision), DOT=dot_dtype(dtype))
 
 
-def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float):
-    """Launch the forward kernel. Returns (out shaped like q, LSE (B, heads, N) in base 2)."""
+def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float, precision=None):
+    """Launch the forward kernel. Returns (out shaped like q, LSE (B, heads, N) in base 2).
+
+    ``precision``: how fp32 dot products run ("tf32x3", "tf32", "ieee"; None: PyTorch's setting)."""
     batch, heads = q.shape[0], layout.heads
     out = layout.empty_like(q)
     lse = torch.empty((batch, heads, n_q), dtype=_stat_dtype(q.dtype), device=q.device)
@@ -529,13 +547,13 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
         q, k, v, out, lse,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         n_q, n_kv, head_dim, layout.tw, heads, scale * LOG2E,
-        P=layout.patch, **_dtypes(q.dtype), **blocks, **launch,
+        P=layout.patch, **_dtypes(q.dtype, precision), **blocks, **launch,
     )
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float,
-                       need_dq: bool = True, need_dkdv: bool = True):
+                       need_dq: bool = True, need_dkdv: bool = True, precision=None):
     """Launch the backward kernels. ``do`` may have any strides (stride 0 included).
 
     Returns (dq, dk, dv); a gradient that is not needed comes back as an empty (0,) tensor and its
@@ -547,7 +565,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     layout = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
-    dtypes = _dtypes(q.dtype)
+    dtypes = _dtypes(q.dtype, precision)
     delta = torch.empty_like(lse)
     blocks, launch = _config("delta", head_dim, q.dtype)
     _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
@@ -592,14 +610,15 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, kind: str, heads: int, patch: in
 @torch.library.custom_op("attnsr::attention", mutates_args=())
 @on_tensor_device
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, heads: int, patch: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, heads: int, patch: int, scale: float,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
-    return attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale)
+    return attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale, precision)
 
 
 @_attention_op.register_fake
-def _(q, k, v, kind, heads, patch, scale):
+def _(q, k, v, kind, heads, patch, scale, precision):
     layout, n_q, _, _ = _geometry(q, k, kind, heads, patch)
     lse = q.new_empty((q.shape[0], heads, n_q), dtype=_stat_dtype(q.dtype))
     return layout.empty_like(q), lse
@@ -609,14 +628,15 @@ def _(q, k, v, kind, heads, patch, scale):
 @on_tensor_device
 def _attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    kind: str, heads: int, patch: int, scale: float, need_dq: bool, need_dkdv: bool,
+    kind: str, heads: int, patch: int, scale: float, precision: str, need_dq: bool, need_dkdv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
-    return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale, need_dq, need_dkdv)
+    return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale, need_dq, need_dkdv,
+                              precision)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, out, lse, kind, heads, patch, scale, need_dq, need_dkdv):
+def _(do, q, k, v, out, lse, kind, heads, patch, scale, precision, need_dq, need_dkdv):
     layout = _geometry(q, k, kind, heads, patch)[0]
     dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
     dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
@@ -624,17 +644,17 @@ def _(do, q, k, v, out, lse, kind, heads, patch, scale, need_dq, need_dkdv):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kind, heads, patch, scale = inputs
+    q, k, v, kind, heads, patch, scale, precision = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.meta = (kind, heads, patch, scale)
+    ctx.meta = (kind, heads, patch, scale, precision)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     dq, dk, dv = _attention_backward_op(do, q, k, v, out, lse, *ctx.meta, need_q, need_k or need_v)
-    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None, None, None)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None, None, None, None)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -683,11 +703,13 @@ def _check_grid(op: str, batch: int, heads: int, n_q: int, n_kv: int) -> None:
         raise ValueError(f"{op}: {max(n_q, n_kv)} tokens per sequence; the kernels handle at most {MAX_TOKENS}")
 
 
-def flash_attention(q, k, v, *, scale=None):
+def flash_attention(q, k, v, *, scale=None, precision=None):
     """softmax(q kᵀ · scale) v, fused, forward and backward.
 
     q: (B, H, N, D), k and v: (B, H, M, D), any strides; D ≤ 256; N and M may differ.
     scale defaults to 1/sqrt(D). Returns (B, H, N, D), contiguous.
+    precision (fp32 inputs only): "tf32x3" (about fp32 accuracy on tensor cores), "tf32" or "ieee"
+    (exact fp32, no tensor cores); None: "tf32" where PyTorch allows tf32 for CUDA matmuls, else "tf32x3".
     """
     op = "flash_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -709,19 +731,20 @@ def flash_attention(q, k, v, *, scale=None):
     if n_kv == 0 and n_q > 0 and batch * heads > 0:
         raise ValueError(f"{op}: k and v have M = 0 keys; softmax over no keys is undefined")
     scale = _check_scale(op, scale, head_dim)
+    check_precision(op, precision)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads, n_q, n_kv)
-    return _attention_op(q, k, v, "seq", heads, 1, scale)[0]
+    return _attention_op(q, k, v, "seq", heads, 1, scale, dot_precision(q.dtype, precision))[0]
 
 
-def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
+def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, precision=None):
     """Self-attention over the pixels or p×p patches of feature maps, fused, forward and backward.
 
     q, k, v: (B, C, H, W) with any strides (NCHW, channels_last, ``qkv.split(C, 1)`` views of one
     fused conv output). Head h owns channels [h·C/heads, (h+1)·C/heads); a token is one
     patch_size×patch_size patch whose vector is the head's channels × p × p values, so
     D = C/heads·p², N = (H/p)·(W/p). scale defaults to 1/sqrt(D). Returns (B, C, H, W), channels_last
-    when q has channels innermost, else contiguous.
+    when q has channels innermost, else contiguous. precision: as in ``flash_attention``.
     """
     op = "image_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -747,7 +770,8 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
     head_dim = channels // heads * patch_size * patch_size
     _check_head_dim(op, head_dim, f"C/heads·p² = {channels}/{heads}·{patch_size}²")
     scale = _check_scale(op, scale, head_dim)
+    check_precision(op, precision)
     check_runnable(op, q.device)
     tokens = (height // patch_size) * (width // patch_size)
     _check_grid(op, batch, heads, tokens, tokens)
-    return _attention_op(q, k, v, "map", heads, patch_size, scale)[0]
+    return _attention_op(q, k, v, "map", heads, patch_size, scale, dot_precision(q.dtype, precision))[0]

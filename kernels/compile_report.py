@@ -281,10 +281,15 @@ def _run_gating(case: Case):
     _backward(y)
 
 
-def run_case(case: Case, arch: int) -> list:
-    """Compile the kernels ``case`` launches for sm_<arch>: one row per distinct compiled kernel."""
+def run_case(case: Case, arch: int, override=None) -> list:
+    """Compile the kernels ``case`` launches for sm_<arch>: one row per distinct compiled kernel.
+
+    ``override``: (attention kernel, launch settings) in place of its ``_LAUNCH`` entry."""
+    from .attention import _launch_override
+
     torch.manual_seed(0)
-    with _fp32_mode(case.dtype), compile_only(arch) as launches:
+    settings = _launch_override(override[0], **override[1]) if override else contextlib.nullcontext()
+    with _fp32_mode(case.dtype), settings, compile_only(arch) as launches:
         (_run_attention if case.op == "attention" else _run_gating)(case)
     rows, seen = [], set()
     for launch in launches:
@@ -331,29 +336,35 @@ def all_cases() -> list:
 
 
 def gate_cases() -> list:
-    """One case per (padded head dim, dtype class) of the attention launch table, which covers
-    every entry (each case launches the four attention kernels), plus 2×2 patches, and every
-    gating kernel in each dtype class, NCHW and channels_last."""
-    cases = []
-    for dtype, dims in (("fp32", (16, 32, 64, 128, 256)), ("bf16", (16, 32, 64, 128, 256)),
-                        ("fp64", (16, 32, 64, 128, 256))):
-        cases += [_attention_case(dtype, d) for d in dims]
-    cases += [_attention_case("fp32", 64, "nchw", 2), _attention_case("bf16", 64, "nchw", 2)]
+    """(case, arch) pairs of the gate (``tests/test_compile_report.py``), few enough to compile in
+    about two minutes on two cores: on sm_90, one case per (padded head dim, dtype class) of the
+    attention launch table, which covers every entry (a case launches all four attention kernels),
+    2×2 patches, and the gating kernels (cbam_gate launches all eight of the gates; layer_fusion
+    its two) in every dtype class; on sm_80, where shared memory is smallest, the attention cases
+    with the largest tiles (head dims 128 and 256, 16-bit and fp32)."""
+    work = []
     for dtype in ("fp32", "bf16", "fp64"):
-        cases += [_gating_case("cbam_gate", dtype, "nchw"), _gating_case("cbam_gate", dtype, "channels_last"),
-                  _gating_case("layer_fusion", dtype, "nchw", "list"),
-                  _gating_case("layer_fusion", dtype, "channels_last")]
-    return cases
+        work += [(_attention_case(dtype, d), 90) for d in (16, 32, 64, 128, 256)]
+    work += [(_attention_case(dtype, 64, "nchw", 2), 90) for dtype in ("fp32", "bf16")]
+    work += [(_attention_case(dtype, d), 80) for dtype in ("fp32", "bf16") for d in (128, 256)]
+    gating = [_gating_case("cbam_gate", "bf16", "nchw"), _gating_case("cbam_gate", "bf16", "channels_last"),
+              _gating_case("cbam_gate", "fp32", "nchw"), _gating_case("cbam_gate", "fp64", "nchw"),
+              _gating_case("layer_fusion", "bf16", "nchw", "list"), _gating_case("layer_fusion", "bf16", "channels_last"),
+              _gating_case("layer_fusion", "fp32", "nchw", "list"), _gating_case("layer_fusion", "fp64", "nchw")]
+    return work + [(c, 90) for c in gating]
 
 
-def select_cases(spec: str) -> list:
-    if spec == "all":
-        return all_cases()
+def select_work(spec: str, archs) -> list:
+    """(case, arch) pairs: "all" cases on each of ``archs``, the "gate" plan (restricted to
+    ``archs``), or the cases whose name matches a regular expression on each of ``archs``."""
     if spec == "gate":
-        return gate_cases()
-    pattern = re.compile(spec)
-    cases = [c for c in all_cases() + gate_cases() if pattern.search(c.name)]
-    return list({c.name: c for c in cases}.values())
+        return [(c, a) for c, a in gate_cases() if a in archs]
+    cases = all_cases()
+    if spec != "all":
+        pattern = re.compile(spec)
+        cases = [c for c in cases + [c for c, _ in gate_cases()] if pattern.search(c.name)]
+        cases = list({c.name: c for c in cases}.values())
+    return [(c, a) for a in archs for c in cases]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,6 +396,21 @@ def gate_failures(rows) -> list:
     return failures
 
 
+KERNEL_NAMES = {"fwd": "_attn_fwd_kernel", "delta": "_attn_bwd_delta_kernel", "dkdv": "_attn_bwd_dkdv_kernel",
+                "dq": "_attn_bwd_dq_kernel"}
+
+
+def check_config(kernel: str, head_dim: int, dtype: str, cfg: dict, archs=(90, 80)):
+    """Compile one attention kernel ("fwd", "delta", "dkdv", "dq") with launch settings ``cfg``
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) for a fused-qkv NCHW map with head dim ``head_dim``
+    in ``dtype`` (a key of DTYPES or FP32_MODES). Returns (rows, gate failures) of that kernel."""
+    rows = []
+    for arch in archs:
+        rows += [r for r in run_case(_attention_case(dtype, head_dim), arch, (kernel, cfg))
+                 if r["kernel"] == KERNEL_NAMES[kernel]]
+    return rows, gate_failures(rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------
@@ -399,8 +425,8 @@ def _worker(args):
                      kernel="-", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
 
 
-def collect(cases, archs, jobs: int = 1) -> list:
-    work = [(c, a) for a in archs for c in cases]
+def collect(work, jobs: int = 1) -> list:
+    """Rows of every (case, arch) of ``work``, compiled in ``jobs`` processes."""
     if jobs <= 1:
         return [r for w in work for r in _worker(w)]
     import concurrent.futures
@@ -452,10 +478,10 @@ def main(argv=None) -> int:
     for a in archs:
         if a not in SMEM_LIMIT:
             parser.error(f"--arch {a}: expected some of {', '.join(map(str, SMEM_LIMIT))}")
-    cases = select_cases(args.cases)
-    if not cases:
+    work = select_work(args.cases, archs)
+    if not work:
         parser.error(f"--cases {args.cases!r} selects no case")
-    rows = collect(cases, archs, args.jobs)
+    rows = collect(work, args.jobs)
     print(format_table(rows))
     failures = gate_failures([r for r in rows if "error" not in r])
     failures += [f"{r['case']} [sm_{r['arch']}]: {r['error']}" for r in rows if "error" in r]

@@ -1,11 +1,14 @@
 """flash_attention and image_attention against the float64 reference: forward and every gradient."""
 
+import contextlib
+
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, needs_gpu
-from tolerances import REL_TOL, assert_close_rel, rel_error
+from tolerances import FP32_PRECISION_TOL, REL_TOL, assert_close_rel, rel_error
 
 from attnsr.kernels import flash_attention, image_attention
+from attnsr.kernels._runtime import dot_precision
 from attnsr.kernels.reference import (
     flash_attention_ref,
     image_attention_ref,
@@ -313,7 +316,7 @@ def test_fp32_works_with_every_tf32_setting_api():
         for setting in ("tf32", "ieee"):
             matmul.fp32_precision = setting
             assert_close_rel(flash_attention(q, k, v), expect, torch.float32, f"fp32_precision={setting}",
-                             tol=5e-3 if ON_GPU and setting == "tf32" else None)
+                             tol=FP32_PRECISION_TOL[setting] if ON_GPU else None)
     finally:
         matmul.fp32_precision = saved
 
@@ -349,21 +352,69 @@ def test_numpy_integers_and_reals_are_accepted():
     assert torch.equal(out, image_attention(q, q, q, heads=2, patch_size=2, scale=0.5))
 
 
-@needs_gpu
-def test_tf32_follows_torch_flag():
-    """With allow_tf32 the fp32 result moves (tf32 rounding) but stays close; without it, exact fp32."""
-    q, k, v = (torch.randn(1, 1, 256, 64, device=DEVICE) for _ in range(3))
-    expect = flash_attention_ref(q, k, v, upcast=True)
+@contextlib.contextmanager
+def _torch_fp32_precision(setting):
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.fp32_precision
+    matmul.fp32_precision = setting
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
+
+
+def test_fp32_precision_a_call_gets():
+    """3×TF32 under PyTorch's default, tf32 where PyTorch allows it, an explicit precision wins;
+    other dtypes take no fp32 precision."""
+    assert dot_precision(torch.float32) == "tf32x3"
+    with _torch_fp32_precision("tf32"):
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.float32, "ieee") == "ieee"
     old = torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        exact = rel_error(flash_attention(q, k, v), expect)
         torch.backends.cuda.matmul.allow_tf32 = True
-        tf32 = rel_error(flash_attention(q, k, v), expect)
+        assert dot_precision(torch.float32) == "tf32"
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    assert exact < 1e-5, f"exact fp32 error {exact:.2e}"
-    assert tf32 < 5e-3, f"tf32 error {tf32:.2e}"
+    assert dot_precision(torch.float32, "tf32x3") == "tf32x3"
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert dot_precision(dtype, "tf32") == "ieee"
+
+
+def test_fp32_precision_reaches_the_kernels(monkeypatch):
+    """The resolved precision is the PRECISION constexpr of every dot-product kernel of the call."""
+    import attnsr.kernels.attention as attn
+
+    seen = []
+    real = attn._dtypes
+    monkeypatch.setattr(attn, "_dtypes", lambda dtype, precision=None: seen.append(precision) or real(dtype, precision))
+    q = torch.randn(1, 1, 20, 8, device=DEVICE, requires_grad=True)
+    for precision, expect in ((None, "tf32x3"), ("ieee", "ieee"), ("tf32", "tf32")):
+        seen.clear()
+        out = flash_attention(q, q, q, precision=precision)
+        out.backward(torch.randn_like(out))
+        assert seen == [expect, expect], (precision, seen)
+        assert_close_rel(out, flash_attention_ref(q, q, q, upcast=True), torch.float32, f"precision={precision}",
+                         tol=FP32_PRECISION_TOL[expect] if ON_GPU else None)
+    with pytest.raises(ValueError, match="precision = 'fp32'; expected None"):
+        flash_attention(q, q, q, precision="fp32")
+
+
+@needs_gpu
+@pytest.mark.parametrize("precision", [None, "tf32x3", "ieee", "tf32"])
+def test_fp32_precision_accuracy_against_float64(precision):
+    """3×TF32 (the default) and exact fp32 within 1e-5 of float64, forward and every gradient;
+    one tf32 product within 5e-3 (tests/tolerances.py)."""
+    tol = FP32_PRECISION_TOL[dot_precision(torch.float32, precision)]
+    qkv = torch.randn(2, 3 * 64, 16, 16, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.split(64, 1)
+    out = image_attention(q, k, v, precision=precision)
+    expect = image_attention_ref(q, k, v, upcast=True)
+    grad = torch.randn_like(out)
+    assert_close_rel(out, expect, torch.float32, f"{precision} output", tol=tol)
+    (g,) = _grads(out, (qkv,), grad)
+    (w,) = _grads(expect, (qkv,), grad.double())
+    assert_close_rel(g, w, torch.float32, f"{precision} d(qkv)", tol=tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -491,17 +542,17 @@ def test_custom_ops_pass_opcheck():
     qkv = torch.randn(2, 3 * 8, 4, 6, device=DEVICE, requires_grad=True)
     q, k, v = qkv.split(8, dim=1)
     q_cl = q.contiguous(memory_format=torch.channels_last)
-    for args in ((q, k, v, "map", 2, 2, 0.5), (q_cl, k, v, "map", 1, 1, 0.3)):
+    for args in ((q, k, v, "map", 2, 2, 0.5, "tf32x3"), (q_cl, k, v, "map", 1, 1, 0.3, "ieee")):
         result = torch.library.opcheck(_attention_op, args)
         assert all(r == "SUCCESS" for r in result.values()), result
     seq = [torch.randn(1, 2, n, 8, device=DEVICE, requires_grad=True) for n in (5, 7, 7)]
-    result = torch.library.opcheck(_attention_op, (*seq, "seq", 2, 1, 0.3))
+    result = torch.library.opcheck(_attention_op, (*seq, "seq", 2, 1, 0.3, "tf32"))
     assert all(r == "SUCCESS" for r in result.values()), result
     seq = [t.detach() for t in seq]  # the backward op itself has no derivative (no double backward)
-    out, lse = _attention_op(*seq, "seq", 2, 1, 0.3)
+    out, lse = _attention_op(*seq, "seq", 2, 1, 0.3, "tf32x3")
     do = torch.randn_like(out)
     for need_dq, need_dkdv in ((True, True), (False, True), (True, False)):
-        args = (do, *seq, out, lse, "seq", 2, 1, 0.3, need_dq, need_dkdv)
+        args = (do, *seq, out, lse, "seq", 2, 1, 0.3, "tf32x3", need_dq, need_dkdv)
         result = torch.library.opcheck(_attention_backward_op, args)
         assert all(r == "SUCCESS" for r in result.values()), result
 
