@@ -349,7 +349,8 @@ def gate_cases() -> list:
     work += [(_attention_case(dtype, d), 80) for dtype in ("fp32", "bf16") for d in (128, 256)]
     gating = [_gating_case("cbam_gate", "bf16", "nchw"), _gating_case("cbam_gate", "bf16", "channels_last"),
               _gating_case("cbam_gate", "fp32", "nchw"), _gating_case("cbam_gate", "fp64", "nchw"),
-              _gating_case("layer_fusion", "bf16", "nchw", "list"), _gating_case("layer_fusion", "bf16", "channels_last"),
+              _gating_case("layer_fusion", "bf16", "nchw", "list"),
+              _gating_case("layer_fusion", "bf16", "channels_last"),
               _gating_case("layer_fusion", "fp32", "nchw", "list"), _gating_case("layer_fusion", "fp64", "nchw")]
     return work + [(c, 90) for c in gating]
 
