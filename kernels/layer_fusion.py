@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from ._gating import (
+    PixelRun,
     _tile_offsets,
     acc_dtype,
     check_map_limits,
@@ -60,7 +61,7 @@ def _map_tile(
     F, PTRS, STRS,  # one map set: base pointer, pointer table, stride table (see the kernels)
     l, b, c, p, W,  # map index, batch index (int64), channel and pixel vectors, map width
     s_l, s_b, s_c, s_h, s_w,  # shared strides (s_l: stacked tensors only)
-    TABLE: tl.constexpr, PER_MAP: tl.constexpr,
+    TABLE: tl.constexpr, PER_MAP: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """Pointers of the [len(c), len(p)] tile of map l, batch element b."""
     if PER_MAP:
@@ -71,6 +72,8 @@ def _map_tile(
         s_w = tl.load(strs + 3)
     if TABLE:
         base = tl.load(PTRS + l).to(tl.pointer_type(F.dtype.element_ty))
+        if ALIGNED:  # every map starts on 16 bytes (checked on the host): wide loads are allowed
+            base = tl.multiple_of(base, 16)
     else:
         base = F + tl.cast(l, tl.int64) * s_l
     return base + b * s_b + _tile_offsets(c, p, W, s_c, s_h, s_w)
@@ -89,6 +92,7 @@ def _layer_fusion_fwd_kernel(
     L, C, HW, W,  # maps, channels, pixels per map, map width
     TABLE: tl.constexpr,  # maps given by a pointer table (a sequence of tensors)
     PER_MAP: tl.constexpr,  # strides differ per map: read them from STRS
+    ALIGNED: tl.constexpr,  # every pointer of the table is a multiple of 16 bytes
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for fp64 inputs)
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -98,7 +102,7 @@ def _layer_fusion_fwd_kernel(
     mask = (c[:, None] < C) & (p[None, :] < HW)
     acc = tl.zeros([BLOCK_C, BLOCK_P], dtype=ACC)
     for l in range(L):
-        ptrs = _map_tile(F, PTRS, STRS, l, b, c, p, W, sf_l, sf_b, sf_c, sf_h, sf_w, TABLE, PER_MAP)
+        ptrs = _map_tile(F, PTRS, STRS, l, b, c, p, W, sf_l, sf_b, sf_c, sf_h, sf_w, TABLE, PER_MAP, ALIGNED)
         f = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
         acc += tl.load(WTS + b * sw_b + l * sw_l).to(ACC) * f
     tl.store(OUT + b * so_b + _tile_offsets(c, p, W, so_c, so_h, so_w), acc.to(OUT.dtype.element_ty), mask=mask)
@@ -118,6 +122,7 @@ def _layer_fusion_bwd_kernel(
     L, C, HW, W,  # maps, channels, pixels per map, map width
     NPB,  # programs per batch element
     TABLE: tl.constexpr, PER_MAP: tl.constexpr, G_PER_MAP: tl.constexpr,
+    ALIGNED: tl.constexpr, G_ALIGNED: tl.constexpr,  # the maps' / the gradients' pointers are 16-byte multiples
     NEED_DF: tl.constexpr, NEED_DW: tl.constexpr,  # which gradients to compute
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -130,12 +135,13 @@ def _layer_fusion_bwd_kernel(
     part = PART + (b * NPB + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) * L
     for l in range(L):
         if NEED_DW:
-            ptrs = _map_tile(F, PTRS, STRS, l, b, c, p, W, sf_l, sf_b, sf_c, sf_h, sf_w, TABLE, PER_MAP)
+            ptrs = _map_tile(F, PTRS, STRS, l, b, c, p, W, sf_l, sf_b, sf_c, sf_h, sf_w, TABLE, PER_MAP, ALIGNED)
             f = tl.load(ptrs, mask=mask, other=0.0).to(ACC)
             tl.store(part + l, tl.sum(tl.sum(dout * f, 1), 0))
         if NEED_DF:
             wt = tl.load(WTS + b * sw_b + l * sw_l).to(ACC)
-            gptrs = _map_tile(G, GPTRS, GSTRS, l, b, c, p, W, sg_l, sg_b, sg_c, sg_h, sg_w, TABLE, G_PER_MAP)
+            gptrs = _map_tile(G, GPTRS, GSTRS, l, b, c, p, W, sg_l, sg_b, sg_c, sg_h, sg_w, TABLE, G_PER_MAP,
+                              G_ALIGNED)
             tl.store(gptrs, (wt * dout).to(G.dtype.element_ty), mask=mask)
 
 
@@ -147,7 +153,10 @@ def _layer_fusion_bwd_kernel(
 class _MapSet:
     """How the kernels address L maps: a stacked (L, B, C, H, W) tensor or a sequence of tensors.
 
-    ``args()`` gives (base, pointer table, stride table) and ``strides()`` the 5 shared strides.
+    ``args(run)`` gives (base, pointer table, stride table) and ``shared(run)`` the 5 shared
+    strides, with the pixel addressing ``run`` (a ``PixelRun`` over every map of the launch).
+    ``aligned``: every pointer of the table is a multiple of 16 bytes, which the kernels tell the
+    compiler (a pointer read from a table carries no alignment of its own).
     """
 
     def __init__(self, maps, stacked: bool):
@@ -156,21 +165,27 @@ class _MapSet:
         self.base = first
         self.table = not stacked
         self.per_map = False
-        if stacked:
-            self.shared = tuple(maps.stride())
-            self.ptrs = self.strs = first
-            return
-        self.ptrs = torch.tensor([m.data_ptr() for m in maps], dtype=torch.int64, device=first.device)
-        strides = [tuple(m.stride()) for m in maps]
-        self.per_map = any(s != strides[0] for s in strides)
-        self.shared = (0, *strides[0])
-        self.strs = torch.tensor(strides, dtype=torch.int64, device=first.device) if self.per_map else self.ptrs
+        self.aligned = stacked or all(m.data_ptr() % 16 == 0 for m in maps)
+        if not stacked:
+            self.per_map = any(m.stride() != first.stride() for m in maps)
 
     def first(self) -> torch.Tensor:
         return self.maps[0]
 
-    def args(self):
-        return self.base, self.ptrs, self.strs
+    def tensors(self) -> list:
+        return [self.maps] if self.stacked else list(self.maps)
+
+    def shared(self, run: PixelRun):
+        return run.strides(self.maps) if self.stacked else (0, *run.strides(self.maps[0]))
+
+    def args(self, run: PixelRun):
+        if self.stacked:
+            return self.base, self.base, self.base
+        device = self.base.device
+        ptrs = torch.tensor([m.data_ptr() for m in self.maps], dtype=torch.int64, device=device)
+        strs = torch.tensor([run.strides(m) for m in self.maps], dtype=torch.int64, device=device) \
+            if self.per_map else ptrs
+        return self.base, ptrs, strs
 
 
 def _empty_grads(maps, stacked: bool):
@@ -191,10 +206,11 @@ def layer_fusion_forward(maps: _MapSet, weights: torch.Tensor) -> torch.Tensor:
         return out
     block_c, block_p, launch = tile_config(first)
     grid = (triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c), batch)
+    run = PixelRun(width, *maps.tensors(), out)
     _layer_fusion_fwd_kernel[grid](
-        *maps.args(), weights, out, *maps.shared, *weights.stride(), *out.stride(),
-        weights.shape[1], channels, height * width, width,
-        TABLE=maps.table, PER_MAP=maps.per_map, ACC=acc_dtype(first.dtype),
+        *maps.args(run), weights, out, *maps.shared(run), *weights.stride(), *run.strides(out),
+        weights.shape[1], channels, height * width, run.width,
+        TABLE=maps.table, PER_MAP=maps.per_map, ALIGNED=maps.aligned, ACC=acc_dtype(first.dtype),
         BLOCK_C=block_c, BLOCK_P=block_p, **launch,
     )
     return out
@@ -212,11 +228,13 @@ def layer_fusion_backward(dout, maps: _MapSet, weights: torch.Tensor, need_df: b
     part = torch.zeros((batch, npb, n_maps), dtype=stat_dtype(first.dtype), device=first.device)
     if first.numel() > 0 and (need_df or need_dw):
         gset = _MapSet(grads, maps.stacked) if need_df else maps
+        run = PixelRun(width, *maps.tensors(), *gset.tensors(), dout)
         _layer_fusion_bwd_kernel[grid](
-            *maps.args(), *gset.args(), weights, dout, part,
-            *maps.shared, *gset.shared, *weights.stride(), *dout.stride(),
-            n_maps, channels, height * width, width, npb,
+            *maps.args(run), *gset.args(run), weights, dout, part,
+            *maps.shared(run), *gset.shared(run), *weights.stride(), *run.strides(dout),
+            n_maps, channels, height * width, run.width, npb,
             TABLE=maps.table, PER_MAP=maps.per_map, G_PER_MAP=gset.per_map,
+            ALIGNED=maps.aligned, G_ALIGNED=gset.aligned,
             NEED_DF=need_df, NEED_DW=need_dw, ACC=acc_dtype(first.dtype),
             BLOCK_C=block_c, BLOCK_P=block_p, **launch,
         )
