@@ -238,3 +238,27 @@ def test_quick_run_writes_json(tmp_path):
     assert all(r["rel_err"] <= tune.AGREE[r["dtype"]] for r in rows)
     assert len(payload["groups"]) == 6 and all(g["best"] for g in payload["groups"])
     assert "speed-up" in proc.stdout and "fwd" in proc.stdout
+
+
+FAILURE = "_attn_fwd_kernel [attention fp32 D=64 fused, sm_90]: spills: 56 B stack, 15 spill stores"
+
+
+def test_candidates_that_break_the_compile_gate_are_marked(monkeypatch):
+    """On an sm_90 / sm_80 GPU a compile worker asks the compile report about its candidate; a
+    failure becomes the row's status (so the candidate is neither timed nor proposed)."""
+    from attnsr.kernels import compile_report
+
+    asked = []
+
+    def check_config(kernel, head_dim, dtype, cfg, archs):
+        asked.append((kernel, head_dim, dtype, archs))
+        return [], [FAILURE]
+
+    monkeypatch.setattr(compile_report, "check_config", check_config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    task = dict(kernel="fwd", head_dim=64, dtype="float32", cfg=dict(BLOCK_M=64, BLOCK_N=64))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    assert tune._gate(task) == "gate: " + FAILURE
+    assert asked == [("fwd", 64, "fp32", (90,))]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 6))  # no rules for sm_86
+    assert tune._gate(task) is None
