@@ -360,79 +360,152 @@ _LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 #   dtype class: "16bit" (fp16 and bf16), "fp32", "fp64": the bytes per element of the tiles that
 #     the dot products stage through shared memory.
 # Constraints: BLOCK_M and BLOCK_N are powers of two >= 16 (tl.dot needs 16 rows); the tiles the
-# loop streams, num_stages deep, must fit in shared memory (tests/test_tune.py holds every entry
-# under Hopper's 227 KiB by _shared_memory_estimate, an estimate); the fp32 accumulators
-# (BLOCK_M or 2·BLOCK_N rows × BLOCK_D) live in registers.
-# The entries below are the rule the kernels were written with, not yet chosen from measurement:
-# 64×64 tiles, 2 stages; 32×32 tiles and 1 stage, a margin for shared memory and registers, for
-# BLOCK_D = 256 and for 4- or 8-byte elements from BLOCK_D = 128; 8 warps from BLOCK_D = 128.
-# An entry changed from `python -m benchmarks.tune` figures says so in a comment: device, time and
-# speed-up over the entry it replaced.
+# loop streams, num_stages deep, must fit in shared memory; the accumulators live in registers.
+# How the entries were chosen (triton 3.9, `python -m attnsr.kernels.compile_report`, its
+# `check_config` on a fused-qkv NCHW map, bf16 for "16bit", fp32 at PyTorch's default precision,
+# i.e. 3×TF32, for "fp32"): candidates in order, starting from Hopper anchors (PyTorch
+# FlexAttention's H100 defaults: bf16 fwd d64 128×128/4/3, d128 128×64/8/3, d256 64×32/4/3; fp32
+# fwd d64 128×32/4/3, d128 32×64/4/3), then smaller tiles; the first that compiles for sm_90 with
+# no spills and, up to head dim 128 outside fp64, on wgmma (HGMMA, no HMMA), preferring one that
+# also does not spill on sm_80 and fits its 163 KiB. The comment above each entry gives its sm_90
+# figures (registers per thread, shared memory, HGMMA / HMMA count, or FMA for no tensor cores)
+# and sm_80's where they were compiled. "NOT YET MET" marks entries where every candidate tried
+# spills (fp32 3×TF32 at head dim 256, its backward at 128; fp64 backward at 256): the least
+# spilling one is kept, and tests/test_compile_report.py lists them as expected failures.
+# The Δ kernel's 16-bit and fp32 entries are the rule the kernels were written with (no dot
+# products; no spills in the report). Timings on a GPU may still move entries
+# (`python -m benchmarks.tune`, which only proposes candidates that pass this gate).
 _LAUNCH = {
     # forward
-    ("fwd", 16, "16bit"): _Launch(64, 64, 4, 2),
-    ("fwd", 16, "fp32"): _Launch(64, 64, 4, 2),
+    # sm_90: 248 regs, no spills, 28 KiB, 18 HGMMA; sm_80 188 regs, 16 KiB
+    ("fwd", 16, "16bit"): _Launch(128, 128, 4, 3),
+    # sm_90: 167 regs, no spills, 28 KiB, 36 HGMMA; sm_80 168 regs, 24 KiB
+    ("fwd", 16, "fp32"): _Launch(128, 32, 4, 3),
+    # sm_90: 194 regs, no spills, 24 KiB, FMA
     ("fwd", 16, "fp64"): _Launch(64, 64, 4, 2),
-    ("fwd", 32, "16bit"): _Launch(64, 64, 4, 2),
-    ("fwd", 32, "fp32"): _Launch(64, 64, 4, 2),
-    ("fwd", 32, "fp64"): _Launch(64, 64, 4, 2),
-    ("fwd", 64, "16bit"): _Launch(64, 64, 4, 2),
-    ("fwd", 64, "fp32"): _Launch(64, 64, 4, 2),
-    ("fwd", 64, "fp64"): _Launch(64, 64, 4, 2),
-    ("fwd", 128, "16bit"): _Launch(64, 64, 8, 2),
-    ("fwd", 128, "fp32"): _Launch(32, 32, 8, 1),
-    ("fwd", 128, "fp64"): _Launch(32, 32, 8, 1),
-    ("fwd", 256, "16bit"): _Launch(32, 32, 8, 1),
-    ("fwd", 256, "fp32"): _Launch(32, 32, 8, 1),
-    ("fwd", 256, "fp64"): _Launch(32, 32, 8, 1),
-    # Δ = rowsum(dO ∘ O) (BLOCK_N unused)
+    # sm_90: 166 regs, no spills, 32 KiB, 12 HGMMA; sm_80 182 regs, 20 KiB
+    ("fwd", 32, "16bit"): _Launch(128, 64, 4, 3),
+    # sm_90: 163 regs, no spills, 64 KiB, 36 HGMMA; sm_80 255 regs, 48 KiB
+    ("fwd", 32, "fp32"): _Launch(128, 64, 8, 2),
+    # sm_90: 190 regs, no spills, 32 KiB, FMA
+    ("fwd", 32, "fp64"): _Launch(64, 32, 4, 2),
+    # sm_90: 238 regs, no spills, 64 KiB, 16 HGMMA; sm_80 255 regs, 40 KiB
+    ("fwd", 64, "16bit"): _Launch(128, 64, 4, 3),
+    # sm_90: 188 regs, no spills, 80 KiB, 36 HGMMA; sm_80 255 regs, 64 KiB
+    ("fwd", 64, "fp32"): _Launch(64, 32, 4, 3),
+    # sm_90: 196 regs, no spills, 56 KiB, FMA
+    ("fwd", 64, "fp64"): _Launch(32, 32, 4, 2),
+    # sm_90: 182 regs, no spills, 128 KiB, 12 HGMMA; sm_80 255 regs, 80 KiB
+    ("fwd", 128, "16bit"): _Launch(128, 64, 8, 3),
+    # sm_90: 248 regs, no spills, 96 KiB, 54 HGMMA; sm_80 168 regs, 88 KiB, spills 1104 B
+    ("fwd", 128, "fp32"): _Launch(64, 16, 4, 2),
+    # sm_90: 222 regs, no spills, 52 KiB, FMA
+    ("fwd", 128, "fp64"): _Launch(16, 32, 4, 1),
+    # sm_90: 222 regs, no spills, 40 KiB, 17 HGMMA; sm_80 255 regs, 42 KiB
+    ("fwd", 256, "16bit"): _Launch(64, 16, 4, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 208 B / 63 STL, 48 KiB, 144 HMMA
+    ("fwd", 256, "fp32"): _Launch(16, 16, 4, 1),
+    # sm_90: 234 regs, no spills, 66 KiB, FMA
+    ("fwd", 256, "fp64"): _Launch(16, 16, 8, 1),
+    # Δ = rowsum(dO ∘ O) (BLOCK_N unused): no dot products; unchanged, no spills
     ("delta", 16, "16bit"): _Launch(64, 64, 4, 2),
     ("delta", 16, "fp32"): _Launch(64, 64, 4, 2),
+    # sm_90: 32 regs, no spills, 2 KiB, FMA
     ("delta", 16, "fp64"): _Launch(64, 64, 4, 2),
     ("delta", 32, "16bit"): _Launch(64, 64, 4, 2),
     ("delta", 32, "fp32"): _Launch(64, 64, 4, 2),
+    # sm_90: 48 regs, no spills, 2 KiB, FMA
     ("delta", 32, "fp64"): _Launch(64, 64, 4, 2),
     ("delta", 64, "16bit"): _Launch(64, 64, 4, 2),
     ("delta", 64, "fp32"): _Launch(64, 64, 4, 2),
+    # sm_90: 128 regs, no spills, 2 KiB, FMA
     ("delta", 64, "fp64"): _Launch(64, 64, 4, 2),
     ("delta", 128, "16bit"): _Launch(64, 64, 8, 2),
     ("delta", 128, "fp32"): _Launch(32, 32, 8, 1),
-    ("delta", 128, "fp64"): _Launch(32, 32, 8, 1),
+    # sm_90: 254 regs, no spills, 2 KiB, FMA
+    ("delta", 128, "fp64"): _Launch(64, 64, 4, 2),
     ("delta", 256, "16bit"): _Launch(32, 32, 8, 1),
     ("delta", 256, "fp32"): _Launch(32, 32, 8, 1),
-    ("delta", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # sm_90: 254 regs, no spills, 1 KiB, FMA
+    ("delta", 256, "fp64"): _Launch(32, 64, 4, 2),
     # backward dK, dV
-    ("dkdv", 16, "16bit"): _Launch(64, 64, 4, 2),
-    ("dkdv", 16, "fp32"): _Launch(64, 64, 4, 2),
-    ("dkdv", 16, "fp64"): _Launch(64, 64, 4, 2),
-    ("dkdv", 32, "16bit"): _Launch(64, 64, 4, 2),
-    ("dkdv", 32, "fp32"): _Launch(64, 64, 4, 2),
-    ("dkdv", 32, "fp64"): _Launch(64, 64, 4, 2),
-    ("dkdv", 64, "16bit"): _Launch(64, 64, 4, 2),
-    ("dkdv", 64, "fp32"): _Launch(64, 64, 4, 2),
-    ("dkdv", 64, "fp64"): _Launch(64, 64, 4, 2),
-    ("dkdv", 128, "16bit"): _Launch(64, 64, 8, 2),
-    ("dkdv", 128, "fp32"): _Launch(32, 32, 8, 1),
-    ("dkdv", 128, "fp64"): _Launch(32, 32, 8, 1),
-    ("dkdv", 256, "16bit"): _Launch(32, 32, 8, 1),
-    ("dkdv", 256, "fp32"): _Launch(32, 32, 8, 1),
-    ("dkdv", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # sm_90: 85 regs, no spills, 12 KiB, 6 HGMMA; sm_80 100 regs, 11 KiB
+    ("dkdv", 16, "16bit"): _Launch(32, 128, 8, 2),
+    # sm_90: 121 regs, no spills, 24 KiB, 36 HGMMA; sm_80 168 regs, 20 KiB
+    ("dkdv", 16, "fp32"): _Launch(32, 64, 4, 2),
+    # sm_90: 214 regs, no spills, 28 KiB, FMA
+    ("dkdv", 16, "fp64"): _Launch(32, 64, 4, 2),
+    # sm_90: 110 regs, no spills, 24 KiB, 8 HGMMA; sm_80 128 regs, 22 KiB, spills 16 B
+    ("dkdv", 32, "16bit"): _Launch(32, 128, 8, 2),
+    # sm_90: 193 regs, no spills, 48 KiB, 48 HGMMA; sm_80 255 regs, 40 KiB, spills 16 B
+    ("dkdv", 32, "fp32"): _Launch(32, 64, 4, 2),
+    # sm_90: 248 regs, no spills, 36 KiB, FMA
+    ("dkdv", 32, "fp64"): _Launch(32, 32, 4, 2),
+    # sm_90: 134 regs, no spills, 48 KiB, 12 HGMMA; sm_80 208 regs, 44 KiB
+    ("dkdv", 64, "16bit"): _Launch(32, 128, 8, 2),
+    # sm_90: 231 regs, no spills, 80 KiB, 60 HGMMA; sm_80 255 regs, 72 KiB, spills 96 B
+    ("dkdv", 64, "fp32"): _Launch(16, 64, 4, 2),
+    # sm_90: 236 regs, no spills, 72 KiB, FMA
+    ("dkdv", 64, "fp64"): _Launch(32, 32, 4, 2),
+    # sm_90: 230 regs, no spills, 64 KiB, 20 HGMMA; sm_80 255 regs, 52 KiB
+    ("dkdv", 128, "16bit"): _Launch(32, 64, 4, 2),
+    # sm_90: 255 regs, NOT YET MET: spills 784 B / 183 STL, 144 KiB, 212 HGMMA
+    ("dkdv", 128, "fp32"): _Launch(16, 64, 8, 1),
+    # sm_90: 212 regs, no spills, 72 KiB, FMA
+    ("dkdv", 128, "fp64"): _Launch(16, 16, 8, 1),
+    # sm_90: 248 regs, no spills, 50 KiB, 96 HMMA
+    ("dkdv", 256, "16bit"): _Launch(16, 32, 4, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 264 B / 127 STL, 96 KiB, 240 HMMA
+    ("dkdv", 256, "fp32"): _Launch(16, 16, 8, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 456 B / 129 STL, 136 KiB, FMA
+    ("dkdv", 256, "fp64"): _Launch(16, 16, 8, 1),
     # backward dQ
-    ("dq", 16, "16bit"): _Launch(64, 64, 4, 2),
+    # sm_90: 103 regs, no spills, 16 KiB, 6 HGMMA; sm_80 101 regs, 12 KiB
+    ("dq", 16, "16bit"): _Launch(128, 64, 8, 2),
+    # sm_90: 167 regs, no spills, 32 KiB, 36 HGMMA; sm_80 245 regs, 24 KiB
     ("dq", 16, "fp32"): _Launch(64, 64, 4, 2),
+    # sm_90: 254 regs, no spills, 36 KiB, FMA
     ("dq", 16, "fp64"): _Launch(64, 64, 4, 2),
-    ("dq", 32, "16bit"): _Launch(64, 64, 4, 2),
+    # sm_90: 114 regs, no spills, 32 KiB, 8 HGMMA; sm_80 146 regs, 24 KiB
+    ("dq", 32, "16bit"): _Launch(128, 64, 8, 2),
+    # sm_90: 197 regs, no spills, 64 KiB, 48 HGMMA; sm_80 255 regs, 48 KiB, spills 288 B
     ("dq", 32, "fp32"): _Launch(64, 64, 4, 2),
-    ("dq", 32, "fp64"): _Launch(64, 64, 4, 2),
-    ("dq", 64, "16bit"): _Launch(64, 64, 4, 2),
-    ("dq", 64, "fp32"): _Launch(64, 64, 4, 2),
-    ("dq", 64, "fp64"): _Launch(64, 64, 4, 2),
-    ("dq", 128, "16bit"): _Launch(64, 64, 8, 2),
-    ("dq", 128, "fp32"): _Launch(32, 32, 8, 1),
-    ("dq", 128, "fp64"): _Launch(32, 32, 8, 1),
-    ("dq", 256, "16bit"): _Launch(32, 32, 8, 1),
-    ("dq", 256, "fp32"): _Launch(32, 32, 8, 1),
-    ("dq", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # sm_90: 224 regs, no spills, 52 KiB, FMA
+    ("dq", 32, "fp64"): _Launch(64, 32, 4, 2),
+    # sm_90: 124 regs, no spills, 64 KiB, 12 HGMMA; sm_80 182 regs, 48 KiB
+    ("dq", 64, "16bit"): _Launch(128, 64, 8, 2),
+    # sm_90: 216 regs, no spills, 96 KiB, 60 HGMMA; sm_80 255 regs, 80 KiB, spills 480 B
+    ("dq", 64, "fp32"): _Launch(64, 32, 4, 2),
+    # sm_90: 254 regs, no spills, 72 KiB, FMA
+    ("dq", 64, "fp64"): _Launch(32, 32, 4, 2),
+    # sm_90: 197 regs, no spills, 96 KiB, 20 HGMMA; sm_80 255 regs, 64 KiB, spills 232 B
+    ("dq", 128, "16bit"): _Launch(64, 64, 4, 2),
+    # sm_90: 255 regs, NOT YET MET: spills 336 B / 55 STL, 160 KiB, 102 HGMMA
+    ("dq", 128, "fp32"): _Launch(64, 16, 4, 2),
+    # sm_90: 254 regs, no spills, 68 KiB, FMA
+    ("dq", 128, "fp64"): _Launch(16, 32, 4, 1),
+    # sm_90: 236 regs, no spills, 80 KiB, 33 HGMMA; sm_80 255 regs, 74 KiB, spills 16 B
+    ("dq", 256, "16bit"): _Launch(64, 16, 4, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 200 B / 79 STL, 80 KiB, 216 HMMA
+    ("dq", 256, "fp32"): _Launch(16, 16, 8, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 328 B / 79 STL, 104 KiB, FMA
+    ("dq", 256, "fp64"): _Launch(16, 16, 8, 1),
+}
+
+# Patches (p > 1) address every feature of a token on its own (no unit stride along the head dim),
+# which takes more registers: where the _LAUNCH entry spills with 2×2 patches, this one replaces
+# it (chosen as above, on `attention <dtype> D=64 nchw p2`; other head dims with patches keep
+# their _LAUNCH entry, unchecked).
+_PATCH_LAUNCH = {
+    # 128×64/4/3 spills 656 B with patches; sm_90: 234 regs, 12 KiB, 6 HGMMA, no spills
+    ("fwd", 64, "16bit"): _Launch(64, 32, 4, 2),
+    # 64×32/4/3 spills 56 B with patches; sm_90: 254 regs, 56 KiB, 30 HGMMA, no spills
+    ("fwd", 64, "fp32"): _Launch(64, 16, 4, 3),
+    # 64×32/4/2 spills 120 B with patches; sm_90: 255 regs, 80 KiB, 54 HGMMA, no spills
+    ("dq", 64, "fp32"): _Launch(64, 16, 4, 2),
+    # NOT YET MET: on wgmma every setting tried spills (16×64/4/1: 104 B; 16×64/8/2: 152 B); this
+    # one does not spill but runs mma.sync (sm_90: 219 regs, 40 KiB, 144 HMMA)
+    ("dkdv", 64, "fp32"): _Launch(16, 32, 4, 2),
 }
 
 
@@ -498,17 +571,19 @@ def _launch_override(kernel: str, **cfg):
             _OVERRIDES[kernel] = previous
 
 
-def _config(kernel: str, head_dim: int, dtype: torch.dtype):
-    """(block-size constexprs, launch settings) of ``kernel`` for a head dim and dtype.
+def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1):
+    """(block-size constexprs, launch settings) of ``kernel`` for a head dim, dtype and patch size.
 
-    The tuner's override where one is set, else the ``_LAUNCH`` entry on a GPU, or 32×32 tiles
-    under the interpreter (where num_warps and num_stages mean nothing).
+    The tuner's override where one is set, else the ``_PATCH_LAUNCH`` entry for patches where
+    there is one, else the ``_LAUNCH`` entry on a GPU, or 32×32 tiles under the interpreter (where
+    num_warps and num_stages mean nothing).
     """
     block_d = _block_d(head_dim)
     if interpreting():
         cfg = dict(BLOCK_M=32, BLOCK_N=32)
     else:
-        entry = _LAUNCH[(kernel, block_d, _dtype_class(dtype))]
+        key = (kernel, block_d, _dtype_class(dtype))
+        entry = _PATCH_LAUNCH.get(key, _LAUNCH[key]) if patch > 1 else _LAUNCH[key]
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages)
     cfg.update(_OVERRIDES.get(kernel, {}))
@@ -541,7 +616,7 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
     if out.numel() == 0:
         return out, lse
     layout = layout.for_tensors(q, k, v, out)
-    blocks, launch = _config("fwd", head_dim, q.dtype)
+    blocks, launch = _config("fwd", head_dim, q.dtype, layout.patch)
     grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -567,7 +642,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     layout = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
     dtypes = _dtypes(q.dtype, precision)
     delta = torch.empty_like(lse)
-    blocks, launch = _config("delta", head_dim, q.dtype)
+    blocks, launch = _config("delta", head_dim, q.dtype, layout.patch)
     _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
         out, do, delta, *layout.strides(out), *layout.strides(do),
         n_q, head_dim, layout.tw, heads,
@@ -575,7 +650,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     )
     strides_in = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
     if need_dkdv:
-        blocks, launch = _config("dkdv", head_dim, q.dtype)
+        blocks, launch = _config("dkdv", head_dim, q.dtype, layout.patch)
         _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
             q, k, v, do, dk, dv, lse, delta,
             *strides_in, *layout.strides(dk), *layout.strides(dv),
@@ -583,7 +658,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
             P=layout.patch, **dtypes, **blocks, **launch,
         )
     if need_dq:
-        blocks, launch = _config("dq", head_dim, q.dtype)
+        blocks, launch = _config("dq", head_dim, q.dtype, layout.patch)
         _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
             q, k, v, do, dq, lse, delta,
             *strides_in, *layout.strides(dq),
