@@ -398,6 +398,7 @@ _LAUNCH = {
     # sm_90: 182 regs, no spills, 128 KiB, 12 HGMMA; sm_80 255 regs, 80 KiB
     ("fwd", 128, "16bit"): _Launch(128, 64, 8, 3),
     # sm_90: 248 regs, no spills, 96 KiB, 54 HGMMA; sm_80 168 regs, 88 KiB, spills 1104 B
+    # (triton 3.6: spills 40 B; no setting tried is clean in both: 64×16/4/1 80 B, 64×32/4/1 64 B there)
     ("fwd", 128, "fp32"): _Launch(64, 16, 4, 2),
     # sm_90: 222 regs, no spills, 52 KiB, FMA
     ("fwd", 128, "fp64"): _Launch(16, 32, 4, 1),
@@ -405,7 +406,7 @@ _LAUNCH = {
     ("fwd", 256, "16bit"): _Launch(64, 16, 4, 1),
     # sm_90: 255 regs, NOT YET MET: spills 208 B / 63 STL, 48 KiB, 144 HMMA
     ("fwd", 256, "fp32"): _Launch(16, 16, 4, 1),
-    # sm_90: 234 regs, no spills, 66 KiB, FMA
+    # sm_90: 234 regs, no spills, 66 KiB, FMA (triton 3.6: spills 16 B; 16×32/8/1: 88 B there)
     ("fwd", 256, "fp64"): _Launch(16, 16, 8, 1),
     # Δ = rowsum(dO ∘ O) (BLOCK_N unused): no dot products; unchanged, no spills
     ("delta", 16, "16bit"): _Launch(64, 64, 4, 2),
@@ -439,8 +440,8 @@ _LAUNCH = {
     ("dkdv", 32, "16bit"): _Launch(32, 128, 8, 2),
     # sm_90: 193 regs, no spills, 48 KiB, 48 HGMMA; sm_80 255 regs, 40 KiB, spills 16 B
     ("dkdv", 32, "fp32"): _Launch(32, 64, 4, 2),
-    # sm_90: 248 regs, no spills, 36 KiB, FMA
-    ("dkdv", 32, "fp64"): _Launch(32, 32, 4, 2),
+    # sm_90: 168 regs, no spills, 28 KiB, FMA (triton 3.6: 234 regs, no spills; 32×32/4/2 spills 24 B there)
+    ("dkdv", 32, "fp64"): _Launch(16, 32, 4, 2),
     # sm_90: 134 regs, no spills, 48 KiB, 12 HGMMA; sm_80 208 regs, 44 KiB
     ("dkdv", 64, "16bit"): _Launch(32, 128, 8, 2),
     # sm_90: 231 regs, no spills, 80 KiB, 60 HGMMA; sm_80 255 regs, 72 KiB, spills 96 B
@@ -476,14 +477,14 @@ _LAUNCH = {
     ("dq", 64, "16bit"): _Launch(128, 64, 8, 2),
     # sm_90: 216 regs, no spills, 96 KiB, 60 HGMMA; sm_80 255 regs, 80 KiB, spills 480 B
     ("dq", 64, "fp32"): _Launch(64, 32, 4, 2),
-    # sm_90: 254 regs, no spills, 72 KiB, FMA
-    ("dq", 64, "fp64"): _Launch(32, 32, 4, 2),
+    # sm_90: 206 regs, no spills, 56 KiB, FMA (triton 3.6: 214 regs, no spills; 32×32/4/2 spills 16 B there)
+    ("dq", 64, "fp64"): _Launch(32, 32, 4, 1),
     # sm_90: 197 regs, no spills, 96 KiB, 20 HGMMA; sm_80 255 regs, 64 KiB, spills 232 B
     ("dq", 128, "16bit"): _Launch(64, 64, 4, 2),
     # sm_90: 255 regs, NOT YET MET: spills 336 B / 55 STL, 160 KiB, 102 HGMMA
     ("dq", 128, "fp32"): _Launch(64, 16, 4, 2),
-    # sm_90: 254 regs, no spills, 68 KiB, FMA
-    ("dq", 128, "fp64"): _Launch(16, 32, 4, 1),
+    # sm_90: 202 regs, no spills, 56 KiB, FMA (triton 3.6: 212 regs, no spills; 16×32/4/1 spills 88 B there)
+    ("dq", 128, "fp64"): _Launch(16, 16, 8, 1),
     # sm_90: 236 regs, no spills, 80 KiB, 33 HGMMA; sm_80 255 regs, 74 KiB, spills 16 B
     ("dq", 256, "16bit"): _Launch(64, 16, 4, 1),
     # sm_90: 255 regs, NOT YET MET: spills 200 B / 79 STL, 80 KiB, 216 HMMA
