@@ -265,3 +265,18 @@ def test_candidates_that_break_the_compile_gate_are_marked(monkeypatch):
     assert asked == [("fwd", 64, "fp32", (90,))]
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 6))  # no rules for sm_86
     assert tune._gate(task) is None
+
+
+def test_patches_take_their_own_entry_where_there_is_one(monkeypatch):
+    """With p > 1 the launcher looks up _PATCH_LAUNCH first (the pixel entry spills there), else
+    the _LAUNCH entry; pixels always take _LAUNCH."""
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    for (kernel, block_d, dtype_class), entry in attn._PATCH_LAUNCH.items():
+        dtype = {"16bit": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[dtype_class]
+        assert attn._config(kernel, block_d, dtype, 2)[0]["BLOCK_M"] == entry.block_m
+        assert attn._config(kernel, block_d, dtype, 2)[1]["num_warps"] == entry.num_warps
+        plain = attn._LAUNCH[(kernel, block_d, dtype_class)]
+        assert attn._config(kernel, block_d, dtype, 1)[0]["BLOCK_N"] == plain.block_n
+    plain = attn._LAUNCH[("fwd", 128, "16bit")]
+    assert ("fwd", 128, "16bit") not in attn._PATCH_LAUNCH
+    assert attn._config("fwd", 128, torch.bfloat16, 2)[0]["BLOCK_M"] == plain.block_m
