@@ -510,8 +510,13 @@ _PATCH_LAUNCH = {
 }
 
 
-def _dtype_class(dtype: torch.dtype) -> str:
-    """The dtype's class in ``_LAUNCH``: "16bit", "fp32" or "fp64"."""
+def _dtype_class(dtype: torch.dtype, precision=None) -> str:
+    """The dtype's class in ``_LAUNCH``: "16bit", "fp32" (on tensor cores: 3×TF32 or tf32) or
+    "fp64". Exact fp32 (``precision="ieee"``) runs on the FMA units as float64 does and takes the
+    fp64 entries: the fp32 ones, chosen for 3×TF32, spill there (triton 3.6, head dim 64: forward
+    5608 B, dQ 2512 B)."""
+    if dtype == torch.float32 and dot_precision(dtype, precision) == "ieee":
+        return "fp64"
     return {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
 
 
@@ -572,8 +577,9 @@ def _launch_override(kernel: str, **cfg):
             _OVERRIDES[kernel] = previous
 
 
-def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1):
-    """(block-size constexprs, launch settings) of ``kernel`` for a head dim, dtype and patch size.
+def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None):
+    """(block-size constexprs, launch settings) of ``kernel`` for a head dim, dtype, patch size and
+    fp32 precision (None: PyTorch's setting; see ``_dtype_class``).
 
     The tuner's override where one is set, else the ``_PATCH_LAUNCH`` entry for patches where
     there is one, else the ``_LAUNCH`` entry on a GPU, or 32×32 tiles under the interpreter (where
@@ -583,7 +589,7 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1):
     if interpreting():
         cfg = dict(BLOCK_M=32, BLOCK_N=32)
     else:
-        key = (kernel, block_d, _dtype_class(dtype))
+        key = (kernel, block_d, _dtype_class(dtype, precision))
         entry = _PATCH_LAUNCH.get(key, _LAUNCH[key]) if patch > 1 else _LAUNCH[key]
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages)
@@ -617,7 +623,7 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
     if out.numel() == 0:
         return out, lse
     layout = layout.for_tensors(q, k, v, out)
-    blocks, launch = _config("fwd", head_dim, q.dtype, layout.patch)
+    blocks, launch = _config("fwd", head_dim, q.dtype, layout.patch, precision)
     grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
@@ -643,7 +649,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     layout = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
     dtypes = _dtypes(q.dtype, precision)
     delta = torch.empty_like(lse)
-    blocks, launch = _config("delta", head_dim, q.dtype, layout.patch)
+    blocks, launch = _config("delta", head_dim, q.dtype, layout.patch, precision)
     _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
         out, do, delta, *layout.strides(out), *layout.strides(do),
         n_q, head_dim, layout.tw, heads,
@@ -651,7 +657,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     )
     strides_in = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
     if need_dkdv:
-        blocks, launch = _config("dkdv", head_dim, q.dtype, layout.patch)
+        blocks, launch = _config("dkdv", head_dim, q.dtype, layout.patch, precision)
         _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
             q, k, v, do, dk, dv, lse, delta,
             *strides_in, *layout.strides(dk), *layout.strides(dv),
@@ -659,7 +665,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
             P=layout.patch, **dtypes, **blocks, **launch,
         )
     if need_dq:
-        blocks, launch = _config("dq", head_dim, q.dtype, layout.patch)
+        blocks, launch = _config("dq", head_dim, q.dtype, layout.patch, precision)
         _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
             q, k, v, do, dq, lse, delta,
             *strides_in, *layout.strides(dq),

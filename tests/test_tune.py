@@ -65,8 +65,8 @@ def test_override_matches_reference_on_fused_qkv_map(name, dtype, monkeypatch):
     launched = {}
     plain = attn._config
 
-    def spy(kernel, head_dim, dtype, patch=1):
-        blocks, launch = plain(kernel, head_dim, dtype, patch)
+    def spy(kernel, *args):
+        blocks, launch = plain(kernel, *args)
         launched[kernel] = (blocks, launch)
         return blocks, launch
 
