@@ -186,12 +186,34 @@ def map_strides(t: torch.Tensor):
     return tuple(t.stride())
 
 
+class PixelRun:
+    """How the kernels address the pixels of the maps of one launch.
+
+    Where every map holds its pixels in one run (row stride = W × column stride: contiguous NCHW
+    and channels_last maps, their channel slices, stride-0 gradients), the kernels get W = 1 (a
+    constant after Triton's specialisation) and row stride = column stride: pixel p sits at
+    p·s_w with no division, and along NCHW pixels the compiler sees unit stride, so it can load
+    16 bytes at a time. Otherwise the maps' own strides and W.
+
+    ``width``: the W argument of the kernels; ``strides(t)``: the (s_b, s_c, s_h, s_w) of map t.
+    """
+
+    def __init__(self, width: int, *maps: torch.Tensor):
+        self.flat = all(t.stride(-2) == t.shape[-1] * t.stride(-1) for t in maps)
+        self.width = 1 if self.flat else width
+
+    def strides(self, t: torch.Tensor):
+        s = tuple(t.stride())
+        return (*s[:-2], s[-1], s[-1]) if self.flat else s
+
+
 def tile_config(t: torch.Tensor, loop_over_channels: bool = False):
     """(BLOCK_C, BLOCK_P, launch kwargs) for a [channels × pixels] tile of map ``t``.
 
     The tile is long along the map's contiguous dimension (pixels for NCHW, channels for
     channels_last). Elementwise passes and reductions over pixels (which split the pixels into
-    chunks) take tiles of about 4096 elements. Reductions over channels (``loop_over_channels``:
+    chunks) take tiles of about 4096 elements (2048 for float64: at 4096 the fp64 channel
+    statistics spill 8 bytes on sm_90, by the compile report). Reductions over channels (``loop_over_channels``:
     one program owns a block of pixels and loops over all channels) take narrower pixel blocks so
     that B·H·W/BLOCK_P programs fill the GPU. The interpreter runs one numpy op per tile, so its
     tiles are also large, but small enough that test shapes span several tiles and chunks.
@@ -203,12 +225,13 @@ def tile_config(t: torch.Tensor, loop_over_channels: bool = False):
         if channels_innermost(t):
             return min(next_pow2(channels), 64), min(next_pow2(hw), 32), dict(num_warps=4)
         return min(next_pow2(channels), 16), min(next_pow2(hw), 128), dict(num_warps=4)
+    elements = 2048 if t.element_size() > 4 else 4096
     if channels_innermost(t):
         block_c = min(next_pow2(channels), 128)
-        block_p = min(next_pow2(hw), max(1, 4096 // block_c))
+        block_p = min(next_pow2(hw), max(1, elements // block_c))
     else:
         block_p = min(next_pow2(hw), 1024)
-        block_c = min(next_pow2(channels), max(1, 4096 // block_p))
+        block_c = min(next_pow2(channels), max(1, elements // block_p))
     return block_c, block_p, dict(num_warps=4)
 
 
@@ -232,9 +255,10 @@ def gate_apply(x: torch.Tensor, ca=None, s=None) -> torch.Tensor:
     block_c, block_p, launch = tile_config(x)
     grid = (triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c), batch)
     dummy = ca if ca is not None else s
+    run = PixelRun(width, x, y)
     _gate_apply_kernel[grid](
         x, y, dummy if ca is None else ca, dummy if s is None else s,
-        *map_strides(x), *map_strides(y), channels, height * width, width,
+        *run.strides(x), *run.strides(y), channels, height * width, run.width,
         CHANNEL=ca is not None, SPATIAL=s is not None, ACC=acc_dtype(x.dtype),
         BLOCK_C=block_c, BLOCK_P=block_p, **launch,
     )
@@ -250,11 +274,12 @@ def gate_dx(dy: torch.Tensor, like: torch.Tensor, *, ca=None, gpool=None, carg=N
     block_c, block_p, launch = tile_config(like)
     grid = (triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c), batch)
     dummy = ca if ca is not None else s
+    run = PixelRun(width, dy, dx)
     _gate_dx_kernel[grid](
         dy, dx,
         dummy if ca is None else ca, dummy if gpool is None else gpool, dummy if carg is None else carg,
         dummy if s is None else s, dummy if dpool is None else dpool, dummy if sarg is None else sarg,
-        *map_strides(dy), *map_strides(dx), channels, height * width, width,
+        *run.strides(dy), *run.strides(dx), channels, height * width, run.width,
         CHANNEL=ca is not None, CMAX=carg is not None, SPATIAL=s is not None, ACC=acc_dtype(like.dtype),
         BLOCK_C=block_c, BLOCK_P=block_p, **launch,
     )

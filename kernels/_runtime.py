@@ -16,6 +16,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2 (batch, heads)
 # Token and pixel indices are int32 in the kernels; a block's indices past the last one must not wrap.
 MAX_INDEX = 2**31 - 2**16
+# [True] while kernels/compile_report.py compiles the ops' launches for a GPU target without running
+# them: then CPU tensors are accepted without the interpreter (nothing is computed).
+COMPILE_ONLY = [False]
 
 
 def interpreting() -> bool:
@@ -62,7 +65,7 @@ def check_same(op: str, tensors: dict) -> torch.Tensor:
 
 def check_runnable(op: str, device: torch.device) -> None:
     """Triton kernels need a GPU, or CPU tensors with the interpreter switched on."""
-    if device.type == "cpu" and not interpreting():
+    if device.type == "cpu" and not interpreting() and not COMPILE_ONLY[0]:
         raise RuntimeError(
             f"{op}: got CPU tensors but Triton kernels need a GPU. Set TRITON_INTERPRET=1 before "
             "importing triton to run them on CPU with Triton's interpreter (slow, for testing), or use "
@@ -167,21 +170,45 @@ def empty_map_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
 
 
-def tf32_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision for fp32 operands: tf32 when torch allows it for CUDA matmuls.
+# How fp32 dot products run (``precision=`` of the attention functions; Triton's input_precision):
+#   "tf32x3"  three tf32 products (hi·hi + hi·lo + lo·hi) on tensor cores: about fp32 accuracy,
+#             the default (PyTorch's CUTLASS memory-efficient SDPA runs fp32 the same way);
+#   "tf32"    one tf32 product (10-bit mantissa operands), the default where PyTorch allows tf32;
+#   "ieee"    exact fp32 on the FMA units, no tensor cores: only when asked for.
+FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
+
+
+def torch_allows_tf32() -> bool:
+    """True when PyTorch allows tf32 for CUDA matmuls.
 
     Reads ``torch.backends.cuda.matmul.fp32_precision`` where it exists (torch >= 2.9; set by
     ``allow_tf32 = True`` and ``set_float32_matmul_precision("high")`` too), else ``allow_tf32``.
     """
-    if dtype != torch.float32 or interpreting():
-        return "ieee"
     matmul = torch.backends.cuda.matmul
     if hasattr(matmul, "fp32_precision"):
         precision = matmul.fp32_precision
         if precision == "none":  # inherits the global setting
             precision = getattr(torch.backends, "fp32_precision", "ieee")
-        return "tf32" if precision == "tf32" else "ieee"
-    return "tf32" if matmul.allow_tf32 else "ieee"
+        return precision == "tf32"
+    return bool(matmul.allow_tf32)
+
+
+def check_precision(op: str, precision) -> None:
+    if precision is not None and precision not in FP32_PRECISIONS:
+        raise ValueError(f"{op}: precision = {precision!r}; expected None (follow PyTorch), "
+                         + ", ".join(repr(p) for p in FP32_PRECISIONS))
+
+
+def dot_precision(dtype: torch.dtype, precision=None) -> str:
+    """``tl.dot`` input precision: for fp32, ``precision`` when given, else "tf32" where PyTorch
+    allows tf32 and "tf32x3" otherwise; "ieee" for the other dtypes (where Triton ignores it).
+
+    The interpreter's dot products are exact whatever this says."""
+    if dtype != torch.float32:
+        return "ieee"
+    if precision is not None and precision != "auto":  # "auto": the custom ops' None, resolved at run time
+        return precision
+    return "tf32" if torch_allows_tf32() else "tf32x3"
 
 
 def dot_dtype(dtype: torch.dtype):

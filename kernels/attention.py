@@ -28,8 +28,9 @@ launchers pass TW = 1 and s_r0 = s_r1, so row(n) = n·s_r0 needs no division.
 Limits. Head dim D ≤ 256: a block of queries and the fp32 accumulator live in registers; D is
 padded to the next power of two (at least 16) with masks. Batch and heads ≤ 65535 each (grid
 axes 1 and 2). At most 2^31 − 2^16 tokens per sequence: token indices are int32. fp32 inputs
-use tf32 tensor cores when PyTorch allows tf32 for CUDA matmuls
-(``torch.backends.cuda.matmul.allow_tf32`` / ``fp32_precision``) and exact fp32 otherwise; fp16
+run their dot products on tensor cores as 3×TF32 ("tf32x3": about fp32 accuracy), or as one tf32
+product where PyTorch allows tf32 for CUDA matmuls (``torch.backends.cuda.matmul.allow_tf32`` /
+``fp32_precision``), or exactly on the FMA units when the call asks ``precision="ieee"``; fp16
 and bf16 accumulate in fp32; float64 computes in float64 (for gradcheck). Statistics (LSE, Δ) are
 fp32 (float64 for float64 inputs). Under Triton's CPU interpreter, whose bf16 ``tl.dot`` is wrong,
 bf16 operands are widened to fp32 for the dot products only (the probabilities are still rounded
@@ -68,10 +69,11 @@ from ._runtime import (
     interpreting,
     next_pow2,
     positive_int,
+    check_precision,
+    dot_precision,
     refuse_double_backward,
     register_autocast,
     stat_dtype,
-    tf32_precision,
 )
 
 MAX_HEAD_DIM = 256
@@ -128,16 +130,18 @@ def _attn_fwd_kernel(
     N, M, D,  # queries, keys, head dim (unpadded)
     TW,  # tokens per row of the token grid (W/p for maps, 1 for sequences)
     NH,  # number of heads
-    qk_scale,  # softmax scale · log2(e)
+    qk_scale: tl.float64,  # softmax scale · log2(e)
     P: tl.constexpr,  # patch size (1 for pixels and sequences)
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for fp64 inputs)
-    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32" or "ieee"
+    PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32x3", "tf32" or "ieee"
     DOT: tl.constexpr,  # tl.dot operand dtype: the input dtype (fp32 for bf16 under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalar once; float64 ones keep every bit
+        qk_scale = tl.cast(qk_scale, ACC)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     Q += b * sq_b + h * sq_h
@@ -202,14 +206,17 @@ def _attn_bwd_dkdv_kernel(
     sdk_b, sdk_h, sdk_r0, sdk_r1, sdk_c0, sdk_c1, sdk_c2,
     sdv_b, sdv_h, sdv_r0, sdv_r1, sdv_c0, sdv_c1, sdv_c2,
     N, M, D, TW, NH,
-    scale,  # softmax scale (dK = scale · dSᵀ Q)
-    qk_scale,  # scale · log2(e)
+    scale: tl.float64,  # softmax scale (dK = scale · dSᵀ Q)
+    qk_scale: tl.float64,  # scale · log2(e)
     P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
+        scale = tl.cast(scale, ACC)
+        qk_scale = tl.cast(qk_scale, ACC)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     Q += b * sq_b + h * sq_h
@@ -249,13 +256,16 @@ def _attn_bwd_dq_kernel(
     sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
     sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
     N, M, D, TW, NH,
-    scale, qk_scale,
+    scale: tl.float64, qk_scale: tl.float64,  # as in the dK/dV kernel
     P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
+    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
+        scale = tl.cast(scale, ACC)
+        qk_scale = tl.cast(qk_scale, ACC)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += b * sk_b + h * sk_h
@@ -348,84 +358,163 @@ _LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 #   dtype class: "16bit" (fp16 and bf16), "fp32", "fp64": the bytes per element of the tiles that
 #     the dot products stage through shared memory.
 # Constraints: BLOCK_M and BLOCK_N are powers of two >= 16 (tl.dot needs 16 rows); the tiles the
-# loop streams, num_stages deep, must fit in shared memory (tests/test_tune.py holds every entry
-# under Hopper's 227 KiB by _shared_memory_estimate, an estimate); the fp32 accumulators
-# (BLOCK_M or 2·BLOCK_N rows × BLOCK_D) live in registers.
-# The entries below are the rule the kernels were written with, not yet chosen from measurement:
-# 64×64 tiles, 2 stages; 32×32 tiles and 1 stage, a margin for shared memory and registers, for
-# BLOCK_D = 256 and for 4- or 8-byte elements from BLOCK_D = 128; 8 warps from BLOCK_D = 128.
-# An entry changed from `python -m benchmarks.tune` figures says so in a comment: device, time and
-# speed-up over the entry it replaced.
+# loop streams, num_stages deep, must fit in shared memory; the accumulators live in registers.
+# How the entries were chosen (triton 3.9, `python -m attnsr.kernels.compile_report`, its
+# `check_config` on a fused-qkv NCHW map, bf16 for "16bit", fp32 at PyTorch's default precision,
+# i.e. 3×TF32, for "fp32"): candidates in order, starting from Hopper anchors (PyTorch
+# FlexAttention's H100 defaults: bf16 fwd d64 128×128/4/3, d128 128×64/8/3, d256 64×32/4/3; fp32
+# fwd d64 128×32/4/3, d128 32×64/4/3), then smaller tiles; the first that compiles for sm_90 with
+# no spills and, up to head dim 128 outside fp64, on wgmma (HGMMA, no HMMA), preferring one that
+# also does not spill on sm_80 and fits its 163 KiB. The comment above each entry gives its sm_90
+# figures (registers per thread, shared memory, HGMMA / HMMA count, or FMA for no tensor cores)
+# and sm_80's where they were compiled. "NOT YET MET" marks entries where every candidate tried
+# spills (fp32 3×TF32 at head dim 256, its backward at 128; fp64 backward at 256): the least
+# spilling one is kept, and tests/test_compile_report.py lists them as expected failures.
+# The Δ kernel's 16-bit and fp32 entries are the rule the kernels were written with (no dot
+# products; no spills in the report). Timings on a GPU may still move entries
+# (`python -m benchmarks.tune`, which only proposes candidates that pass this gate).
 _LAUNCH = {
     # forward
-    ("fwd", 16, "16bit"): _Launch(64, 64, 4, 2),
-    ("fwd", 16, "fp32"): _Launch(64, 64, 4, 2),
+    # sm_90: 248 regs, no spills, 28 KiB, 18 HGMMA; sm_80 188 regs, 16 KiB
+    ("fwd", 16, "16bit"): _Launch(128, 128, 4, 3),
+    # sm_90: 167 regs, no spills, 28 KiB, 36 HGMMA; sm_80 168 regs, 24 KiB
+    ("fwd", 16, "fp32"): _Launch(128, 32, 4, 3),
+    # sm_90: 194 regs, no spills, 24 KiB, FMA
     ("fwd", 16, "fp64"): _Launch(64, 64, 4, 2),
-    ("fwd", 32, "16bit"): _Launch(64, 64, 4, 2),
-    ("fwd", 32, "fp32"): _Launch(64, 64, 4, 2),
-    ("fwd", 32, "fp64"): _Launch(64, 64, 4, 2),
-    ("fwd", 64, "16bit"): _Launch(64, 64, 4, 2),
-    ("fwd", 64, "fp32"): _Launch(64, 64, 4, 2),
-    ("fwd", 64, "fp64"): _Launch(64, 64, 4, 2),
-    ("fwd", 128, "16bit"): _Launch(64, 64, 8, 2),
-    ("fwd", 128, "fp32"): _Launch(32, 32, 8, 1),
-    ("fwd", 128, "fp64"): _Launch(32, 32, 8, 1),
-    ("fwd", 256, "16bit"): _Launch(32, 32, 8, 1),
-    ("fwd", 256, "fp32"): _Launch(32, 32, 8, 1),
-    ("fwd", 256, "fp64"): _Launch(32, 32, 8, 1),
-    # Δ = rowsum(dO ∘ O): rows per program and warps only
+    # sm_90: 166 regs, no spills, 32 KiB, 12 HGMMA; sm_80 182 regs, 20 KiB
+    ("fwd", 32, "16bit"): _Launch(128, 64, 4, 3),
+    # sm_90: 163 regs, no spills, 64 KiB, 36 HGMMA; sm_80 255 regs, 48 KiB
+    ("fwd", 32, "fp32"): _Launch(128, 64, 8, 2),
+    # sm_90: 190 regs, no spills, 32 KiB, FMA
+    ("fwd", 32, "fp64"): _Launch(64, 32, 4, 2),
+    # sm_90: 238 regs, no spills, 64 KiB, 16 HGMMA; sm_80 255 regs, 40 KiB
+    ("fwd", 64, "16bit"): _Launch(128, 64, 4, 3),
+    # sm_90: 188 regs, no spills, 80 KiB, 36 HGMMA; sm_80 255 regs, 64 KiB
+    ("fwd", 64, "fp32"): _Launch(64, 32, 4, 3),
+    # sm_90: 196 regs, no spills, 56 KiB, FMA
+    ("fwd", 64, "fp64"): _Launch(32, 32, 4, 2),
+    # sm_90: 182 regs, no spills, 128 KiB, 12 HGMMA; sm_80 255 regs, 80 KiB
+    ("fwd", 128, "16bit"): _Launch(128, 64, 8, 3),
+    # sm_90: 248 regs, no spills, 96 KiB, 54 HGMMA; sm_80 168 regs, 88 KiB, spills 1104 B
+    # (triton 3.6: spills 40 B; no setting tried is clean in both: 64×16/4/1 80 B, 64×32/4/1 64 B there)
+    ("fwd", 128, "fp32"): _Launch(64, 16, 4, 2),
+    # sm_90: 222 regs, no spills, 52 KiB, FMA
+    ("fwd", 128, "fp64"): _Launch(16, 32, 4, 1),
+    # sm_90: 222 regs, no spills, 40 KiB, 17 HGMMA; sm_80 255 regs, 42 KiB
+    ("fwd", 256, "16bit"): _Launch(64, 16, 4, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 208 B / 63 STL, 48 KiB, 144 HMMA
+    ("fwd", 256, "fp32"): _Launch(16, 16, 4, 1),
+    # sm_90: 234 regs, no spills, 66 KiB, FMA (triton 3.6: spills 16 B; 16×32/8/1: 88 B there)
+    ("fwd", 256, "fp64"): _Launch(16, 16, 8, 1),
+    # Δ = rowsum(dO ∘ O): rows per program and warps only; no dot products, no spills
     ("delta", 16, "16bit"): _Launch(64, None, 4, None),
     ("delta", 16, "fp32"): _Launch(64, None, 4, None),
+    # sm_90: 32 regs, no spills, 2 KiB, FMA
     ("delta", 16, "fp64"): _Launch(64, None, 4, None),
     ("delta", 32, "16bit"): _Launch(64, None, 4, None),
     ("delta", 32, "fp32"): _Launch(64, None, 4, None),
+    # sm_90: 48 regs, no spills, 2 KiB, FMA
     ("delta", 32, "fp64"): _Launch(64, None, 4, None),
     ("delta", 64, "16bit"): _Launch(64, None, 4, None),
     ("delta", 64, "fp32"): _Launch(64, None, 4, None),
+    # sm_90: 128 regs, no spills, 2 KiB, FMA
     ("delta", 64, "fp64"): _Launch(64, None, 4, None),
     ("delta", 128, "16bit"): _Launch(64, None, 8, None),
     ("delta", 128, "fp32"): _Launch(32, None, 8, None),
-    ("delta", 128, "fp64"): _Launch(32, None, 8, None),
+    # sm_90: 254 regs, no spills, 2 KiB, FMA
+    ("delta", 128, "fp64"): _Launch(64, None, 4, None),
     ("delta", 256, "16bit"): _Launch(32, None, 8, None),
     ("delta", 256, "fp32"): _Launch(32, None, 8, None),
-    ("delta", 256, "fp64"): _Launch(32, None, 8, None),
+    # sm_90: 254 regs, no spills, 1 KiB, FMA
+    ("delta", 256, "fp64"): _Launch(32, None, 4, None),
     # backward dK, dV
-    ("dkdv", 16, "16bit"): _Launch(64, 64, 4, 2),
-    ("dkdv", 16, "fp32"): _Launch(64, 64, 4, 2),
-    ("dkdv", 16, "fp64"): _Launch(64, 64, 4, 2),
-    ("dkdv", 32, "16bit"): _Launch(64, 64, 4, 2),
-    ("dkdv", 32, "fp32"): _Launch(64, 64, 4, 2),
-    ("dkdv", 32, "fp64"): _Launch(64, 64, 4, 2),
-    ("dkdv", 64, "16bit"): _Launch(64, 64, 4, 2),
-    ("dkdv", 64, "fp32"): _Launch(64, 64, 4, 2),
-    ("dkdv", 64, "fp64"): _Launch(64, 64, 4, 2),
-    ("dkdv", 128, "16bit"): _Launch(64, 64, 8, 2),
-    ("dkdv", 128, "fp32"): _Launch(32, 32, 8, 1),
-    ("dkdv", 128, "fp64"): _Launch(32, 32, 8, 1),
-    ("dkdv", 256, "16bit"): _Launch(32, 32, 8, 1),
-    ("dkdv", 256, "fp32"): _Launch(32, 32, 8, 1),
-    ("dkdv", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # sm_90: 85 regs, no spills, 12 KiB, 6 HGMMA; sm_80 100 regs, 11 KiB
+    ("dkdv", 16, "16bit"): _Launch(32, 128, 8, 2),
+    # sm_90: 121 regs, no spills, 24 KiB, 36 HGMMA; sm_80 168 regs, 20 KiB
+    ("dkdv", 16, "fp32"): _Launch(32, 64, 4, 2),
+    # sm_90: 214 regs, no spills, 28 KiB, FMA
+    ("dkdv", 16, "fp64"): _Launch(32, 64, 4, 2),
+    # sm_90: 110 regs, no spills, 24 KiB, 8 HGMMA; sm_80 128 regs, 22 KiB, spills 16 B
+    ("dkdv", 32, "16bit"): _Launch(32, 128, 8, 2),
+    # sm_90: 193 regs, no spills, 48 KiB, 48 HGMMA; sm_80 255 regs, 40 KiB, spills 16 B
+    ("dkdv", 32, "fp32"): _Launch(32, 64, 4, 2),
+    # sm_90: 168 regs, no spills, 28 KiB, FMA (triton 3.6: 234 regs, no spills; 32×32/4/2 spills 24 B there)
+    ("dkdv", 32, "fp64"): _Launch(16, 32, 4, 2),
+    # sm_90: 134 regs, no spills, 48 KiB, 12 HGMMA; sm_80 208 regs, 44 KiB
+    ("dkdv", 64, "16bit"): _Launch(32, 128, 8, 2),
+    # sm_90: 231 regs, no spills, 80 KiB, 60 HGMMA; sm_80 255 regs, 72 KiB, spills 96 B
+    ("dkdv", 64, "fp32"): _Launch(16, 64, 4, 2),
+    # sm_90: 236 regs, no spills, 72 KiB, FMA
+    ("dkdv", 64, "fp64"): _Launch(32, 32, 4, 2),
+    # sm_90: 230 regs, no spills, 64 KiB, 20 HGMMA; sm_80 255 regs, 52 KiB
+    ("dkdv", 128, "16bit"): _Launch(32, 64, 4, 2),
+    # sm_90: 255 regs, NOT YET MET: spills 784 B / 183 STL, 144 KiB, 212 HGMMA
+    ("dkdv", 128, "fp32"): _Launch(16, 64, 8, 1),
+    # sm_90: 212 regs, no spills, 72 KiB, FMA
+    ("dkdv", 128, "fp64"): _Launch(16, 16, 8, 1),
+    # sm_90: 248 regs, no spills, 50 KiB, 96 HMMA
+    ("dkdv", 256, "16bit"): _Launch(16, 32, 4, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 264 B / 127 STL, 96 KiB, 240 HMMA
+    ("dkdv", 256, "fp32"): _Launch(16, 16, 8, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 456 B / 129 STL, 136 KiB, FMA
+    ("dkdv", 256, "fp64"): _Launch(16, 16, 8, 1),
     # backward dQ
-    ("dq", 16, "16bit"): _Launch(64, 64, 4, 2),
+    # sm_90: 103 regs, no spills, 16 KiB, 6 HGMMA; sm_80 101 regs, 12 KiB
+    ("dq", 16, "16bit"): _Launch(128, 64, 8, 2),
+    # sm_90: 167 regs, no spills, 32 KiB, 36 HGMMA; sm_80 245 regs, 24 KiB
     ("dq", 16, "fp32"): _Launch(64, 64, 4, 2),
+    # sm_90: 254 regs, no spills, 36 KiB, FMA
     ("dq", 16, "fp64"): _Launch(64, 64, 4, 2),
-    ("dq", 32, "16bit"): _Launch(64, 64, 4, 2),
+    # sm_90: 114 regs, no spills, 32 KiB, 8 HGMMA; sm_80 146 regs, 24 KiB
+    ("dq", 32, "16bit"): _Launch(128, 64, 8, 2),
+    # sm_90: 197 regs, no spills, 64 KiB, 48 HGMMA; sm_80 255 regs, 48 KiB, spills 288 B
     ("dq", 32, "fp32"): _Launch(64, 64, 4, 2),
-    ("dq", 32, "fp64"): _Launch(64, 64, 4, 2),
-    ("dq", 64, "16bit"): _Launch(64, 64, 4, 2),
-    ("dq", 64, "fp32"): _Launch(64, 64, 4, 2),
-    ("dq", 64, "fp64"): _Launch(64, 64, 4, 2),
-    ("dq", 128, "16bit"): _Launch(64, 64, 8, 2),
-    ("dq", 128, "fp32"): _Launch(32, 32, 8, 1),
-    ("dq", 128, "fp64"): _Launch(32, 32, 8, 1),
-    ("dq", 256, "16bit"): _Launch(32, 32, 8, 1),
-    ("dq", 256, "fp32"): _Launch(32, 32, 8, 1),
-    ("dq", 256, "fp64"): _Launch(32, 32, 8, 1),
+    # sm_90: 224 regs, no spills, 52 KiB, FMA
+    ("dq", 32, "fp64"): _Launch(64, 32, 4, 2),
+    # sm_90: 124 regs, no spills, 64 KiB, 12 HGMMA; sm_80 182 regs, 48 KiB
+    ("dq", 64, "16bit"): _Launch(128, 64, 8, 2),
+    # sm_90: 216 regs, no spills, 96 KiB, 60 HGMMA; sm_80 255 regs, 80 KiB, spills 480 B
+    ("dq", 64, "fp32"): _Launch(64, 32, 4, 2),
+    # sm_90: 206 regs, no spills, 56 KiB, FMA (triton 3.6: 214 regs, no spills; 32×32/4/2 spills 16 B there)
+    ("dq", 64, "fp64"): _Launch(32, 32, 4, 1),
+    # sm_90: 197 regs, no spills, 96 KiB, 20 HGMMA; sm_80 255 regs, 64 KiB, spills 232 B
+    ("dq", 128, "16bit"): _Launch(64, 64, 4, 2),
+    # sm_90: 255 regs, NOT YET MET: spills 336 B / 55 STL, 160 KiB, 102 HGMMA
+    ("dq", 128, "fp32"): _Launch(64, 16, 4, 2),
+    # sm_90: 202 regs, no spills, 56 KiB, FMA (triton 3.6: 212 regs, no spills; 16×32/4/1 spills 88 B there)
+    ("dq", 128, "fp64"): _Launch(16, 16, 8, 1),
+    # sm_90: 236 regs, no spills, 80 KiB, 33 HGMMA; sm_80 255 regs, 74 KiB, spills 16 B
+    ("dq", 256, "16bit"): _Launch(64, 16, 4, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 200 B / 79 STL, 80 KiB, 216 HMMA
+    ("dq", 256, "fp32"): _Launch(16, 16, 8, 1),
+    # sm_90: 255 regs, NOT YET MET: spills 328 B / 79 STL, 104 KiB, FMA
+    ("dq", 256, "fp64"): _Launch(16, 16, 8, 1),
+}
+
+# Patches (p > 1) address every feature of a token on its own (no unit stride along the head dim),
+# which takes more registers: where the _LAUNCH entry spills with 2×2 patches, this one replaces
+# it (chosen as above, on `attention <dtype> D=64 nchw p2`; other head dims with patches keep
+# their _LAUNCH entry, unchecked).
+_PATCH_LAUNCH = {
+    # 128×64/4/3 spills 656 B with patches; sm_90: 234 regs, 12 KiB, 6 HGMMA, no spills
+    ("fwd", 64, "16bit"): _Launch(64, 32, 4, 2),
+    # 64×32/4/3 spills 56 B with patches; sm_90: 254 regs, 56 KiB, 30 HGMMA, no spills
+    ("fwd", 64, "fp32"): _Launch(64, 16, 4, 3),
+    # 64×32/4/2 spills 120 B with patches; sm_90: 255 regs, 80 KiB, 54 HGMMA, no spills
+    ("dq", 64, "fp32"): _Launch(64, 16, 4, 2),
+    # NOT YET MET: on wgmma every setting tried spills (16×64/4/1: 104 B; 16×64/8/2: 152 B); this
+    # one does not spill but runs mma.sync (sm_90: 219 regs, 40 KiB, 144 HMMA)
+    ("dkdv", 64, "fp32"): _Launch(16, 32, 4, 2),
 }
 
 
-def _dtype_class(dtype: torch.dtype) -> str:
-    """The dtype's class in ``_LAUNCH``: "16bit", "fp32" or "fp64"."""
+def _dtype_class(dtype: torch.dtype, precision=None) -> str:
+    """The dtype's class in ``_LAUNCH``: "16bit", "fp32" (on tensor cores: 3×TF32 or tf32) or
+    "fp64". Exact fp32 (``precision="ieee"``) runs on the FMA units as float64 does and takes the
+    fp64 entries: the fp32 ones, chosen for 3×TF32, spill there (triton 3.6, head dim 64: forward
+    5608 B, dQ 2512 B)."""
+    if dtype == torch.float32 and dot_precision(dtype, precision) == "ieee":
+        return "fp64"
     return {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
 
 
@@ -489,17 +578,20 @@ def _launch_override(kernel: str, **cfg):
             _OVERRIDES[kernel] = previous
 
 
-def _config(kernel: str, head_dim: int, dtype: torch.dtype):
-    """(block-size constexprs, launch settings) of ``kernel`` for a head dim and dtype.
+def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None):
+    """(block-size constexprs, launch settings) of ``kernel`` for a head dim, dtype, patch size and
+    fp32 precision (None: PyTorch's setting; see ``_dtype_class``).
 
-    The tuner's override where one is set, else the ``_LAUNCH`` entry on a GPU, or 32×32 tiles
-    under the interpreter (where num_warps and num_stages mean nothing).
+    The tuner's override where one is set, else the ``_PATCH_LAUNCH`` entry for patches where
+    there is one, else the ``_LAUNCH`` entry on a GPU, or 32×32 tiles under the interpreter (where
+    num_warps and num_stages mean nothing).
     """
     block_d = _block_d(head_dim)
     if interpreting():
         cfg = dict(BLOCK_M=32, BLOCK_N=32)
     else:
-        entry = _LAUNCH[(kernel, block_d, _dtype_class(dtype))]
+        key = (kernel, block_d, _dtype_class(dtype, precision))
+        entry = _PATCH_LAUNCH.get(key, _LAUNCH[key]) if patch > 1 else _LAUNCH[key]
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages)
     cfg.update(_OVERRIDES.get(kernel, {}))
@@ -512,31 +604,33 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype):
     return blocks, cfg
 
 
-def _dtypes(dtype: torch.dtype) -> dict:
-    return dict(ACC=acc_dtype(dtype), PRECISION=tf32_precision(dtype), DOT=dot_dtype(dtype))
+def _dtypes(dtype: torch.dtype, precision=None) -> dict:
+    return dict(ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, precision), DOT=dot_dtype(dtype))
 
 
-def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float):
-    """Launch the forward kernel. Returns (out shaped like q, LSE (B, heads, N) in base 2)."""
+def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float, precision=None):
+    """Launch the forward kernel. Returns (out shaped like q, LSE (B, heads, N) in base 2).
+
+    ``precision``: how fp32 dot products run ("tf32x3", "tf32", "ieee"; None: PyTorch's setting)."""
     batch, heads = q.shape[0], layout.heads
     out = layout.empty_like(q)
     lse = torch.empty((batch, heads, n_q), dtype=stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
     layout = layout.for_tensors(q, k, v, out)
-    blocks, launch = _config("fwd", head_dim, q.dtype)
+    blocks, launch = _config("fwd", head_dim, q.dtype, layout.patch, precision)
     grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse,
         *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
         n_q, n_kv, head_dim, layout.tw, heads, scale * LOG2E,
-        P=layout.patch, **_dtypes(q.dtype), **blocks, **launch,
+        P=layout.patch, **_dtypes(q.dtype, precision), **blocks, **launch,
     )
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float,
-                       need_dq: bool = True, need_dkdv: bool = True):
+                       need_dq: bool = True, need_dkdv: bool = True, precision=None):
     """Launch the backward kernels. ``do`` may have any strides (stride 0 included).
 
     Returns (dq, dk, dv); a gradient that is not needed comes back as an empty (0,) tensor and its
@@ -548,9 +642,9 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     layout = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
-    dtypes = _dtypes(q.dtype)
+    dtypes = _dtypes(q.dtype, precision)
     delta = torch.empty_like(lse)
-    blocks, launch = _config("delta", head_dim, q.dtype)
+    blocks, launch = _config("delta", head_dim, q.dtype, layout.patch, precision)
     _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
         out, do, delta, *layout.strides(out), *layout.strides(do),
         n_q, head_dim, layout.tw, heads,
@@ -558,7 +652,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     )
     strides_in = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
     if need_dkdv:
-        blocks, launch = _config("dkdv", head_dim, q.dtype)
+        blocks, launch = _config("dkdv", head_dim, q.dtype, layout.patch, precision)
         _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
             q, k, v, do, dk, dv, lse, delta,
             *strides_in, *layout.strides(dk), *layout.strides(dv),
@@ -566,7 +660,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
             P=layout.patch, **dtypes, **blocks, **launch,
         )
     if need_dq:
-        blocks, launch = _config("dq", head_dim, q.dtype)
+        blocks, launch = _config("dq", head_dim, q.dtype, layout.patch, precision)
         _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
             q, k, v, do, dq, lse, delta,
             *strides_in, *layout.strides(dq),
@@ -593,14 +687,15 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, kind: str, heads: int, patch: in
 @torch.library.custom_op("attnsr::attention", mutates_args=())
 @on_tensor_device
 def _attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, heads: int, patch: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kind: str, heads: int, patch: int, scale: float,
+    precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
-    return attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale)
+    return attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale, precision)
 
 
 @_attention_op.register_fake
-def _(q, k, v, kind, heads, patch, scale):
+def _(q, k, v, kind, heads, patch, scale, precision):
     layout, n_q, _, _ = _geometry(q, k, kind, heads, patch)
     lse = q.new_empty((q.shape[0], heads, n_q), dtype=stat_dtype(q.dtype))
     return layout.empty_like(q), lse
@@ -610,14 +705,15 @@ def _(q, k, v, kind, heads, patch, scale):
 @on_tensor_device
 def _attention_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    kind: str, heads: int, patch: int, scale: float, need_dq: bool, need_dkdv: bool,
+    kind: str, heads: int, patch: int, scale: float, precision: str, need_dq: bool, need_dkdv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
-    return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale, need_dq, need_dkdv)
+    return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale, need_dq, need_dkdv,
+                              precision)
 
 
 @_attention_backward_op.register_fake
-def _(do, q, k, v, out, lse, kind, heads, patch, scale, need_dq, need_dkdv):
+def _(do, q, k, v, out, lse, kind, heads, patch, scale, precision, need_dq, need_dkdv):
     layout = _geometry(q, k, kind, heads, patch)[0]
     dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
     dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
@@ -625,18 +721,18 @@ def _(do, q, k, v, out, lse, kind, heads, patch, scale, need_dq, need_dkdv):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kind, heads, patch, scale = inputs
+    q, k, v, kind, heads, patch, scale, precision = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)  # a saved statistic, as the gating ops' statistics
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.meta = (kind, heads, patch, scale)
+    ctx.meta = (kind, heads, patch, scale, precision)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     need_q, need_k, need_v = ctx.needs_input_grad[:3]
     dq, dk, dv = _attention_backward_op(do, q, k, v, out, lse, *ctx.meta, need_q, need_k or need_v)
-    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None, None, None)
+    return (dq if need_q else None, dk if need_k else None, dv if need_v else None, None, None, None, None, None)
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -679,11 +775,13 @@ def _check_grid(op: str, batch: int, heads: int, n_q: int, n_kv: int) -> None:
         raise ValueError(f"{op}: {max(n_q, n_kv)} tokens per sequence; the kernels handle at most {MAX_TOKENS}")
 
 
-def flash_attention(q, k, v, *, scale=None):
+def flash_attention(q, k, v, *, scale=None, precision=None):
     """softmax(q kᵀ · scale) v, fused, forward and backward.
 
     q: (B, H, N, D), k and v: (B, H, M, D), any strides; D ≤ 256; N and M may differ.
     scale defaults to 1/sqrt(D). Returns (B, H, N, D), contiguous.
+    precision (fp32 inputs only): "tf32x3" (about fp32 accuracy on tensor cores), "tf32" or "ieee"
+    (exact fp32, no tensor cores); None: "tf32" where PyTorch allows tf32 for CUDA matmuls, else "tf32x3".
     """
     op = "flash_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -705,19 +803,22 @@ def flash_attention(q, k, v, *, scale=None):
     if n_kv == 0 and n_q > 0 and batch * heads > 0:
         raise ValueError(f"{op}: k and v have M = 0 keys; softmax over no keys is undefined")
     scale = _check_scale(op, scale, head_dim)
+    check_precision(op, precision)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads, n_q, n_kv)
-    return _attention_op(q, k, v, "seq", heads, 1, scale)[0]
+    # None travels as "auto" and is resolved inside the op (PyTorch's setting is read at run time,
+    # which torch.compile cannot trace)
+    return _attention_op(q, k, v, "seq", heads, 1, scale, "auto" if precision is None else precision)[0]
 
 
-def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
+def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, precision=None):
     """Self-attention over the pixels or p×p patches of feature maps, fused, forward and backward.
 
     q, k, v: (B, C, H, W) with any strides (NCHW, channels_last, ``qkv.split(C, 1)`` views of one
     fused conv output). Head h owns channels [h·C/heads, (h+1)·C/heads); a token is one
     patch_size×patch_size patch whose vector is the head's channels × p × p values, so
     D = C/heads·p², N = (H/p)·(W/p). scale defaults to 1/sqrt(D). Returns (B, C, H, W), channels_last
-    when q has channels innermost, else contiguous.
+    when q has channels innermost, else contiguous. precision: as in ``flash_attention``.
     """
     op = "image_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -743,7 +844,8 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None):
     head_dim = channels // heads * patch_size * patch_size
     _check_head_dim(op, head_dim, f"C/heads·p² = {channels}/{heads}·{patch_size}²")
     scale = _check_scale(op, scale, head_dim)
+    check_precision(op, precision)
     check_runnable(op, q.device)
     tokens = (height // patch_size) * (width // patch_size)
     _check_grid(op, batch, heads, tokens, tokens)
-    return _attention_op(q, k, v, "map", heads, patch_size, scale)[0]
+    return _attention_op(q, k, v, "map", heads, patch_size, scale, "auto" if precision is None else precision)[0]

@@ -58,7 +58,7 @@ from ._gating import (
     empty_map_like,
     gate_apply,
     gate_dx,
-    map_strides,
+    PixelRun,
     no_autocast,
     prepare_inputs,
     tile_config,
@@ -192,8 +192,9 @@ def channel_stats(x: torch.Tensor, with_max: bool):
     args = torch.empty((batch, channels, nch), dtype=torch.int32, device=x.device) if with_max else sums
     if batch > 0:
         grid = (nch, triton.cdiv(channels, block_c), batch)
+        run = PixelRun(width, x)
         _channel_stats_kernel[grid](
-            x, sums, maxes, args, *map_strides(x), channels, hw, width, chunk, nch,
+            x, sums, maxes, args, *run.strides(x), channels, hw, run.width, chunk, nch,
             WITH_MAX=with_max, ACC=acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
         )
     avg = sums.sum(-1) / hw
@@ -216,9 +217,10 @@ def channel_dot(dy: torch.Tensor, x: torch.Tensor, *, s=None, dpool=None, sarg=N
     if batch > 0:
         spatial = s is not None
         grid = (nch, triton.cdiv(channels, block_c), batch)
+        run = PixelRun(width, dy, x)
         _channel_dot_kernel[grid](
             dy, x, out, s if spatial else out, dpool if spatial else out, sarg if spatial else out,
-            *map_strides(dy), *map_strides(x), channels, height * width, width, chunk, nch,
+            *run.strides(dy), *run.strides(x), channels, height * width, run.width, chunk, nch,
             SPATIAL=spatial, ACC=acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
         )
     return out.sum(-1)

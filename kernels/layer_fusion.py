@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from ._gating import (
+    PixelRun,
     _tile_offsets,
     check_map_limits,
     empty_map_like,
@@ -171,10 +172,14 @@ class _MapSet:
     def first(self) -> torch.Tensor:
         return self.maps[0]
 
-    def args(self):
+    def tensors(self) -> list:
+        return [self.maps] if self.stacked else list(self.maps)
+
+    def args(self, run: PixelRun):
+        """(maps, strides) with the pixel addressing ``run`` (a ``PixelRun`` over every map of the launch)."""
         if self.stacked:
-            return self.maps, tuple(self.maps.stride())
-        return tuple(self.maps), tuple(s for m in self.maps for s in m.stride())
+            return self.maps, tuple(run.strides(self.maps))
+        return tuple(self.maps), tuple(s for m in self.maps for s in run.strides(m))
 
     def constexprs(self) -> dict:
         return dict(STACKED=self.stacked, NMAPS=1 if self.stacked else self.count)
@@ -198,9 +203,10 @@ def layer_fusion_forward(maps: _MapSet, weights: torch.Tensor) -> torch.Tensor:
         return out
     block_c, block_p, launch = tile_config(first)
     grid = (triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c), batch)
+    run = PixelRun(width, *maps.tensors(), out)
     _layer_fusion_fwd_kernel[grid](
-        *maps.args(), weights, out, *weights.stride(), *out.stride(),
-        weights.shape[1], channels, height * width, width,
+        *maps.args(run), weights, out, *weights.stride(), *run.strides(out),
+        weights.shape[1], channels, height * width, run.width,
         **maps.constexprs(), ACC=acc_dtype(first.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
     )
     return out
@@ -218,10 +224,11 @@ def layer_fusion_backward(dout, maps: _MapSet, weights: torch.Tensor, need_df: b
     part = torch.zeros((batch, npb, n_maps), dtype=stat_dtype(first.dtype), device=first.device)
     if first.numel() > 0 and (need_df or need_dw):
         gset = _MapSet(grads, maps.stacked) if need_df else maps
+        run = PixelRun(width, *maps.tensors(), *gset.tensors(), dout)
         _layer_fusion_bwd_kernel[grid](
-            *maps.args(), *gset.args(), weights, dout, part,
-            *weights.stride(), *dout.stride(),
-            n_maps, channels, height * width, width, npb,
+            *maps.args(run), *gset.args(run), weights, dout, part,
+            *weights.stride(), *run.strides(dout),
+            n_maps, channels, height * width, run.width, npb,
             **maps.constexprs(), NEED_DF=need_df, NEED_DW=need_dw, ACC=acc_dtype(first.dtype),
             BLOCK_C=block_c, BLOCK_P=block_p, **launch,
         )

@@ -50,7 +50,7 @@ from ._gating import (
     empty_map_like,
     gate_apply,
     gate_dx,
-    map_strides,
+    PixelRun,
     no_autocast,
     prepare_inputs,
     tile_config,
@@ -272,8 +272,9 @@ def spatial_stats(x: torch.Tensor, ca=None):
     sarg = torch.empty((batch, hw), dtype=torch.int32, device=x.device)
     if batch > 0:
         block_c, block_p, launch = tile_config(x, loop_over_channels=True)
+        run = PixelRun(width, x)
         _spatial_stats_kernel[(triton.cdiv(hw, block_p), batch)](
-            x, stats if ca is None else ca, stats, sarg, *map_strides(x), channels, hw, width,
+            x, stats if ca is None else ca, stats, sarg, *run.strides(x), channels, hw, run.width,
             CHANNEL=ca is not None, ACC=acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
         )
     return stats, sarg
@@ -302,8 +303,9 @@ def spatial_dot(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, ca=None) -> 
     dpre = torch.empty((batch, hw), dtype=s.dtype, device=x.device)
     if batch > 0:
         block_c, block_p, launch = tile_config(x, loop_over_channels=True)
+        run = PixelRun(width, dy, x)
         _spatial_dot_kernel[(triton.cdiv(hw, block_p), batch)](
-            dy, x, s if ca is None else ca, s, dpre, *map_strides(dy), *map_strides(x), channels, hw, width,
+            dy, x, s if ca is None else ca, s, dpre, *run.strides(dy), *run.strides(x), channels, hw, run.width,
             CHANNEL=ca is not None, ACC=acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
         )
     return dpre

@@ -47,13 +47,13 @@ from ._runtime import (
     check_same,
     check_tensor,
     dot_dtype,
+    dot_precision,
     interpreting,
     next_pow2,
     on_tensor_device,
     positive_int,
     refuse_double_backward,
     stat_dtype,
-    tf32_precision,
 )
 
 LOG2E = 1.4426950408889634
@@ -130,13 +130,15 @@ def _win_fwd_kernel(
     H, W, D, NH,  # map height, width (tokens), head dim (unpadded), heads
     NWC, NQB,  # windows per row of windows, query blocks per window
     SH, SW,  # cyclic shift (rows, columns)
-    scale, qk_scale, log2e,  # softmax scale, scale · log2 e, log2 e (host doubles: B + M is scaled by log2 e)
+    scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # scale, scale · log2 e, log2 e (B + M × log2 e)
     WH: tl.constexpr, WW: tl.constexpr,  # window height, width
     SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,  # 0 none, 1 Swin's, 2 given
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     N: tl.constexpr = WH * WW
+    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
+        scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
     wid = tl.program_id(0) // NQB
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -208,12 +210,14 @@ def _win_bwd_dkdv_kernel(
     sdk_b, sdk_y, sdk_x, sdk_c, sdv_b, sdv_y, sdv_x, sdv_c,
     st_r, st_h, sm_w, sm_i, sm_j,
     H, W, D, NH, NWC, NKB,  # NKB: key blocks per window
-    SH, SW, scale, qk_scale, log2e,
+    SH, SW, scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # shift; scalars as in the forward
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     N: tl.constexpr = WH * WW
+    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
+        scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
     wid = tl.program_id(0) // NKB
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -301,12 +305,14 @@ def _win_bwd_dq_kernel(
     sdq_b, sdq_y, sdq_x, sdq_c,
     st_r, st_h, sm_w, sm_i, sm_j,
     H, W, D, NH, NWC, NQB,
-    SH, SW, scale, qk_scale, log2e,
+    SH, SW, scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # shift; scalars as in the forward
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     N: tl.constexpr = WH * WW
+    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
+        scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
     wid = tl.program_id(0) // NQB
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2).to(tl.int64)
@@ -338,12 +344,14 @@ def _win_bwd_dbias_kernel(
     H, W, D, NH, NWC, NKB,
     NWIN,  # windows per image
     TOTAL,  # batch · NWIN: the (batch, window) pairs, split i taking i, i + S, i + 2S, ...
-    SH, SW, scale, qk_scale, log2e,
+    SH, SW, scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # shift; scalars as in the forward
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     N: tl.constexpr = WH * WW
+    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
+        scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
     offs_m = (tl.program_id(0) // NKB) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (tl.program_id(0) % NKB) * BLOCK_N + tl.arange(0, BLOCK_N)
     h = tl.program_id(1).to(tl.int64)
@@ -375,17 +383,48 @@ def _map_strides(t: torch.Tensor):
     return tuple(t.stride())
 
 
-def _blocks(n: int, head_dim: int) -> dict:
-    """Tile sizes: the whole window up to 64 tokens per tile (32 under the interpreter, so that a
-    window of 64 tokens spans two tiles in the tests)."""
-    block = 32 if interpreting() else 64
-    return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, next_pow2(head_dim)))
+# (kernel, padded head dim class, dtype class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU.
+#   kernel: "fwd", "dkdv" (a program per BLOCK_N keys of a window, looping over BLOCK_M queries),
+#     "dq", "dbias" (a program per BLOCK_M × BLOCK_N tile of the window's score matrix); the Δ kernel
+#     takes the "fwd" BLOCK_M and num_warps;
+#   head dim class: "d32" (BLOCK_D ≤ 32: SwinIR-light's 10, SwinIR's and HAT's 30), "d64", "d256";
+#   dtype class: "16bit", "fp32" (3×TF32 by default: more registers than one tf32 product), "fp64".
+# Chosen from `python -m attnsr.kernels.compile_report --cases window` (triton 3.9, sm_90, a shifted
+# window of 8 and of 16 with the bias table): the first setting tried with no spills and, for
+# 16-bit and fp32, every dot on wgmma. The comment gives what was seen; "d256" entries are the
+# small-tile rule, not checked (head dims above 64 are not what window transformers use).
+_WIN_LAUNCH = {
+    # 16-bit: 64×64/4/2 spills 40-72 B at window 16; 64×64/8/2: no spills, all HGMMA, D = 10, 30, 64
+    **{(k, d, "16bit"): (64, 64, 8, 2) for k in ("fwd", "dkdv", "dq", "dbias") for d in ("d32", "d64")},
+    # fp32 (3×TF32), D ≤ 32: 64×32/8/2 no spills, HGMMA (dkdv spills 224-1176 B and runs HMMA there,
+    # so it takes 32×64/8/2: no spills, 64-88 HGMMA)
+    ("fwd", "d32", "fp32"): (64, 32, 8, 2),
+    ("dkdv", "d32", "fp32"): (32, 64, 8, 2),
+    ("dq", "d32", "fp32"): (64, 32, 8, 2),
+    ("dbias", "d32", "fp32"): (64, 32, 8, 2),
+    # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA; the backward spills on every wgmma setting
+    # tried (dkdv 32×64/8/2 128 B, dq 64×32/8/2 344 B, dbias 64×32/8/2 328 B), so it runs mma.sync:
+    # dkdv 16×32/8/2 and dbias 32×16/4/2 no spills; dq NOT YET MET: 16×32/4/1 spills 8 B (HMMA)
+    ("fwd", "d64", "fp32"): (64, 32, 8, 2),
+    ("dkdv", "d64", "fp32"): (16, 32, 8, 2),
+    ("dq", "d64", "fp32"): (16, 32, 4, 1),
+    ("dbias", "d64", "fp32"): (32, 16, 4, 2),
+    # fp64 (FMA units): 16×32/4/1 no spills at D = 30 (32×32/4/1 spills 88-104 B)
+    **{(k, d, "fp64"): (16, 32, 4, 1) for k in ("fwd", "dkdv", "dq", "dbias") for d in ("d32", "d64")},
+    **{(k, "d256", c): (16, 16, 4, 1) for k in ("fwd", "dkdv", "dq", "dbias") for c in ("16bit", "fp32", "fp64")},
+}
 
 
-def _launch(head_dim: int) -> dict:
+def _config(kernel: str, head_dim: int, dtype: torch.dtype):
+    """(block constexprs, launch settings) of ``kernel``: the ``_WIN_LAUNCH`` entry on a GPU; 32×32
+    tiles under the interpreter, so that a window of 64 tokens spans two tiles in the tests."""
+    block_d = max(16, next_pow2(head_dim))
     if interpreting():
-        return {}
-    return dict(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), {}
+    d = "d32" if block_d <= 32 else "d64" if block_d <= 64 else "d256"
+    c = {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    bm, bn, warps, stages = _WIN_LAUNCH[(kernel, d, c)]
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d), dict(num_warps=warps, num_stages=stages)
 
 
 class _Geometry:
@@ -409,7 +448,7 @@ class _Geometry:
 
     def constexprs(self, dtype: torch.dtype) -> dict:
         return dict(WH=self.wh, WW=self.ww, SHIFTED=bool(self.sh or self.sw), HAS_BIAS=self.has_bias,
-                    MASK_MODE=self.mask_mode, ACC=acc_dtype(dtype), PRECISION=tf32_precision(dtype),
+                    MASK_MODE=self.mask_mode, ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype),
                     DOT=dot_dtype(dtype))
 
     def extras(self):
@@ -425,13 +464,13 @@ def window_forward(q, k, v, geo: _Geometry, scale: float):
     lse = torch.empty((geo.batch, geo.heads, geo.height * geo.width), dtype=stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
-    blocks = _blocks(geo.n, geo.head_dim)
+    blocks, launch = _config("fwd", geo.head_dim, q.dtype)
     nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
     _win_fwd_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
         q, k, v, out, lse, *geo.extras(),
         *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(out), *geo.extra_strides(),
         geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
-        **geo.constexprs(q.dtype), **blocks, **_launch(geo.head_dim),
+        **geo.constexprs(q.dtype), **blocks, **launch,
     )
     return out, lse
 
@@ -474,29 +513,33 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
             dtable = torch.zeros_like(geo.table)
         return dq.zero_(), dk.zero_(), dv.zero_(), dtable
     constexprs = geo.constexprs(q.dtype)
-    blocks = _blocks(geo.n, geo.head_dim)
-    launch = _launch(geo.head_dim)
+    blocks, launch = _config("fwd", geo.head_dim, q.dtype)
     delta = torch.empty_like(lse)
     _win_delta_kernel[(triton.cdiv(geo.height * geo.width, blocks["BLOCK_M"]), geo.heads, geo.batch)](
         out, do, delta, *_map_strides(out), *_map_strides(do), geo.height, geo.width, geo.head_dim, geo.heads,
-        ACC=constexprs["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"], **launch,
+        ACC=constexprs["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
+        num_warps=launch.get("num_warps", 4),
     )
     strides_in = (*_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do))
-    nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
-    nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
     sizes = (geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc)
     if need_qkv:
+        blocks, launch = _config("dkdv", geo.head_dim, q.dtype)
+        nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
         _win_bwd_dkdv_kernel[(geo.nwin * nkb, geo.heads, geo.batch)](
             q, k, v, do, dk, dv, lse, delta, *geo.extras(),
             *strides_in, *_map_strides(dk), *_map_strides(dv), *geo.extra_strides(),
             *sizes, nkb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **launch,
         )
+        blocks, launch = _config("dq", geo.head_dim, q.dtype)
+        nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
         _win_bwd_dq_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
             q, k, v, do, dq, lse, delta, *geo.extras(),
             *strides_in, *_map_strides(dq), *geo.extra_strides(),
             *sizes, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **launch,
         )
     if need_table:
+        blocks, launch = _config("dbias", geo.head_dim, q.dtype)
+        nqb, nkb = triton.cdiv(geo.n, blocks["BLOCK_M"]), triton.cdiv(geo.n, blocks["BLOCK_N"])
         splits = _splits(geo, nqb * nkb)
         part = torch.empty((splits, geo.heads, geo.n, geo.n), dtype=stat_dtype(q.dtype), device=q.device)
         _win_bwd_dbias_kernel[(nqb * nkb, geo.heads, splits)](

@@ -1,14 +1,14 @@
 """flash_attention and image_attention against the float64 reference: forward and every gradient."""
 
-import importlib
-import warnings
+import contextlib
 
 import pytest
 import torch
 from conftest import DEVICE, ON_GPU, needs_gpu
-from tolerances import REL_TOL, assert_close_rel, rel_error
+from tolerances import FP32_PRECISION_TOL, REL_TOL, assert_close_rel, rel_error
 
 from attnsr.kernels import flash_attention, image_attention
+from attnsr.kernels._runtime import dot_precision
 from attnsr.kernels.reference import (
     flash_attention_ref,
     image_attention_ref,
@@ -334,7 +334,7 @@ def test_fp32_works_with_every_tf32_setting_api():
         for setting in ("tf32", "ieee"):
             matmul.fp32_precision = setting
             assert_close_rel(flash_attention(q, k, v), expect, torch.float32, f"fp32_precision={setting}",
-                             tol=5e-3 if ON_GPU and setting == "tf32" else None)
+                             tol=FP32_PRECISION_TOL[setting] if ON_GPU else None)
     finally:
         matmul.fp32_precision = saved
 
@@ -370,47 +370,86 @@ def test_numpy_integers_and_reals_are_accepted():
     assert torch.equal(out, image_attention(q, q, q, heads=2, patch_size=2, scale=0.5))
 
 
-def test_fp32_dot_precision_follows_torch_flags(monkeypatch):
-    """What fp32 kernels are compiled with on a GPU (checked on any machine by answering as a GPU
-    run would, without the interpreter): tf32 exactly when torch allows tf32 for CUDA matmuls, by
-    the fp32_precision API or the legacy allow_tf32 flag; never for other dtypes."""
-    runtime = importlib.import_module("attnsr.kernels._runtime")
-    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+@contextlib.contextmanager
+def _torch_fp32_precision(setting):
     matmul = torch.backends.cuda.matmul
     saved = matmul.fp32_precision
+    matmul.fp32_precision = setting
     try:
-        for setting, want_tf32 in (("tf32", True), ("ieee", False)):
-            matmul.fp32_precision = setting
-            got = runtime.tf32_precision(torch.float32)
-            assert (got == "tf32") == want_tf32, f"fp32_precision={setting!r}: kernels would use {got!r}"
-            for dtype in (torch.float16, torch.bfloat16, torch.float64):
-                assert runtime.tf32_precision(dtype) != "tf32", f"{dtype} with fp32_precision={setting!r}"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch may warn that allow_tf32 is the legacy API
-            for flag in (True, False):
-                matmul.allow_tf32 = flag
-                got = runtime.tf32_precision(torch.float32)
-                assert (got == "tf32") == flag, f"allow_tf32={flag}: kernels would use {got!r}"
+        yield
     finally:
         matmul.fp32_precision = saved
 
 
-@needs_gpu
-def test_tf32_follows_torch_flag():
-    """With allow_tf32 the fp32 result moves by tf32 rounding (well above exact fp32's error, so the
-    test fails if the flag is ignored) but stays close; without it, exact fp32."""
-    q, k, v = (torch.randn(1, 1, 256, 64, device=DEVICE) for _ in range(3))
-    expect = flash_attention_ref(q, k, v, upcast=True)
+def test_fp32_precision_a_call_gets():
+    """3×TF32 under PyTorch's default, tf32 where PyTorch allows it, an explicit precision wins;
+    other dtypes take no fp32 precision."""
+    assert dot_precision(torch.float32) == "tf32x3"
+    with _torch_fp32_precision("tf32"):
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.float32, "ieee") == "ieee"
     old = torch.backends.cuda.matmul.allow_tf32
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        exact = rel_error(flash_attention(q, k, v), expect)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    assert dot_precision(torch.float32, "tf32x3") == "tf32x3"
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert dot_precision(dtype, "tf32") == "ieee"
+
+
+def test_fp32_precision_reaches_the_kernels(monkeypatch):
+    """The resolved precision is the PRECISION constexpr of every dot-product kernel of the call."""
+    import attnsr.kernels.attention as attn
+
+    seen = []
+    real = attn._dtypes
+    monkeypatch.setattr(attn, "_dtypes", lambda dtype, precision=None: seen.append(
+        real(dtype, precision)["PRECISION"]) or real(dtype, precision))
+    q = torch.randn(1, 1, 20, 8, device=DEVICE, requires_grad=True)
+    for precision, expect in ((None, "tf32x3"), ("ieee", "ieee"), ("tf32", "tf32")):
+        seen.clear()
+        out = flash_attention(q, q, q, precision=precision)
+        out.backward(torch.randn_like(out))
+        assert seen == [expect, expect], (precision, seen)
+        assert_close_rel(out, flash_attention_ref(q, q, q, upcast=True), torch.float32, f"precision={precision}",
+                         tol=FP32_PRECISION_TOL[expect] if ON_GPU else None)
+    with pytest.raises(ValueError, match="precision = 'fp32'; expected None"):
+        flash_attention(q, q, q, precision="fp32")
+
+
+@needs_gpu
+@pytest.mark.parametrize("precision", [None, "tf32x3", "ieee", "tf32"])
+def test_fp32_precision_accuracy_against_float64(precision):
+    """3×TF32 (the default) and exact fp32 within 1e-5 of float64, forward and every gradient;
+    one tf32 product within 5e-3 (tests/tolerances.py)."""
+    tol = FP32_PRECISION_TOL[dot_precision(torch.float32, precision)]
+    qkv = torch.randn(2, 3 * 64, 16, 16, device=DEVICE, requires_grad=True)
+    q, k, v = qkv.split(64, 1)
+    out = image_attention(q, k, v, precision=precision)
+    expect = image_attention_ref(q, k, v, upcast=True)
+    grad = torch.randn_like(out)
+    assert_close_rel(out, expect, torch.float32, f"{precision} output", tol=tol)
+    (g,) = _grads(out, (qkv,), grad)
+    (w,) = _grads(expect, (qkv,), grad.double())
+    assert_close_rel(g, w, torch.float32, f"{precision} d(qkv)", tol=tol)
+
+
+@needs_gpu
+def test_tf32_rounding_shows_when_pytorch_allows_tf32():
+    """With allow_tf32 the default call moves by one tf32 product's rounding, well above exact fp32's
+    error: the test fails if the flag is ignored."""
+    q, k, v = (torch.randn(1, 1, 256, 64, device=DEVICE) for _ in range(3))
+    expect = flash_attention_ref(q, k, v, upcast=True)
+    exact = rel_error(flash_attention(q, k, v, precision="ieee"), expect)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
         torch.backends.cuda.matmul.allow_tf32 = True
         tf32 = rel_error(flash_attention(q, k, v), expect)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    assert exact < 1e-5, f"exact fp32 error {exact:.2e}"
-    assert tf32 < 5e-3, f"tf32 error {tf32:.2e}"
+    assert tf32 < FP32_PRECISION_TOL["tf32"], f"tf32 error {tf32:.2e}"
     assert tf32 > 10 * exact and tf32 > 1e-5, f"tf32 error {tf32:.2e} vs fp32 {exact:.2e}: the flag was ignored"
 
 
@@ -541,17 +580,17 @@ def test_custom_ops_pass_opcheck():
     qkv = torch.randn(2, 3 * 8, 4, 6, device=DEVICE, requires_grad=True)
     q, k, v = qkv.split(8, dim=1)
     q_cl = q.contiguous(memory_format=torch.channels_last)
-    for args in ((q, k, v, "map", 2, 2, 0.5), (q_cl, k, v, "map", 1, 1, 0.3)):
+    for args in ((q, k, v, "map", 2, 2, 0.5, "tf32x3"), (q_cl, k, v, "map", 1, 1, 0.3, "ieee")):
         result = torch.library.opcheck(_attention_op, args)
         assert all(r == "SUCCESS" for r in result.values()), result
     seq = [torch.randn(1, 2, n, 8, device=DEVICE, requires_grad=True) for n in (5, 7, 7)]
-    result = torch.library.opcheck(_attention_op, (*seq, "seq", 2, 1, 0.3))
+    result = torch.library.opcheck(_attention_op, (*seq, "seq", 2, 1, 0.3, "tf32"))
     assert all(r == "SUCCESS" for r in result.values()), result
     seq = [t.detach() for t in seq]  # the backward op itself has no derivative (no double backward)
-    out, lse = _attention_op(*seq, "seq", 2, 1, 0.3)
+    out, lse = _attention_op(*seq, "seq", 2, 1, 0.3, "tf32x3")
     do = torch.randn_like(out)
     for need_dq, need_dkdv in ((True, True), (False, True), (True, False)):
-        args = (do, *seq, out, lse, "seq", 2, 1, 0.3, need_dq, need_dkdv)
+        args = (do, *seq, out, lse, "seq", 2, 1, 0.3, "tf32x3", need_dq, need_dkdv)
         result = torch.library.opcheck(_attention_backward_op, args)
         assert all(r == "SUCCESS" for r in result.values()), result
 
@@ -560,7 +599,7 @@ def test_lse_output_is_not_differentiable():
     """The op's second output, the log-sum-exp saved for backward, is a statistic: no gradient
     flows through it, and asking for one says so instead of returning garbage."""
     qkv = torch.randn(1, 3 * 8, 4, 6, device=DEVICE, requires_grad=True)
-    out, lse = torch.ops.attnsr.attention(*qkv.split(8, dim=1), "map", 2, 1, 0.5)
+    out, lse = torch.ops.attnsr.attention(*qkv.split(8, dim=1), "map", 2, 1, 0.5, "tf32x3")
     assert out.requires_grad
     assert not lse.requires_grad and lse.grad_fn is None, "lse must be marked non-differentiable"
     with pytest.raises(RuntimeError, match=r"does not require grad"):
@@ -609,3 +648,14 @@ def test_kernels_launch_on_the_tensors_device():
     expect = image_attention_ref(*qkv.split(8, dim=1), upcast=True)
     assert_close_rel(out, expect, torch.float32, "output on cuda:1")
     assert g.device == dev and torch.isfinite(g).all()
+
+
+def test_float64_keeps_float64_accuracy():
+    """Every scalar of a float64 kernel is float64 (on a GPU by the signature's fp64 type, in the
+    interpreter by never passing the scale through a helper that would narrow it to fp32): the
+    output is within float64 rounding of the reference, not fp32's (an fp32 scale gives ~1e-8)."""
+    qkv = torch.randn(2, 3 * 8, 6, 7, device=DEVICE, dtype=torch.float64)
+    q, k, v = qkv.split(8, 1)
+    for scale in (None, 0.3):
+        assert_close_rel(image_attention(q, k, v, scale=scale), image_attention_ref(q, k, v, scale=scale),
+                         torch.float64, f"float64 output, scale {scale}", tol=1e-13)

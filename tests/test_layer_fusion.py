@@ -76,6 +76,25 @@ def test_layer_fusion_channels_last_sequence():
     assert all(g.is_contiguous(memory_format=torch.channels_last) for g in grads[1:])
 
 
+def test_layer_fusion_pixel_addressing_and_alignment():
+    """Maps whose pixels lie in one run are addressed flat (the kernels get W = 1: unit stride,
+    wide loads); a cropped map keeps its rows. Wide loads are allowed only
+    when every map starts on 16 bytes (the maps are launch arguments, so Triton's specialisation of
+    16-byte-aligned pointers tells the compiler): maps offset by one element are read correctly."""
+    from attnsr.kernels._gating import PixelRun
+
+    nchw = torch.randn(2, 4, 5, 6, device=DEVICE)
+    cropped = torch.randn(2, 4, 5, 8, device=DEVICE)[..., 1:7]
+    run = PixelRun(6, nchw, nchw.contiguous(memory_format=torch.channels_last), nchw[:, 1:3])
+    assert (run.flat, run.width, run.strides(nchw)) == (True, 1, (120, 30, 1, 1))
+    assert (PixelRun(6, nchw, cropped).width, PixelRun(6, nchw, cropped).strides(cropped)) == (6, (160, 40, 8, 1))
+
+    dims = (2, 4, 5, 6)
+    maps = [torch.randn(1 + 240, device=DEVICE)[1:].view(dims).requires_grad_() for _ in range(3)]
+    assert all(m.data_ptr() % 16 for m in maps)
+    check_op(_seq, _seq_ref, [leaf((2, 3), torch.float32), *maps], torch.float32, "offset maps")
+
+
 def test_layer_fusion_stacked_views_and_expanded_grad():
     """A stacked tensor that is a permuted view (L is not the outer dimension in memory), weights
     as a transposed view, and an upstream gradient with stride 0."""

@@ -212,7 +212,7 @@ def test_direct_op_calls_follow_autocast(op):
         "spatial_gate": (x, conv, None),
         "cbam_gate": (x, *w, conv, None, "avgmax"),
         "layer_fusion": ([x, x.flip(0)], torch.rand(2, 2, device=DEVICE)),
-        "attention": (x, x.flip(1), x.flip(2), "map", 2, 1, 0.5),
+        "attention": (x, x.flip(1), x.flip(2), "map", 2, 1, 0.5, "tf32x3"),
     }[op]
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         out = getattr(torch.ops.attnsr, op)(*args)

@@ -15,6 +15,8 @@ def test_readme_python_examples_run():
     for i, code in enumerate(blocks):
         exec(compile(code, f"README.md python block {i + 1}", "exec"), namespace)
     assert namespace["y"].shape == (2, 64, 16, 16)
+    assert namespace["out"].shape == (2, 256, 60)
     assert [(name, new) for name, _, new in namespace["model"].attnsr_swapped] == [("1", "ChannelAttention")]
-    for name in ("flash_attention", "image_attention", "channel_gate", "spatial_gate", "cbam_gate", "layer_fusion"):
+    for name in ("flash_attention", "image_attention", "window_attention", "channel_gate", "spatial_gate", "cbam_gate",
+                 "layer_fusion"):
         assert callable(namespace[name]), name

@@ -6,6 +6,7 @@ BLOCK_N, a different pair per kernel) must give the reference's output and gradi
 """
 
 import contextlib
+import itertools
 import json
 import os
 import subprocess
@@ -67,8 +68,8 @@ def test_override_matches_reference_on_fused_qkv_map(name, dtype, monkeypatch):
     launched = {}
     plain = attn._config
 
-    def spy(kernel, head_dim, dtype):
-        blocks, launch = plain(kernel, head_dim, dtype)
+    def spy(kernel, *args):
+        blocks, launch = plain(kernel, *args)
         launched[kernel] = (blocks, launch)
         return blocks, launch
 
@@ -181,7 +182,9 @@ def test_candidates_are_pruned_by_shared_memory_and_registers(monkeypatch):
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     rows = tune._candidates("dkdv", 256, "float32", False, HOPPER_SMEM)
     assert rows[0]["default"] and rows[0]["status"] == "pending"
-    assert len(rows) == 1 + 53  # the default and the other 53 of the 3·3·2·3 grid
+    grid = [dict(zip(tune.SETTINGS, v)) for v in itertools.product(*tune.GRID.values())]
+    default = {k: rows[0][k] for k in tune.SETTINGS}
+    assert len(rows) == 1 + sum(c != default for c in grid)  # the default and the rest of the 3·3·2·3 grid
     pruned = [r for r in rows if r["status"].startswith("pruned")]
     kept = [r for r in rows if r["status"] == "pending"]
     assert pruned and kept
@@ -248,3 +251,42 @@ def test_quick_run_writes_json(tmp_path):
     assert all(r["rel_err"] <= tune.AGREE[r["dtype"]] for r in rows)
     assert len(payload["groups"]) == 6 and all(g["best"] for g in payload["groups"])
     assert "speed-up" in proc.stdout and "fwd" in proc.stdout
+
+
+FAILURE = "_attn_fwd_kernel [attention fp32 D=64 fused, sm_90]: spills: 56 B stack, 15 spill stores"
+
+
+def test_candidates_that_break_the_compile_gate_are_marked(monkeypatch):
+    """On an sm_90 / sm_80 GPU a compile worker asks the compile report about its candidate; a
+    failure becomes the row's status (so the candidate is neither timed nor proposed)."""
+    from attnsr.kernels import compile_report
+
+    asked = []
+
+    def check_config(kernel, head_dim, dtype, cfg, archs):
+        asked.append((kernel, head_dim, dtype, archs))
+        return [], [FAILURE]
+
+    monkeypatch.setattr(compile_report, "check_config", check_config)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    task = dict(kernel="fwd", head_dim=64, dtype="float32", cfg=dict(BLOCK_M=64, BLOCK_N=64))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    assert tune._gate(task) == "gate: " + FAILURE
+    assert asked == [("fwd", 64, "fp32", (90,))]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (8, 6))  # no rules for sm_86
+    assert tune._gate(task) is None
+
+
+def test_patches_take_their_own_entry_where_there_is_one(monkeypatch):
+    """With p > 1 the launcher looks up _PATCH_LAUNCH first (the pixel entry spills there), else
+    the _LAUNCH entry; pixels always take _LAUNCH."""
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    for (kernel, block_d, dtype_class), entry in attn._PATCH_LAUNCH.items():
+        dtype = {"16bit": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[dtype_class]
+        assert attn._config(kernel, block_d, dtype, 2)[0]["BLOCK_M"] == entry.block_m
+        assert attn._config(kernel, block_d, dtype, 2)[1]["num_warps"] == entry.num_warps
+        plain = attn._LAUNCH[(kernel, block_d, dtype_class)]
+        assert attn._config(kernel, block_d, dtype, 1)[0]["BLOCK_N"] == plain.block_n
+    plain = attn._LAUNCH[("fwd", 128, "16bit")]
+    assert ("fwd", 128, "16bit") not in attn._PATCH_LAUNCH
+    assert attn._config("fwd", 128, torch.bfloat16, 2)[0]["BLOCK_M"] == plain.block_m

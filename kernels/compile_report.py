@@ -1,0 +1,563 @@
+"""What a GPU would run, seen without one: every kernel the public ops launch, compiled for sm_90
+(H100 / H200) and sm_80 (A100) on any machine, with its registers, spills, shared memory,
+tensor-core instructions, load widths and TMA use.
+
+    python -m attnsr.kernels.compile_report [--arch 90,80] [--cases all|gate|REGEX] [--jobs N]
+                                            [--json PATH] [--gate]
+    python -m attnsr.kernels.compile_report --compare BEFORE.json AFTER.json
+
+How. A stand-in for Triton's GPU driver answers "the current device is an sm_<arch> GPU", and
+Triton's own JIT path (``JITFunction.run``) runs in compile-only mode (``warmup=True``): each case
+calls the public ops (forward, then backward) on small CPU tensors, and every kernel launch they
+make is compiled for the target instead of launched. So the specialisation is that of a real
+launch: integer arguments equal to 1 become constants, 16-divisible integers and pointers are
+marked so, and the launch configuration is the one a GPU run looks up. The outputs of the ops are
+never computed (their memory is left as allocated); only the compiled kernels are kept.
+
+Each compiled kernel is read with the tools the triton wheel ships in
+``triton/backends/nvidia/bin``: ``cuobjdump -res-usage`` (REG registers per thread, STACK bytes of
+local memory per thread: spills) and ``nvdisasm`` (the SASS: HGMMA = wgmma, the Hopper warp-group
+tensor-core instruction; HMMA = mma.sync, the Ampere one; STL / LDL = spill stores and loads;
+LDG / LDGSTS = global loads, ``.128`` the 16-byte wide ones; UTMALDG = TMA loads). Shared memory
+is Triton's own figure (``metadata.shared``, bytes per program).
+
+Cases cover every dtype (fp32 under each precision a call can get, fp16, bf16, float64), head dims
+16, 30, 64, 128 and 256, pixels and 2×2 patches, NCHW, channels_last, q/k/v split from one fused
+conv output, (B, H, N, D) sequences, and the gating ops (channel, spatial, CBAM, layer fusion) in
+NCHW and channels_last. ``--cases gate`` is the subset ``tests/test_compile_report.py`` runs: one
+case per launch-table entry of the attention kernels and per gating kernel and dtype class.
+
+The gate (``--gate``; ``gate_failures``) asks of every compiled kernel: no spills on sm_90, the
+target GPUs (STACK = 0, no STL; sm_80's spills are reported, not gated: one launch table serves
+both, and it is chosen for Hopper); shared memory within the target's per-block limit (227 KiB on
+sm_90, 163 KiB on sm_80, so that the table also launches on an A100); on
+sm_90, wgmma (HGMMA, and no HMMA) in the attention kernels with dot products (forward, dK/dV, dQ)
+for head dims ≤ 128 in fp16, bf16 and fp32 on tensor cores (tf32x3 and tf32; exact "ieee" fp32
+runs on the FMA units by design); and every floating-point scalar of a float64 kernel typed fp64.
+
+Needs: triton ≥ 3.6 with its NVIDIA backend (the Linux wheel), torch; no GPU, no CUDA driver. Run
+it with ``TRITON_INTERPRET`` unset: under the interpreter the kernels are not compiled at all.
+"""
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from . import _runtime
+
+SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block (bytes)
+ATTENTION_DOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+WINDOW_DOT_KERNELS = ("_win_fwd_kernel", "_win_bwd_dkdv_kernel", "_win_bwd_dq_kernel", "_win_bwd_dbias_kernel")
+FIELDS = ("regs", "stack", "spill_stores", "spill_loads", "shared", "hgmma", "hmma", "ldg", "ldg128", "tma")
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile-only launches through Triton's JIT
+# ----------------------------------------------------------------------------------------------
+
+
+class _StandInDriver:
+    """The part of Triton's driver interface that the JIT's compile path asks: the target, and a
+    device and stream to key its caches by. The device id is the arch, so that kernels compiled
+    for sm_90 and sm_80 in one process never share a cache entry."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.arch = arch
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def is_active(self):
+        return True
+
+
+@dataclasses.dataclass
+class Launch:
+    """One kernel as a launch compiled it."""
+
+    kernel: str  # the @triton.jit function's name
+    compiled: object  # Triton's CompiledKernel
+    constants: dict  # the launch's keyword arguments: constexprs and num_warps / num_stages
+
+
+@contextlib.contextmanager
+def compile_only(arch: int):
+    """Inside the block, every Triton kernel launch compiles for sm_<arch> and is not run; the
+    public ops accept CPU tensors. Yields the list of ``Launch`` records, appended as they come."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    if _runtime.interpreting():
+        raise RuntimeError(
+            "compile_report: TRITON_INTERPRET is set, so the kernels are interpreted, not compiled; "
+            "run it with TRITON_INTERPRET unset (no GPU is needed)"
+        )
+    launches = []
+    run = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        compiled = run(self, *args, grid=grid, warmup=True, **kwargs)
+        constants = {k: (str(v) if not isinstance(v, (int, str)) else v) for k, v in kwargs.items()}
+        launches.append(Launch(self.fn.__name__, compiled, constants))
+        return compiled
+
+    previous = driver._active  # None on a machine without a GPU driver: reset_active() would raise
+    driver.set_active(_StandInDriver(arch))
+    JITFunction.run = compile_instead
+    _runtime.COMPILE_ONLY[0] = True
+    try:
+        yield launches
+    finally:
+        _runtime.COMPILE_ONLY[0] = False
+        JITFunction.run = run
+        driver._active = previous
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading a compiled kernel
+# ----------------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise RuntimeError(f"compile_report: {path} not found; the triton wheel for Linux ships it")
+    return path
+
+
+def _scalar_types(compiled) -> dict:
+    """Name -> Triton type of the kernel's non-pointer, non-constexpr arguments."""
+    signature = compiled.src.signature
+    return {k: v for k, v in signature.items() if v != "constexpr" and not str(v).startswith("*")}
+
+
+def read_cubin(compiled) -> dict:
+    """Figures of one compiled kernel (see the module header)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                               check=True).stdout
+        sass = subprocess.run([_tool("nvdisasm"), path], capture_output=True, text=True, check=True).stdout
+    regs = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    ops = collections.Counter(re.findall(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass,
+                                         flags=re.M))
+
+    def count(pred):
+        return sum(n for op, n in ops.items() if pred(op))
+
+    def is_ldg(op):
+        return op.startswith("LDG") and not op.startswith("LDGDEPBAR")
+
+    return dict(
+        regs=int(regs.group(1)) if regs else None,
+        stack=int(stack.group(1)) if stack else None,
+        spill_stores=count(lambda op: op.startswith("STL")),
+        spill_loads=count(lambda op: op.startswith("LDL")),
+        shared=int(compiled.metadata.shared),
+        hgmma=count(lambda op: op.startswith("HGMMA")),
+        hmma=count(lambda op: op.startswith("HMMA")),
+        ldg=count(is_ldg),
+        ldg128=count(lambda op: is_ldg(op) and ".128" in op),
+        tma=count(lambda op: op.startswith("UTMALDG")),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: the public ops as a user calls them
+# ----------------------------------------------------------------------------------------------
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+# fp32 precisions a call can get: (name, torch.backends.cuda.matmul.fp32_precision, precision argument)
+FP32_MODES = {"fp32": ("ieee", None), "fp32-tf32": ("tf32", None), "fp32-ieee": ("ieee", "ieee")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    op: str  # "attention" or a gating op
+    dtype: str  # a key of DTYPES or FP32_MODES
+    head_dim: int = 0  # attention only
+    layout: str = "nchw"  # nchw, channels_last, fused (q, k, v split from one conv output), seq
+    patch: int = 1
+    variant: str = ""  # gating: pool="avgmax", layer_fusion "list", ...
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return torch.float32 if name in FP32_MODES else DTYPES[name]
+
+
+@contextlib.contextmanager
+def _fp32_mode(name: str):
+    """PyTorch's fp32 matmul precision as the case asks; restored after."""
+    matmul = torch.backends.cuda.matmul
+    if name not in FP32_MODES or not hasattr(matmul, "fp32_precision"):
+        yield
+        return
+    before = matmul.fp32_precision
+    matmul.fp32_precision = FP32_MODES[name][0]
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = before
+
+
+def _map(shape, dtype, channels_last=False):
+    x = torch.randn(shape, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x.requires_grad_()
+
+
+def _backward(out):
+    out.backward(torch.randn_like(out))
+
+
+def _run_attention(case: Case):
+    from . import attention
+
+    dtype = _torch_dtype(case.dtype)
+    extra = {}
+    if case.dtype in FP32_MODES and FP32_MODES[case.dtype][1] is not None:
+        extra["precision"] = FP32_MODES[case.dtype][1]
+    d = case.head_dim
+    if case.layout == "seq":
+        q, k, v = (_map((2, 2, 64, d), dtype) for _ in range(3))
+        _backward(attention.flash_attention(q, k, v, **extra))
+        return
+    channels = d // (case.patch * case.patch)
+    size = 16
+    if case.layout == "fused":  # one conv output with 3·C channels, q, k, v = split(C, 1)
+        qkv = _map((2, 3 * channels, size, size), dtype)
+        q, k, v = qkv.split(channels, 1)
+    else:
+        q, k, v = (_map((2, channels, size, size), dtype, case.layout == "channels_last") for _ in range(3))
+    _backward(attention.image_attention(q, k, v, patch_size=case.patch, **extra))
+
+
+def _run_window(case: Case):
+    """Swin window attention as SwinIR runs it: q, k, v split out of one (B, H·W, 3C) projection,
+    two heads of ``head_dim``, a shifted window of ``variant`` (w8, w16) on a map two windows wide,
+    the relative position bias table in fp32."""
+    from . import window_attention
+
+    dtype = _torch_dtype(case.dtype)
+    heads, d, win = 2, case.head_dim, int(case.variant[1:])
+    c, size = heads * d, 2 * win
+    qkv = _map((2, size * size, 3 * c), dtype)
+    q, k, v = qkv.view(2, size, size, 3 * c).split(c, -1)
+    table = torch.randn((2 * win - 1) ** 2, heads).requires_grad_()
+    _backward(window_attention(q, k, v, window_size=win, shift_size=win // 2, heads=heads, bias_table=table))
+
+
+def _run_gating(case: Case):
+    from . import cbam_gate, channel_gate, layer_fusion, spatial_gate
+
+    dtype = _torch_dtype(case.dtype)
+    channels, size, hidden = 32, 16, 8
+    x = _map((2, channels, size, size), dtype, case.layout == "channels_last")
+
+    def param(*shape):
+        return torch.randn(shape, dtype=dtype).requires_grad_()
+
+    if case.op == "channel_gate":
+        y = channel_gate(x, param(hidden, channels), param(hidden), param(channels, hidden), param(channels),
+                         pool=case.variant or "avg")
+    elif case.op == "spatial_gate":
+        y = spatial_gate(x, param(1, 2, 7, 7), param(1))
+    elif case.op == "cbam_gate":
+        y = cbam_gate(x, param(hidden, channels), param(hidden), param(channels, hidden), param(channels),
+                      param(1, 2, 7, 7), param(1), pool="avgmax")
+    elif case.op == "layer_fusion":
+        maps = [x] + [_map(x.shape, dtype, case.layout == "channels_last") for _ in range(3)]
+        features = maps if case.variant == "list" else torch.stack([m.detach() for m in maps]).requires_grad_()
+        y = layer_fusion(features, param(2, 4))
+    else:
+        raise ValueError(f"compile_report: unknown op {case.op!r}")
+    _backward(y)
+
+
+def run_case(case: Case, arch: int, override=None) -> list:
+    """Compile the kernels ``case`` launches for sm_<arch>: one row per distinct compiled kernel.
+
+    ``override``: (attention kernel, launch settings) in place of its ``_LAUNCH`` entry."""
+    from .attention import _launch_override
+
+    torch.manual_seed(0)
+    settings = _launch_override(override[0], **override[1]) if override else contextlib.nullcontext()
+    with _fp32_mode(case.dtype), settings, compile_only(arch) as launches:
+        {"attention": _run_attention, "window_attention": _run_window}.get(case.op, _run_gating)(case)
+    rows, seen = [], set()
+    for launch in launches:
+        key = (launch.kernel, launch.compiled.hash)
+        if key in seen:
+            continue
+        seen.add(key)
+        consts = {k: v for k, v in launch.constants.items()
+                  if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "PRECISION", "K")}
+        rows.append(dict(
+            arch=arch, case=case.name, op=case.op, dtype=case.dtype, head_dim=case.head_dim,
+            kernel=launch.kernel, config=consts, scalars=_scalar_types(launch.compiled),
+            num_warps=launch.compiled.metadata.num_warps, num_stages=launch.compiled.metadata.num_stages,
+            **read_cubin(launch.compiled),
+        ))
+    return rows
+
+
+def _attention_case(dtype, d, layout="fused", patch=1):
+    name = f"attention {dtype} D={d} {layout}" + (f" p{patch}" if patch > 1 else "")
+    return Case(name, "attention", dtype, d, layout, patch)
+
+
+def _window_case(dtype, d, window):
+    return Case(f"window_attention {dtype} D={d} w{window}", "window_attention", dtype, d, "swinir", 1, f"w{window}")
+
+
+def _gating_case(op, dtype, layout, variant=""):
+    name = f"{op} {dtype} {layout}" + (f" {variant}" if variant else "")
+    return Case(name, op, dtype, layout=layout, variant=variant)
+
+
+def all_cases() -> list:
+    cases = []
+    for dtype in ("fp32", "fp32-tf32", "fp32-ieee", "fp16", "bf16", "fp64"):
+        for d in (16, 30, 64, 128, 256):
+            cases.append(_attention_case(dtype, d))
+    for dtype in ("fp32", "bf16"):
+        for layout, patch in (("nchw", 1), ("channels_last", 1), ("nchw", 2), ("channels_last", 2), ("seq", 1)):
+            cases.append(_attention_case(dtype, 64, layout, patch))
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        for layout in ("nchw", "channels_last"):
+            cases += [_gating_case("channel_gate", dtype, layout, "avgmax"),
+                      _gating_case("spatial_gate", dtype, layout), _gating_case("cbam_gate", dtype, layout),
+                      _gating_case("layer_fusion", dtype, layout), _gating_case("layer_fusion", dtype, layout, "list")]
+        cases.append(_gating_case("channel_gate", dtype, "nchw", "avg"))
+    for dtype in ("fp32", "bf16", "fp16", "fp64"):
+        cases += [_window_case(dtype, d, w) for d in (10, 30, 64) for w in (8, 16)]
+    return cases
+
+
+def gate_cases() -> list:
+    """(case, arch) pairs of the gate (``tests/test_compile_report.py``), few enough to compile in
+    about two minutes on two cores: on sm_90, one case per (padded head dim, dtype class) of the
+    attention launch table, which covers every entry (a case launches all four attention kernels),
+    2×2 patches, exact fp32 (precision="ieee") at head dims 64 and 128, and the gating kernels
+    (cbam_gate launches all eight of the gates; layer_fusion its two) in every dtype class; on
+    sm_80, where shared memory is smallest, the attention cases with the largest tiles (head dims
+    128 and 256, 16-bit and fp32)."""
+    work = []
+    for dtype in ("fp32", "bf16", "fp64"):
+        work += [(_attention_case(dtype, d), 90) for d in (16, 32, 64, 128, 256)]
+    work += [(_attention_case(dtype, 64, "nchw", 2), 90) for dtype in ("fp32", "bf16")]
+    work += [(_attention_case("fp32-ieee", d), 90) for d in (64, 128)]  # exact fp32: FMA units, fp64 entries
+    work += [(_attention_case(dtype, d), 80) for dtype in ("fp32", "bf16") for d in (128, 256)]
+    gating = [_gating_case("cbam_gate", "bf16", "nchw"), _gating_case("cbam_gate", "bf16", "channels_last"),
+              _gating_case("cbam_gate", "fp32", "nchw"), _gating_case("cbam_gate", "fp64", "nchw"),
+              _gating_case("layer_fusion", "bf16", "nchw", "list"),
+              _gating_case("layer_fusion", "bf16", "channels_last"),
+              _gating_case("layer_fusion", "fp32", "nchw", "list"), _gating_case("layer_fusion", "fp64", "nchw")]
+    window = [_window_case("bf16", 30, 8), _window_case("bf16", 30, 16), _window_case("fp16", 64, 16),
+              _window_case("fp32", 30, 16), _window_case("fp32", 10, 8), _window_case("fp64", 30, 16)]
+    return work + [(c, 90) for c in gating + window]
+
+
+def select_work(spec: str, archs) -> list:
+    """(case, arch) pairs: "all" cases on each of ``archs``, the "gate" plan (restricted to
+    ``archs``), or the cases whose name matches a regular expression on each of ``archs``."""
+    if spec == "gate":
+        return [(c, a) for c, a in gate_cases() if a in archs]
+    cases = all_cases()
+    if spec != "all":
+        pattern = re.compile(spec)
+        cases = [c for c in cases + [c for c, _ in gate_cases()] if pattern.search(c.name)]
+        cases = list({c.name: c for c in cases}.values())
+    return [(c, a) for a in archs for c in cases]
+
+
+# ----------------------------------------------------------------------------------------------
+# The gate
+# ----------------------------------------------------------------------------------------------
+
+
+def _wants_wgmma(row) -> bool:
+    if row["arch"] == 90 and row["kernel"] in WINDOW_DOT_KERNELS:
+        return row["dtype"] in ("fp16", "bf16")
+    return (row["arch"] == 90 and row["kernel"] in ATTENTION_DOT_KERNELS and 0 < row["head_dim"] <= 128
+            and row["dtype"] in ("fp32", "fp32-tf32", "fp16", "bf16"))
+
+
+def gate_failures(rows) -> list:
+    """One line per broken expectation (see the module header), naming kernel, case and figure."""
+    failures = []
+    for r in rows:
+        where = f"{r['kernel']} [{r['case']}, sm_{r['arch']}]"
+        if r["arch"] == 90 and (r["stack"] or r["spill_stores"]):
+            failures.append(f"{where}: spills: {r['stack']} B stack, {r['spill_stores']} spill stores")
+        limit = SMEM_LIMIT[r["arch"]]
+        if r["shared"] > limit:
+            failures.append(f"{where}: shared memory {r['shared']} B > {limit} B")
+        if _wants_wgmma(r) and (r["hgmma"] == 0 or r["hmma"] > 0):
+            failures.append(f"{where}: not on wgmma: {r['hgmma']} HGMMA, {r['hmma']} HMMA")
+        if r["dtype"] == "fp64":
+            narrow = {k: v for k, v in r["scalars"].items()
+                      if isinstance(v, str) and v.startswith(("fp", "bf")) and v != "fp64"}
+            if narrow:
+                failures.append(f"{where}: float64 kernel with narrower scalars {narrow}")
+    return failures
+
+
+KERNEL_NAMES = {"fwd": "_attn_fwd_kernel", "delta": "_attn_bwd_delta_kernel", "dkdv": "_attn_bwd_dkdv_kernel",
+                "dq": "_attn_bwd_dq_kernel"}
+
+
+def check_config(kernel: str, head_dim: int, dtype: str, cfg: dict, archs=(90, 80)):
+    """Compile one attention kernel ("fwd", "delta", "dkdv", "dq") with launch settings ``cfg``
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) for a fused-qkv NCHW map with head dim ``head_dim``
+    in ``dtype`` (a key of DTYPES or FP32_MODES). Returns (rows, gate failures) of that kernel."""
+    rows = []
+    for arch in archs:
+        rows += [r for r in run_case(_attention_case(dtype, head_dim), arch, (kernel, cfg))
+                 if r["kernel"] == KERNEL_NAMES[kernel]]
+    return rows, gate_failures(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def _worker(args):
+    case, arch = args
+    try:
+        return run_case(case, arch)
+    except Exception as e:  # a case that fails to compile is a row, the report goes on
+        return [dict(arch=arch, case=case.name, op=case.op, dtype=case.dtype, head_dim=case.head_dim,
+                     kernel="-", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")]
+
+
+def collect(work, jobs: int = 1) -> list:
+    """Rows of every (case, arch) of ``work``, compiled in ``jobs`` processes."""
+    if jobs <= 1:
+        return [r for w in work for r in _worker(w)]
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return [r for rows in pool.map(_worker, work) for r in rows]
+
+
+def format_table(rows) -> str:
+    head = ("arch", "case", "kernel", "config", "regs", "stack", "STL", "shared", "HGMMA", "HMMA", "LDG.128/LDG", "TMA")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| sm_{r['arch']} | {r['case']} | - | {r['error']} |" + " |" * (len(head) - 4))
+            continue
+        cfg = r["config"]
+        blocks = "×".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_P") if k in cfg)
+        config = f"{blocks} w{r['num_warps']} s{r['num_stages']}"
+        lines.append("| " + " | ".join(str(x) for x in (
+            f"sm_{r['arch']}", r["case"], r["kernel"], config, r["regs"], r["stack"], r["spill_stores"],
+            r["shared"], r["hgmma"], r["hmma"], f"{r['ldg128']}/{r['ldg']}", r["tma"])) + " |")
+    return "\n".join(lines)
+
+
+def compare_table(before, after) -> str:
+    """Rows present in both reports (same arch, case and kernel), figures as "before → after"."""
+    old = {(r["arch"], r["case"], r["kernel"]): r for r in before if "error" not in r}
+    head = ("arch", "case", "kernel", "config", "regs", "stack", "STL", "shared", "HGMMA", "HMMA", "LDG.128/LDG")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def cfg(r):
+        c = r["config"]
+        return "×".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_P") if k in c) \
+            + f" w{r['num_warps']} s{r['num_stages']}"
+
+    for r in after:
+        b = old.get((r["arch"], r["case"], r["kernel"]))
+        if b is None or "error" in r:
+            continue
+        figures = ("regs", "stack", "spill_stores", "shared", "hgmma", "hmma")
+        pairs = [(cfg(b), cfg(r))] + [(b[k], r[k]) for k in figures]
+        pairs.append((f"{b['ldg128']}/{b['ldg']}", f"{r['ldg128']}/{r['ldg']}"))
+        cells = [str(x) if x == y else f"{x} → {y}" for x, y in pairs]
+        lines.append("| " + " | ".join([f"sm_{r['arch']}", r["case"], r["kernel"], *cells]) + " |")
+    return "\n".join(lines)
+
+
+def _default_json(cases_spec: str) -> str:
+    import triton
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = os.path.join(root, "benchmarks", "results")
+    if not os.path.isdir(results):
+        results = os.getcwd()
+    tag = "gate" if cases_spec == "gate" else "all" if cases_spec == "all" else "some"
+    return os.path.join(results, f"compile-triton{triton.__version__}-{tag}-{datetime.date.today()}.json")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attnsr.kernels.compile_report",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
+    parser.add_argument("--cases", default="all", help="'all', 'gate', or a regular expression over case names")
+    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
+    parser.add_argument("--json", default=None, help="where to write the rows (default benchmarks/results/...)")
+    parser.add_argument("--gate", action="store_true", help="exit 1 when a kernel breaks the gate's expectations")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+                        help="print two reports' common rows as before → after, compile nothing")
+    args = parser.parse_args(argv)
+    import triton
+
+    if args.compare:
+        before, after = (json.load(open(p))["rows"] for p in args.compare)
+        print(compare_table(before, after))
+        return 0
+
+    archs = [int(a) for a in args.arch.split(",")]
+    for a in archs:
+        if a not in SMEM_LIMIT:
+            parser.error(f"--arch {a}: expected some of {', '.join(map(str, SMEM_LIMIT))}")
+    work = select_work(args.cases, archs)
+    if not work:
+        parser.error(f"--cases {args.cases!r} selects no case")
+    rows = collect(work, args.jobs)
+    print(format_table(rows))
+    failures = gate_failures([r for r in rows if "error" not in r])
+    failures += [f"{r['case']} [sm_{r['arch']}]: {r['error']}" for r in rows if "error" in r]
+    path = args.json or _default_json(args.cases)
+    info = dict(triton=triton.__version__, torch=torch.__version__, date=str(datetime.date.today()),
+                archs=archs, cases=args.cases)
+    with open(path, "w") as f:
+        json.dump(dict(info=info, rows=rows, gate_failures=failures), f, indent=1)
+    print(f"\n{len(rows)} kernels compiled (triton {triton.__version__}); rows in {path}")
+    if failures:
+        print(f"{len(failures)} gate failures:\n" + "\n".join(failures))
+    return 1 if args.gate and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The compile gate: every kernel the public ops launch, compiled for sm_90 (and sm_80) on this
+machine without a GPU (kernels/compile_report.py), must not spill, must fit in shared memory, must
+run its attention dot products on wgmma where Hopper can, and float64 kernels must take float64
+scalars. One report run (about two minutes on two cores on a cold Triton cache) serves every test.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import triton
+
+import attnsr.kernels.attention as attn
+from attnsr.kernels import compile_report as cr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+pytestmark = pytest.mark.skipif(
+    not all(os.path.exists(os.path.join(TOOLS, t)) for t in ("cuobjdump", "nvdisasm", "ptxas")),
+    reason=f"needs the NVIDIA tools of the Linux triton wheel in {TOOLS}",
+)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    """The gate's rows, compiled in a child process: without TRITON_INTERPRET (which this test
+    session sets when there is no GPU) Triton compiles instead of interpreting."""
+    path = tmp_path_factory.mktemp("compile") / "gate.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "attnsr.kernels.compile_report", "--cases", "gate", "--jobs", "2", "--json", str(path)],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )
+    assert path.exists(), (f"the report wrote no JSON (exit {proc.returncode}):\n"
+                           f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(path.read_text())
+    errors = [r for r in data["rows"] if "error" in r]
+    assert not errors, "cases that failed to compile:\n" + "\n".join(f"{r['case']}: {r['error']}" for r in errors)
+    return data
+
+
+# Expectations not met yet, each with what it would take: (kernel, case prefix, kind of failure).
+# A failure listed here makes its test xfail with the figures as the reason; one not listed fails
+# the test; an entry that no longer fails fails the test too (remove it).
+NOT_YET_MET = [
+    # Every launch setting tried spills (kernels/attention.py, the _LAUNCH entries marked NOT YET
+    # MET, with the least-spilling setting kept): fp32 at PyTorch's default precision (3×TF32)
+    # needs the split operands of three products in registers; at head dim 256 the forward spills
+    # from 16×16 tiles up (208 B at 16×16, triton 3.9), the backward from head dim 128 (dQ 336 B,
+    # dK/dV 784 B, on wgmma). float64's backward at head dim 256 likewise. Reading q / dO (or k / v)
+    # again in every step of the loop instead of holding them did not change the dQ figure. What is
+    # left: the head dim split in halves inside the kernels, or a backward laid out as FA3's.
+    ("_attn_fwd_kernel", "attention fp32 D=256", "spills"),
+    ("_attn_bwd_dkdv_kernel", "attention fp32 D=128", "spills"),
+    ("_attn_bwd_dkdv_kernel", "attention fp32 D=256", "spills"),
+    ("_attn_bwd_dkdv_kernel", "attention fp64 D=256", "spills"),
+    ("_attn_bwd_dq_kernel", "attention fp32 D=128", "spills"),
+    ("_attn_bwd_dq_kernel", "attention fp32 D=256", "spills"),
+    ("_attn_bwd_dq_kernel", "attention fp64 D=256", "spills"),
+    # With 2×2 patches the fp32 dK/dV kernel spills on wgmma at every setting tried (104 B at
+    # 16×64/4/1); its _PATCH_LAUNCH entry runs mma.sync without spills instead.
+    ("_attn_bwd_dkdv_kernel", "attention fp32 D=64 nchw p2", "not on wgmma"),
+    # Exact fp32 (precision="ieee", FMA units) takes the fp64 entries, which spill less there than
+    # the fp32 ones (head dim 64 forward, triton 3.6: 5608 B with the fp32 entry, 0 with the fp64
+    # one) but not nowhere: dK/dV at 64 (504 B) and the forward at 128 (288 B). It needs entries
+    # of its own.
+    ("_attn_bwd_dkdv_kernel", "attention fp32-ieee D=64", "spills"),
+    ("_attn_fwd_kernel", "attention fp32-ieee D=128", "spills"),
+]
+
+
+def _check(report, marker):
+    failures = [f for f in cr.gate_failures(report["rows"]) if marker in f]
+    known = [f for f in failures if any(f.startswith(f"{k} [{c}") and m == marker for k, c, m in NOT_YET_MET)]
+    new = [f for f in failures if f not in known]
+    assert not new, f"{len(new)} kernels break the gate ({marker}):\n" + "\n".join(new)
+    for k, c, m in NOT_YET_MET:
+        if m == marker:
+            assert any(f.startswith(f"{k} [{c}") for f in known), f"{k} [{c}]: {m} no longer fails; remove it"
+    if known:
+        pytest.xfail("not yet met: " + "; ".join(known))
+
+
+def test_no_kernel_spills_on_sm90(report):
+    _check(report, "spills")
+
+
+def test_shared_memory_fits(report):
+    _check(report, "shared memory")
+
+
+def test_attention_matmuls_use_wgmma_on_sm90(report):
+    _check(report, "not on wgmma")
+
+
+def test_float64_kernels_take_float64_scalars(report):
+    """A Python float reaches a kernel as fp32 unless its argument is typed: the softmax scale of a
+    float64 attention must stay float64 (the interpreter keeps Python doubles, so only a compiled
+    signature shows it)."""
+    rows = [r for r in report["rows"] if r["dtype"] == "fp64" and r["kernel"] in cr.ATTENTION_DOT_KERNELS]
+    assert {r["kernel"] for r in rows} == set(cr.ATTENTION_DOT_KERNELS)
+    for r in rows:
+        floats = {k: v for k, v in r["scalars"].items() if v.startswith(("fp", "bf"))}
+        assert floats and set(floats.values()) == {"fp64"}, f"{r['kernel']} [{r['case']}]: scalars {floats}"
+    assert not [f for f in cr.gate_failures(report["rows"]) if "narrower scalars" in f]
+
+
+def test_gate_covers_every_kernel_and_launch_entry(report):
+    """Every @triton.jit kernel of kernels/ is compiled, and every entry of the attention launch
+    table is compiled with its own settings on sm_90."""
+    import ast
+    import glob
+
+    kernels = set()
+    for path in glob.glob(os.path.join(ROOT, "kernels", "*.py")):
+        for node in ast.parse(open(path).read()).body:
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("_kernel") and any(
+                    "jit" in ast.unparse(d) for d in node.decorator_list):
+                kernels.add(node.name)
+    rows = [r for r in report["rows"] if r["arch"] == 90]
+    assert kernels - {r["kernel"] for r in rows} == set()
+    short = {v: k for k, v in cr.KERNEL_NAMES.items()}
+    seen, seen_patch = set(), set()
+    for r in rows:
+        if r["kernel"] in short:
+            classes = {"fp16": "16bit", "bf16": "16bit", "fp64": "fp64", "fp32-ieee": "fp64"}
+            dtype_class = classes.get(r["dtype"], "fp32")
+            key = (short[r["kernel"]], r["config"]["BLOCK_D"], dtype_class)
+            if r["case"].endswith(" p2") and key in attn._PATCH_LAUNCH:
+                entry = attn._PATCH_LAUNCH[key]
+                seen_patch.add(key)
+            else:
+                entry = attn._LAUNCH[key]
+                seen.add(key)
+            assert (r["config"]["BLOCK_M"], r["num_warps"]) == (entry.block_m, entry.num_warps), (key, r["config"])
+    assert set(attn._LAUNCH) - seen == set()
+    assert set(attn._PATCH_LAUNCH) - seen_patch == set()
+
+
+def test_report_table_and_json_name_the_figures(report):
+    assert report["info"]["triton"] == triton.__version__
+    table = cr.format_table(report["rows"][:3])
+    assert "HGMMA" in table and report["rows"][0]["kernel"] in table
+    for r in report["rows"]:
+        assert set(cr.FIELDS) <= set(r)
+
+
+def test_check_config_names_kernel_case_and_figure():
+    """A launch setting known to spill (fp32 forward, 64×64 tiles, 4 warps, 2 stages, 3×TF32: the
+    table's entry before the compile gate) is caught with its figures."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
+    code = ("from attnsr.kernels import compile_report as cr; import json; "
+            "print(json.dumps(cr.check_config('fwd', 64, 'fp32', "
+            "dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), archs=(90,))))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    rows, failures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [r["kernel"] for r in rows] == ["_attn_fwd_kernel"] and rows[0]["config"]["BLOCK_M"] == 64
+    assert rows[0]["stack"] > 0 and rows[0]["hgmma"] > 0, rows[0]
+    assert failures == [f"_attn_fwd_kernel [attention fp32 D=64 fused, sm_90]: spills: {rows[0]['stack']} B stack, "
+                        f"{rows[0]['spill_stores']} spill stores"]
