@@ -212,8 +212,9 @@ def tile_config(t: torch.Tensor, loop_over_channels: bool = False):
 
     The tile is long along the map's contiguous dimension (pixels for NCHW, channels for
     channels_last). Elementwise passes and reductions over pixels (which split the pixels into
-    chunks) take tiles of about 4096 elements (2048 for float64: at 4096 the fp64 channel
-    statistics spill 8 bytes on sm_90, by the compile report). Reductions over channels (``loop_over_channels``:
+    chunks) take tiles of about 4096 elements (1024 for float64: by the compile report, the fp64
+    channel statistics spill 8 bytes on sm_90 at 4096, and the NaN-aware max pooling's dot kernel
+    8 bytes at 2048). Reductions over channels (``loop_over_channels``:
     one program owns a block of pixels and loops over all channels) take narrower pixel blocks so
     that B·H·W/BLOCK_P programs fill the GPU. The interpreter runs one numpy op per tile, so its
     tiles are also large, but small enough that test shapes span several tiles and chunks.
@@ -225,7 +226,7 @@ def tile_config(t: torch.Tensor, loop_over_channels: bool = False):
         if channels_innermost(t):
             return min(next_pow2(channels), 64), min(next_pow2(hw), 32), dict(num_warps=4)
         return min(next_pow2(channels), 16), min(next_pow2(hw), 128), dict(num_warps=4)
-    elements = 2048 if t.element_size() > 4 else 4096
+    elements = 1024 if t.element_size() > 4 else 4096
     if channels_innermost(t):
         block_c = min(next_pow2(channels), 128)
         block_p = min(next_pow2(hw), max(1, elements // block_c))
