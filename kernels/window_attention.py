@@ -378,11 +378,6 @@ def _win_bwd_dbias_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _map_strides(t: torch.Tensor):
-    """(batch, row, column, channel) element strides of a (B, H, W, C) map."""
-    return tuple(t.stride())
-
-
 # (kernel, padded head dim class, dtype class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU.
 #   kernel: "fwd", "dkdv" (a program per BLOCK_N keys of a window, looping over BLOCK_M queries),
 #     "dq", "dbias" (a program per BLOCK_M × BLOCK_N tile of the window's score matrix); the Δ kernel
@@ -395,7 +390,9 @@ def _map_strides(t: torch.Tensor):
 # small-tile rule, not checked (head dims above 64 are not what window transformers use).
 _WIN_LAUNCH = {
     # 16-bit: 64×64/4/2 spills 40-72 B at window 16; 64×64/8/2: no spills, all HGMMA, D = 10, 30, 64
-    **{(k, d, "16bit"): (64, 64, 8, 2) for k in ("fwd", "dkdv", "dq", "dbias") for d in ("d32", "d64")},
+    # (dkdv: 64×64/8/2 spills 32 B at window 16 under triton 3.6; 32×64/8/2 is clean in both)
+    **{(k, d, "16bit"): (64, 64, 8, 2) for k in ("fwd", "dq", "dbias") for d in ("d32", "d64")},
+    **{("dkdv", d, "16bit"): (32, 64, 8, 2) for d in ("d32", "d64")},
     # fp32 (3×TF32), D ≤ 32: 64×32/8/2 no spills, HGMMA (dkdv spills 224-1176 B and runs HMMA there,
     # so it takes 32×64/8/2: no spills, 64-88 HGMMA)
     ("fwd", "d32", "fp32"): (64, 32, 8, 2),
@@ -403,14 +400,17 @@ _WIN_LAUNCH = {
     ("dq", "d32", "fp32"): (64, 32, 8, 2),
     ("dbias", "d32", "fp32"): (64, 32, 8, 2),
     # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA; the backward spills on every wgmma setting
-    # tried (dkdv 32×64/8/2 128 B, dq 64×32/8/2 344 B, dbias 64×32/8/2 328 B), so it runs mma.sync:
-    # dkdv 16×32/8/2 and dbias 32×16/4/2 no spills; dq NOT YET MET: 16×32/4/1 spills 8 B (HMMA)
+    # tried (dkdv 32×64/8/2 128 B, dq 64×32/8/2 344 B, dbias 64×32/8/2 328 B), so it runs mma.sync,
+    # spill-free in triton 3.9 and 3.6 at windows 8 and 16: dkdv 16×32/8/2, dq 16×16/4/1 (16×32/4/1
+    # spills 8 B), dbias 32×16/8/2 (32×16/4/2 spills 16 B at window 8)
     ("fwd", "d64", "fp32"): (64, 32, 8, 2),
     ("dkdv", "d64", "fp32"): (16, 32, 8, 2),
-    ("dq", "d64", "fp32"): (16, 32, 4, 1),
-    ("dbias", "d64", "fp32"): (32, 16, 4, 2),
-    # fp64 (FMA units): 16×32/4/1 no spills at D = 30 (32×32/4/1 spills 88-104 B)
-    **{(k, d, "fp64"): (16, 32, 4, 1) for k in ("fwd", "dkdv", "dq", "dbias") for d in ("d32", "d64")},
+    ("dq", "d64", "fp32"): (16, 16, 4, 1),
+    ("dbias", "d64", "fp32"): (32, 16, 8, 2),
+    # fp64 (FMA units): 16×32/4/1 no spills (32×32/4/1 spills 88-104 B); dkdv 16×16/4/1 (16×32/4/1
+    # spills 8 B at D = 10, window 16, and 16-24 B at D = 64 under triton 3.6)
+    **{(k, d, "fp64"): (16, 32, 4, 1) for k in ("fwd", "dq", "dbias") for d in ("d32", "d64")},
+    **{("dkdv", d, "fp64"): (16, 16, 4, 1) for d in ("d32", "d64")},
     **{(k, "d256", c): (16, 16, 4, 1) for k in ("fwd", "dkdv", "dq", "dbias") for c in ("16bit", "fp32", "fp64")},
 }
 
@@ -468,7 +468,7 @@ def window_forward(q, k, v, geo: _Geometry, scale: float):
     nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
     _win_fwd_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
         q, k, v, out, lse, *geo.extras(),
-        *_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(out), *geo.extra_strides(),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *geo.extra_strides(),
         geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
         **geo.constexprs(q.dtype), **blocks, **launch,
     )
@@ -516,25 +516,25 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
     blocks, launch = _config("fwd", geo.head_dim, q.dtype)
     delta = torch.empty_like(lse)
     _win_delta_kernel[(triton.cdiv(geo.height * geo.width, blocks["BLOCK_M"]), geo.heads, geo.batch)](
-        out, do, delta, *_map_strides(out), *_map_strides(do), geo.height, geo.width, geo.head_dim, geo.heads,
+        out, do, delta, *out.stride(), *do.stride(), geo.height, geo.width, geo.head_dim, geo.heads,
         ACC=constexprs["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
         num_warps=launch.get("num_warps", 4),
     )
-    strides_in = (*_map_strides(q), *_map_strides(k), *_map_strides(v), *_map_strides(do))
+    strides_in = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     sizes = (geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc)
     if need_qkv:
         blocks, launch = _config("dkdv", geo.head_dim, q.dtype)
         nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
         _win_bwd_dkdv_kernel[(geo.nwin * nkb, geo.heads, geo.batch)](
             q, k, v, do, dk, dv, lse, delta, *geo.extras(),
-            *strides_in, *_map_strides(dk), *_map_strides(dv), *geo.extra_strides(),
+            *strides_in, *dk.stride(), *dv.stride(), *geo.extra_strides(),
             *sizes, nkb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **launch,
         )
         blocks, launch = _config("dq", geo.head_dim, q.dtype)
         nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
         _win_bwd_dq_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
             q, k, v, do, dq, lse, delta, *geo.extras(),
-            *strides_in, *_map_strides(dq), *geo.extra_strides(),
+            *strides_in, *dq.stride(), *geo.extra_strides(),
             *sizes, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **launch,
         )
     if need_table:
@@ -548,10 +548,10 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
             *sizes, nkb, geo.nwin, geo.batch * geo.nwin, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
             **constexprs, **blocks, **launch,
         )
-        ds = part.sum(0).flatten(1)  # (heads, N·N), a fixed-order sum over the splits
-        ds = torch.cat([ds, ds.new_zeros((geo.heads, 1))], 1)
-        dtable = ds[:, _offset_pairs(geo.wh, geo.ww, q.device)].sum(-1).t()  # (R, heads)
-        dtable = dtable.to(geo.table.dtype).contiguous()
+        ds = part.sum(0).flatten(1).t()  # (N·N, heads), a fixed-order sum over the splits
+        ds = torch.cat([ds, ds.new_zeros((1, geo.heads))])  # row N·N: the gather's padding
+        dtable = ds[_offset_pairs(geo.wh, geo.ww, q.device)].sum(1)  # (R, N, heads) -> (R, heads), contiguous
+        dtable = dtable.to(geo.table.dtype)
     return dq, dk, dv, dtable
 
 

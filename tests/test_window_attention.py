@@ -104,29 +104,14 @@ def test_explicit_mask_is_broadcast_over_the_batch_and_gets_no_gradient():
     assert mask.grad is None
 
 
-def test_float16():
-    dtype = torch.float16
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision(dtype):
+    """fp16, and bf16, what Swin-style SR models train in (they overflow fp16). On a GPU the dot
+    products run on 16-bit operands; under the interpreter, whose bf16 dot is wrong, bf16 operands
+    are widened to fp32 while loads, stores and probabilities stay bf16. The bias table stays fp32,
+    as a model's parameter does under autocast, and so does its gradient."""
     q, k, v, leaf = _qkv("swinir", 1, 8, 8, 16, dtype)
-    table = _table((4, 4), 2, dtype)
-    kwargs = dict(window_size=4, shift_size=2, heads=2, bias_table=table)
-    out = window_attention(q, k, v, **kwargs)
-    ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
-    assert out.dtype == dtype
-    assert_close_rel(out, ref, dtype, "output")
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (leaf, table), grad)
-    want = torch.autograd.grad(ref, (leaf, table), grad.double())
-    assert_close_rel(got[0], want[0], dtype, "dqkv")
-    assert_close_rel(got[1], want[1], dtype, "d bias_table")
-
-
-def test_bfloat16():
-    """bf16, what Swin-style SR models train in (they overflow fp16). On a GPU the dot products run
-    on bf16 operands; under the interpreter, whose bf16 dot is wrong, they are widened to fp32 and
-    the loads, stores and probabilities stay bf16."""
-    dtype = torch.bfloat16
-    q, k, v, leaf = _qkv("swinir", 1, 8, 8, 16, dtype)
-    table = _table((4, 4), 2, torch.float32)  # the table stays fp32, as a model's parameter under autocast
+    table = _table((4, 4), 2, torch.float32)
     kwargs = dict(window_size=4, shift_size=2, heads=2, bias_table=table)
     out = window_attention(q, k, v, **kwargs)
     ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
