@@ -23,5 +23,8 @@ setup(
     extras_require={
         "test": ["pytest", "setuptools>=70.1"],  # setuptools: the packaging test builds the wheel offline
         "bench": ["pytest", "pytest-benchmark", "matplotlib"],
+        # published SR architectures and their checkpoints (SwinIR, HAT, RCAN, ...): `attnsr upscale`
+        # and the tests on real models; spandrel needs torchvision, hence a torch build that has one
+        "models": ["spandrel>=0.4"],
     },
 )

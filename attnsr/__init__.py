@@ -1,20 +1,26 @@
 """attnsr: fused attention layers for image-restoration networks.
 
 Layers take ``backend=`` ("naive", "torch", "triton", "auto"); the fused Triton kernels live in the
-top-level ``kernels`` package. On a machine without CUDA, set ``TRITON_INTERPRET=1`` before the
+``attnsr.kernels`` package. On a machine without CUDA, set ``TRITON_INTERPRET=1`` before the
 first import to run the triton backend in Triton's (slow) CPU interpreter.
 """
 
 from attnsr import models
 from attnsr.layers import CBAM, ChannelAttention, LayerAttention, SelfAttention2d, SpatialAttention
 from attnsr.swap import swap_attention
+from attnsr.windows import HybridAttentionBlock, SwinBlock, WindowAttention, WindowAttentionQKV, WindowAttentionRPI
 
 __all__ = [
     "CBAM",
     "ChannelAttention",
+    "HybridAttentionBlock",
     "LayerAttention",
     "SelfAttention2d",
     "SpatialAttention",
+    "SwinBlock",
+    "WindowAttention",
+    "WindowAttentionQKV",
+    "WindowAttentionRPI",
     "models",
     "swap_attention",
 ]

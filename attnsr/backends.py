@@ -84,6 +84,52 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
     return _kernels().reference.tokens_to_image(out, c, h, w, patch_size)
 
 
+def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None,
+                     backend="auto"):
+    """Swin window attention of (B, H, W, C) maps -> (B, H, W, C); the semantics of
+    :func:`attnsr.kernels.window_attention` on every backend. ``naive``: SwinIR's maths as written
+    (roll, partition, q·kᵀ + bias + mask, softmax, reverse); ``torch``: the same partition with SDPA
+    and the bias and mask as its float mask (4-D, last dim contiguous)."""
+    backend = resolve(backend, q)
+    q, k, v = autocast_inputs(q, k, v)
+    if backend == "triton":
+        return _kernels().window_attention(q, k, v, window_size=window_size, shift_size=shift_size, heads=heads,
+                                           bias_table=bias_table, mask=mask, scale=scale)
+    ref = _kernels().reference
+    if backend == "naive":
+        return ref.window_attention_ref(q, k, v, window_size=window_size, shift_size=shift_size, heads=heads,
+                                        bias_table=bias_table, mask=mask, scale=scale)
+    (wh, ww), (sh, sw) = ref._pair(window_size), ref._pair(shift_size)
+    b, h, w, c = q.shape
+    n, nw = wh * ww, (h // wh) * (w // ww)
+
+    def windows(x):  # (B, H, W, C) -> (B·nW, heads, N, d), last dim contiguous
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        x = x.reshape(b, h // wh, wh, w // ww, ww, heads, c // heads).permute(0, 1, 3, 5, 2, 4, 6)
+        return x.reshape(b * nw, heads, n, c // heads)
+
+    extra = None
+    if bias_table is not None:
+        index = ref.relative_position_index((wh, ww)).reshape(-1).to(bias_table.device)
+        extra = bias_table[index].reshape(n, n, heads).permute(2, 0, 1)[None]  # (1, heads, N, N)
+    if mask is None and (sh or sw):
+        mask = ref.swin_shift_mask(h, w, (wh, ww), (sh, sw), dtype=torch.float32, device=q.device)
+    if mask is not None:  # the batch's windows cycle through the mask's slices
+        m = mask.shape[0]
+        full = mask[:, None].expand(b * nw // m, m, heads, n, n).reshape(b * nw, heads, n, n)
+        extra = full if extra is None else extra + full
+    if extra is not None:
+        extra = extra.to(q.dtype)
+    out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=extra,
+                                         scale=(c // heads) ** -0.5 if scale is None else scale)
+    out = out.reshape(b, h // wh, w // ww, heads, wh, ww, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
+    out = out.reshape(b, h, w, c)
+    if sh or sw:
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Gating and layer fusion. naive: the documents' module code, written out (pooling modules, 1×1
 # convolutions on (B, C, 1, 1) maps, torch.max over channels, torch.cat, a loop over the layers);

@@ -22,6 +22,7 @@ old keys as aliases, so a checkpoint saved before the swap loads after it.
 """
 
 import copy
+import inspect
 import logging
 
 import torch
@@ -29,6 +30,14 @@ from torch import nn
 
 from attnsr.backends import check_backend
 from attnsr.layers import ChannelAttention, SelfAttention2d, _AttnsrLayer, _mlp_dims
+from attnsr.windows import (
+    HybridAttentionBlock,
+    SwinBlock,
+    WindowAttention,
+    WindowAttentionQKV,
+    WindowAttentionRPI,
+    standard_index,
+)
 
 logger = logging.getLogger("attnsr.swap")
 
@@ -66,43 +75,176 @@ def _mlp_layer(layer):
     return _mlp_dims(layer) if isinstance(layer, nn.Linear) or _plain_conv(layer, 1, 0) else None
 
 
+def _is_global_avg_pool(m) -> bool:
+    return isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))
+
+
+def _channel_parts(module: nn.Module):
+    """The (name, layer) pieces of a channel attention in the order they are registered, a
+    Sequential child opened up: RCAN's CALayer (pool, Sequential[conv, ReLU, conv, Sigmoid]), HAT's
+    (Sequential[pool, conv, ReLU, conv, Sigmoid]), torchvision's SqueezeExcitation (avgpool, fc1,
+    fc2, activation, scale_activation), timm's SE modules (fc1/conv_reduce, [bn: Identity], act,
+    fc2/conv_expand, gate; they pool in forward)."""
+    parts = []
+    for name, child in module.named_children():
+        if isinstance(child, nn.Sequential):
+            parts += [(f"{name}.{i}", m) for i, m in child.named_children()]
+        else:
+            parts.append((name, child))
+    return [(n, m) for n, m in parts if not isinstance(m, nn.Identity)]
+
+
 def _as_channel_attention(module: nn.Module, backend: str):
-    children = dict(module.named_children())
-    pools = [m for m in children.values() if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1))]
-    mlps = [(n, m) for n, m in children.items() if isinstance(m, nn.Sequential) and len(m) == 4]
-    if len(pools) != 1 or len(mlps) != 1:
+    parts = _channel_parts(module)
+    pools = [m for _, m in parts if _is_global_avg_pool(m)]
+    rest = [(n, m) for n, m in parts if not _is_global_avg_pool(m)]
+    if len(pools) > 1 or len(rest) != 4:
         return None
-    name, (fc1, relu, fc2, sigmoid) = mlps[0][0], list(mlps[0][1])
-    if not (isinstance(relu, nn.ReLU) and isinstance(sigmoid, nn.Sigmoid)):
+    kinds = [type(m) for _, m in rest]
+    mlps = [(n, m) for n, m in rest if _mlp_layer(m) is not None]
+    if len(mlps) != 2 or kinds.count(nn.ReLU) != 1 or kinds.count(nn.Sigmoid) != 1:
         return None
+    (name1, fc1), (name2, fc2) = mlps
     dims1, dims2 = _mlp_layer(fc1), _mlp_layer(fc2)
-    if dims1 is None or dims2 is None or dims1 != dims2[::-1]:
+    if dims1 != dims2[::-1] or type(fc1) is not type(fc2):
         return None
     has_bias = {fc1.bias is not None, fc2.bias is not None}
     if len(has_bias) != 1 or _param_count(module) != _param_count(fc1) + _param_count(fc2):
         return None
     new = ChannelAttention.from_mlp(fc1, fc2, backend=backend)
-    for ours, index in (("fc1", 0), ("fc2", 2)):
-        for kind in ("weight", "bias"):
-            new.checkpoint_aliases[f"{ours}.{kind}"] = [f"{name}.{index}.{kind}"]
+    for ours, theirs in (("fc1", name1), ("fc2", name2)):
+        if ours != theirs:
+            for kind in ("weight", "bias"):
+                new.checkpoint_aliases[f"{ours}.{kind}"] = [f"{theirs}.{kind}"]
     return new
+
+
+def _forward_arity(module: nn.Module) -> int:
+    try:
+        return len(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return -1
+
+
+def _as_window_attention(module: nn.Module, backend: str):
+    """A Swin-style window attention: a (2Wh−1)(2Ww−1)×heads ``relative_position_bias_table``, a
+    ``proj`` Linear C → C, a ``qkv`` Linear C → 3C (unless the caller projects: ATD), dropouts of
+    attention probabilities at 0, Swin's index if it keeps one, nothing else with parameters.
+    The forward's arity picks the signature: (x, mask), (x, rpi, mask) or (qkv, rpi, mask)."""
+    table = getattr(module, "relative_position_bias_table", None)
+    dim, heads, window = (getattr(module, a, None) for a in ("dim", "num_heads", "window_size"))
+    if not isinstance(table, nn.Parameter) or not isinstance(dim, int) or not isinstance(heads, int) or window is None:
+        return None
+    try:
+        wh, ww = (window, window) if isinstance(window, int) else tuple(window)
+    except (TypeError, ValueError):
+        return None
+    if table.shape != ((2 * wh - 1) * (2 * ww - 1), heads) or dim % heads:
+        return None
+    proj, qkv = getattr(module, "proj", None), getattr(module, "qkv", None)
+    if not (isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) == (dim, dim)):
+        return None
+    if qkv is not None and not (isinstance(qkv, nn.Linear) and (qkv.in_features, qkv.out_features) == (dim, 3 * dim)):
+        return None
+    drop = getattr(module, "attn_drop", None)
+    if drop is not None and not (isinstance(drop, nn.Dropout) and drop.p == 0):
+        return None
+    expected = table.numel() + _param_count(proj) + (_param_count(qkv) if qkv is not None else 0)
+    if _param_count(module) != expected or not isinstance(getattr(module, "scale", None), float):
+        return None
+    index = getattr(module, "relative_position_index", None)
+    if index is not None and not torch.equal(index.cpu(), standard_index((wh, ww))):
+        return None
+    arity = _forward_arity(module)
+    cls = {(2, True): WindowAttention, (3, True): WindowAttentionRPI, (3, False): WindowAttentionQKV}.get(
+        (arity, qkv is not None))
+    return None if cls is None else cls.from_module(module, backend=backend)
+
+
+def _as_swin_block(module: nn.Module, backend: str):
+    """SwinIR's / DRCT's SwinTransformerBlock (norm1, attn, drop_path, norm2, mlp; forward(x, x_size))
+    or HAT's HAB (the same and a conv_block, conv_scale; forward(x, x_size, rpi_sa, attn_mask))."""
+    children = dict(module.named_children())
+    if not isinstance(children.get("norm1"), nn.LayerNorm) or not isinstance(children.get("norm2"), nn.LayerNorm):
+        return None
+    if not all(isinstance(getattr(module, a, None), int) for a in ("window_size", "shift_size")):
+        return None
+    if module.shift_size and not isinstance(getattr(module, "input_resolution", None), (tuple, list)):
+        return None
+    arity = _forward_arity(module)
+    cls, extra = {2: (SwinBlock, set()), 4: (HybridAttentionBlock, {"conv_block"})}.get(arity, (None, None))
+    if cls is None or set(children) - {"attn", "drop_path"} != {"norm1", "norm2", "mlp"} | extra:
+        return None
+    if cls is HybridAttentionBlock and not isinstance(getattr(module, "conv_scale", None), (int, float)):
+        return None
+    attn = children.get("attn")
+    inner = _as_window_attention(attn, backend) if attn is not None else None
+    want = WindowAttention if cls is SwinBlock else WindowAttentionRPI
+    if type(inner) is not want or inner.window_size != (module.window_size, module.window_size):
+        return None
+    return cls.from_module(module, inner, backend=backend)
+
+
+def _probe(shape, seed=0):
+    return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def _probe_call(new: nn.Module):
+    """A function running a module on float64 CPU inputs that exercise what ``new`` replaces it with."""
+    if isinstance(new, SelfAttention2d):
+        return lambda m: m(_probe((2, new.in_channels, 6, 5)))
+    if isinstance(new, ChannelAttention):
+        return lambda m: m(_probe((2, new.channels, 6, 5)))
+    if isinstance(new, WindowAttention):
+        (wh, ww), c = new.window_size, new.dim
+        n = wh * ww
+        x, mask = _probe((6, n, c)), _probe((3, n, n), 1) * 4
+        if type(new) is WindowAttention:
+            return lambda m: torch.cat([m(x), m(x, mask)])
+        rpi = standard_index((wh, ww))
+        x = _probe((6, n, 3 * c)) if type(new) is WindowAttentionQKV else x
+        return lambda m: torch.cat([m(x, rpi), m(x, rpi, mask)])
+    if isinstance(new, SwinBlock):
+        h, w = new.input_resolution or (2 * new.window_size, 2 * new.window_size)
+        x = _probe((2, h * w, new.attn.dim))
+        if type(new) is SwinBlock:
+            return lambda m: m(x, (h, w))
+        from attnsr.kernels.reference import swin_shift_mask
+
+        mask = swin_shift_mask(h, w, new.window_size, new.shift_size, dtype=torch.float64) if new.shift_size else None
+        rpi = standard_index(new.window_size)
+        return lambda m: m(x, (h, w), rpi, mask)
+    raise TypeError(f"no probe for {type(new).__name__}")
 
 
 def _same_function(old: nn.Module, new: nn.Module) -> bool:
     """Both modules give the same output on a float64 probe on CPU (the new one on its torch backend)."""
-    channels = new.in_channels if isinstance(new, SelfAttention2d) else new.channels
+    run = _probe_call(new)
     old, new = copy.deepcopy(old).cpu().double(), copy.deepcopy(new).cpu().double()
     for m in new.modules():
         if isinstance(m, _AttnsrLayer):
             m.backend = "torch"
-    probe = torch.randn(2, channels, 6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            expect, got = old(probe), new(probe)
+            expect, got = run(old.eval()), run(new.eval())
     except Exception as err:  # the module's forward may not accept this probe: then it is not a match
         logger.debug("swap_attention: probe failed on %s: %s", type(old).__name__, err)
         return False
     return expect.shape == got.shape and torch.allclose(expect, got, rtol=1e-9, atol=1e-9)
+
+
+_BUILDERS = (_as_swin_block, _as_window_attention, _as_self_attention, _as_channel_attention)
+
+
+def _looks_like_attention(module: nn.Module) -> str | None:
+    """Why a module that was not swapped still looks like an attention layer, or None."""
+    if hasattr(module, "logit_scale") and hasattr(module, "cpb_mlp"):
+        return "cosine attention with a continuous position bias (Swin V2): not fused"
+    if hasattr(module, "overlap_win_size"):
+        return "overlapping cross-attention (keys from larger windows than the queries): not fused"
+    if isinstance(getattr(module, "relative_position_bias_table", None), torch.Tensor):
+        return "a window attention this version does not fuse (structure or function differs)"
+    return None
 
 
 def swap_attention(model: nn.Module, backend: str = "triton") -> nn.Module:
@@ -110,25 +252,32 @@ def swap_attention(model: nn.Module, backend: str = "triton") -> nn.Module:
 
     Returns ``model``. Each replacement (and each attnsr layer switched to ``backend``) is logged
     at INFO on the ``attnsr.swap`` logger; the list is also kept in ``model.attnsr_swapped`` as
-    (qualified name, old class name, new class name) tuples.
+    (qualified name, old class name, new class name) tuples. Modules that look like attention but
+    were left as they are (an unsupported variant, or a look-alike computing something else) are
+    logged too and listed in ``model.attnsr_left`` as (qualified name, class name, reason).
     """
     check_backend(backend)
-    report = []
+    report, left = [], []
     if isinstance(model, _AttnsrLayer):
         for m in model.modules():
             if isinstance(m, _AttnsrLayer):
                 m.backend = backend
         report.append(("", type(model).__name__, type(model).__name__))
     else:
-        _swap_children(model, "", backend, report)
+        _swap_children(model, "", backend, report, left)
     for name, old, new in report:
         logger.info("swap_attention: %s: %s -> %s(backend=%r)", name or "<model>", old, new, backend)
+    for name, old, why in left:
+        logger.info("swap_attention: %s: %s left as is: %s", name, old, why)
     model.attnsr_swapped = report
+    model.attnsr_left = left
     return model
 
 
-def _swap_children(module: nn.Module, prefix: str, backend: str, report: list) -> None:
+def _swap_children(module: nn.Module, prefix: str, backend: str, report: list, left: list, skip=()) -> None:
     for name, child in list(module.named_children()):
+        if name in skip:
+            continue
         qualified = f"{prefix}{name}"
         if isinstance(child, _AttnsrLayer):
             for m in child.modules():
@@ -137,18 +286,23 @@ def _swap_children(module: nn.Module, prefix: str, backend: str, report: list) -
             report.append((qualified, type(child).__name__, type(child).__name__))
             continue
         new = None
-        for build in (_as_self_attention, _as_channel_attention):
+        for build in _BUILDERS:
             candidate = build(child, backend)
             if candidate is not None and _same_function(child, candidate):
                 new = candidate
                 break
             if candidate is not None:
-                logger.info("swap_attention: %s looks like %s but computes something else: left as is",
-                            qualified, type(candidate).__name__)
-        if new is not None:
-            new.training = child.training  # the adopted modules keep their own modes
-            setattr(module, name, new)
-            report.append((qualified, type(child).__name__, type(new).__name__))
-        else:
-            _swap_children(child, qualified + ".", backend, report)
-
+                left.append((qualified, type(child).__name__,
+                             f"looks like {type(candidate).__name__} but computes something else"))
+        if new is None:
+            why = _looks_like_attention(child)
+            if why is not None and not any(n == qualified for n, _, _ in left):
+                left.append((qualified, type(child).__name__, why))
+            _swap_children(child, qualified + ".", backend, report, left)
+            continue
+        new.training = child.training  # the adopted modules keep their own modes
+        setattr(module, name, new)
+        report.append((qualified, type(child).__name__, type(new).__name__))
+        if isinstance(new, SwinBlock):  # the window attention inside it, then its other children
+            report.append((f"{qualified}.attn", type(child.attn).__name__, type(new.attn).__name__))
+            _swap_children(new, qualified + ".", backend, report, left, skip=("attn",))

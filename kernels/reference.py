@@ -120,7 +120,9 @@ def window_attention_ref(q, k, v, *, window_size, shift_size=0, heads=1, bias_ta
     if mask is None and (sh or sw):
         mask = swin_shift_mask(h, w, (wh, ww), (sh, sw), dtype=attn.dtype, device=attn.device)
     if mask is not None:
-        attn = (attn.reshape(b, nw, heads, n, n) + mask.to(attn.dtype)[None, :, None]).reshape(b * nw, heads, n, n)
+        m = mask.shape[0]  # the batch's b·nW windows cycle through the mask's M slices, as in SwinIR
+        attn = (attn.reshape(b * nw // m, m, heads, n, n) + mask.to(attn.dtype)[None, :, None]).reshape(b * nw, heads,
+                                                                                                          n, n)
     out = (attn.softmax(-1) @ vw).permute(0, 2, 1, 3)  # (B·nW, N, heads, d)
     out = out.reshape(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
     if sh or sw:

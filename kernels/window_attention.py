@@ -6,8 +6,9 @@ In each window and head, with Q, K, V: (N, D),
 where B[i, j] = table[(yᵢ − yⱼ + Wh − 1)·(2Ww − 1) + (xᵢ − xⱼ + Ww − 1), head] is the relative
 position bias (y, x: a token's row and column inside its window) and M the shifted-window mask:
 Swin's −100 between tokens that came from different regions of the unrolled map (computed here
-from token coordinates), or an explicit additive (nW, N, N) mask given by the caller, broadcast
-over the batch. The output is rolled back, so O is written where the query token was read.
+from token coordinates), or an explicit additive (M, N, N) mask given by the caller, whose slices
+the batch's windows cycle through (SwinIR's broadcast of an (nW, N, N) mask). The output is rolled
+back, so O is written where the query token was read.
 No roll, partition or reverse is ever materialised: the token of window w at position t is read at
     row = (wr·Wh + t // Ww + sh) mod H,   col = (wc·Ww + t % Ww + sw) mod W
 of the input maps, whatever their strides (a (B, H, W, 3C) qkv projection split in three, NHWC,
@@ -94,8 +95,18 @@ def _region(r, H, WH: tl.constexpr, SH):
 
 
 @triton.jit
+def _mask_window(b, wid, H, NWC, NMW, WH: tl.constexpr, MASK_MODE: tl.constexpr):
+    """Which (N, N) slice of a given mask window wid of batch element b takes: the windows of the
+    batch, numbered b·nW + wid, cycle through the mask's NMW slices (SwinIR's broadcast of an
+    (nW, N, N) mask over nW·B partitioned windows)."""
+    if MASK_MODE == 2:
+        return (b * ((H // WH) * NWC) + wid) % NMW
+    return wid
+
+
+@triton.jit
 def _bias_mask(
-    TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, wid,
+    TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, mwid,  # mwid: the mask's (N, N) slice of this window
     tq, yq, xq, rq, cq,  # query tokens: index, row and column in the window, row and column in the rolled frame
     tk, yk, xk, rk, ck,  # key tokens, the same; q and k arguments are broadcastable (either orientation)
     valid, H, W, SH, SW,
@@ -110,7 +121,7 @@ def _bias_mask(
         same = (_region(rq, H, WH, SH) == _region(rk, H, WH, SH)) & (_region(cq, W, WW, SW) == _region(ck, W, WW, SW))
         extra += tl.where(same, 0.0, -100.0).to(ACC)
     if MASK_MODE == 2:
-        extra += tl.load(MASK + wid.to(tl.int64) * sm_w + tq.to(tl.int64) * sm_i + tk.to(tl.int64) * sm_j,
+        extra += tl.load(MASK + mwid.to(tl.int64) * sm_w + tq.to(tl.int64) * sm_i + tk.to(tl.int64) * sm_j,
                          mask=valid, other=0.0).to(ACC)
     return extra
 
@@ -126,7 +137,7 @@ def _win_fwd_kernel(
     sv_b, sv_y, sv_x, sv_c,  # V strides
     so_b, so_y, so_x, so_c,  # O strides
     st_r, st_h,  # TABLE strides: offset, head
-    sm_w, sm_i, sm_j,  # MASK strides: window, query, key
+    sm_w, sm_i, sm_j, NMW,  # MASK strides (window, query, key), mask windows
     H, W, D, NH,  # map height, width (tokens), head dim (unpadded), heads
     NWC, NQB,  # windows per row of windows, query blocks per window
     SH, SW,  # cyclic shift (rows, columns)
@@ -144,6 +155,7 @@ def _win_fwd_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_m = (tl.program_id(0) % NQB) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    mwid = _mask_window(b, wid, H, NWC, NMW, WH, MASK_MODE)
     yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
     mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     q = tl.load(_tile_ptrs(Q + b * sq_b + h * D * sq_c, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q,
@@ -158,7 +170,7 @@ def _win_fwd_kernel(
         k = tl.load(_tile_ptrs(K + b * sk_b + h * D * sk_c, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k,
                     other=0.0).to(DOT)
         valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
-        extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, wid,
+        extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, mwid,
                            offs_m[:, None], yq[:, None], xq[:, None], rq[:, None], cq[:, None],
                            offs_n[None, :], yk[None, :], xk[None, :], rk[None, :], ck[None, :],
                            valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
@@ -208,7 +220,7 @@ def _win_bwd_dkdv_kernel(
     TABLE, MASK,
     sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
     sdk_b, sdk_y, sdk_x, sdk_c, sdv_b, sdv_y, sdv_x, sdv_c,
-    st_r, st_h, sm_w, sm_i, sm_j,
+    st_r, st_h, sm_w, sm_i, sm_j, NMW,
     H, W, D, NH, NWC, NKB,  # NKB: key blocks per window
     SH, SW, scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # shift; scalars as in the forward
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
@@ -223,6 +235,7 @@ def _win_bwd_dkdv_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_n = (tl.program_id(0) % NKB) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    mwid = _mask_window(b, wid, H, NWC, NMW, WH, MASK_MODE)
     stats = LSE + (b * NH + h) * H * W
     dstats = DELTA + (b * NH + h) * H * W
     yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
@@ -246,7 +259,7 @@ def _win_bwd_dkdv_kernel(
         lse = tl.load(stats + pos, mask=offs_m < N, other=float("inf"))
         delta = tl.load(dstats + pos, mask=offs_m < N, other=0.0)
         valid = (offs_n[:, None] < N) & (offs_m[None, :] < N)
-        extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, wid,
+        extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, mwid,
                            offs_m[None, :], yq[None, :], xq[None, :], rq[None, :], cq[None, :],
                            offs_n[:, None], yk[:, None], xk[:, None], rk[:, None], ck[:, None],
                            valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
@@ -268,7 +281,7 @@ def _win_scores_grad(
     Q, K, V, DO, LSE, DELTA, TABLE, MASK,
     sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c,
     st_r, st_h, sm_w, sm_i, sm_j,
-    wid, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
+    wid, mwid, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,  # mwid: the mask's window
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
 ):
@@ -287,7 +300,7 @@ def _win_scores_grad(
     lse = tl.load(LSE + pos, mask=offs_m < N, other=float("inf"))
     delta = tl.load(DELTA + pos, mask=offs_m < N, other=0.0)
     valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
-    extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, wid,
+    extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, mwid,
                        offs_m[:, None], yq[:, None], xq[:, None], rq[:, None], cq[:, None],
                        offs_n[None, :], yk[None, :], xk[None, :], rk[None, :], ck[None, :],
                        valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
@@ -303,7 +316,7 @@ def _win_bwd_dq_kernel(
     LSE, DELTA, TABLE, MASK,
     sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
     sdq_b, sdq_y, sdq_x, sdq_c,
-    st_r, st_h, sm_w, sm_i, sm_j,
+    st_r, st_h, sm_w, sm_i, sm_j, NMW,
     H, W, D, NH, NWC, NQB,
     SH, SW, scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # shift; scalars as in the forward
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
@@ -318,13 +331,14 @@ def _win_bwd_dq_kernel(
     b = tl.program_id(2).to(tl.int64)
     offs_m = (tl.program_id(0) % NQB) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    mwid = _mask_window(b, wid, H, NWC, NMW, WH, MASK_MODE)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, N, BLOCK_N):
         ds, k = _win_scores_grad(
             Q + b * sq_b + h * D * sq_c, K + b * sk_b + h * D * sk_c, V + b * sv_b + h * D * sv_c,
             DO + b * sdo_b + h * D * sdo_c, LSE + (b * NH + h) * H * W, DELTA + (b * NH + h) * H * W, TABLE, MASK,
             sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c, st_r, st_h, sm_w, sm_i, sm_j,
-            wid, h, offs_m, start_n + tl.arange(0, BLOCK_N), offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
+            wid, mwid, h, offs_m, start_n + tl.arange(0, BLOCK_N), offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
             WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT,
         )
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT), k, input_precision=PRECISION, out_dtype=ACC)
@@ -340,7 +354,7 @@ def _win_bwd_dbias_kernel(
     LSE, DELTA, TABLE, MASK,
     PART,  # (S, NH, N, N) contiguous, ACC: dS summed over the (batch, window) pairs of each split
     sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
-    st_r, st_h, sm_w, sm_i, sm_j,
+    st_r, st_h, sm_w, sm_i, sm_j, NMW,
     H, W, D, NH, NWC, NKB,
     NWIN,  # windows per image
     TOTAL,  # batch · NWIN: the (batch, window) pairs, split i taking i, i + S, i + 2S, ...
@@ -365,7 +379,7 @@ def _win_bwd_dbias_kernel(
             Q + b * sq_b + h * D * sq_c, K + b * sk_b + h * D * sk_c, V + b * sv_b + h * D * sv_c,
             DO + b * sdo_b + h * D * sdo_c, LSE + (b * NH + h) * H * W, DELTA + (b * NH + h) * H * W, TABLE, MASK,
             sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c, st_r, st_h, sm_w, sm_i, sm_j,
-            wid, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
+            wid, pair % NMW, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
             WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT,
         )
         acc += ds
@@ -444,7 +458,8 @@ class _Geometry:
         self.table = table if table is not None else q  # any pointer: unused when HAS_BIAS is off
         self.mask = mask if mask is not None else q
         self.table_strides = table.stride() if table is not None else (0, 0)
-        self.mask_strides = mask.stride() if mask is not None else (0, 0, 0)
+        # the mask's strides and its window count (the batch's windows cycle through them)
+        self.mask_strides = (*mask.stride(), mask.shape[0]) if mask is not None else (0, 0, 0, 1)
 
     def constexprs(self, dtype: torch.dtype) -> dict:
         return dict(WH=self.wh, WW=self.ww, SHIFTED=bool(self.sh or self.sw), HAS_BIAS=self.has_bias,
@@ -648,8 +663,10 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
     unless ``mask`` is given.
     bias_table: ((2Wh−1)(2Ww−1), heads) relative position bias table (Swin's
     ``relative_position_bias_table``), gathered in the kernel; it gets a gradient.
-    mask: an additive (nW, N, N) mask (nW = H/Wh · W/Ww windows in row-major order of the rolled
-    map, N = Wh·Ww), broadcast over the batch; it gets no gradient.
+    mask: an additive (M, N, N) mask, N = Wh·Ww; it gets no gradient. The batch's windows, numbered
+    b·nW + w (nW = H/Wh · W/Ww per map, row-major in the rolled map), take mask[(b·nW + w) mod M]:
+    M = nW broadcasts one (nW, N, N) mask over the batch; with a batch of maps of one window each
+    (SwinIR's partitioned windows, (B·nW, Wh, Ww, C)), M = nW cycles as SwinIR's broadcast does.
     scale defaults to (C/heads)^−½. Returns (B, H, W, C), contiguous.
     """
     op = "window_attention"
@@ -687,9 +704,10 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
             raise ValueError(f"{op}: bias_table is on {bias_table.device} but q is on {q.device}")
     if mask is not None:
         check_tensor(op, "mask", mask)
-        want = ((height // wh) * (width // ww), n, n)
-        if tuple(mask.shape) != want:
-            raise ValueError(f"{op}: mask is {tuple(mask.shape)}; expected (nW, N, N) = {want}")
+        nwin = (height // wh) * (width // ww)
+        if mask.dim() != 3 or tuple(mask.shape[1:]) != (n, n) or mask.shape[0] % nwin or (batch * nwin) % mask.shape[0]:
+            raise ValueError(f"{op}: mask is {tuple(mask.shape)}; expected (M, N, N) with N = {n} and M a multiple "
+                             f"of the map's {nwin} windows that divides the batch's {batch * nwin} windows")
         if mask.device != q.device:
             raise ValueError(f"{op}: mask is on {mask.device} but q is on {q.device}")
         mask = mask.detach()

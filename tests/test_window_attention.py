@@ -104,6 +104,32 @@ def test_explicit_mask_is_broadcast_over_the_batch_and_gets_no_gradient():
     assert mask.grad is None
 
 
+def test_partitioned_windows_cycle_through_the_mask_as_swinir_broadcasts_it():
+    """SwinIR's WindowAttention gets the windows already cut, (B·nW, N, C), and a (nW, N, N) mask
+    that window i takes slice i mod nW of: a batch of one-window maps does the same in the kernel."""
+    dtype = torch.float32
+    b, nw, wh, ww, c, heads = 2, 3, 4, 4, 8, 2
+    q, k, v, leaf = _qkv("swinir", b * nw, wh, ww, c, dtype)
+    table = _table((wh, ww), heads, dtype)
+    mask = torch.randn(nw, wh * ww, wh * ww, device=DEVICE) * 3
+    kwargs = dict(window_size=(wh, ww), heads=heads, bias_table=table, mask=mask)
+    out = window_attention(q, k, v, **kwargs)
+    # SwinIR's formula, written out on the (B·nW, heads, N, d) windows
+    n, d = wh * ww, c // heads
+    qw, kw, vw = (t.double().reshape(b * nw, n, heads, d).transpose(1, 2) for t in (q, k, v))
+    bias = table.double()[relative_position_index((wh, ww)).reshape(-1).to(DEVICE)].reshape(n, n, heads)
+    attn = (qw * d ** -0.5) @ kw.transpose(-2, -1) + bias.permute(2, 0, 1)[None]
+    attn = (attn.view(b, nw, heads, n, n) + mask.double()[None, :, None]).view(b * nw, heads, n, n)
+    ref = (attn.softmax(-1) @ vw).transpose(1, 2).reshape(b * nw, wh, ww, c)
+    assert_close_rel(out, ref, dtype, "output")
+    assert_close_rel(out, window_attention_ref(q, k, v, **kwargs, upcast=True), dtype, "output vs reference")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (leaf, table), grad)
+    want = torch.autograd.grad(ref, (leaf, table), grad.double())
+    assert_close_rel(got[0], want[0], dtype, "dqkv")
+    assert_close_rel(got[1], want[1], dtype, "d bias_table")
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision(dtype):
     """fp16, and bf16, what Swin-style SR models train in (they overflow fp16). On a GPU the dot
@@ -159,7 +185,9 @@ def test_relative_position_index_is_swins():
     (dict(shift_size=4), "shift_size 4×4 must be smaller than the window 4×4"),
     (dict(heads=3), "heads = 3 does not divide C = 8"),
     (dict(bias_table=torch.zeros(48, 2)), r"bias_table is \(48, 2\); expected \(49, 2\) for a 4×4 window and 2 heads"),
-    (dict(mask=torch.zeros(4, 16, 15)), r"mask is \(4, 16, 15\); expected \(nW, N, N\) = \(4, 16, 16\)"),
+    (dict(mask=torch.zeros(4, 16, 15)), r"mask is \(4, 16, 15\); expected \(M, N, N\) with N = 16 and M a multiple "
+                                        "of the map's 4 windows that divides the batch's 4 windows"),
+    (dict(mask=torch.zeros(8, 16, 16)), r"mask is \(8, 16, 16\); expected \(M, N, N\)"),
     (dict(window_size=(4, 4, 4)), "window_size must be an int or a pair of ints, got"),
     (dict(scale=float("nan")), "scale must be a finite real number or None, got nan"),
 ])

@@ -1,0 +1,204 @@
+"""Swin window attention layers (W-MSA / SW-MSA) and the transformer blocks around them, fused.
+
+:class:`WindowAttention` is SwinIR's ``WindowAttention`` with the same parameters, buffer and
+state_dict keys (``qkv``, ``proj``, ``relative_position_bias_table``, ``relative_position_index``)
+and the same ``forward(x, mask=None)`` on windows already cut, (nW·B, N, C); a SwinIR checkpoint
+loads into it as it is. :class:`WindowAttentionRPI` takes HAT's and DRCT-style
+``forward(x, rpi, mask=None)`` (the index passed in by the caller), :class:`WindowAttentionQKV`
+ATD's ``forward(qkv, rpi, mask=None)`` (the qkv projection done by the caller).
+
+:class:`SwinBlock` (SwinIR's / DRCT's ``SwinTransformerBlock``, ``forward(x, x_size)``) and
+:class:`HybridAttentionBlock` (HAT's ``HAB``, ``forward(x, x_size, rpi_sa, attn_mask)``) run the
+whole block on the un-partitioned map: the cyclic shift, the window partition and its reverse are
+index arithmetic in the kernel, never a copy. They are built by :func:`attnsr.swap_attention` from
+the model's own block, whose children (``norm1``, ``attn``, ``mlp``, ...) and buffers they adopt:
+the state_dict keys, the Parameter objects and their flags stay the model's.
+
+Attention dropout is not fused: these layers exist only with ``attn_drop`` = 0 (SwinIR's, HAT's
+and DRCT's default); output dropout (``proj_drop``) and stochastic depth are kept as modules.
+"""
+
+import torch
+from torch import nn
+
+from attnsr import backends
+from attnsr.layers import _AttnsrLayer
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def standard_index(window_size, device=None) -> torch.Tensor:
+    """Swin's relative position index of a window, the one the kernel computes from coordinates."""
+    from attnsr.kernels.reference import relative_position_index  # imports triton: only when used
+
+    return relative_position_index(_pair(window_size)).to(device)
+
+
+def adopt(layer: nn.Module, module: nn.Module) -> nn.Module:
+    """Give ``layer`` the children, parameters and buffers of ``module`` (the same objects, under
+    the same names: state_dict keys, optimizers and ``requires_grad`` flags carry over) and its mode."""
+    for store in ("_modules", "_parameters", "_buffers"):
+        getattr(layer, store).update(getattr(module, store))
+    layer._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
+    layer.training = module.training
+    return layer
+
+
+class WindowAttention(_AttnsrLayer):
+    """SwinIR's window attention with a relative position bias, fused on the triton backend.
+
+    dim: channels C; window_size: Wh or (Wh, Ww); num_heads: heads (head dim C/heads);
+    qk_scale: the softmax scale, (C/heads)^−½ by default. ``forward(x, mask=None)``: x (nW·B, N, C)
+    windows of N = Wh·Ww tokens, mask an additive (nW, N, N) mask (window i takes slice i mod nW, as
+    in SwinIR) or None -> (nW·B, N, C). ``forward_map`` attends over a whole (B, H, W, C) map
+    (shifted or not) without cutting it into windows.
+    """
+
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True, qk_scale=None, attn_drop=0.0, proj_drop=0.0, *,
+                 backend="auto"):
+        super().__init__(backend)
+        if attn_drop:
+            raise ValueError(f"{type(self).__name__}: attn_drop = {attn_drop}; attention dropout is not fused, "
+                             "expected 0.0 (SwinIR's default)")
+        if dim % num_heads:
+            raise ValueError(f"{type(self).__name__}: num_heads = {num_heads} does not divide dim = {dim}")
+        wh, ww = _pair(window_size)
+        self._configure(dim, (wh, ww), num_heads, qk_scale)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", standard_index((wh, ww)))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _configure(self, dim, window_size, num_heads, qk_scale):
+        self.dim, self.window_size, self.num_heads = dim, tuple(window_size), num_heads
+        self.scale = float(qk_scale or (dim // num_heads) ** -0.5)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto"):
+        """The layer computing ``module`` (a SwinIR-, HAT- or ATD-style window attention, checked by
+        :func:`attnsr.swap_attention`) with the module's own children, table and buffers."""
+        layer = cls.__new__(cls)
+        _AttnsrLayer.__init__(layer, backend)
+        layer._configure(module.dim, _pair(module.window_size), module.num_heads, module.scale)
+        return adopt(layer, module)
+
+    def attend(self, qkv, shift_size=0, mask=None):
+        """Attention of a (B, H, W, 3C) qkv map, windows of ``window_size`` shifted by ``shift_size``
+        (Swin's −100 mask when shifted and ``mask`` is None) -> (B, H, W, C), before ``proj``."""
+        q, k, v = qkv.split(self.dim, dim=-1)
+        return backends.window_attention(q, k, v, window_size=self.window_size, shift_size=shift_size,
+                                         heads=self.num_heads, bias_table=self.relative_position_bias_table,
+                                         mask=mask, scale=self.scale, backend=self.backend)
+
+    def project(self, x):
+        return self.proj_drop(self.proj(x)) if "proj_drop" in self._modules else self.proj(x)
+
+    def forward_map(self, x, shift_size=0, mask=None):
+        """(B, H, W, C) map -> (B, H, W, C): qkv, windowed attention, proj."""
+        return self.project(self.attend(self.qkv(x), shift_size, mask))
+
+    def _windows(self, qkv, mask):
+        b_, n, c3 = qkv.shape
+        wh, ww = self.window_size
+        if n != wh * ww:
+            raise ValueError(f"{type(self).__name__}: got windows of {n} tokens; expected Wh·Ww = {wh * ww}")
+        out = self.attend(qkv.view(b_, wh, ww, c3), 0, mask)
+        return self.project(out.view(b_, n, c3 // 3))
+
+    def forward(self, x, mask=None):
+        return self._windows(self.qkv(x), mask)
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
+                f"backend={self.backend!r}")
+
+
+def check_index(layer: nn.Module, rpi: torch.Tensor) -> None:
+    """Refuse a relative position index other than Swin's (the kernel computes Swin's). Checked
+    once per index tensor and version (a comparison, one device sync), not under torch.compile."""
+    if torch.compiler.is_compiling():
+        return
+    key = (rpi.data_ptr(), rpi.device, rpi._version, tuple(rpi.shape))
+    if getattr(layer, "_checked_index", None) == key:
+        return
+    want = standard_index(layer.window_size, rpi.device)
+    if rpi.shape != want.shape or not torch.equal(rpi.to(want.dtype), want):
+        raise ValueError(f"{type(layer).__name__}: the relative position index passed in is not Swin's for a "
+                         f"{layer.window_size} window (shape {tuple(rpi.shape)}); the fused kernel computes Swin's")
+    layer._checked_index = key
+
+
+class WindowAttentionRPI(WindowAttention):
+    """:class:`WindowAttention` with HAT's signature ``forward(x, rpi, mask=None)``: the relative
+    position index comes from the caller (it must be Swin's; checked once)."""
+
+    def forward(self, x, rpi, mask=None):
+        check_index(self, rpi)
+        return self._windows(self.qkv(x), mask)
+
+
+class WindowAttentionQKV(WindowAttention):
+    """ATD's window attention, ``forward(qkv, rpi, mask=None)``: qkv (nW·B, N, 3C) projected by
+    the caller; this layer holds the table and ``proj`` only."""
+
+    def forward(self, qkv, rpi, mask=None):
+        check_index(self, rpi)
+        return self._windows(qkv, mask)
+
+
+class SwinBlock(_AttnsrLayer):
+    """SwinIR's ``SwinTransformerBlock`` on the un-partitioned map: x (B, H·W, C), x_size (H, W).
+
+    x + drop_path(proj(SW-MSA(norm1 x))), then + drop_path(mlp(norm2 ·)); the shifted windows'
+    mask is Swin's, computed in the kernel for any x_size (as SwinIR's ``calculate_mask`` does).
+    """
+
+    @classmethod
+    def from_module(cls, module: nn.Module, attn: WindowAttention, *, backend="auto"):
+        layer = cls.__new__(cls)
+        _AttnsrLayer.__init__(layer, backend)
+        adopt(layer, module)
+        layer._modules["attn"] = attn
+        layer.window_size, layer.shift_size = module.window_size, module.shift_size
+        layer.input_resolution = getattr(module, "input_resolution", None)
+        return layer
+
+    def forward(self, x, x_size):
+        h, w = x_size
+        b, length, c = x.shape
+        y = self.norm1(x).view(b, h, w, c)
+        y = self.attn.forward_map(y, self.shift_size).view(b, length, c)
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def extra_repr(self):
+        return f"window_size={self.window_size}, shift_size={self.shift_size}, backend={self.backend!r}"
+
+
+class HybridAttentionBlock(SwinBlock):
+    """HAT's ``HAB`` on the un-partitioned map: ``forward(x, x_size, rpi_sa, attn_mask)``.
+
+    x + drop_path(proj(SW-MSA(norm1 x))) + conv_scale · conv_block(norm1 x), then the MLP; a shifted
+    block applies the (nW, N, N) ``attn_mask`` it is given, as HAT does, broadcast over the batch.
+    """
+
+    @classmethod
+    def from_module(cls, module: nn.Module, attn: WindowAttention, *, backend="auto"):
+        layer = super().from_module(module, attn, backend=backend)
+        layer.conv_scale = module.conv_scale
+        return layer
+
+    def forward(self, x, x_size, rpi_sa, attn_mask):
+        h, w = x_size
+        b, length, c = x.shape
+        check_index(self.attn, rpi_sa)
+        y = self.norm1(x).view(b, h, w, c)
+        conv = self.conv_block(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, length, c)
+        mask = attn_mask if self.shift_size > 0 else None
+        a = self.attn.forward_map(y, self.shift_size, mask).view(b, length, c)
+        x = x + self.drop_path(a) + conv * self.conv_scale
+        return x + self.drop_path(self.mlp(self.norm2(x)))

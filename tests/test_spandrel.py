@@ -1,0 +1,137 @@
+"""swap_attention on the published SR architectures users have, as spandrel packages them: small
+SwinIR, HAT, DRCT, Swin2SR, ATD and RCAN models. After the swap every window attention and channel
+attention the fused layers cover is attnsr's, and the model computes what it computed before:
+output, input gradient and every parameter gradient (relative position bias tables included).
+
+spandrel needs torchvision, whose wheels do not import beside the CPU torch wheel of the main test
+environment; `make test` runs this file in a second environment (.venv-models, see the Makefile).
+"""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICE
+from tolerances import REL_TOL, assert_close_rel, rel_error
+
+import attnsr
+
+spandrel = pytest.importorskip("spandrel", reason="spandrel is not installed (`make test` runs this file in "
+                                                  ".venv-models)")
+from spandrel.architectures.ATD import ATD  # noqa: E402
+from spandrel.architectures.DRCT import DRCT  # noqa: E402
+from spandrel.architectures.HAT import HAT  # noqa: E402
+from spandrel.architectures.RCAN import RCAN  # noqa: E402
+from spandrel.architectures.Swin2SR import Swin2SR  # noqa: E402
+from spandrel.architectures.SwinIR import SwinIR  # noqa: E402
+
+# Small configurations, so that Triton's interpreter runs them in seconds: two blocks (one plain,
+# one shifted window) per stage; head dims 10 (SwinIR-light's) and 6.
+SWIN = dict(img_size=16, depths=[2], num_heads=[2], mlp_ratio=2.0, upscale=2)
+ARCHS = {
+    "SwinIR": lambda: SwinIR(**SWIN, embed_dim=20, window_size=8, upsampler="pixelshuffledirect"),
+    "HAT": lambda: HAT(**SWIN, embed_dim=12, window_size=4, compress_ratio=3, squeeze_factor=3, overlap_ratio=0.5,
+                       drop_path_rate=0.0, upsampler="pixelshuffle"),
+    "DRCT": lambda: DRCT(**SWIN, embed_dim=12, window_size=4, gc=8, drop_path_rate=0.0, upsampler="pixelshuffle"),
+    "Swin2SR": lambda: Swin2SR(**SWIN, embed_dim=12, window_size=4, upsampler="pixelshuffledirect"),
+    "ATD": lambda: ATD(**SWIN, embed_dim=12, window_size=4, category_size=32, num_tokens=8, reducted_dim=4,
+                       upsampler="pixelshuffledirect"),
+    "RCAN": lambda: RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
+}
+
+# What each architecture keeps unswapped, and why (the README's table says the same).
+LEFT = {
+    "SwinIR": set(),
+    "HAT": {"OCAB"},  # overlapping cross-attention: keys from larger windows than the queries
+    "DRCT": set(),
+    "Swin2SR": {"WindowAttention"},  # cosine attention with a continuous position bias (Swin V2)
+    "ATD": set(),  # its token-dictionary (ATD_CA) and category (AC_MSA) attentions are not recognised
+    "RCAN": set(),
+}
+
+
+def _build(arch, dtype):
+    torch.manual_seed(0)
+    model = ARCHS[arch]().to(DEVICE, dtype).eval()  # eval: no stochastic depth; gradients still flow
+    with torch.no_grad():  # the published init zeroes some tables and biases: make every term count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+def _outputs_and_grads(model, x):
+    model.zero_grad()
+    x = x.detach().requires_grad_()
+    y = model(x.clone())  # RCAN scales its input in place
+    (y * torch.linspace(-1, 1, y.numel(), device=y.device, dtype=y.dtype).view_as(y)).sum().backward()
+    return y, x.grad, torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _image(dtype):
+    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE, dtype)
+
+
+def _covered(model):
+    """Names of the window attentions and channel attentions left in their published classes."""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, attnsr.windows.WindowAttention) or isinstance(m, attnsr.ChannelAttention):
+            continue
+        if hasattr(m, "relative_position_bias_table") or type(m).__name__ in ("CALayer", "ChannelAttention"):
+            names.append((name, type(m).__name__))
+    return names
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch):
+    model = _build(arch, torch.float64)
+    x = _image(torch.float64)
+    before = _outputs_and_grads(model, x)
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    keys = list(checkpoint)
+    attnsr.swap_attention(model, backend="torch")
+    assert model.attnsr_swapped or arch == "Swin2SR", f"{arch}: nothing swapped"
+    left_classes = {cls for _, cls, _ in model.attnsr_left}
+    assert left_classes == LEFT[arch], model.attnsr_left
+    unswapped = {cls for _, cls in _covered(model)}
+    assert unswapped <= LEFT[arch], f"{arch}: attention left in its published class: {_covered(model)}"
+    after = _outputs_and_grads(model, x)
+    for got, want, what in zip(after, before, ("output", "d(image)", "parameter gradients")):
+        assert_close_rel(got, want, torch.float64, f"{arch}: {what}")
+    # the window attention layers and blocks keep their keys (a channel attention's MLP becomes
+    # fc1/fc2, its old keys accepted as aliases): a checkpoint saved before the swap loads after it
+    assert [k for k in model.state_dict() if ".attn." in k or "attn_mask" in k] == \
+           [k for k in keys if ".attn." in k or "attn_mask" in k]
+    model.load_state_dict(checkpoint)
+
+
+@pytest.mark.parametrize("arch", ["SwinIR", "HAT"])
+def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(arch):
+    """The swapped model on the triton backend (fp32; the interpreter on a CPU) and the untouched
+    model in fp32, both against the untouched model in float64: output, input gradient and every
+    parameter gradient (bias tables included). The whole network runs in fp32 (convolutions,
+    LayerNorm, MLPs), so the bound is the published model's own fp32 error (twice it, or fp32's
+    kernel tolerance if that is larger), not the kernel's tolerance alone."""
+    reference = _build(arch, torch.float64)
+    published = copy.deepcopy(reference).float()
+    model = copy.deepcopy(published)
+    attnsr.swap_attention(model, backend="triton")
+    kinds = {new for _, _, new in model.attnsr_swapped}
+    want_kinds = {"SwinIR": {"SwinBlock", "WindowAttention"},
+                  "HAT": {"HybridAttentionBlock", "WindowAttentionRPI", "ChannelAttention"}}[arch]
+    assert kinds == want_kinds, kinds
+    want = _outputs_and_grads(reference, _image(torch.float64))
+    plain = _outputs_and_grads(published, _image(torch.float32))
+    got = _outputs_and_grads(model, _image(torch.float32))
+    names = [n for n, _ in reference.named_parameters()]  # the swapped model's are in the same order
+    assert len(names) == len(list(model.parameters()))
+    for g, p, w, what in zip(got, plain, want, ("output", "d(image)", "parameter gradients")):
+        bound = max(2 * rel_error(p, w), REL_TOL[torch.float32])
+        assert_close_rel(g, w, torch.float32, f"{arch}: {what}", tol=bound)
+    # the bias tables' gradients on their own (they are a small part of the parameter vector)
+    grads = dict(zip(names, (p.grad for p in model.parameters())))
+    plain_grads = dict(zip(names, (p.grad for p in published.parameters())))
+    for name, p in reference.named_parameters():
+        if name.endswith("relative_position_bias_table") and "overlap" not in name:
+            bound = max(2 * rel_error(plain_grads[name], p.grad), REL_TOL[torch.float32])
+            assert_close_rel(grads[name], p.grad, torch.float32, f"{arch}: d {name}", tol=bound)
