@@ -94,15 +94,28 @@ def _channel_parts(module: nn.Module):
     return [(n, m) for n, m in parts if not isinstance(m, nn.Identity)]
 
 
+def _acts_like(module: nn.Module, fn) -> bool:
+    """A parameterless module that computes ``fn`` elementwise (nn.ReLU, nn.Sigmoid, or a library's
+    own class for them, as timm has), checked on a probe."""
+    if _param_count(module) or len(list(module.children())):
+        return False
+    probe = torch.linspace(-6, 6, 25, dtype=torch.float64).view(1, 25, 1, 1)
+    try:
+        with torch.no_grad():
+            return torch.allclose(module(probe.clone()), fn(probe), rtol=1e-12, atol=1e-12)
+    except Exception:  # not an elementwise function of a tensor
+        return False
+
+
 def _as_channel_attention(module: nn.Module, backend: str):
     parts = _channel_parts(module)
     pools = [m for _, m in parts if _is_global_avg_pool(m)]
     rest = [(n, m) for n, m in parts if not _is_global_avg_pool(m)]
     if len(pools) > 1 or len(rest) != 4:
         return None
-    kinds = [type(m) for _, m in rest]
     mlps = [(n, m) for n, m in rest if _mlp_layer(m) is not None]
-    if len(mlps) != 2 or kinds.count(nn.ReLU) != 1 or kinds.count(nn.Sigmoid) != 1:
+    acts = [m for _, m in rest if _mlp_layer(m) is None]
+    if len(mlps) != 2 or len(acts) != 2 or not (_acts_like(acts[0], torch.relu) and _acts_like(acts[1], torch.sigmoid)):
         return None
     (name1, fc1), (name2, fc2) = mlps
     dims1, dims2 = _mlp_layer(fc1), _mlp_layer(fc2)

@@ -261,15 +261,22 @@ def _run_attention(case: Case):
 def _run_window(case: Case):
     """Swin window attention as SwinIR runs it: q, k, v split out of one (B, H·W, 3C) projection,
     two heads of ``head_dim``, a shifted window of ``variant`` (w8, w16) on a map two windows wide,
-    the relative position bias table in fp32."""
+    the relative position bias table in fp32. Variant "w16p": windows already cut, (nW·B, N, 3C),
+    with an explicit (nW, N, N) mask, as attnsr.WindowAttention runs SwinIR's forward(x, mask)."""
     from . import window_attention
 
     dtype = _torch_dtype(case.dtype)
-    heads, d, win = 2, case.head_dim, int(case.variant[1:])
+    heads, d, win = 2, case.head_dim, int(case.variant[1:].rstrip("p"))
     c, size = heads * d, 2 * win
+    table = torch.randn((2 * win - 1) ** 2, heads).requires_grad_()
+    if case.variant.endswith("p"):
+        qkv = _map((8, win * win, 3 * c), dtype)
+        q, k, v = qkv.view(8, win, win, 3 * c).split(c, -1)
+        mask = torch.randn(4, win * win, win * win)
+        _backward(window_attention(q, k, v, window_size=win, heads=heads, bias_table=table, mask=mask))
+        return
     qkv = _map((2, size * size, 3 * c), dtype)
     q, k, v = qkv.view(2, size, size, 3 * c).split(c, -1)
-    table = torch.randn((2 * win - 1) ** 2, heads).requires_grad_()
     _backward(window_attention(q, k, v, window_size=win, shift_size=win // 2, heads=heads, bias_table=table))
 
 
@@ -333,6 +340,7 @@ def _attention_case(dtype, d, layout="fused", patch=1):
 
 
 def _window_case(dtype, d, window):
+    """window: 8 or 16 (a shifted map, Swin's mask in the kernel), or "16p" (cut windows, a given mask)."""
     return Case(f"window_attention {dtype} D={d} w{window}", "window_attention", dtype, d, "swinir", 1, f"w{window}")
 
 
@@ -357,6 +365,7 @@ def all_cases() -> list:
         cases.append(_gating_case("channel_gate", dtype, "nchw", "avg"))
     for dtype in ("fp32", "bf16", "fp16", "fp64"):
         cases += [_window_case(dtype, d, w) for d in (10, 30, 64) for w in (8, 16)]
+        cases += [_window_case(dtype, 30, "16p")]
     return cases
 
 
@@ -380,7 +389,8 @@ def gate_cases() -> list:
               _gating_case("layer_fusion", "bf16", "channels_last"),
               _gating_case("layer_fusion", "fp32", "nchw", "list"), _gating_case("layer_fusion", "fp64", "nchw")]
     window = [_window_case("bf16", 30, 8), _window_case("bf16", 30, 16), _window_case("fp16", 64, 16),
-              _window_case("fp32", 30, 16), _window_case("fp32", 10, 8), _window_case("fp64", 30, 16)]
+              _window_case("fp32", 30, 16), _window_case("fp32", 10, 8), _window_case("fp64", 30, 16),
+              _window_case("bf16", 30, "16p"), _window_case("fp32", 30, "16p")]
     return work + [(c, 90) for c in gating + window]
 
 

@@ -100,8 +100,10 @@ def _mask_window(b, wid, H, NWC, NMW, WH: tl.constexpr, MASK_MODE: tl.constexpr)
     batch, numbered b·nW + wid, cycle through the mask's NMW slices (SwinIR's broadcast of an
     (nW, N, N) mask over nW·B partitioned windows)."""
     if MASK_MODE == 2:
-        return (b * ((H // WH) * NWC) + wid) % NMW
-    return wid
+        mwid = (b * ((H // WH) * NWC) + wid) % NMW
+    else:
+        mwid = wid.to(tl.int64)
+    return mwid
 
 
 @triton.jit

@@ -135,3 +135,43 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
         if name.endswith("relative_position_bias_table") and "overlap" not in name:
             bound = max(2 * rel_error(plain_grads[name], p.grad), REL_TOL[torch.float32])
             assert_close_rel(grads[name], p.grad, torch.float32, f"{arch}: d {name}", tol=bound)
+
+
+def _se_forms():
+    """Squeeze-excitation modules as torchvision and timm ship them (both need torchvision)."""
+    from torchvision.ops import SqueezeExcitation
+
+    forms = {"torchvision SqueezeExcitation": lambda: SqueezeExcitation(16, 4)}
+    try:
+        from timm.layers.squeeze_excite import SEModule
+        from timm.models._efficientnet_blocks import SqueezeExcite
+    except ImportError:
+        return forms
+    forms["timm SEModule"] = lambda: SEModule(16, rd_ratio=0.25)
+    forms["timm SqueezeExcite (EfficientNet)"] = lambda: SqueezeExcite(16, rd_ratio=0.25)
+    return forms
+
+
+@pytest.mark.parametrize("form", list(_se_forms()))
+def test_squeeze_excitation_forms_of_torchvision_and_timm_are_swapped(form):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), _se_forms()[form]()).to(DEVICE, torch.float64)
+    x = torch.randn(2, 3, 6, 5, device=DEVICE, dtype=torch.float64)
+    before = _outputs_and_grads(model, x)
+    checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
+    attnsr.swap_attention(model, backend="triton")
+    assert isinstance(model[1], attnsr.ChannelAttention), model.attnsr_swapped
+    for got, want, what in zip(_outputs_and_grads(model, x), before, ("output", "d(x)", "parameter gradients")):
+        assert_close_rel(got, want, torch.float64, f"{form}: {what}")
+    model.load_state_dict(checkpoint)  # the old keys load as aliases of fc1 / fc2
+
+
+def test_look_alike_gates_of_torchvision_models_are_left():
+    """MobileNetV3's SE gate is a hard sigmoid and EfficientNet's activation is SiLU: same structure,
+    another function, so nothing in them is swapped."""
+    from torchvision.models import efficientnet_b0, mobilenet_v3_small
+
+    for build in (mobilenet_v3_small, efficientnet_b0):
+        model = build().eval()
+        attnsr.swap_attention(model, backend="torch")
+        assert model.attnsr_swapped == [], model.attnsr_swapped
