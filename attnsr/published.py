@@ -31,12 +31,11 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _import_spandrel(path, not_attnsr: str):
+def _import_spandrel(not_attnsr: str):
     try:
         import spandrel
-    except ImportError as e:
-        state = ("is not installed" if getattr(e, "name", None) == "spandrel" or "spandrel" in str(e)
-                 else f"does not import ({_first_line(e)})")
+    except ImportError as e:  # spandrel itself missing, or one of its dependencies (torchvision) broken
+        state = "is not installed" if e.name == "spandrel" else f"does not import ({_first_line(e)})"
         raise InputError(f"{not_attnsr}; published architectures (SwinIR, HAT, RCAN, ...) are loaded with spandrel, "
                          f"which {state}: {EXTRA}") from None
     return spandrel
@@ -83,7 +82,7 @@ def load_published(path, *, not_attnsr: str = "") -> PublishedSR:
     """
     path = os.fspath(path)
     not_attnsr = not_attnsr or f"{path} is not an attnsr checkpoint"
-    spandrel = _import_spandrel(path, not_attnsr)
+    spandrel = _import_spandrel(not_attnsr)
     try:
         descriptor = spandrel.ModelLoader().load_from_file(path)
     except Exception as e:  # unknown architecture, unsupported extension, unpickling failure, bad keys
