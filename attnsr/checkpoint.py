@@ -26,6 +26,11 @@ TASK_OF = {"AttentionSRNet": "sr", "ImageInpaintingModel": "inpaint"}
 TASK_NAME = {"sr": "a super-resolution", "inpaint": "an inpainting"}
 
 
+class NotACheckpoint(InputError):
+    """The file exists but is not an attnsr checkpoint (unreadable with ``weights_only=True``, or
+    another format): ``attnsr upscale`` then tries it as a published network (:mod:`attnsr.published`)."""
+
+
 def model_spec(model) -> dict:
     """{"name", "kwargs"} of a network built by :func:`build_model` (kwargs kept on the model)."""
     kwargs = getattr(model, "attnsr_kwargs", None)
@@ -73,9 +78,9 @@ def load_checkpoint(path, *, task: str | None = None, scale: int | None = None) 
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means "not a checkpoint we can read"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot read checkpoint {path}: {first}") from None
+        raise NotACheckpoint(f"cannot read checkpoint {path}: {first}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise InputError(f"{path} is not an attnsr checkpoint (expected format {FORMAT})")
+        raise NotACheckpoint(f"{path} is not an attnsr checkpoint (expected format {FORMAT})")
     if task is not None and ckpt["task"] != task:
         raise InputError(f"checkpoint {path} holds {TASK_NAME[ckpt['task']]} network ({ckpt['model']['name']}); "
                          f"expected {TASK_NAME[task]} network")

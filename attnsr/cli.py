@@ -132,18 +132,53 @@ def _check_tiling(args) -> None:
         raise InputError(f"--tile {args.tile} must be larger than --overlap {args.overlap}")
 
 
+def _prepare_published(net, args) -> None:
+    """Check ``--tile`` against a published network's sizes, then swap attnsr's layers into it on the
+    backend that ``--backend`` resolves to on the device it will run on; print what was swapped."""
+    import torch
+
+    from attnsr.backends import resolve
+    from attnsr.infer import check_tiling
+    from attnsr.published import swap_report
+    from attnsr.swap import swap_attention
+
+    if args.tile is not None:
+        try:
+            check_tiling(args.tile, args.overlap, net.multiple, net.minimum)
+        except ValueError as e:
+            raise InputError(f"--tile for {net.architecture}: {str(e).removeprefix('tiled_apply: ')}") from None
+    device = torch.device(args.device or "cpu")  # where infer.upscale runs it: the loaded network is on the CPU
+    backend = resolve(args.backend, torch.empty(0, device=device))
+    swap_attention(net.net, backend=backend)
+    window = f", window {net.window}" if net.window else ""
+    print(f"{args.checkpoint}: {net.architecture} ×{net.scale} (spandrel{window}), backend {backend}")
+    for line in swap_report(net.net):
+        print(f"  {line}")
+
+
 def _upscale(args) -> int:
     from attnsr import infer
+    from attnsr.checkpoint import NotACheckpoint
     from attnsr.images import read_image, write_image
 
     _check_output(args.output)
     _check_tiling(args)
     image = read_image(args.input)
-    ckpt, model = _load_network(args.checkpoint, "sr", args.backend)
-    scale = ckpt["model"]["kwargs"]["scale"]
+    sizes = {}
+    try:
+        ckpt, model = _load_network(args.checkpoint, "sr", args.backend)
+        scale = ckpt["model"]["kwargs"]["scale"]
+    except NotACheckpoint as e:  # not attnsr's: a published architecture, through spandrel
+        from attnsr.published import load_published
+
+        model = load_published(args.checkpoint, not_attnsr=str(e))
+        scale, sizes = model.scale, {"multiple": model.multiple, "minimum": model.minimum}
     if args.scale is not None and args.scale != scale:
         raise InputError(f"checkpoint {args.checkpoint} upscales ×{scale}; --scale asked for ×{args.scale}")
-    out = infer.upscale(model, image, scale=scale, tile=args.tile, overlap=args.overlap, device=args.device)
+    if sizes:
+        _prepare_published(model, args)
+    out = infer.upscale(model, image, scale=scale, tile=args.tile, overlap=args.overlap, device=args.device,
+                        **sizes)
     write_image(out, args.output)
     print(f"wrote {args.output} ({out.shape[-1]}×{out.shape[-2]}, ×{scale})")
     return 0
@@ -195,10 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub)
 
-    p = sub.add_parser("upscale", help="upscale an image with a trained super-resolution checkpoint")
+    p = sub.add_parser("upscale", help="upscale an image with a trained or a published super-resolution checkpoint")
     p.add_argument("input", help="PNG or JPEG image")
     p.add_argument("-o", "--output", required=True, help="output .png or .jpg")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `attnsr train sr`")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint written by `attnsr train sr`, or a published super-resolution checkpoint "
+                        "(SwinIR, HAT, RCAN, DRCT, ...: any that spandrel loads; pip install \"attnsr[models]\"), "
+                        "run with attnsr's fused attention layers swapped in")
     p.add_argument("--scale", type=int, default=None, help="expected factor (checked against the checkpoint)")
     _tile_args(p)
     _runtime_args(p)

@@ -24,7 +24,10 @@ multiple 4) are shift-equivariant only by whole multiples of their stride, so ti
 multiples of ``multiple``: the image is first padded to multiples of ``multiple`` (reflect, as a
 single call pads it), ``tile`` is rounded down to a multiple of ``multiple`` and so is the stride
 ``tile − overlap`` (the tiles then overlap by at least ``overlap``), and the last tile is flush with
-the padded edge. The output is cropped back to the image's size times ``scale``.
+the padded edge. The output is cropped back to the image's size times ``scale``. Window-attention
+networks (SwinIR, HAT: :mod:`attnsr.published`) take their window as ``multiple``: each tile's
+windows then lie on the whole image's window grid. ``minimum`` (a network's smallest input) pads a
+smaller image up to it first and bounds the tile from below.
 
 Limits: both networks contain global operations -- channel attention pools over the whole feature
 map, and the inpainting network's self-attention attends over all pixels -- so a tile sees only its
@@ -51,21 +54,27 @@ def _pad_axis(x: torch.Tensor, pad: int, dim: int) -> torch.Tensor:
     return F.pad(x, (0, pad, 0, 0) if dim == -1 else (0, 0, 0, pad), mode=mode)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def pad_to_multiple(x: torch.Tensor, multiple: int, *, minimum: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
     """Pad at the bottom and right to multiples of ``multiple``; return the padded tensor and (H, W).
 
     Reflect padding; along an axis too short to reflect (padding ≥ its length) replicate padding.
-    With ``multiple=1``, or when H and W are already multiples, ``x`` itself is returned.
+    With ``minimum``, an axis shorter than ``minimum`` is first padded to ``minimum``, then to the
+    next multiple (two pads, as spandrel pads to a network's minimum size and the network pads to
+    its window). With ``multiple=1`` and no axis below ``minimum``, or when H and W are already
+    multiples of at least ``minimum``, ``x`` itself is returned.
 
-    x: (B, C, H, W) -> ((B, C, H', W'), (H, W)), H' and W' the next multiples of ``multiple``.
+    x: (B, C, H, W) -> ((B, C, H', W'), (H, W)), H' the next multiple of ``multiple`` from max(H, minimum).
     """
     if multiple < 1:
         raise ValueError(f"pad_to_multiple: multiple must be at least 1, got {multiple}")
+    if minimum < 0:
+        raise ValueError(f"pad_to_multiple: minimum must be at least 0, got {minimum}")
     if x.dim() != 4:
         raise ValueError(f"pad_to_multiple: x is {tuple(x.shape)}; expected (B, C, H, W)")
     h, w = x.shape[-2:]
-    x = _pad_axis(x, -h % multiple, dim=-2)
-    x = _pad_axis(x, -w % multiple, dim=-1)
+    for dim in (-2, -1):
+        x = _pad_axis(x, max(minimum - x.shape[dim], 0), dim=dim)
+        x = _pad_axis(x, -x.shape[dim] % multiple, dim=dim)
     return x, (h, w)
 
 
@@ -100,13 +109,17 @@ def _window_sum(tiles, length: int, scale: int, dtype) -> torch.Tensor:
     return total
 
 
-def _check_tiling(tile: int, overlap: int, multiple: int) -> tuple[int, int]:
-    """Validate the tiling arguments; return (tile rounded down to a multiple of ``multiple``, stride)."""
+def check_tiling(tile: int, overlap: int, multiple: int = 1, minimum: int = 0) -> tuple[int, int]:
+    """Validate the tiling arguments of :func:`tiled_apply` (ValueError); return (tile rounded down to
+    a multiple of ``multiple``, stride)."""
     if overlap < 0:
         raise ValueError(f"tiled_apply: overlap must be at least 0, got {overlap}")
     if tile <= overlap:
         raise ValueError(f"tiled_apply: tile {tile} must be larger than overlap {overlap}")
     size = tile - tile % multiple
+    if size < minimum:
+        raise ValueError(f"tiled_apply: tile {tile} rounded down to a multiple of {multiple} is {size}, "
+                         f"smaller than the network's minimum input {minimum}; use a tile of at least {minimum}")
     if size <= overlap:
         raise ValueError(f"tiled_apply: tile {tile} rounded down to a multiple of {multiple} is {size}, "
                          f"which is not larger than overlap {overlap}; use a larger tile or a smaller overlap")
@@ -119,15 +132,16 @@ def _check_tiling(tile: int, overlap: int, multiple: int) -> tuple[int, int]:
 
 
 def tiled_apply(fn, x: torch.Tensor, *, tile: int | None, overlap: int = 32, scale: int = 1,
-                multiple: int = 1) -> torch.Tensor:
+                multiple: int = 1, minimum: int = 0) -> torch.Tensor:
     """Apply ``fn`` to ``x`` whole or in overlapping tiles blended without seams (see the module notes).
 
     ``fn`` maps (B, C, h, w) with h and w multiples of ``multiple`` to (B, C', h·scale, w·scale); it
     may run elsewhere (move each tile to a GPU and return it there): the output is on x's device.
     With ``tile=None``, or when the padded image fits in one tile, ``fn`` is called once on the image
-    padded to multiples of ``multiple``. Otherwise tiles of ``tile × tile`` input pixels (``tile``
-    rounded down to a multiple of ``multiple``) on a grid with stride ``tile − overlap`` (rounded down
-    to a multiple of ``multiple``); the output equals the untiled output to float rounding when fn's
+    padded to multiples of ``multiple``, of at least ``minimum`` pixels (:func:`pad_to_multiple`).
+    Otherwise tiles of ``tile × tile`` input pixels (``tile`` rounded down to a multiple of
+    ``multiple``, at least ``minimum``) on a grid with stride ``tile − overlap`` (rounded down to a
+    multiple of ``multiple``); the output equals the untiled output to float rounding when fn's
     receptive radius is at most ``overlap // 4``. The output has fn's dtype; tiles are accumulated on
     x's device in float32 (float64 when fn returns float64). Call it under ``torch.no_grad()``.
 
@@ -140,8 +154,8 @@ def tiled_apply(fn, x: torch.Tensor, *, tile: int | None, overlap: int = 32, sca
     if multiple < 1:
         raise ValueError(f"tiled_apply: multiple must be at least 1, got {multiple}")
     if tile is not None:
-        tile, stride = _check_tiling(tile, overlap, multiple)
-    padded, (h, w) = pad_to_multiple(x, multiple)
+        tile, stride = check_tiling(tile, overlap, multiple, minimum)
+    padded, (h, w) = pad_to_multiple(x, multiple, minimum=minimum)
     hp, wp = padded.shape[-2:]
 
     def run(part):
@@ -192,7 +206,7 @@ def _run_eval(model, fn):
 
 @torch.no_grad()
 def upscale(model, image: torch.Tensor, *, scale: int, tile: int | None = None, overlap: int = 32,
-            device=None) -> torch.Tensor:
+            device=None, multiple: int = 1, minimum: int = 0) -> torch.Tensor:
     """Super-resolve one image with ``model`` (an :class:`~attnsr.models.AttentionSRNet` or any network
     that upscales by ``scale``); the output is clamped to [0, 1] and returned as float32 on the CPU.
 
@@ -201,6 +215,9 @@ def upscale(model, image: torch.Tensor, *, scale: int, tile: int | None = None, 
     call (see :func:`tiled_apply`); the image and the output stay on the image's device and each tile
     is moved to ``device``. The network's channel attention pools over the whole map, so a tiled
     result approximates the untiled one; ``tile=None``, the default, runs the whole image.
+    ``multiple`` and ``minimum`` are the input sizes the network takes (a published network's size
+    requirements and window: :mod:`attnsr.published`): the image, or each tile, is padded to them
+    and tiles start at multiples of ``multiple`` (see :func:`tiled_apply`).
 
     image: (C, H, W) in [0, 1], C the model's channels (3 for RGB) -> (C, scale·H, scale·W) in [0, 1].
     """
@@ -212,7 +229,7 @@ def upscale(model, image: torch.Tensor, *, scale: int, tile: int | None = None, 
     model.to(device)
 
     def fn(part):
-        out = model(part.to(device, dtype))
+        out = model(part.to(device, dtype, copy=True))  # a copy: some networks scale their input in place (RCAN)
         h, w = part.shape[-2:]
         if tuple(out.shape[-3:]) != (part.shape[1], h * scale, w * scale):
             raise ValueError(f"upscale: the model maps a {tuple(part.shape[1:])} input to {tuple(out.shape[1:])}; "
@@ -220,7 +237,8 @@ def upscale(model, image: torch.Tensor, *, scale: int, tile: int | None = None, 
                              f"model upscale ×{scale}?")
         return out
 
-    out = _run_eval(model, lambda: tiled_apply(fn, image[None], tile=tile, overlap=overlap, scale=scale))
+    out = _run_eval(model, lambda: tiled_apply(fn, image[None], tile=tile, overlap=overlap, scale=scale,
+                                               multiple=multiple, minimum=minimum))
     return out[0].clamp(0, 1).float().cpu()
 
 
@@ -249,7 +267,7 @@ def inpaint(model, image: torch.Tensor, mask: torch.Tensor, *, tile: int | None 
     x = inpaint_input(image[None], mask[None])
 
     def fn(part):
-        return model(part.to(device, dtype))
+        return model(part.to(device, dtype, copy=True))  # a copy: some networks scale their input in place (RCAN)
 
     pred = _run_eval(model, lambda: tiled_apply(fn, x, tile=tile, overlap=overlap, multiple=INPAINT_MULTIPLE))
     out = inpaint_blend(pred.float(), image[None], mask[None])[0]

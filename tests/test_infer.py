@@ -163,6 +163,36 @@ def test_pad_to_multiple_replicates_where_too_small_to_reflect():
     assert torch.equal(padded, torch.tensor([0.0, 1.0, 2.0, 1.0]).reshape(1, 1, 4, 1).expand(1, 1, 4, 4))
 
 
+def test_pad_to_multiple_pads_to_the_minimum_first():
+    """Below ``minimum``: first reflect up to it, then to the multiple (as spandrel pads to a network's
+    minimum and the network to its window); at or above it, ``minimum`` changes nothing."""
+    x = torch.arange(5 * 9, dtype=torch.float32).reshape(1, 1, 5, 9)
+    padded, size = pad_to_multiple(x, 4, minimum=7)
+    assert size == (5, 9) and padded.shape == (1, 1, 8, 12)
+    # to 7 rows: 5, 6 mirror 3, 2; to 8: row 7 mirrors row 5 of the 7, x's row 3 (one pad would give row 1)
+    assert torch.equal(padded[..., :9], x[..., [0, 1, 2, 3, 4, 3, 2, 3], :])
+    assert torch.equal(padded[..., :5, 9:], x[..., [7, 6, 5]]), "columns: no minimum to reach, one pad"
+    assert pad_to_multiple(x, 1, minimum=5)[0] is x
+    with pytest.raises(ValueError, match=r"minimum must be at least 0, got -1"):
+        pad_to_multiple(x, 1, minimum=-1)
+
+
+def test_tiled_apply_pads_to_the_minimum_and_keeps_tiles_above_it():
+    calls = []
+    x = torch.rand(1, 3, 10, 30)
+
+    def fn(t):
+        calls.append(tuple(t.shape[-2:]))
+        return t
+
+    out = tiled_apply(fn, x, tile=16, overlap=4, multiple=4, minimum=16)
+    torch.testing.assert_close(out, x)  # the identity, blended
+    assert calls and all(h >= 16 and w >= 16 for h, w in calls), calls
+    with pytest.raises(ValueError, match=r"tile 18 rounded down to a multiple of 4 is 16, smaller than the "
+                                         r"network's minimum input 20; use a tile of at least 20"):
+        tiled_apply(fn, x, tile=18, overlap=4, multiple=4, minimum=20)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(tile=8, overlap=8), r"tile 8 must be larger than overlap 8"),
     (dict(tile=16, overlap=-1), r"overlap must be at least 0, got -1"),
