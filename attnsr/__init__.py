@@ -8,7 +8,15 @@ first import to run the triton backend in Triton's (slow) CPU interpreter.
 from attnsr import models
 from attnsr.layers import CBAM, ChannelAttention, LayerAttention, SelfAttention2d, SpatialAttention
 from attnsr.swap import swap_attention
-from attnsr.windows import HybridAttentionBlock, SwinBlock, WindowAttention, WindowAttentionQKV, WindowAttentionRPI
+from attnsr.windows import (
+    HybridAttentionBlock,
+    SwinBlock,
+    SwinV2Block,
+    WindowAttention,
+    WindowAttentionQKV,
+    WindowAttentionRPI,
+    WindowAttentionV2,
+)
 
 __all__ = [
     "CBAM",
@@ -18,9 +26,11 @@ __all__ = [
     "SelfAttention2d",
     "SpatialAttention",
     "SwinBlock",
+    "SwinV2Block",
     "WindowAttention",
     "WindowAttentionQKV",
     "WindowAttentionRPI",
+    "WindowAttentionV2",
     "models",
     "swap_attention",
 ]

@@ -33,9 +33,11 @@ from attnsr.layers import ChannelAttention, SelfAttention2d, _AttnsrLayer, _mlp_
 from attnsr.windows import (
     HybridAttentionBlock,
     SwinBlock,
+    SwinV2Block,
     WindowAttention,
     WindowAttentionQKV,
     WindowAttentionRPI,
+    WindowAttentionV2,
     standard_index,
 )
 
@@ -174,6 +176,45 @@ def _as_window_attention(module: nn.Module, backend: str):
     return None if cls is None else cls.from_module(module, backend=backend)
 
 
+def _as_window_attention_v2(module: nn.Module, backend: str):
+    """Swin V2's window attention: ``logit_scale`` (heads, 1, 1), ``cpb_mlp`` Sequential[Linear(2, h),
+    ReLU, Linear(h, heads, no bias)] over the buffer ``relative_coords_table``, a bias-free ``qkv``
+    Linear C → 3C with ``q_bias`` / ``v_bias`` (or none), ``proj``, Swin's index, attention dropout 0,
+    forward(x, mask)."""
+    dim, heads, window = (getattr(module, a, None) for a in ("dim", "num_heads", "window_size"))
+    logit, mlp = getattr(module, "logit_scale", None), getattr(module, "cpb_mlp", None)
+    if not (isinstance(dim, int) and isinstance(heads, int) and window is not None and heads > 0 and not dim % heads):
+        return None
+    if not (isinstance(logit, nn.Parameter) and logit.shape == (heads, 1, 1) and isinstance(mlp, nn.Sequential)
+            and len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and _acts_like(mlp[1], torch.relu)
+            and isinstance(mlp[2], nn.Linear) and mlp[0].in_features == 2 and mlp[2].bias is None
+            and (mlp[2].in_features, mlp[2].out_features) == (mlp[0].out_features, heads)):
+        return None
+    try:
+        wh, ww = (window, window) if isinstance(window, int) else tuple(window)
+    except (TypeError, ValueError):
+        return None
+    qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+    if not (isinstance(qkv, nn.Linear) and qkv.bias is None and (qkv.in_features, qkv.out_features) == (dim, 3 * dim)
+            and isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) == (dim, dim)):
+        return None
+    q_bias, v_bias = getattr(module, "q_bias", None), getattr(module, "v_bias", None)
+    if (q_bias is None) != (v_bias is None) or (q_bias is not None and q_bias.shape != (dim,)):
+        return None
+    drop = getattr(module, "attn_drop", None)
+    if drop is not None and not (isinstance(drop, nn.Dropout) and drop.p == 0):
+        return None
+    coords, index = getattr(module, "relative_coords_table", None), getattr(module, "relative_position_index", None)
+    if not isinstance(coords, torch.Tensor) or coords.shape != (1, 2 * wh - 1, 2 * ww - 1, 2):
+        return None
+    if not isinstance(index, torch.Tensor) or not torch.equal(index.cpu(), standard_index((wh, ww))):
+        return None
+    expected = sum(_param_count(m) for m in (qkv, proj, mlp)) + logit.numel() + 2 * dim * (q_bias is not None)
+    if _param_count(module) != expected or _forward_arity(module) != 2:
+        return None
+    return WindowAttentionV2.from_module(module, backend=backend)
+
+
 def _as_swin_block(module: nn.Module, backend: str):
     """SwinIR's / DRCT's SwinTransformerBlock (norm1, attn, drop_path, norm2, mlp; forward(x, x_size))
     or HAT's HAB (the same and a conv_block, conv_scale; forward(x, x_size, rpi_sa, attn_mask))."""
@@ -192,7 +233,10 @@ def _as_swin_block(module: nn.Module, backend: str):
         return None
     attn = children.get("attn")
     inner = _as_window_attention(attn, backend) if attn is not None else None
-    want = WindowAttention if cls is SwinBlock else WindowAttentionRPI
+    if inner is None and cls is SwinBlock and attn is not None:  # Swin V2's post-norm block (Swin2SR)
+        inner = _as_window_attention_v2(attn, backend)
+        cls = SwinV2Block if inner is not None else cls
+    want = {SwinBlock: WindowAttention, SwinV2Block: WindowAttentionV2, HybridAttentionBlock: WindowAttentionRPI}[cls]
     if type(inner) is not want or inner.window_size != (module.window_size, module.window_size):
         return None
     return cls.from_module(module, inner, backend=backend)
@@ -212,7 +256,7 @@ def _probe_call(new: nn.Module):
         (wh, ww), c = new.window_size, new.dim
         n = wh * ww
         x, mask = _probe((6, n, c)), _probe((3, n, n), 1) * 4
-        if type(new) is WindowAttention:
+        if type(new) in (WindowAttention, WindowAttentionV2):
             return lambda m: torch.cat([m(x), m(x, mask)])
         rpi = standard_index((wh, ww))
         x = _probe((6, n, 3 * c)) if type(new) is WindowAttentionQKV else x
@@ -220,7 +264,7 @@ def _probe_call(new: nn.Module):
     if isinstance(new, SwinBlock):
         h, w = new.input_resolution or (2 * new.window_size, 2 * new.window_size)
         x = _probe((2, h * w, new.attn.dim))
-        if type(new) is SwinBlock:
+        if type(new) in (SwinBlock, SwinV2Block):
             return lambda m: m(x, (h, w))
         from attnsr.kernels.reference import swin_shift_mask
 
@@ -246,7 +290,8 @@ def _same_function(old: nn.Module, new: nn.Module) -> bool:
     return expect.shape == got.shape and torch.allclose(expect, got, rtol=1e-9, atol=1e-9)
 
 
-_BUILDERS = (_as_swin_block, _as_window_attention, _as_self_attention, _as_channel_attention)
+_BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_self_attention,
+             _as_channel_attention)
 
 
 def _looks_like_attention(module: nn.Module) -> str | None:

@@ -5,20 +5,23 @@ state_dict keys (``qkv``, ``proj``, ``relative_position_bias_table``, ``relative
 and the same ``forward(x, mask=None)`` on windows already cut, (nW·B, N, C); a SwinIR checkpoint
 loads into it as it is. :class:`WindowAttentionRPI` takes HAT's and DRCT-style
 ``forward(x, rpi, mask=None)`` (the index passed in by the caller), :class:`WindowAttentionQKV`
-ATD's ``forward(qkv, rpi, mask=None)`` (the qkv projection done by the caller).
+ATD's ``forward(qkv, rpi, mask=None)`` (the qkv projection done by the caller) and
+:class:`WindowAttentionV2` Swin V2's cosine attention with its continuous position bias (Swin2SR's).
 
 :class:`SwinBlock` (SwinIR's / DRCT's ``SwinTransformerBlock``, ``forward(x, x_size)``) and
 :class:`HybridAttentionBlock` (HAT's ``HAB``, ``forward(x, x_size, rpi_sa, attn_mask)``) run the
 whole block on the un-partitioned map: the cyclic shift, the window partition and its reverse are
 index arithmetic in the kernel, never a copy. They are built by :func:`attnsr.swap_attention` from
 the model's own block, whose children (``norm1``, ``attn``, ``mlp``, ...) and buffers they adopt:
-the state_dict keys, the Parameter objects and their flags stay the model's.
+the state_dict keys, the Parameter objects and their flags stay the model's. :class:`SwinV2Block`
+is Swin2SR's post-norm block.
 
 Attention dropout is not fused: these layers exist only with ``attn_drop`` = 0 (SwinIR's, HAT's
 and DRCT's default); output dropout (``proj_drop``) and stochastic depth are kept as modules.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from attnsr import backends
@@ -150,6 +153,55 @@ class WindowAttentionQKV(WindowAttention):
         return self._windows(qkv, mask)
 
 
+class WindowAttentionV2(WindowAttention):
+    """Swin V2's window attention (Swin2SR's), ``forward(x, mask=None)``: cosine attention,
+    softmax(τ_h · q̂ k̂ᵀ + 16·sigmoid(B̂) + mask) v with q̂, k̂ the unit-normalised queries and keys of
+    each head, τ_h = exp(min(logit_scale_h, log 100)) and B̂ = cpb_mlp(relative_coords_table)
+    gathered by Swin's index: the continuous position bias.
+
+    Fused as window attention with scale 1, q̂·τ_h as queries and 16·sigmoid(cpb_mlp(·)) as the bias
+    table (its gradient reaches cpb_mlp through autograd); the normalised q̂, k̂ are formed in
+    PyTorch (two (B, N, C) tensors), the N×N scores never are. Built by :func:`attnsr.swap_attention`
+    from a Swin V2 module, whose parameters (``qkv`` without bias, ``q_bias``, ``v_bias``,
+    ``logit_scale``, ``cpb_mlp``, ``proj``) and buffers it adopts.
+    """
+
+    LOGIT_MAX = float(torch.log(torch.tensor(1.0 / 0.01)))  # Swin V2's clamp, the float32 value it uses
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("WindowAttentionV2 is built from a Swin V2 module: WindowAttentionV2.from_module(module)")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto"):
+        layer = cls.__new__(cls)
+        _AttnsrLayer.__init__(layer, backend)
+        layer._configure(module.dim, _pair(module.window_size), module.num_heads, 1.0)
+        return adopt(layer, module)
+
+    def _project_qkv(self, x):
+        bias = None
+        if self._parameters.get("q_bias") is not None:
+            bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+        return F.linear(x, self.qkv.weight, bias)
+
+    def attend(self, qkv, shift_size=0, mask=None):
+        heads, d = self.num_heads, self.dim // self.num_heads
+        q, k, v = qkv.split(self.dim, dim=-1)
+        tau = torch.clamp(self.logit_scale, max=self.LOGIT_MAX).exp().view(heads, 1)
+        q = (F.normalize(q.unflatten(-1, (heads, d)), dim=-1) * tau).flatten(-2)
+        k = F.normalize(k.unflatten(-1, (heads, d)), dim=-1).flatten(-2)
+        table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, heads))
+        return backends.window_attention(q, k, v, window_size=self.window_size, shift_size=shift_size,
+                                         heads=heads, bias_table=table.to(q.dtype), mask=mask, scale=1.0,
+                                         backend=self.backend)
+
+    def forward_map(self, x, shift_size=0, mask=None):
+        return self.project(self.attend(self._project_qkv(x), shift_size, mask))
+
+    def forward(self, x, mask=None):
+        return self._windows(self._project_qkv(x), mask)
+
+
 class SwinBlock(_AttnsrLayer):
     """SwinIR's ``SwinTransformerBlock`` on the un-partitioned map: x (B, H·W, C), x_size (H, W).
 
@@ -177,6 +229,19 @@ class SwinBlock(_AttnsrLayer):
 
     def extra_repr(self):
         return f"window_size={self.window_size}, shift_size={self.shift_size}, backend={self.backend!r}"
+
+
+class SwinV2Block(SwinBlock):
+    """Swin V2's block (Swin2SR's ``SwinTransformerBlock``), ``forward(x, x_size)``, post-norm:
+    x + drop_path(norm1(proj(SW-MSA(x)))), then + drop_path(norm2(mlp(·))); attention
+    :class:`WindowAttentionV2`, Swin's mask computed in the kernel."""
+
+    def forward(self, x, x_size):
+        h, w = x_size
+        b, length, c = x.shape
+        y = self.attn.forward_map(x.view(b, h, w, c), self.shift_size).view(b, length, c)
+        x = x + self.drop_path(self.norm1(y))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
 
 
 class HybridAttentionBlock(SwinBlock):

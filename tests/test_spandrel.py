@@ -44,7 +44,7 @@ LEFT = {
     "SwinIR": set(),
     "HAT": {"OCAB"},  # overlapping cross-attention: keys from larger windows than the queries
     "DRCT": set(),
-    "Swin2SR": {"WindowAttention"},  # cosine attention with a continuous position bias (Swin V2)
+    "Swin2SR": set(),
     "ATD": set(),  # its token-dictionary (ATD_CA) and category (AC_MSA) attentions are not recognised
     "RCAN": set(),
 }
@@ -77,7 +77,8 @@ def _covered(model):
     for name, m in model.named_modules():
         if isinstance(m, attnsr.windows.WindowAttention) or isinstance(m, attnsr.ChannelAttention):
             continue
-        if hasattr(m, "relative_position_bias_table") or type(m).__name__ in ("CALayer", "ChannelAttention"):
+        if hasattr(m, "relative_position_bias_table") or hasattr(m, "cpb_mlp") or \
+                type(m).__name__ in ("CALayer", "ChannelAttention"):
             names.append((name, type(m).__name__))
     return names
 
@@ -90,7 +91,7 @@ def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch):
     checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
     keys = list(checkpoint)
     attnsr.swap_attention(model, backend="torch")
-    assert model.attnsr_swapped or arch == "Swin2SR", f"{arch}: nothing swapped"
+    assert model.attnsr_swapped, f"{arch}: nothing swapped"
     left_classes = {cls for _, cls, _ in model.attnsr_left}
     assert left_classes == LEFT[arch], model.attnsr_left
     unswapped = {cls for _, cls in _covered(model)}
@@ -105,7 +106,7 @@ def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch):
     model.load_state_dict(checkpoint)
 
 
-@pytest.mark.parametrize("arch", ["SwinIR", "HAT"])
+@pytest.mark.parametrize("arch", ["SwinIR", "HAT", "Swin2SR"])
 def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(arch):
     """The swapped model on the triton backend (fp32; the interpreter on a CPU) and the untouched
     model in fp32, both against the untouched model in float64: output, input gradient and every
@@ -118,7 +119,8 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
     attnsr.swap_attention(model, backend="triton")
     kinds = {new for _, _, new in model.attnsr_swapped}
     want_kinds = {"SwinIR": {"SwinBlock", "WindowAttention"},
-                  "HAT": {"HybridAttentionBlock", "WindowAttentionRPI", "ChannelAttention"}}[arch]
+                  "HAT": {"HybridAttentionBlock", "WindowAttentionRPI", "ChannelAttention"},
+                  "Swin2SR": {"SwinV2Block", "WindowAttentionV2"}}[arch]
     assert kinds == want_kinds, kinds
     want = _outputs_and_grads(reference, _image(torch.float64))
     plain = _outputs_and_grads(published, _image(torch.float32))
