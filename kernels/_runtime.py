@@ -7,6 +7,8 @@ errors read the same everywhere: ``<op>: <what was given>; <what was expected>``
 
 import contextlib
 import functools
+import math
+import numbers
 import operator
 import os
 
@@ -278,3 +280,15 @@ def on_tensor_device(fn):
             return fn(*args, **kwargs)
 
     return wrapper
+
+
+def check_scale(op: str, scale, head_dim: int) -> float:
+    """The softmax scale: (head dim)^−½ by default, else a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a finite real number or None, got {scale!r}")
+    # abs(scale) < inf rather than math.isfinite: it also takes torch.compile(dynamic=True)'s symbolic floats
+    if not abs(scale) < math.inf:
+        raise ValueError(f"{op}: scale must be a finite real number or None, got {scale!r}")
+    return float(scale)

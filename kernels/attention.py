@@ -45,8 +45,6 @@ Under the interpreter every kernel runs 32×32 tiles unless overridden.
 """
 
 import contextlib
-import math
-import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -64,6 +62,7 @@ from ._runtime import (
     check_rank,
     check_runnable,
     check_same,
+    check_scale,
     check_tensor,
     dot_dtype,
     interpreting,
@@ -747,17 +746,6 @@ refuse_double_backward(_attention_backward_op, "flash_attention / image_attentio
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_scale(op: str, scale, head_dim: int) -> float:
-    if scale is None:
-        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"{op}: scale must be a finite real number or None, got {scale!r}")
-    # abs(scale) < inf rather than math.isfinite: it also takes torch.compile(dynamic=True)'s symbolic floats
-    if not abs(scale) < math.inf:
-        raise ValueError(f"{op}: scale must be a finite real number or None, got {scale!r}")
-    return float(scale)
-
-
 def _check_head_dim(op: str, head_dim: int, how: str) -> None:
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(
@@ -802,7 +790,7 @@ def flash_attention(q, k, v, *, scale=None, precision=None):
     _check_head_dim(op, head_dim, "q.shape[3]")
     if n_kv == 0 and n_q > 0 and batch * heads > 0:
         raise ValueError(f"{op}: k and v have M = 0 keys; softmax over no keys is undefined")
-    scale = _check_scale(op, scale, head_dim)
+    scale = check_scale(op, scale, head_dim)
     check_precision(op, precision)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads, n_q, n_kv)
@@ -843,7 +831,7 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, precision=Non
         )
     head_dim = channels // heads * patch_size * patch_size
     _check_head_dim(op, head_dim, f"C/heads·p² = {channels}/{heads}·{patch_size}²")
-    scale = _check_scale(op, scale, head_dim)
+    scale = check_scale(op, scale, head_dim)
     check_precision(op, precision)
     check_runnable(op, q.device)
     tokens = (height // patch_size) * (width // patch_size)

@@ -29,7 +29,6 @@ fp32; fp16/bf16 accumulate in fp32; float64 computes in float64. Reverse mode on
 """
 
 import functools
-import math
 import numbers
 
 import torch
@@ -46,6 +45,7 @@ from ._runtime import (
     check_rank,
     check_runnable,
     check_same,
+    check_scale,
     check_tensor,
     dot_dtype,
     dot_precision,
@@ -713,10 +713,7 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
         if mask.device != q.device:
             raise ValueError(f"{op}: mask is on {mask.device} but q is on {q.device}")
         mask = mask.detach()
-    if scale is None:
-        scale = head_dim ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"{op}: scale must be a finite real number or None, got {scale!r}")
+    scale = check_scale(op, scale, head_dim)
     check_runnable(op, q.device)
     if batch > MAX_GRID_YZ or heads > MAX_GRID_YZ:
         raise ValueError(f"{op}: batch {batch} and heads {heads} must each be at most {MAX_GRID_YZ}")

@@ -177,3 +177,25 @@ def test_look_alike_gates_of_torchvision_models_are_left():
         model = build().eval()
         attnsr.swap_attention(model, backend="torch")
         assert model.attnsr_swapped == [], model.attnsr_swapped
+
+
+def test_swapped_swinir_compiles_in_one_graph_and_a_new_image_size_reuses_it():
+    """torch.compile(dynamic=True, fullgraph=True) over a swapped SwinIR on the triton backend: no
+    graph break (the fused blocks hold no roll, partition or data-dependent reshape), outputs equal
+    to the published model, and once the first size has been specialised (SwinIR's own code
+    compares x_size with its training resolution) further image sizes reuse the graph."""
+    from torch._dynamo.utils import counters
+
+    reference = _build("SwinIR", torch.float32)
+    model = copy.deepcopy(reference)
+    attnsr.swap_attention(model, backend="triton")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True, fullgraph=True)
+    graphs = []
+    with torch.no_grad():
+        for size in ((16, 16), (24, 16), (16, 32), (32, 24)):
+            x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+            assert_close_rel(compiled(x), reference(x), torch.float32, f"compiled output at {size}")
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[1] == graphs[2] == graphs[3], f"graphs after each size: {graphs}"
