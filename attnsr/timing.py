@@ -94,15 +94,17 @@ def _peak_rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def cpu_peak_mib(case: dict, builder: str, pythonpath: str = "", timeout: float = 900) -> float:
+def cpu_peak_mib(case: dict, builder: str, pythonpath: str = "", timeout: float = 900,
+                 env: dict | None = None) -> float:
     """Peak RSS growth of one call of ``case`` (rebuilt by ``builder``) in a fresh subprocess (Linux).
 
     ``pythonpath`` is prepended to the subprocess's PYTHONPATH (the source tree, for builders that
-    live outside the installed package).
+    live outside the installed package); ``env`` adds variables to its environment (e.g.
+    ``TRITON_INTERPRET=1``, which must be set before the subprocess imports triton).
     """
     # a fixed mmap threshold: large blocks are mapped and unmapped, not kept in glibc's arenas, so
     # memory freed by the warm-up call cannot hide the measured call's peak
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    env = dict(os.environ, **(env or {}), MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, "-m", "attnsr.timing", builder, json.dumps(case)], capture_output=True,

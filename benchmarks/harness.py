@@ -2,11 +2,16 @@
 
 A *case* is a JSON-able dict (suite, op, provider, shape, dtype, mode, ...) so that it can be
 rebuilt in a fresh subprocess to measure host memory. Each suite module (``attention``,
-``gating``, ``networks``) provides ``cases(device, quick)`` and ``build(case, device)``; ``build``
+``gating``, ``networks``, ``window``) provides ``cases(device, quick)`` and ``build(case, device)``; ``build``
 returns a :class:`Bench` (the function to time plus its counted work) or raises :class:`Skip`.
 
 Timing and memory are measured by :mod:`attnsr.timing` (shared with ``attnsr demo``, which must
 run from an installed wheel where this folder is absent).
+
+A case with ``"interpret": True`` runs Triton kernels on a CPU, which only Triton's interpreter can
+do: it is not built or timed in this process (the interpreter's time says nothing about a GPU and
+triton is already imported here without it), only its peak memory is measured, in a subprocess
+with ``TRITON_INTERPRET=1``.
 """
 
 import dataclasses
@@ -19,7 +24,8 @@ import torch
 from attnsr import timing
 from attnsr.timing import cuda_peak_mib, device_info, time_ms  # noqa: F401  (the suites use harness.*)
 
-SUITES = ("attention", "gating", "networks")
+SUITES = ("attention", "gating", "networks", "window")
+INTERPRETED = "memory only: Triton's interpreter on CPU (its time says nothing about a GPU)"
 
 
 class Skip(Exception):
@@ -49,6 +55,8 @@ class Row:
     gbps: float = None
     status: str = "ok"
     speedup: dict = dataclasses.field(default_factory=dict)  # baseline provider -> its time / ours
+    memory_ratio: dict = dataclasses.field(default_factory=dict)  # baseline provider -> our peak / its peak
+    note: str = None  # what a reader must know about the figures (e.g. memory measured, time not)
 
 
 def suite_module(name: str):
@@ -63,9 +71,11 @@ def build_case(case: dict, device: torch.device) -> Bench:
 
 
 def cpu_peak_mib(case: dict, timeout: float = 900) -> float:
-    """Peak RSS growth of one call of ``case`` in a fresh subprocess that imports this source tree."""
+    """Peak RSS growth of one call of ``case`` in a fresh subprocess that imports this source tree
+    (with Triton's interpreter for an ``interpret`` case)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return timing.cpu_peak_mib(case, "benchmarks.harness:build_case", pythonpath=root, timeout=timeout)
+    env = {"TRITON_INTERPRET": "1"} if case.get("interpret") else None
+    return timing.cpu_peak_mib(case, "benchmarks.harness:build_case", pythonpath=root, timeout=timeout, env=env)
 
 
 def case_row(case: dict, status: str = "ok") -> Row:
@@ -75,6 +85,13 @@ def case_row(case: dict, status: str = "ok") -> Row:
 
 def run_case(case: dict, device: torch.device, measure_memory: bool = True, cpu_repeats: int = 3) -> Row:
     row = case_row(case)
+    if case.get("interpret"):  # memory only, in a subprocess (see the module docstring)
+        row.note = INTERPRETED
+        if not measure_memory:
+            row.status = "skipped: a memory-only case (Triton's interpreter) run without memory measurement"
+            return row
+        row.peak_mib = cpu_peak_mib(case)
+        return row
     try:
         bench = suite_module(case["suite"]).build(case, device)
     except Skip as why:
@@ -95,8 +112,9 @@ def run_case(case: dict, device: torch.device, measure_memory: bool = True, cpu_
     return row
 
 
-def add_speedups(rows: list, baselines: dict) -> None:
-    """Fill ``row.speedup[b] = time(b) / time(row)`` for every baseline b measured in the same group.
+def add_speedups(rows: list, baselines: dict, memory_suites=()) -> None:
+    """Fill ``row.speedup[b] = time(b) / time(row)`` for every baseline b measured in the same group,
+    and for the suites of ``memory_suites`` ``row.memory_ratio[b] = peak(row) / peak(b)``.
 
     ``baselines`` maps a suite to its baseline providers (e.g. attention: naive, sdpa).
     """
@@ -104,12 +122,14 @@ def add_speedups(rows: list, baselines: dict) -> None:
     for r in rows:
         by_group.setdefault(r.group, {})[r.provider] = r
     for r in rows:
-        if r.median_ms is None:
-            continue
         for b in baselines.get(r.suite, ()):
             base = by_group[r.group].get(b)
-            if base is not None and base is not r and base.median_ms is not None:
+            if base is None or base is r:
+                continue
+            if r.median_ms is not None and base.median_ms is not None:
                 r.speedup[b] = base.median_ms / r.median_ms
+            if r.suite in memory_suites and r.peak_mib is not None and base.peak_mib:
+                r.memory_ratio[b] = r.peak_mib / base.peak_mib
 
 
 def write_json(rows: list, info: dict, path: str) -> None:

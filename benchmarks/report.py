@@ -23,7 +23,9 @@ import torch
 
 from benchmarks import harness
 
-BASELINES = {"attention": ("naive", "sdpa"), "gating": ("eager", "compile"), "networks": ("naive", "torch")}
+BASELINES = {"attention": ("naive", "sdpa"), "gating": ("eager", "compile"), "networks": ("naive", "torch"),
+             "window": ("naive", "sdpa", "flex")}
+MEMORY_RATIOS = ("window",)  # suites whose rows also carry peak memory ÷ each baseline's (its headline is memory)
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
 
@@ -48,14 +50,17 @@ def print_table(rows, file=None) -> None:
         if r["status"] != "ok":
             print(f"  {r['provider']:<9} {r['status']}", file=file)
             continue
-        ratios = ", ".join(f"{v:.2f}x vs {k}" for k, v in r["speedup"].items())
+        ratios = ", ".join([f"{v:.2f}x vs {k}" for k, v in r["speedup"].items()]
+                           + [f"mem {v:.2f}x of {k}" for k, v in r.get("memory_ratio", {}).items()]
+                           + ([r["note"]] if r.get("note") else []))
         print(f"  {r['provider']:<9} {_fmt(r['median_ms'], '10.3f'):>10} {_fmt(r['peak_mib'], '9.1f'):>9} "
               f"{_fmt(r['tflops'], '8.2f'):>8} {_fmt(r['gbps'], '7.1f'):>7}  {ratios}", file=file)
 
 
-# headline cases run in this order of suites: the attention targets, then the network step, then
-# the gating (whose torch.compile baseline takes longest to build)
-HEADLINE_ORDER = ("attention", "networks", "gating")
+# headline cases run in this order of suites: the attention targets, then the network step, the
+# window blocks' training-step memory, then the gating (whose torch.compile baseline takes longest
+# to build)
+HEADLINE_ORDER = ("attention", "networks", "window", "gating")
 
 
 def _todo(suites, device, quick: bool, headline_first: bool) -> list:
@@ -117,7 +122,7 @@ def run(suites, quick: bool, memory: bool, out=None, cpu_repeats: int = 3, budge
                 row = harness.case_row(case, failure)
                 _free_device_memory(device)
         rows.append(row)
-        harness.add_speedups(rows, BASELINES)
+        harness.add_speedups(rows, BASELINES, MEMORY_RATIOS)
         harness.write_json(kept + rows, info, path)
     print_results(info, rows)
     print(f"rows written to {path}")
@@ -167,7 +172,7 @@ def plot(path: str, required: bool = True) -> list:
     series = {}
     for r in rows:
         size = _map_size(r["shape"])
-        if r["status"] != "ok" or size is None:
+        if r["status"] != "ok" or size is None or r["median_ms"] is None:  # memory-only rows: no time to plot
             continue
         variant = re.sub(r"^\d+x\d+x\d+x\d+ ?", "", r["shape"]) or "-"
         if r["suite"] == "attention":  # the channels set the head dim: one line per C
@@ -254,10 +259,13 @@ def markdown(path: str, suites=None) -> str:
                     status = "not run" if "GPU" in r["status"] else r["status"].replace("skipped: ", "skip: ")
                     cells.append(status.replace("|", "\\|"))
                 else:
-                    cells.append(f"{r['median_ms']:.2f} ms / {_fmt(r['peak_mib'], '.0f')} MiB")
+                    time_ms = "time not measured" if r["median_ms"] is None else f"{r['median_ms']:.2f} ms"
+                    cells.append(f"{time_ms} / {_fmt(r['peak_mib'], '.0f')} MiB")
             first = BASELINES.get(suite, ("",))[0]  # naive / eager: every other provider vs it and vs the rest
-            ratios = "; ".join(f"{r['provider']} {v:.2f}x vs {k}" for r in rs for k, v in r["speedup"].items()
-                               if r["provider"] != first)
+            ratios = "; ".join([f"{r['provider']} {v:.2f}x vs {k}" for r in rs for k, v in r["speedup"].items()
+                                if r["provider"] != first]
+                               + [f"{r['provider']} memory {v:.2f}x of {k}" for r in rs
+                                  for k, v in r.get("memory_ratio", {}).items() if r["provider"] != first])
             lines.append(f"| {group} | " + " | ".join(cells) + f" | {ratios} |")
         lines.append("")
         png = f"{os.path.splitext(path)[0]}-{suite}.png"

@@ -27,6 +27,7 @@ def test_headline_cases_run_first_and_groups_stay_whole():
     assert ("attention", "image_attention", "bfloat16") in headline
     assert ("gating", "cbam_gate", "bfloat16") in headline
     assert ("networks", "ImageInpaintingModel", "bfloat16") in headline
+    assert ("window", "HAB", "bfloat16") in headline
     assert any(c["shape"] == "8x4x256x256 b8" for c in todo), "the batch-8 training-step target is missing"
     seen, previous = set(), None
     for c in todo:  # every group's providers are adjacent, so the table compares them side by side
@@ -129,3 +130,36 @@ def test_table_prints_a_results_file_again(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "device: dev" in out and "cbam_gate fwd g" in out and "4.00x vs eager" in out
     assert out.strip().endswith("cases: gating 2 ok")
+
+
+def test_an_interpreted_case_is_measured_for_memory_only_with_the_interpreter(tmp_path, monkeypatch, capsys):
+    """The window suite's fused block on CPU: never built in this process, its peak memory measured
+    in a subprocess whose environment sets TRITON_INTERPRET=1; no time, a note saying why."""
+    calls = []
+
+    def cpu_peak_mib(case, builder, pythonpath="", timeout=900, env=None):
+        calls.append((case["provider"], env))
+        return {"naive": 40.0, "sdpa": 20.0}.get(case["provider"], 10.0)
+
+    monkeypatch.setattr(harness.timing, "cpu_peak_mib", cpu_peak_mib)
+    monkeypatch.setattr(harness, "time_ms", lambda fn, device, repeats: 3.0)
+    cpu = torch.device("cpu")
+    group = [c for c in harness.suite_module("window").cases(cpu, quick=True) if c["op"] == "HAB"]
+    assert [c["provider"] for c in group] == ["naive", "sdpa", "attnsr"] and group[-1]["interpret"]
+    assert "window" in harness.SUITES and "window" in report.HEADLINE_ORDER
+    rows = [harness.run_case(c, cpu) for c in group]
+    harness.add_speedups(rows, report.BASELINES, report.MEMORY_RATIOS)
+    fused = rows[-1]
+    assert calls == [("naive", None), ("sdpa", None), ("attnsr", {"TRITON_INTERPRET": "1"})]
+    assert fused.status == "ok" and fused.median_ms is None and fused.peak_mib == 10.0
+    assert fused.note == harness.INTERPRETED and fused.speedup == {}
+    assert fused.memory_ratio == {"naive": 0.25, "sdpa": 0.5}
+    skipped = harness.run_case(group[-1], cpu, measure_memory=False)
+    assert skipped.status.startswith("skipped: a memory-only case") and len(calls) == 3
+    report.print_table([vars(r) for r in rows])
+    table = capsys.readouterr().out
+    assert "mem 0.25x of naive, mem 0.50x of sdpa, " + harness.INTERPRETED in table
+    path = tmp_path / "r.json"
+    harness.write_json(rows, {"device": "dev", "torch": "t", "triton": "tr", "date": "d"}, str(path))
+    text = report.markdown(str(path))
+    assert "| time not measured / 10 MiB |" in text and "attnsr memory 0.25x of naive" in text
