@@ -7,17 +7,28 @@ reproduce is left untouched. Recognised:
 - the inpainting document's self-attention block: Conv2d children ``conv_q``, ``conv_k``,
   ``conv_v`` (C → C', k×k, stride 1, padding k//2) and ``conv_out`` (C' → C, 1×1), nothing else
   with parameters; forward x + conv_out(softmax(qᵀk/√C) v) -> :class:`SelfAttention2d`;
-- an RCAN / squeeze-excitation channel attention: an AdaptiveAvgPool2d(1) child and a Sequential
-  child [1×1 Conv2d or Linear C → h, ReLU, 1×1 Conv2d or Linear h → C, Sigmoid], nothing else with
-  parameters; forward x · gate -> :class:`ChannelAttention`;
+- a channel attention (RCAN's CALayer, HAT's, torchvision's SqueezeExcitation, timm's SE modules):
+  at most one AdaptiveAvgPool2d(1), 1×1 Conv2d or Linear C → h and h → C, a ReLU and a sigmoid
+  (recognised by what they compute), a Sequential child opened up, nothing else with parameters;
+  forward x · gate -> :class:`ChannelAttention`;
+- a Swin window attention (SwinIR's, HAT's, DRCT's, ATD's) -> :class:`~attnsr.windows.WindowAttention`
+  or its RPI / QKV variants by the forward's arity; Swin V2's (Swin2SR's) ->
+  :class:`~attnsr.windows.WindowAttentionV2`;
+- the blocks around them: SwinIR's / DRCT's SwinTransformerBlock -> :class:`~attnsr.windows.SwinBlock`,
+  Swin2SR's -> :class:`~attnsr.windows.SwinV2Block`, HAT's HAB ->
+  :class:`~attnsr.windows.HybridAttentionBlock` (roll, partition and reverse gone);
 - attnsr's own layers: switched to the requested backend.
+
+What looks like attention but is left (a variant not fused, a look-alike computing something
+else) is listed in ``model.attnsr_left``.
 
 The replacements adopt the original layers instead of copying them: the model keeps its own
 modules and Parameter objects (an optimizer built before the swap still trains the model), their
 ``requires_grad`` flags, device and dtype, and each replacement takes the train/eval mode of the
 module it replaces. Where attnsr's layout fuses weights (q, k, v in one convolution), the fused
 weight is concatenated from the originals in each forward. A self-attention block keeps its
-state_dict keys (``conv_q`` ...); a channel attention's MLP becomes ``fc1``/``fc2`` and accepts its
+state_dict keys (``conv_q`` ...), and so do window attentions and blocks (they adopt the module's
+children and buffers under their names); a channel attention's MLP becomes ``fc1``/``fc2`` and accepts its
 old keys as aliases, so a checkpoint saved before the swap loads after it.
 """
 
