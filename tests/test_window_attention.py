@@ -36,6 +36,9 @@ CASES = [  # b, h, w, c, heads, window, shift, bias, layout
     pytest.param(1, 8, 8, 60, 2, (4, 4), (0, 0), False, "nchw", id="nchw-w4-noshift-D30"),
     pytest.param(1, 6, 10, 21, 3, (3, 5), (1, 2), True, "nhwc", id="odd-w3x5-D7"),
     pytest.param(1, 4, 8, 8, 1, (4, 8), (2, 5), True, "swinir", id="one-window-shifted"),
+    pytest.param(1, 16, 16, 20, 2, (16, 16), (8, 8), True, "swinir", id="w16-N256-shift8"),  # HAT's window
+    pytest.param(1, 8, 8, 64, 2, (4, 4), (2, 2), True, "nhwc", id="D32"),
+    pytest.param(1, 8, 8, 64, 1, (4, 4), (2, 2), True, "swinir", id="D64"),
 ]
 
 
