@@ -52,8 +52,12 @@ NOT_YET_MET = [
     # needs the split operands of three products in registers; at head dim 256 the forward spills
     # from 16×16 tiles up (208 B at 16×16, triton 3.9), the backward from head dim 128 (dQ 336 B,
     # dK/dV 784 B, on wgmma). float64's backward at head dim 256 likewise. Reading q / dO (or k / v)
-    # again in every step of the loop instead of holding them did not change the dQ figure. What is
-    # left: the head dim split in halves inside the kernels, or a backward laid out as FA3's.
+    # again in every step of the loop instead of holding them did not change the dQ figure. Nor does
+    # splitting dK/dV into two launches (fp32 D=128, triton 3.9): dV alone, without the V tile and
+    # the dK accumulator, is clean at 16×64/4/2 (228 regs, wgmma), but dK alone (K and V tiles, 3×TF32
+    # hi/lo halves of both) spills 72-1088 B at every setting tried (16×16/4/1 to 64×32/4/1). What is
+    # left: operands split into tf32 hi/lo halves once, in memory, so that the three products read
+    # them from shared memory instead of splitting them in registers, or a backward laid out as FA3's.
     ("_attn_fwd_kernel", "attention fp32 D=256", "spills"),
     ("_attn_bwd_dkdv_kernel", "attention fp32 D=128", "spills"),
     ("_attn_bwd_dkdv_kernel", "attention fp32 D=256", "spills"),
