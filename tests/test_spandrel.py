@@ -106,7 +106,7 @@ def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch):
     model.load_state_dict(checkpoint)
 
 
-@pytest.mark.parametrize("arch", ["SwinIR", "HAT", "Swin2SR"])
+@pytest.mark.parametrize("arch", list(ARCHS))
 def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(arch):
     """The swapped model on the triton backend (fp32; the interpreter on a CPU) and the untouched
     model in fp32, both against the untouched model in float64: output, input gradient and every
@@ -120,7 +120,10 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
     kinds = {new for _, _, new in model.attnsr_swapped}
     want_kinds = {"SwinIR": {"SwinBlock", "WindowAttention"},
                   "HAT": {"HybridAttentionBlock", "WindowAttentionRPI", "ChannelAttention"},
-                  "Swin2SR": {"SwinV2Block", "WindowAttentionV2"}}[arch]
+                  "Swin2SR": {"SwinV2Block", "WindowAttentionV2"},
+                  "DRCT": {"SwinBlock", "WindowAttention"},
+                  "ATD": {"WindowAttentionQKV"},
+                  "RCAN": {"ChannelAttention"}}[arch]
     assert kinds == want_kinds, kinds
     want = _outputs_and_grads(reference, _image(torch.float64))
     plain = _outputs_and_grads(published, _image(torch.float32))
