@@ -274,7 +274,7 @@ def _probe_call(new: nn.Module):
         return lambda m: torch.cat([m(x, rpi), m(x, rpi, mask)])
     if isinstance(new, SwinBlock):
         h, w = new.input_resolution or (2 * new.window_size, 2 * new.window_size)
-        x = _probe((2, h * w, new.attn.dim))
+        x = _probe((1, h * w, new.attn.dim))
         if type(new) in (SwinBlock, SwinV2Block):
             return lambda m: m(x, (h, w))
         from attnsr.kernels.reference import swin_shift_mask
