@@ -4,10 +4,11 @@ that are not powers of two, the layouts SR transformers hold q, k, v in, masks, 
 
 import pytest
 import torch
-from conftest import DEVICE
-from tolerances import assert_close_rel
+from conftest import DEVICE, needs_gpu
+from tolerances import FP32_PRECISION_TOL, assert_close_rel
 
 from attnsr.kernels import window_attention
+from attnsr.kernels._runtime import dot_precision
 from attnsr.kernels.reference import relative_position_index, swin_shift_mask, window_attention_ref
 
 
@@ -152,6 +153,26 @@ def test_half_precision(dtype):
     assert got[1].dtype == torch.float32
     assert_close_rel(got[0], want[0], dtype, "dqkv")
     assert_close_rel(got[1], want[1], dtype, "d bias_table")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_hat_shapes_on_the_gpu(dtype):
+    """HAT's attention as it trains (window 16 shifted by 8, 6 heads of 30, a (B, H·W, 3C)
+    projection) with the native 16-bit dots and, for fp32, the precision PyTorch's settings give
+    (3×TF32 by default): output and every gradient against float64."""
+    q, k, v, leaf = _qkv("swinir", 2, 32, 48, 180, dtype)
+    table = _table((16, 16), 6, torch.float32)
+    kwargs = dict(window_size=16, shift_size=8, heads=6, bias_table=table)
+    out = window_attention(q, k, v, **kwargs)
+    ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
+    tol = FP32_PRECISION_TOL[dot_precision(dtype)] if dtype == torch.float32 else None
+    assert_close_rel(out, ref, dtype, "output", tol=tol)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (leaf, table), grad)
+    want = torch.autograd.grad(ref, (leaf, table), grad.double())
+    assert_close_rel(got[0], want[0], dtype, "dqkv", tol=tol)
+    assert_close_rel(got[1], want[1], dtype, "d bias_table", tol=tol)
 
 
 def test_backward_is_deterministic():
