@@ -172,7 +172,10 @@ def _upscale(args) -> int:
         from attnsr.published import load_published
 
         model = load_published(args.checkpoint, not_attnsr=str(e))
-        scale, sizes = model.scale, {"multiple": model.multiple, "minimum": model.minimum}
+        # a whole image padded as spandrel pads it (the network pads the rest its own way); tiles on
+        # the window grid
+        scale = model.scale
+        sizes = {"multiple": model.multiple if args.tile else model.pad_multiple, "minimum": model.minimum}
     if args.scale is not None and args.scale != scale:
         raise InputError(f"checkpoint {args.checkpoint} upscales ×{scale}; --scale asked for ×{args.scale}")
     if sizes:

@@ -5,12 +5,14 @@ spandrel recognises an architecture from a state_dict's keys and returns a descr
 (``.model``), its ``.scale``, ``.input_channels`` and ``.size_requirements`` (a minimum size, a
 multiple, square or not). Calling the descriptor pads the image to those requirements, runs the
 network and clamps; :class:`PublishedSR` instead runs the network alone, so that attnsr's own
-padding and tiling (:func:`attnsr.infer.upscale`) take its place. Its ``multiple`` is the least
-common multiple of spandrel's ``multiple_of`` and the network's window (``window_size`` of SwinIR,
-HAT, DRCT ...): the image is padded to it as the network's own ``check_image_size`` would pad it
-(reflect, bottom and right), so the whole-image output is spandrel's, and tiles start on the window
-grid. Its ``minimum`` is spandrel's: smaller images are padded up to it first, as spandrel does
-(an axis shorter than half the minimum is padded by replication, where spandrel reflects first).
+padding and tiling (:func:`attnsr.infer.upscale`) take its place. A whole image is padded as
+spandrel pads it, to ``pad_multiple`` (spandrel's ``multiple_of``) and ``minimum`` (reflect, bottom
+and right), and the network pads the rest itself as it does under spandrel (SwinIR's reflect to its
+window, ATD's mirror, OmniSR's zeros, ...), so the whole-image output is spandrel's. Tiles are
+multiples of ``multiple``, the least common multiple of ``multiple_of`` and the network's window
+(``window_size`` of SwinIR, HAT, DRCT ...), and start on the window grid; the image is padded to it
+(reflect) when tiled. Smaller images are padded up to ``minimum`` first, as spandrel does (an axis
+shorter than half the minimum is padded by replication, where spandrel reflects first).
 
 Limits: image-to-image networks only (super-resolution, scale ≥ 1; 1× restoration networks run
 too), RGB in and out; networks that need square inputs are refused.
@@ -47,7 +49,7 @@ class PublishedSR(nn.Module):
     ``net`` is spandrel's module (swap attnsr's layers into it with :func:`attnsr.swap_attention`);
     ``forward`` is the architecture's own call (spandrel's ``call_fn``: most call the network on the
     image, a few take an element of its output). ``architecture``, ``scale``, ``in_channels``,
-    ``multiple`` and ``minimum`` describe it (see the module notes).
+    ``pad_multiple``, ``multiple`` and ``minimum`` describe it (see the module notes).
 
     x: (B, C, H, W), H and W multiples of ``multiple``, at least ``minimum`` -> (B, C, scale·H, scale·W).
     """
@@ -62,7 +64,8 @@ class PublishedSR(nn.Module):
         req = descriptor.size_requirements
         window = getattr(self.net, "window_size", None)
         self.window = window if isinstance(window, int) and window > 0 else None
-        self.multiple = math.lcm(int(req.multiple_of), self.window or 1)
+        self.pad_multiple = int(req.multiple_of)
+        self.multiple = math.lcm(self.pad_multiple, self.window or 1)
         self.minimum = int(req.minimum)
         self._call = getattr(descriptor, "_call_fn", None) or (lambda model, x: model(x))
 

@@ -136,7 +136,7 @@ def test_whole_image_equals_spandrel(arch, size, published):
     image = _image(*size)
     net = _swapped(path)
     assert {new for _, _, new in net.net.attnsr_swapped} == SWAPPED[arch]
-    got = infer.upscale(net, image, scale=net.scale, multiple=net.multiple, minimum=net.minimum)
+    got = infer.upscale(net, image, scale=net.scale, multiple=net.pad_multiple, minimum=net.minimum)
     assert_close_rel(got, _spandrel_output(path, image), torch.float32, f"{arch} {size}")
 
 
@@ -175,7 +175,7 @@ def test_tiles_lie_on_the_window_grid(arch, published, tmp_path):
     multiple, minimum = SIZES[arch]
     assert len(sizes) == 4, sizes  # 2×2 tiles of 32: rows 0 and 8, columns 0 and 12 (SwinIR: 16 of 48 padded)
     assert all(s % multiple == 0 and s >= minimum for size in sizes for s in size), sizes
-    whole = infer.upscale(net, image, scale=2, multiple=net.multiple, minimum=net.minimum)
+    whole = infer.upscale(net, image, scale=2, multiple=net.pad_multiple, minimum=net.minimum)
     diff = (tiled - whole).abs()
     assert diff.max() <= 1 / 255, f"{arch}: tiled differs from whole by {diff.max():.3g} (mean {diff.mean():.3g})"
     out = tmp_path / "tiled.png"
@@ -242,3 +242,24 @@ def test_published_checkpoint_of_the_wrong_scale_or_tile(published, tmp_path, ca
     assert "--tile for HAT: tile 14 rounded down to a multiple of 4 is 12, smaller than the network's minimum " \
            "input 16" in line, line
     assert not out.exists()
+
+
+def test_a_network_that_pads_itself_its_own_way_equals_spandrel(tmp_path):
+    """ATD pads to its window by mirroring, not by reflection: a whole image is padded only as
+    spandrel pads it (its multiple_of), and the network pads the rest itself, as under spandrel."""
+    from spandrel.architectures.ATD import ATD
+
+    torch.manual_seed(0)
+    net = ATD(**SWIN, embed_dim=12, window_size=4, category_size=32, num_tokens=8, reducted_dim=4,
+              upsampler="pixelshuffledirect").eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = str(tmp_path / "ATD_x2.pth")
+    torch.save(net.state_dict(), path)
+    published = load_published(path)
+    assert published.architecture == "ATD" and published.multiple % 4 == 0
+    swap_attention(published.net, backend="torch")
+    image = _image(21, 30)
+    got = infer.upscale(published, image, scale=2, multiple=published.pad_multiple, minimum=published.minimum)
+    assert_close_rel(got, _spandrel_output(path, image), torch.float32, "ATD 21×30")
