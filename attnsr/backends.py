@@ -14,6 +14,7 @@ and returns the autocast dtype (``autocast_inputs``; the fused ops apply the sam
 to direct ``torch.ops.attnsr.*`` calls).
 """
 
+import functools
 import math
 
 import torch
@@ -84,22 +85,36 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
     return _kernels().reference.tokens_to_image(out, c, h, w, patch_size)
 
 
+@functools.lru_cache(maxsize=64)
+def _window_index(window: tuple, device: torch.device) -> torch.Tensor:
+    """Swin's relative position index of a window, flattened, on ``device`` (built once)."""
+    return _kernels().reference.relative_position_index(window).reshape(-1).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_mask(height: int, width: int, window: tuple, shift: tuple, device: torch.device) -> torch.Tensor:
+    """Swin's (nW, N, N) shifted-window mask on ``device`` (built once per size)."""
+    return _kernels().reference.swin_shift_mask(height, width, window, shift, dtype=torch.float32, device=device)
+
+
 def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None,
                      backend="auto"):
     """Swin window attention of (B, H, W, C) maps -> (B, H, W, C); the semantics of
-    :func:`attnsr.kernels.window_attention` on every backend. ``naive``: SwinIR's maths as written
-    (roll, partition, q·kᵀ + bias + mask, softmax, reverse); ``torch``: the same partition with SDPA
-    and the bias and mask as its float mask (4-D, last dim contiguous)."""
+    :func:`attnsr.kernels.window_attention` on every backend (the same checks, ``mask=False`` for no
+    mask even when shifted). ``naive``: SwinIR's maths as written (roll, partition, q·kᵀ + bias +
+    mask, softmax, reverse); ``torch``: the same partition with SDPA and the bias and mask as its
+    float mask (4-D, last dim contiguous; the index and Swin's mask built once per size and device)."""
     backend = resolve(backend, q)
-    q, k, v = autocast_inputs(q, k, v)
     if backend == "triton":
         return _kernels().window_attention(q, k, v, window_size=window_size, shift_size=shift_size, heads=heads,
                                            bias_table=bias_table, mask=mask, scale=scale)
-    ref = _kernels().reference
+    from attnsr.kernels.window_attention import check_window_args
+
+    q, k, v, heads, (wh, ww), (sh, sw), mask, scale = check_window_args(q, k, v, window_size, shift_size, heads,
+                                                                        bias_table, mask, scale)
     if backend == "naive":
-        return ref.window_attention_ref(q, k, v, window_size=window_size, shift_size=shift_size, heads=heads,
-                                        bias_table=bias_table, mask=mask, scale=scale)
-    (wh, ww), (sh, sw) = ref._pair(window_size), ref._pair(shift_size)
+        return _kernels().reference.window_attention_ref(q, k, v, window_size=(wh, ww), shift_size=(sh, sw),
+                                                         heads=heads, bias_table=bias_table, mask=mask, scale=scale)
     b, h, w, c = q.shape
     n, nw = wh * ww, (h // wh) * (w // ww)
 
@@ -111,18 +126,16 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
 
     extra = None
     if bias_table is not None:
-        index = ref.relative_position_index((wh, ww)).reshape(-1).to(bias_table.device)
-        extra = bias_table[index].reshape(n, n, heads).permute(2, 0, 1)[None]  # (1, heads, N, N)
+        extra = bias_table[_window_index((wh, ww), bias_table.device)].reshape(n, n, heads).permute(2, 0, 1)[None]
     if mask is None and (sh or sw):
-        mask = ref.swin_shift_mask(h, w, (wh, ww), (sh, sw), dtype=torch.float32, device=q.device)
-    if mask is not None:  # the batch's windows cycle through the mask's slices
+        mask = _shift_mask(h, w, (wh, ww), (sh, sw), q.device)
+    if mask is not None and mask is not False:  # the batch's windows cycle through the mask's slices
         m = mask.shape[0]
         full = mask[:, None].expand(b * nw // m, m, heads, n, n).reshape(b * nw, heads, n, n)
         extra = full if extra is None else extra + full
     if extra is not None:
         extra = extra.to(q.dtype)
-    out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=extra,
-                                         scale=(c // heads) ** -0.5 if scale is None else scale)
+    out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=extra, scale=scale)
     out = out.reshape(b, h // wh, w // ww, heads, wh, ww, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
     out = out.reshape(b, h, w, c)
     if sh or sw:

@@ -112,7 +112,9 @@ def _acts_like(module: nn.Module, fn) -> bool:
     own class for them, as timm has), checked on a probe."""
     if _param_count(module) or len(list(module.children())):
         return False
-    probe = torch.linspace(-6, 6, 25, dtype=torch.float64).view(1, 25, 1, 1)
+    # far beyond ±6, so that ReLU6 or a clipped Hardtanh is not taken for ReLU, nor a hard sigmoid for one
+    probe = torch.cat([torch.linspace(-6, 6, 25), torch.tensor([-1e4, -100.0, -7.5, 6.5, 7.5, 100.0, 1e4])])
+    probe = probe.to(torch.float64).view(1, -1, 1, 1)
     try:
         with torch.no_grad():
             return torch.allclose(module(probe.clone()), fn(probe), rtol=1e-12, atol=1e-12)
@@ -308,7 +310,7 @@ _BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_
 def _looks_like_attention(module: nn.Module) -> str | None:
     """Why a module that was not swapped still looks like an attention layer, or None."""
     if hasattr(module, "logit_scale") and hasattr(module, "cpb_mlp"):
-        return "cosine attention with a continuous position bias (Swin V2): not fused"
+        return "a Swin V2 window attention this version does not fuse (structure or function differs)"
     if hasattr(module, "overlap_win_size"):
         return "overlapping cross-attention (keys from larger windows than the queries): not fused"
     if isinstance(getattr(module, "relative_position_bias_table", None), torch.Tensor):

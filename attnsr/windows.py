@@ -12,8 +12,9 @@ ATD's ``forward(qkv, rpi, mask=None)`` (the qkv projection done by the caller) a
 :class:`HybridAttentionBlock` (HAT's ``HAB``, ``forward(x, x_size, rpi_sa, attn_mask)``) run the
 whole block on the un-partitioned map: the cyclic shift, the window partition and its reverse are
 index arithmetic in the kernel, never a copy. They are built by :func:`attnsr.swap_attention` from
-the model's own block, whose children (``norm1``, ``attn``, ``mlp``, ...) and buffers they adopt:
-the state_dict keys, the Parameter objects and their flags stay the model's. :class:`SwinV2Block`
+the model's own block, whose children (``norm1``, ``attn``, ``mlp``, ...), buffers and plain
+settings (``dim``, ``num_heads``, ...) they adopt: the state_dict keys, the Parameter objects and
+their flags stay the model's (its methods, such as SwinIR's ``flops``, do not carry over). :class:`SwinV2Block`
 is Swin2SR's post-norm block.
 
 Attention dropout is not fused: these layers exist only with ``attn_drop`` = 0 (SwinIR's, HAT's
@@ -46,6 +47,9 @@ def adopt(layer: nn.Module, module: nn.Module) -> nn.Module:
         getattr(layer, store).update(getattr(module, store))
     layer._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
     layer.training = module.training
+    for name, value in vars(module).items():  # plain settings (dim, num_heads, mlp_ratio, ...) it lacks
+        if not name.startswith("_") and name not in vars(layer) and isinstance(value, (bool, int, float, str, tuple)):
+            object.__setattr__(layer, name, value)
     return layer
 
 
@@ -263,7 +267,8 @@ class HybridAttentionBlock(SwinBlock):
         check_index(self.attn, rpi_sa)
         y = self.norm1(x).view(b, h, w, c)
         conv = self.conv_block(y.permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(b, length, c)
-        mask = attn_mask if self.shift_size > 0 else None
+        # HAT applies the mask it is given when shifted, none otherwise (False: not even Swin's)
+        mask = (False if attn_mask is None else attn_mask) if self.shift_size > 0 else None
         a = self.attn.forward_map(y, self.shift_size, mask).view(b, length, c)
         x = x + self.drop_path(a) + conv * self.conv_scale
         return x + self.drop_path(self.mlp(self.norm2(x)))

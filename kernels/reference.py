@@ -12,7 +12,7 @@ import torch
 def _maybe_upcast(upcast: bool, *tensors):
     if not upcast:
         return tensors
-    return tuple(None if t is None else t.double() for t in tensors)
+    return tuple(t if t is None or t is False else t.double() for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,7 +119,7 @@ def window_attention_ref(q, k, v, *, window_size, shift_size=0, heads=1, bias_ta
         attn = attn + bias.reshape(n, n, heads).permute(2, 0, 1)[None]
     if mask is None and (sh or sw):
         mask = swin_shift_mask(h, w, (wh, ww), (sh, sw), dtype=attn.dtype, device=attn.device)
-    if mask is not None:
+    if mask is not None and mask is not False:  # False: no mask, even when shifted
         m = mask.shape[0]  # the batch's b·nW windows cycle through the mask's M slices, as in SwinIR
         attn = (attn.reshape(b * nw // m, m, heads, n, n) + mask.to(attn.dtype)[None, :, None]).reshape(b * nw, heads,
                                                                                                           n, n)

@@ -29,6 +29,7 @@ fp32; fp16/bf16 accumulate in fp32; float64 computes in float64. Reverse mode on
 """
 
 import functools
+import math
 import numbers
 
 import torch
@@ -446,7 +447,7 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype):
 class _Geometry:
     """Everything a launch derives from the call: sizes, windows, flags, the optional tensors."""
 
-    def __init__(self, q, table, mask, window, shift, heads):
+    def __init__(self, q, table, mask, window, shift, heads, swin_mask=True):
         self.batch, self.height, self.width, channels = q.shape
         self.wh, self.ww = window
         self.sh, self.sw = shift
@@ -456,7 +457,8 @@ class _Geometry:
         self.nwc = self.width // self.ww
         self.nwin = (self.height // self.wh) * self.nwc
         self.has_bias = table is not None
-        self.mask_mode = MASK_GIVEN if mask is not None else MASK_SWIN if (self.sh or self.sw) else MASK_NONE
+        self.mask_mode = (MASK_GIVEN if mask is not None else MASK_SWIN if (self.sh or self.sw) and swin_mask
+                          else MASK_NONE)
         self.table = table if table is not None else q  # any pointer: unused when HAS_BIAS is off
         self.mask = mask if mask is not None else q
         self.table_strides = table.stride() if table is not None else (0, 0)
@@ -581,13 +583,13 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
 @on_tensor_device
 def _window_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor | None, mask: torch.Tensor | None,
-    window: list[int], shift: list[int], heads: int, scale: float,
+    window: list[int], shift: list[int], heads: int, scale: float, swin_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return window_forward(q, k, v, _Geometry(q, table, mask, window, shift, heads), scale)
+    return window_forward(q, k, v, _Geometry(q, table, mask, window, shift, heads, swin_mask), scale)
 
 
 @_window_op.register_fake
-def _(q, k, v, table, mask, window, shift, heads, scale):
+def _(q, k, v, table, mask, window, shift, heads, scale, swin_mask):
     b, h, w, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((b, heads, h * w),
                                                                                       dtype=stat_dtype(q.dtype))
@@ -598,25 +600,25 @@ def _(q, k, v, table, mask, window, shift, heads, scale):
 def _window_backward_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     table: torch.Tensor | None, mask: torch.Tensor | None, window: list[int], shift: list[int], heads: int,
-    scale: float, need_qkv: bool, need_table: bool,
+    scale: float, swin_mask: bool, need_qkv: bool, need_table: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    geo = _Geometry(q, table, mask, window, shift, heads)
+    geo = _Geometry(q, table, mask, window, shift, heads, swin_mask)
     return window_backward(do, q, k, v, out, lse, geo, scale, need_qkv, need_table)
 
 
 @_window_backward_op.register_fake
-def _(do, q, k, v, out, lse, table, mask, window, shift, heads, scale, need_qkv, need_table):
+def _(do, q, k, v, out, lse, table, mask, window, shift, heads, scale, swin_mask, need_qkv, need_table):
     grads = [torch.empty_like(q, memory_format=torch.contiguous_format) if need_qkv else absent_output(q)
              for _ in range(3)]
     return (*grads, table.new_empty(table.shape) if need_table else absent_output(q))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, table, mask, window, shift, heads, scale = inputs
+    q, k, v, table, mask, window, shift, heads, scale, swin_mask = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, table, mask)
-    ctx.meta = (window, shift, heads, scale)
+    ctx.meta = (window, shift, heads, scale, swin_mask)
 
 
 def _backward(ctx, do, _dlse):
@@ -626,7 +628,7 @@ def _backward(ctx, do, _dlse):
     dq, dk, dv, dtable = _window_backward_op(do, q, k, v, out, lse, table, mask, *ctx.meta, need_qkv,
                                              bool(need_table and table is not None))
     return (dq if need_q else None, dk if need_k else None, dv if need_v else None,
-            dtable if need_table else None, None, None, None, None, None)
+            dtable if need_table else None, None, None, None, None, None, None)
 
 
 _window_op.register_autograd(_backward, setup_context=_setup_context)
@@ -654,23 +656,9 @@ def _pair(op: str, name: str, value, low: int) -> tuple:
     return int(a), int(b)
 
 
-def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None):
-    """Swin window attention (W-MSA, or SW-MSA with a shift), fused, forward and backward.
-
-    q, k, v: (B, H, W, C) token maps with any strides, e.g. ``qkv.view(B, H, W, 3 * C).split(C, -1)``
-    of one qkv projection of a (B, H·W, C) sequence (SwinIR's layout), or NCHW maps through
-    ``x.permute(0, 2, 3, 1)``. Head h owns channels [h·C/heads, (h+1)·C/heads).
-    window_size: Wh or (Wh, Ww), dividing H and W. shift_size: s or (sh, sw), 0 ≤ s < window side;
-    a shifted call masks, as Swin does, the pairs of tokens that the roll brought together (−100),
-    unless ``mask`` is given.
-    bias_table: ((2Wh−1)(2Ww−1), heads) relative position bias table (Swin's
-    ``relative_position_bias_table``), gathered in the kernel; it gets a gradient.
-    mask: an additive (M, N, N) mask, N = Wh·Ww; it gets no gradient. The batch's windows, numbered
-    b·nW + w (nW = H/Wh · W/Ww per map, row-major in the rolled map), take mask[(b·nW + w) mod M]:
-    M = nW broadcasts one (nW, N, N) mask over the batch; with a batch of maps of one window each
-    (SwinIR's partitioned windows, (B·nW, Wh, Ww, C)), M = nW cycles as SwinIR's broadcast does.
-    scale defaults to (C/heads)^−½. Returns (B, H, W, C), contiguous.
-    """
+def check_window_args(q, k, v, window_size, shift_size, heads, bias_table, mask, scale):
+    """Validate a window attention call (any backend); return (q, k, v cast under autocast, heads,
+    (wh, ww), (sh, sw), mask, scale) with defaults resolved. ``mask``: None, False or a tensor."""
     op = "window_attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t)
@@ -704,19 +692,57 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
                              f"window and {heads} heads")
         if bias_table.device != q.device:
             raise ValueError(f"{op}: bias_table is on {bias_table.device} but q is on {q.device}")
-    if mask is not None:
+    if mask is not None and mask is not False:
         check_tensor(op, "mask", mask)
-        nwin = (height // wh) * (width // ww)
-        if mask.dim() != 3 or tuple(mask.shape[1:]) != (n, n) or mask.shape[0] % nwin or (batch * nwin) % mask.shape[0]:
-            raise ValueError(f"{op}: mask is {tuple(mask.shape)}; expected (M, N, N) with N = {n} and M a multiple "
-                             f"of the map's {nwin} windows that divides the batch's {batch * nwin} windows")
+        windows = batch * (height // wh) * (width // ww)
+        m = mask.shape[0] if mask.dim() == 3 else 0
+        if mask.dim() != 3 or tuple(mask.shape[1:]) != (n, n) or m < 1 or windows % m:
+            raise ValueError(f"{op}: mask is {tuple(mask.shape)}; expected (M, N, N) with N = {n} and M ≥ 1 "
+                             f"dividing the batch's {windows} windows")
         if mask.device != q.device:
             raise ValueError(f"{op}: mask is on {mask.device} but q is on {q.device}")
         mask = mask.detach()
     scale = check_scale(op, scale, head_dim)
+    return q, k, v, heads, (wh, ww), (sh, sw), mask, scale
+
+
+def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None):
+    """Swin window attention (W-MSA, or SW-MSA with a shift), fused, forward and backward.
+
+    q, k, v: (B, H, W, C) token maps with any strides, e.g. ``qkv.view(B, H, W, 3 * C).split(C, -1)``
+    of one qkv projection of a (B, H·W, C) sequence (SwinIR's layout), or NCHW maps through
+    ``x.permute(0, 2, 3, 1)``. Head h owns channels [h·C/heads, (h+1)·C/heads).
+    window_size: Wh or (Wh, Ww), dividing H and W. shift_size: s or (sh, sw), 0 ≤ s < window side;
+    a shifted call masks, as Swin does, the pairs of tokens that the roll brought together (−100),
+    unless ``mask`` is given (or False: no mask at all).
+    bias_table: ((2Wh−1)(2Ww−1), heads) relative position bias table (Swin's
+    ``relative_position_bias_table``), gathered in the kernel; it gets a gradient.
+    mask: an additive (M, N, N) mask, N = Wh·Ww; it gets no gradient. The batch's windows, numbered
+    b·nW + w (nW = H/Wh · W/Ww per map, row-major in the rolled map), take mask[(b·nW + w) mod M]:
+    M = nW broadcasts one (nW, N, N) mask over the batch; with a batch of maps of one window each
+    (SwinIR's partitioned windows, (B·nW, Wh, Ww, C)), M = nW cycles as SwinIR's broadcast does;
+    M = 1 gives every window the same mask. M must divide the batch's B·nW windows.
+    scale defaults to (C/heads)^−½. Returns (B, H, W, C), contiguous. A batch larger than the GPU's
+    grid allows (65535) runs in slices, each starting at mask slice 0.
+    """
+    op = "window_attention"
+    q, k, v, heads, window, shift, mask, scale = check_window_args(q, k, v, window_size, shift_size, heads,
+                                                                   bias_table, mask, scale)
+    batch, height, width, _ = q.shape
     check_runnable(op, q.device)
-    if batch > MAX_GRID_YZ or heads > MAX_GRID_YZ:
-        raise ValueError(f"{op}: batch {batch} and heads {heads} must each be at most {MAX_GRID_YZ}")
-    if batch * height * width > MAX_INDEX:
-        raise ValueError(f"{op}: {batch * height * width} tokens; the kernels handle at most {MAX_INDEX}")
-    return _window_op(q, k, v, bias_table, mask, [wh, ww], [sh, sw], heads, float(scale))[0]
+    if heads > MAX_GRID_YZ:
+        raise ValueError(f"{op}: heads = {heads}; the kernels take at most {MAX_GRID_YZ}")
+    if height * width > MAX_INDEX:
+        raise ValueError(f"{op}: a map of {height * width} tokens; the kernels handle at most {MAX_INDEX}")
+    swin_mask = mask is not False
+    mask = None if mask is False else mask
+    nwin = (height // window[0]) * (width // window[1])
+    # slices of the batch that start at mask slice 0 and keep each slice's tokens within the index limit
+    step = 1 if mask is None else mask.shape[0] // math.gcd(mask.shape[0], nwin)
+    most = max(step, min(MAX_GRID_YZ, MAX_INDEX // max(1, height * width)) // step * step)
+    if most > MAX_GRID_YZ:
+        raise ValueError(f"{op}: a mask of {mask.shape[0]} slices over maps of {nwin} windows repeats only every "
+                         f"{step} maps, more than the kernels' {MAX_GRID_YZ} per launch")
+    outs = [_window_op(q[i:i + most], k[i:i + most], v[i:i + most], bias_table, mask, list(window), list(shift),
+                       heads, float(scale), swin_mask)[0] for i in range(0, max(batch, 1), most)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)

@@ -171,6 +171,15 @@ def test_squeeze_excitation_forms_of_torchvision_and_timm_are_swapped(form):
     model.load_state_dict(checkpoint)  # the old keys load as aliases of fc1 / fc2
 
 
+def test_an_se_gate_with_relu6_is_left():
+    """ReLU6 equals ReLU on small inputs: the activation check must look past 6."""
+    from torchvision.ops import SqueezeExcitation
+
+    model = torch.nn.Sequential(SqueezeExcitation(16, 4, activation=torch.nn.ReLU6))
+    attnsr.swap_attention(model, backend="torch")
+    assert model.attnsr_swapped == [], model.attnsr_swapped
+
+
 def test_look_alike_gates_of_torchvision_models_are_left():
     """MobileNetV3's SE gate is a hard sigmoid and EfficientNet's activation is SiLU: same structure,
     another function, so nothing in them is swapped."""
@@ -202,3 +211,21 @@ def test_swapped_swinir_compiles_in_one_graph_and_a_new_image_size_reuses_it():
             assert_close_rel(compiled(x), reference(x), torch.float32, f"compiled output at {size}")
             graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[2] == graphs[3], f"graphs after each size: {graphs}"
+
+
+def test_hats_shifted_block_given_no_mask_applies_none():
+    """HAT's HAB applies the attn_mask it is given when shifted; given None it applies no mask at all,
+    and so does the fused block (not Swin's mask)."""
+    model = _build("HAT", torch.float64)
+    block = model.layers[0].residual_group.blocks[1]
+    assert block.shift_size > 0
+    original = copy.deepcopy(block)
+    attnsr.swap_attention(model, backend="torch")
+    fused = model.layers[0].residual_group.blocks[1]
+    assert isinstance(fused, attnsr.HybridAttentionBlock)
+    x = torch.randn(2, 16 * 16, 12, dtype=torch.float64, device=DEVICE)
+    rpi = model.relative_position_index_SA
+    for backend in ("torch", "triton"):
+        fused.attn.backend = backend
+        assert_close_rel(fused(x, (16, 16), rpi, None), original(x, (16, 16), rpi, None), torch.float64,
+                         f"{backend}: shifted, no mask")

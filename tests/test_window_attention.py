@@ -2,6 +2,8 @@
 output and every gradient (q, k, v, the bias table), shifts, rectangular and odd windows, head dims
 that are not powers of two, the layouts SR transformers hold q, k, v in, masks, determinism, errors."""
 
+import importlib
+
 import pytest
 import torch
 from conftest import DEVICE, needs_gpu
@@ -134,6 +136,47 @@ def test_partitioned_windows_cycle_through_the_mask_as_swinir_broadcasts_it():
     assert_close_rel(got[1], want[1], dtype, "d bias_table")
 
 
+def test_mask_false_is_no_mask_even_when_shifted_and_one_slice_is_broadcast():
+    """mask=False: a shifted call with no mask at all (HAT's block given attn_mask=None); an
+    (1, N, N) mask: the same slice for every window."""
+    q, k, v, _ = _qkv("nhwc", 2, 8, 12, 8, torch.float64)
+    kwargs = dict(window_size=4, shift_size=2, heads=2, bias_table=_table((4, 4), 2, torch.float64))
+    none = window_attention(q, k, v, **kwargs, mask=False)
+    assert torch.equal(none, window_attention(q, k, v, **kwargs, mask=torch.zeros(6, 16, 16, dtype=torch.float64,
+                                                                                         device=DEVICE)))
+    assert_close_rel(none, window_attention_ref(q, k, v, **kwargs, mask=False), torch.float64)
+    one = torch.randn(1, 16, 16, dtype=torch.float64, device=DEVICE)
+    assert torch.equal(window_attention(q, k, v, **kwargs, mask=one),
+                       window_attention(q, k, v, **kwargs, mask=one.expand(6, 16, 16)))
+
+
+def test_a_batch_beyond_the_grid_runs_in_slices_that_keep_the_mask_phase(monkeypatch):
+    """More windows than a launch takes (65535 on the batch axis; 4 here): slices of whole mask
+    periods (4, 4, 2 windows for a mask of 2 slices), the result equal to the reference."""
+    module = importlib.import_module("attnsr.kernels.window_attention")
+    monkeypatch.setattr(module, "MAX_GRID_YZ", 4)
+    q, k, v, leaf = _qkv("swinir", 10, 4, 4, 8, torch.float64)
+    mask = torch.randn(2, 16, 16, dtype=torch.float64, device=DEVICE) * 3
+    table = _table((4, 4), 2, torch.float64)
+    kwargs = dict(window_size=4, heads=2, bias_table=table, mask=mask)
+    out = window_attention(q, k, v, **kwargs)
+    ref = window_attention_ref(q, k, v, **kwargs)
+    assert_close_rel(out, ref, torch.float64)
+    grad = torch.randn_like(out)
+    got, want = torch.autograd.grad(out, (leaf, table), grad), torch.autograd.grad(ref, (leaf, table), grad)
+    assert_close_rel(got[0], want[0], torch.float64, "dqkv")
+    assert_close_rel(got[1], want[1], torch.float64, "d bias_table")
+    five = torch.zeros(5, 16, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="repeats only every 5 maps, more than the kernels' 4 per launch"):
+        window_attention(q, k, v, window_size=4, heads=2, mask=five)
+
+
+def test_empty_maps_with_a_mask_give_empty_results():
+    q = torch.randn(2, 0, 8, 8, device=DEVICE)
+    assert window_attention(q, q, q, window_size=4, heads=2, mask=torch.zeros(2, 16, 16, device=DEVICE)).shape == \
+        (2, 0, 8, 8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision(dtype):
     """fp16, and bf16, what Swin-style SR models train in (they overflow fp16). On a GPU the dot
@@ -209,9 +252,11 @@ def test_relative_position_index_is_swins():
     (dict(shift_size=4), "shift_size 4×4 must be smaller than the window 4×4"),
     (dict(heads=3), "heads = 3 does not divide C = 8"),
     (dict(bias_table=torch.zeros(48, 2)), r"bias_table is \(48, 2\); expected \(49, 2\) for a 4×4 window and 2 heads"),
-    (dict(mask=torch.zeros(4, 16, 15)), r"mask is \(4, 16, 15\); expected \(M, N, N\) with N = 16 and M a multiple "
-                                        "of the map's 4 windows that divides the batch's 4 windows"),
+    (dict(mask=torch.zeros(4, 16, 15)), r"mask is \(4, 16, 15\); expected \(M, N, N\) with N = 16 and M ≥ 1 "
+                                        "dividing the batch's 4 windows"),
     (dict(mask=torch.zeros(8, 16, 16)), r"mask is \(8, 16, 16\); expected \(M, N, N\)"),
+    (dict(mask=torch.zeros(0, 16, 16)), r"mask is \(0, 16, 16\); expected \(M, N, N\)"),
+    (dict(mask=torch.zeros(4, 16, 16, dtype=torch.bool)), "mask"),
     (dict(window_size=(4, 4, 4)), "window_size must be an int or a pair of ints, got"),
     (dict(scale=float("nan")), "scale must be a finite real number or None, got nan"),
 ])
@@ -236,14 +281,16 @@ def test_custom_ops_pass_opcheck():
     q, k, v = qkv.split(4, -1)
     table = torch.randn(15, 2, device=DEVICE, requires_grad=True)
     mask = torch.randn(4, 6, 6, device=DEVICE)
-    for args in ((q, k, v, table, None, [2, 3], [1, 1], 2, 0.5), (q, k, v, None, mask, [2, 3], [1, 1], 1, 0.3)):
+    for args in ((q, k, v, table, None, [2, 3], [1, 1], 2, 0.5, True),
+                 (q, k, v, None, mask, [2, 3], [1, 1], 1, 0.3, True),
+                 (q, k, v, table, None, [2, 3], [1, 1], 2, 0.5, False)):
         result = torch.library.opcheck(_window_op, args)
         assert all(r == "SUCCESS" for r in result.values()), result
     q, k, v, table = (t.detach() for t in (q, k, v, table))  # the backward op has no derivative itself
-    out, lse = _window_op(q, k, v, table, None, [2, 3], [1, 1], 2, 0.5)
+    out, lse = _window_op(q, k, v, table, None, [2, 3], [1, 1], 2, 0.5, True)
     do = torch.randn_like(out)
     for need_qkv, need_table in ((True, True), (False, True), (True, False)):
-        args = (do, q, k, v, out, lse, table, None, [2, 3], [1, 1], 2, 0.5, need_qkv, need_table)
+        args = (do, q, k, v, out, lse, table, None, [2, 3], [1, 1], 2, 0.5, True, need_qkv, need_table)
         result = torch.library.opcheck(_window_backward_op, args)
         assert all(r == "SUCCESS" for r in result.values()), result
 

@@ -9,6 +9,7 @@ from conftest import DEVICE
 from tolerances import assert_close_rel
 
 import attnsr
+import attnsr.backends
 from attnsr.kernels.reference import relative_position_index, swin_shift_mask
 
 SWINIR_KEYS = ["relative_position_bias_table", "relative_position_index", "qkv.weight", "qkv.bias", "proj.weight",
@@ -84,6 +85,17 @@ def test_rpi_and_qkv_variants_take_the_callers_index_and_projection():
     assert torch.equal(qkv_layer(layer.qkv(x), rpi), layer(x))
     with pytest.raises(ValueError, match=r"relative position index passed in is not Swin's for a \(4, 4\) window"):
         rpi_layer(x, rpi.flip(0))
+
+
+@pytest.mark.parametrize("backend", ["naive", "torch"])
+def test_every_backend_checks_the_arguments_as_the_kernel_does(backend):
+    q = torch.randn(2, 8, 8, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"mask is \(3, 16, 16\); expected \(M, N, N\) with N = 16 and M ≥ 1 "
+                                         "dividing the batch's 8 windows"):
+        attnsr.backends.window_attention(q, q, q, window_size=4, heads=2, mask=torch.zeros(3, 16, 16),
+                                         backend=backend)
+    with pytest.raises(ValueError, match="shift_size 4×4 must be smaller than the window 4×4"):
+        attnsr.backends.window_attention(q, q, q, window_size=4, shift_size=4, backend=backend)
 
 
 def test_bad_input_says_what_was_given_and_expected():
