@@ -69,6 +69,15 @@ def _cases(device):
            lambda t: R.image_attention_ref(*t.split(32, 1), heads=2, patch_size=2, upcast=True))
     yield ("flash_attention N100 M70 D20", sequence, K.flash_attention,
            lambda *t: R.flash_attention_ref(*t, upcast=True))
+    def windows(gen):  # SwinIR's (B, H·W, 3C) qkv projection and its relative position bias table
+        return [randn(2, 8 * 12, 3 * 20, gen=gen), randn(49, 2, gen=gen) * 0.5]
+
+    def on_windows(op, **extra):  # the three maps split out of the projection, a shifted window of 4
+        return lambda qkv, table: op(*qkv.view(2, 8, 12, 60).split(20, -1), window_size=4, shift_size=2, heads=2,
+                                     bias_table=table, **extra)
+
+    yield ("window_attention w4 shift 2, D10, bias", windows, on_windows(K.window_attention),
+           on_windows(R.window_attention_ref, upcast=True))
     yield ("channel_gate avgmax, C19", channel, lambda *t: K.channel_gate(*t, pool="avgmax"),
            lambda *t: R.channel_gate_ref(*t, pool="avgmax", upcast=True))
     yield ("spatial_gate k7, NHWC", spatial, K.spatial_gate, lambda *t: R.spatial_gate_ref(*t, upcast=True))
