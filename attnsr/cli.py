@@ -132,6 +132,13 @@ def _check_tiling(args) -> None:
         raise InputError(f"--tile {args.tile} must be larger than --overlap {args.overlap}")
 
 
+def _run_device(args) -> str:
+    """Where inference runs: ``--device``, else CUDA when available (as its help says), else the CPU."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _prepare_published(net, args) -> None:
     """Check ``--tile`` against a published network's sizes, then swap attnsr's layers into it on the
     backend that ``--backend`` resolves to on the device it will run on; print what was swapped."""
@@ -147,8 +154,7 @@ def _prepare_published(net, args) -> None:
             check_tiling(args.tile, args.overlap, net.multiple, net.minimum)
         except ValueError as e:
             raise InputError(f"--tile for {net.architecture}: {str(e).removeprefix('tiled_apply: ')}") from None
-    device = torch.device(args.device or "cpu")  # where infer.upscale runs it: the loaded network is on the CPU
-    backend = resolve(args.backend, torch.empty(0, device=device))
+    backend = resolve(args.backend, torch.empty(0, device=_run_device(args)))
     swap_attention(net.net, backend=backend)
     window = f", window {net.window}" if net.window else ""
     print(f"{args.checkpoint}: {net.architecture} ×{net.scale} (spandrel{window}), backend {backend}")
@@ -180,7 +186,7 @@ def _upscale(args) -> int:
         raise InputError(f"checkpoint {args.checkpoint} upscales ×{scale}; --scale asked for ×{args.scale}")
     if sizes:
         _prepare_published(model, args)
-    out = infer.upscale(model, image, scale=scale, tile=args.tile, overlap=args.overlap, device=args.device,
+    out = infer.upscale(model, image, scale=scale, tile=args.tile, overlap=args.overlap, device=_run_device(args),
                         **sizes)
     write_image(out, args.output)
     print(f"wrote {args.output} ({out.shape[-1]}×{out.shape[-2]}, ×{scale})")
@@ -196,7 +202,7 @@ def _inpaint(args) -> int:
     image = read_image(args.input)
     mask = read_mask(args.mask, size=image.shape[-2:])
     _, model = _load_network(args.checkpoint, "inpaint", args.backend)
-    out = infer.inpaint(model, image, mask, tile=args.tile, overlap=args.overlap, device=args.device)
+    out = infer.inpaint(model, image, mask, tile=args.tile, overlap=args.overlap, device=_run_device(args))
     write_image(out, args.output)
     print(f"wrote {args.output} ({out.shape[-1]}×{out.shape[-2]}, {mask.mean().item():.1%} of pixels filled)")
     return 0

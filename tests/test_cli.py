@@ -217,3 +217,22 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "a.png").stat().st_mode & 0o777 == 0o644
+
+
+def test_upscale_and_inpaint_run_on_cuda_by_default_when_it_is_there(tmp_path, monkeypatch):
+    """`--device` defaults to CUDA when available, as its help says (the network is loaded on the
+    CPU and moved by inference): what reaches infer.upscale / infer.inpaint, with CUDA faked present."""
+    from attnsr import infer
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(infer, "upscale", lambda model, image, **kw: seen.append(kw["device"]) or image)
+    monkeypatch.setattr(infer, "inpaint", lambda model, image, mask, **kw: seen.append(kw["device"]) or image)
+    img = _image(tmp_path / "in.png", 8, 8)
+    write_image(torch.zeros(1, 8, 8), tmp_path / "mask.png")
+    out = str(tmp_path / "out.png")
+    assert cli.main(["upscale", img, "-o", out, "--checkpoint", _sr_checkpoint(tmp_path / "sr.pt")]) == 0
+    assert cli.main(["inpaint", img, "--mask", str(tmp_path / "mask.png"), "-o", out,
+                     "--checkpoint", _inpaint_checkpoint(tmp_path / "inpaint.pt")]) == 0
+    assert cli.main(["upscale", img, "-o", out, "--checkpoint", str(tmp_path / "sr.pt"), "--device", "cpu"]) == 0
+    assert seen == ["cuda", "cuda", "cpu"]
