@@ -507,11 +507,24 @@ _PATCH_LAUNCH = {
 }
 
 
+# Exact fp32 (precision="ieee", FMA units) takes the fp64 entries, except where those spill with
+# fp32 operands: these replace them (chosen on `attention fp32-ieee D=<d>`, sm_90, clean in triton
+# 3.9 and 3.6 alike).
+_IEEE_LAUNCH = {
+    # the fp64 entry 16×32/4/2 spills 8 B (3.9); sm_90: 58 regs, 20 KiB
+    ("dkdv", 32): _Launch(32, 32, 8, 2),
+    # the fp64 entry 32×32/4/2 spills 504 B (3.9), 16×32/4/2 40 B under 3.6; sm_90: 80 regs, 36 KiB
+    ("dkdv", 64): _Launch(32, 32, 8, 2),
+    # the fp64 entry 16×32/4/1 spills 288 B (3.9), 32×32/8/2 3784 B; sm_90: 168 regs, 34 KiB
+    ("fwd", 128): _Launch(32, 16, 4, 2),
+}
+
+
 def _dtype_class(dtype: torch.dtype, precision=None) -> str:
     """The dtype's class in ``_LAUNCH``: "16bit", "fp32" (on tensor cores: 3×TF32 or tf32) or
     "fp64". Exact fp32 (``precision="ieee"``) runs on the FMA units as float64 does and takes the
-    fp64 entries: the fp32 ones, chosen for 3×TF32, spill there (triton 3.6, head dim 64: forward
-    5608 B, dQ 2512 B)."""
+    fp64 entries (``_IEEE_LAUNCH`` replaces three): the fp32 ones, chosen for 3×TF32, spill there
+    (triton 3.6, head dim 64: forward 5608 B, dQ 2512 B)."""
     if dtype == torch.float32 and dot_precision(dtype, precision) == "ieee":
         return "fp64"
     return {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
@@ -591,6 +604,8 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
     else:
         key = (kernel, block_d, _dtype_class(dtype, precision))
         entry = _PATCH_LAUNCH.get(key, _LAUNCH[key]) if patch > 1 else _LAUNCH[key]
+        if dtype == torch.float32 and key[2] == "fp64" and patch == 1:  # exact fp32 on the FMA units
+            entry = _IEEE_LAUNCH.get((kernel, block_d), entry)
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages)
     cfg.update(_OVERRIDES.get(kernel, {}))

@@ -373,7 +373,7 @@ def gate_cases() -> list:
     """(case, arch) pairs of the gate (``tests/test_compile_report.py``), few enough to compile in
     about two minutes on two cores: on sm_90, one case per (padded head dim, dtype class) of the
     attention launch table, which covers every entry (a case launches all four attention kernels),
-    2×2 patches, exact fp32 (precision="ieee") at head dims 64 and 128, and the gating kernels
+    2×2 patches, exact fp32 (precision="ieee") at head dims 30, 64 and 128, and the gating kernels
     (cbam_gate launches all eight of the gates; layer_fusion its two) in every dtype class; on
     sm_80, where shared memory is smallest, the attention cases with the largest tiles (head dims
     128 and 256, 16-bit and fp32)."""
@@ -381,7 +381,7 @@ def gate_cases() -> list:
     for dtype in ("fp32", "bf16", "fp64"):
         work += [(_attention_case(dtype, d), 90) for d in (16, 32, 64, 128, 256)]
     work += [(_attention_case(dtype, 64, "nchw", 2), 90) for dtype in ("fp32", "bf16")]
-    work += [(_attention_case("fp32-ieee", d), 90) for d in (64, 128)]  # exact fp32: FMA units, fp64 entries
+    work += [(_attention_case("fp32-ieee", d), 90) for d in (30, 64, 128)]  # exact fp32: FMA units, its entries
     work += [(_attention_case(dtype, d), 80) for dtype in ("fp32", "bf16") for d in (128, 256)]
     gating = [_gating_case("cbam_gate", "bf16", "nchw"), _gating_case("cbam_gate", "bf16", "channels_last"),
               _gating_case("cbam_gate", "fp32", "nchw"), _gating_case("cbam_gate", "fp64", "nchw"),

@@ -68,12 +68,6 @@ NOT_YET_MET = [
     # With 2×2 patches the fp32 dK/dV kernel spills on wgmma at every setting tried (104 B at
     # 16×64/4/1); its _PATCH_LAUNCH entry runs mma.sync without spills instead.
     ("_attn_bwd_dkdv_kernel", "attention fp32 D=64 nchw p2", "not on wgmma"),
-    # Exact fp32 (precision="ieee", FMA units) takes the fp64 entries, which spill less there than
-    # the fp32 ones (head dim 64 forward, triton 3.6: 5608 B with the fp32 entry, 0 with the fp64
-    # one) but not nowhere: dK/dV at 64 (504 B) and the forward at 128 (288 B). It needs entries
-    # of its own.
-    ("_attn_bwd_dkdv_kernel", "attention fp32-ieee D=64", "spills"),
-    ("_attn_fwd_kernel", "attention fp32-ieee D=128", "spills"),
 ]
 
 
@@ -140,7 +134,7 @@ def test_gate_covers_every_kernel_and_launch_entry(report):
     rows = [r for r in report["rows"] if r["arch"] == 90]
     assert kernels - {r["kernel"] for r in rows} == set()
     short = {v: k for k, v in cr.KERNEL_NAMES.items()}
-    seen, seen_patch = set(), set()
+    seen, seen_patch, seen_ieee = set(), set(), set()
     for r in rows:
         if r["kernel"] in short:
             classes = {"fp16": "16bit", "bf16": "16bit", "fp64": "fp64", "fp32-ieee": "fp64"}
@@ -149,12 +143,16 @@ def test_gate_covers_every_kernel_and_launch_entry(report):
             if r["case"].endswith(" p2") and key in attn._PATCH_LAUNCH:
                 entry = attn._PATCH_LAUNCH[key]
                 seen_patch.add(key)
+            elif r["dtype"] == "fp32-ieee" and key[:2] in attn._IEEE_LAUNCH:
+                entry = attn._IEEE_LAUNCH[key[:2]]
+                seen_ieee.add(key[:2])
             else:
                 entry = attn._LAUNCH[key]
                 seen.add(key)
             assert (r["config"]["BLOCK_M"], r["num_warps"]) == (entry.block_m, entry.num_warps), (key, r["config"])
     assert set(attn._LAUNCH) - seen == set()
     assert set(attn._PATCH_LAUNCH) - seen_patch == set()
+    assert set(attn._IEEE_LAUNCH) - seen_ieee == set()
 
 
 def test_report_table_and_json_name_the_figures(report):
