@@ -115,15 +115,9 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
     if backend == "naive":
         return _kernels().reference.window_attention_ref(q, k, v, window_size=(wh, ww), shift_size=(sh, sw),
                                                          heads=heads, bias_table=bias_table, mask=mask, scale=scale)
-    b, h, w, c = q.shape
+    ref = _kernels().reference
+    b, h, w, _ = q.shape
     n, nw = wh * ww, (h // wh) * (w // ww)
-
-    def windows(x):  # (B, H, W, C) -> (B·nW, heads, N, d), last dim contiguous
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        x = x.reshape(b, h // wh, wh, w // ww, ww, heads, c // heads).permute(0, 1, 3, 5, 2, 4, 6)
-        return x.reshape(b * nw, heads, n, c // heads)
-
     extra = None
     if bias_table is not None:
         extra = bias_table[_window_index((wh, ww), bias_table.device)].reshape(n, n, heads).permute(2, 0, 1)[None]
@@ -135,12 +129,10 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
         extra = full if extra is None else extra + full
     if extra is not None:
         extra = extra.to(q.dtype)
-    out = F.scaled_dot_product_attention(windows(q), windows(k), windows(v), attn_mask=extra, scale=scale)
-    out = out.reshape(b, h // wh, w // ww, heads, wh, ww, c // heads).permute(0, 1, 4, 2, 5, 3, 6)
-    out = out.reshape(b, h, w, c)
-    if sh or sw:
-        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
-    return out
+    # 4-D windows with a contiguous last dim (SDPA's fast paths), the same partition as the reference's
+    qw, kw, vw = (ref.window_partition(t, (wh, ww), (sh, sw), heads) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=extra, scale=scale)
+    return ref.window_reverse(out, h, w, (wh, ww), (sh, sw))
 
 
 # ----------------------------------------------------------------------------------------------

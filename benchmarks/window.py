@@ -100,27 +100,12 @@ def flops(case: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def _partition(x, window: int, shift: int, heads: int):
-    """(B, H, W, C) -> (B·nW, heads, N, d), rolled by −shift: Swin's window partition."""
-    b, h, w, c = x.shape
-    x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-    x = x.reshape(b, h // window, window, w // window, window, heads, c // heads).permute(0, 1, 3, 5, 2, 4, 6)
-    return x.reshape(-1, heads, window * window, c // heads)
-
-
-def _reverse(x, b: int, h: int, w: int, window: int, shift: int):
-    """(B·nW, heads, N, d) -> (B, H, W, C), rolled back by +shift."""
-    heads, d = x.shape[1], x.shape[3]
-    x = x.reshape(b, h // window, w // window, heads, window, window, d).permute(0, 1, 4, 2, 5, 3, 6)
-    return torch.roll(x.reshape(b, h, w, heads * d), shifts=(shift, shift), dims=(1, 2))
-
-
 def _flex(window: int, shift: int, table, mask, scale: float):
     """Window attention through flex_attention: a score_mod gathering the bias from ``table`` by
     Swin's relative position index and adding the (nW, N, N) ``mask`` of each window; compiled."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    from attnsr.kernels.reference import relative_position_index
+    from attnsr.kernels.reference import relative_position_index, window_partition, window_reverse
 
     index = relative_position_index((window, window)).to(table.device)
     windows = mask.shape[0]
@@ -132,10 +117,11 @@ def _flex(window: int, shift: int, table, mask, scale: float):
     attend = torch.compile(flex_attention, dynamic=False)
 
     def run(q, k, v):
-        b, h, w, _ = q.shape
+        _, h, w, _ = q.shape
         heads = table.shape[1]
-        out = attend(*(_partition(t, window, shift, heads) for t in (q, k, v)), score_mod=score_mod, scale=scale)
-        return _reverse(out, b, h, w, window, shift)
+        out = attend(*(window_partition(t, window, shift, heads) for t in (q, k, v)), score_mod=score_mod,
+                     scale=scale)
+        return window_reverse(out, h, w, window, shift)
 
     return run
 
@@ -252,18 +238,6 @@ class _CAB(nn.Module):
         return self.cab(x)
 
 
-def _window_partition(x, window: int):
-    b, h, w, c = x.shape
-    x = x.view(b, h // window, window, w // window, window, c).permute(0, 1, 3, 2, 4, 5)
-    return x.contiguous().view(-1, window * window, c)
-
-
-def _window_reverse(windows, window: int, h: int, w: int):
-    b = windows.shape[0] // (h * w // window**2)
-    x = windows.view(b, h // window, w // window, window, window, -1).permute(0, 1, 3, 2, 4, 5)
-    return x.contiguous().view(b, h, w, -1)
-
-
 class _SwinTransformerBlock(nn.Module):
     """SwinIR's SwinTransformerBlock: forward(x (B, H·W, C), x_size); mlp ratio 2 (SwinIR's SR models)."""
 
@@ -282,12 +256,15 @@ class _SwinTransformerBlock(nn.Module):
 
     def windowed(self, x, x_size, attend):
         """Shift, partition, attend (windows (nW·B, N, C) -> same), reverse, shift back."""
+        from attnsr.kernels.reference import window_partition, window_reverse
+
         h, w = x_size
         b, _, c = x.shape
         x = x.view(b, h, w, c)
         if self.shift_size:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        x = _window_reverse(attend(_window_partition(x, self.window_size)), self.window_size, h, w)
+        # windows (nW·B, N, C), the published window_partition / window_reverse
+        x = window_reverse(attend(window_partition(x, self.window_size)[:, 0])[:, None], h, w, self.window_size)
         if self.shift_size:
             x = torch.roll(x, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
         return x.view(b, h * w, c)

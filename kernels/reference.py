@@ -95,24 +95,38 @@ def swin_shift_mask(height: int, width: int, window_size, shift_size, dtype=torc
     return torch.where(differ, -100.0, 0.0).to(dtype=dtype, device=device)
 
 
+def window_partition(x, window_size, shift_size=0, heads=1):
+    """Swin's cyclic shift and window partition: (B, H, W, C) rolled by (−sh, −sw), cut into Wh×Ww
+    windows -> (B·nW, heads, N, C/heads), windows in row-major order, the last dim contiguous."""
+    (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
+    b, h, w, c = x.shape
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    x = x.reshape(b, h // wh, wh, w // ww, ww, heads, c // heads).permute(0, 1, 3, 5, 2, 4, 6)
+    return x.reshape(-1, heads, wh * ww, c // heads)
+
+
+def window_reverse(x, height: int, width: int, window_size, shift_size=0):
+    """The inverse of :func:`window_partition`: (B·nW, heads, N, d) -> (B, H, W, heads·d)."""
+    (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
+    heads, d = x.shape[1], x.shape[3]
+    x = x.reshape(-1, height // wh, width // ww, heads, wh, ww, d).permute(0, 1, 4, 2, 5, 3, 6)
+    x = x.reshape(-1, height, width, heads * d)
+    return torch.roll(x, shifts=(sh, sw), dims=(1, 2)) if sh or sw else x
+
+
 def window_attention_ref(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None,
                          upcast=False):
     """Swin window attention on (B, H, W, C) maps -> (B, H, W, C), written as SwinIR computes it:
     roll by (−sh, −sw), partition into windows, softmax(q·scale kᵀ + bias + mask) v per window and
-    head, reverse the partition, roll back. A shifted call without ``mask`` uses Swin's mask."""
+    head, reverse the partition, roll back. A shifted call without ``mask`` uses Swin's mask;
+    ``mask=False``: none."""
     q, k, v, bias_table, mask = _maybe_upcast(upcast, q, k, v, bias_table, mask)
     (wh, ww), (sh, sw) = _pair(window_size), _pair(shift_size)
     b, h, w, c = q.shape
-    d, n, nw = c // heads, wh * ww, (h // wh) * (w // ww)
-    scale = d ** -0.5 if scale is None else scale
-
-    def windows(x):  # (B, H, W, C) -> (B·nW, heads, N, d)
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        x = x.reshape(b, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b * nw, n, heads, d)
-        return x.permute(0, 2, 1, 3)
-
-    qw, kw, vw = windows(q), windows(k), windows(v)
+    n, nw = wh * ww, (h // wh) * (w // ww)
+    scale = (c // heads) ** -0.5 if scale is None else scale
+    qw, kw, vw = (window_partition(t, (wh, ww), (sh, sw), heads) for t in (q, k, v))
     attn = (qw * scale) @ kw.transpose(-2, -1)
     if bias_table is not None:
         bias = bias_table[relative_position_index((wh, ww)).reshape(-1).to(bias_table.device)]
@@ -123,11 +137,7 @@ def window_attention_ref(q, k, v, *, window_size, shift_size=0, heads=1, bias_ta
         m = mask.shape[0]  # the batch's b·nW windows cycle through the mask's M slices, as in SwinIR
         attn = (attn.reshape(b * nw // m, m, heads, n, n) + mask.to(attn.dtype)[None, :, None]).reshape(b * nw, heads,
                                                                                                           n, n)
-    out = (attn.softmax(-1) @ vw).permute(0, 2, 1, 3)  # (B·nW, N, heads, d)
-    out = out.reshape(b, h // wh, w // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
-    if sh or sw:
-        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
-    return out
+    return window_reverse(attn.softmax(-1) @ vw, h, w, (wh, ww), (sh, sw))
 
 
 # ----------------------------------------------------------------------------------------------
