@@ -154,38 +154,53 @@ def _forward_arity(module: nn.Module) -> int:
         return -1
 
 
-def _as_window_attention(module: nn.Module, backend: str):
-    """A Swin-style window attention: a (2Wh−1)(2Ww−1)×heads ``relative_position_bias_table``, a
-    ``proj`` Linear C → C, a ``qkv`` Linear C → 3C (unless the caller projects: ATD), dropouts of
-    attention probabilities at 0, Swin's index if it keeps one, nothing else with parameters.
-    The forward's arity picks the signature: (x, mask), (x, rpi, mask) or (qkv, rpi, mask)."""
-    table = getattr(module, "relative_position_bias_table", None)
+def _window_geometry(module: nn.Module):
+    """(dim, heads, Wh, Ww) of a module that looks like a window attention (int ``dim`` and
+    ``num_heads``, heads dividing dim, ``window_size`` an int or a pair), else None."""
     dim, heads, window = (getattr(module, a, None) for a in ("dim", "num_heads", "window_size"))
-    if not isinstance(table, nn.Parameter) or not isinstance(dim, int) or not isinstance(heads, int) or window is None:
+    if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0 and not dim % heads):
         return None
     try:
         wh, ww = (window, window) if isinstance(window, int) else tuple(window)
     except (TypeError, ValueError):
         return None
-    if table.shape != ((2 * wh - 1) * (2 * ww - 1), heads) or dim % heads:
-        return None
-    proj, qkv = getattr(module, "proj", None), getattr(module, "qkv", None)
-    if not (isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) == (dim, dim)):
-        return None
-    if qkv is not None and not (isinstance(qkv, nn.Linear) and (qkv.in_features, qkv.out_features) == (dim, 3 * dim)):
-        return None
+    return (dim, heads, wh, ww) if isinstance(wh, int) and isinstance(ww, int) else None
+
+
+def _linear(layer, n_in: int, n_out: int) -> bool:
+    return isinstance(layer, nn.Linear) and (layer.in_features, layer.out_features) == (n_in, n_out)
+
+
+def _fusable_attention(module: nn.Module, wh: int, ww: int, index_required: bool) -> bool:
+    """No dropout of the attention probabilities, and Swin's relative position index if it keeps one."""
     drop = getattr(module, "attn_drop", None)
     if drop is not None and not (isinstance(drop, nn.Dropout) and drop.p == 0):
+        return False
+    index = getattr(module, "relative_position_index", None)
+    if index is None:
+        return not index_required
+    return isinstance(index, torch.Tensor) and torch.equal(index.cpu(), standard_index((wh, ww)))
+
+
+def _as_window_attention(module: nn.Module, backend: str):
+    """A Swin-style window attention: a (2Wh−1)(2Ww−1)×heads ``relative_position_bias_table``, a
+    ``proj`` Linear C → C, a ``qkv`` Linear C → 3C (unless the caller projects: ATD), dropouts of
+    attention probabilities at 0, Swin's index if it keeps one, nothing else with parameters.
+    The forward's arity picks the signature: (x, mask), (x, rpi, mask) or (qkv, rpi, mask)."""
+    table, geometry = getattr(module, "relative_position_bias_table", None), _window_geometry(module)
+    if not isinstance(table, nn.Parameter) or geometry is None:
+        return None
+    dim, heads, wh, ww = geometry
+    proj, qkv = getattr(module, "proj", None), getattr(module, "qkv", None)
+    if table.shape != ((2 * wh - 1) * (2 * ww - 1), heads) or not _linear(proj, dim, dim):
+        return None
+    if (qkv is not None and not _linear(qkv, dim, 3 * dim)) or not _fusable_attention(module, wh, ww, False):
         return None
     expected = table.numel() + _param_count(proj) + (_param_count(qkv) if qkv is not None else 0)
     if _param_count(module) != expected or not isinstance(getattr(module, "scale", None), float):
         return None
-    index = getattr(module, "relative_position_index", None)
-    if index is not None and not torch.equal(index.cpu(), standard_index((wh, ww))):
-        return None
-    arity = _forward_arity(module)
     cls = {(2, True): WindowAttention, (3, True): WindowAttentionRPI, (3, False): WindowAttentionQKV}.get(
-        (arity, qkv is not None))
+        (_forward_arity(module), qkv is not None))
     return None if cls is None else cls.from_module(module, backend=backend)
 
 
@@ -194,33 +209,25 @@ def _as_window_attention_v2(module: nn.Module, backend: str):
     ReLU, Linear(h, heads, no bias)] over the buffer ``relative_coords_table``, a bias-free ``qkv``
     Linear C → 3C with ``q_bias`` / ``v_bias`` (or none), ``proj``, Swin's index, attention dropout 0,
     forward(x, mask)."""
-    dim, heads, window = (getattr(module, a, None) for a in ("dim", "num_heads", "window_size"))
     logit, mlp = getattr(module, "logit_scale", None), getattr(module, "cpb_mlp", None)
-    if not (isinstance(dim, int) and isinstance(heads, int) and window is not None and heads > 0 and not dim % heads):
+    geometry = _window_geometry(module)
+    if geometry is None:
         return None
+    dim, heads, wh, ww = geometry
     if not (isinstance(logit, nn.Parameter) and logit.shape == (heads, 1, 1) and isinstance(mlp, nn.Sequential)
             and len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and _acts_like(mlp[1], torch.relu)
-            and isinstance(mlp[2], nn.Linear) and mlp[0].in_features == 2 and mlp[2].bias is None
-            and (mlp[2].in_features, mlp[2].out_features) == (mlp[0].out_features, heads)):
-        return None
-    try:
-        wh, ww = (window, window) if isinstance(window, int) else tuple(window)
-    except (TypeError, ValueError):
+            and mlp[0].in_features == 2 and _linear(mlp[2], mlp[0].out_features, heads) and mlp[2].bias is None):
         return None
     qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
-    if not (isinstance(qkv, nn.Linear) and qkv.bias is None and (qkv.in_features, qkv.out_features) == (dim, 3 * dim)
-            and isinstance(proj, nn.Linear) and (proj.in_features, proj.out_features) == (dim, dim)):
+    if not (_linear(qkv, dim, 3 * dim) and qkv.bias is None and _linear(proj, dim, dim)):
         return None
     q_bias, v_bias = getattr(module, "q_bias", None), getattr(module, "v_bias", None)
     if (q_bias is None) != (v_bias is None) or (q_bias is not None and q_bias.shape != (dim,)):
         return None
-    drop = getattr(module, "attn_drop", None)
-    if drop is not None and not (isinstance(drop, nn.Dropout) and drop.p == 0):
-        return None
-    coords, index = getattr(module, "relative_coords_table", None), getattr(module, "relative_position_index", None)
+    coords = getattr(module, "relative_coords_table", None)
     if not isinstance(coords, torch.Tensor) or coords.shape != (1, 2 * wh - 1, 2 * ww - 1, 2):
         return None
-    if not isinstance(index, torch.Tensor) or not torch.equal(index.cpu(), standard_index((wh, ww))):
+    if not _fusable_attention(module, wh, ww, True):
         return None
     expected = sum(_param_count(m) for m in (qkv, proj, mlp)) + logit.numel() + 2 * dim * (q_bias is not None)
     if _param_count(module) != expected or _forward_arity(module) != 2:
