@@ -18,26 +18,7 @@ import attnsr
 
 spandrel = pytest.importorskip("spandrel", reason="spandrel is not installed (`make test` runs this file in "
                                                   ".venv-models)")
-from spandrel.architectures.ATD import ATD  # noqa: E402
-from spandrel.architectures.DRCT import DRCT  # noqa: E402
-from spandrel.architectures.HAT import HAT  # noqa: E402
-from spandrel.architectures.RCAN import RCAN  # noqa: E402
-from spandrel.architectures.Swin2SR import Swin2SR  # noqa: E402
-from spandrel.architectures.SwinIR import SwinIR  # noqa: E402
-
-# Small configurations, so that Triton's interpreter runs them in seconds: two blocks (one plain,
-# one shifted window) per stage; head dims 10 (SwinIR-light's) and 6.
-SWIN = dict(img_size=16, depths=[2], num_heads=[2], mlp_ratio=2.0, upscale=2)
-ARCHS = {
-    "SwinIR": lambda: SwinIR(**SWIN, embed_dim=20, window_size=8, upsampler="pixelshuffledirect"),
-    "HAT": lambda: HAT(**SWIN, embed_dim=12, window_size=4, compress_ratio=3, squeeze_factor=3, overlap_ratio=0.5,
-                       drop_path_rate=0.0, upsampler="pixelshuffle"),
-    "DRCT": lambda: DRCT(**SWIN, embed_dim=12, window_size=4, gc=8, drop_path_rate=0.0, upsampler="pixelshuffle"),
-    "Swin2SR": lambda: Swin2SR(**SWIN, embed_dim=12, window_size=4, upsampler="pixelshuffledirect"),
-    "ATD": lambda: ATD(**SWIN, embed_dim=12, window_size=4, category_size=32, num_tokens=8, reducted_dim=4,
-                       upsampler="pixelshuffledirect"),
-    "RCAN": lambda: RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
-}
+from published_models import ARCHS, build  # noqa: E402
 
 # What each architecture keeps unswapped, and why (the README's table says the same).
 LEFT = {
@@ -51,12 +32,7 @@ LEFT = {
 
 
 def _build(arch, dtype):
-    torch.manual_seed(0)
-    model = ARCHS[arch]().to(DEVICE, dtype).eval()  # eval: no stochastic depth; gradients still flow
-    with torch.no_grad():  # the published init zeroes some tables and biases: make every term count
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return model
+    return build(arch, dtype, DEVICE)
 
 
 def _outputs_and_grads(model, x):
@@ -185,8 +161,8 @@ def test_look_alike_gates_of_torchvision_models_are_left():
     another function, so nothing in them is swapped."""
     from torchvision.models import efficientnet_b0, mobilenet_v3_small
 
-    for build in (mobilenet_v3_small, efficientnet_b0):
-        model = build().eval()
+    for make in (mobilenet_v3_small, efficientnet_b0):
+        model = make().eval()
         attnsr.swap_attention(model, backend="torch")
         assert model.attnsr_swapped == [], model.attnsr_swapped
 

@@ -2,9 +2,9 @@
 state_dicts (.pth), recognised and loaded by spandrel, attnsr's layers swapped in, run whole and in
 tiles, and compared with spandrel's own output (the descriptor called on the same image, float32, CPU).
 
-Whole-image runs compute what spandrel computes: attnsr pads the image to the network's window
-(reflect, bottom and right) as the network's own check_image_size would, and to spandrel's minimum
-size as spandrel does, so the two differ by float rounding only (relative error against fp32's bound
+Whole-image runs compute what spandrel computes: attnsr pads the image as spandrel does (its
+multiple and minimum size) and the network pads the rest its own way, so the two differ by float
+rounding only (relative error against fp32's bound
 of tolerances.py; the 8-bit PNGs by at most one level, where a value sits on a rounding boundary).
 Tiled runs are exact only when one tile covers the image: the receptive field of these networks is
 the whole image (shifted windows chain across blocks; channel attention pools over the whole map),
@@ -26,22 +26,9 @@ from attnsr.published import EXTRA, load_published
 
 spandrel = pytest.importorskip("spandrel", reason="spandrel is not installed (`make test` runs this file in "
                                                   ".venv-models)")
-from spandrel.architectures.HAT import HAT  # noqa: E402
-from spandrel.architectures.RCAN import RCAN  # noqa: E402
-from spandrel.architectures.SwinIR import SwinIR  # noqa: E402
+from published_models import build  # noqa: E402
 
-# Small configurations spandrel recognises from their keys: SwinIR's img_size comes back from the
-# shifted block's attn_mask (16 = 2 windows of 8), its upsampler from the upsample keys; HAT's
-# compress_ratio and squeeze_factor divide embed_dim exactly (12/3, 12/3), its img_size is not in
-# the keys (spandrel takes 64; both sizes exceed the window, so the blocks shift the same way);
-# RCAN's rgb_range (255) and res_scale (1) are its defaults, which spandrel assumes.
-SWIN = dict(img_size=16, depths=[2], num_heads=[2], mlp_ratio=2.0, upscale=2)
-ARCHS = {
-    "SwinIR": lambda: SwinIR(**SWIN, embed_dim=20, window_size=8, upsampler="pixelshuffledirect"),
-    "HAT": lambda: HAT(**SWIN, embed_dim=12, window_size=4, compress_ratio=3, squeeze_factor=3, overlap_ratio=0.5,
-                       upsampler="pixelshuffle"),
-    "RCAN": lambda: RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
-}
+ARCHS = ("SwinIR", "HAT", "RCAN")
 # (tile multiple: the window, spandrel's minimum size, what the swap puts in)
 SIZES = {"SwinIR": (8, 16), "HAT": (4, 16), "RCAN": (1, 0)}
 SWAPPED = {"SwinIR": {"SwinBlock", "WindowAttention"},
@@ -55,12 +42,8 @@ def published(tmp_path_factory):
     (which zeroes some tables and biases) so that every term counts."""
     folder = tmp_path_factory.mktemp("published")
     nets = {}
-    for arch, build in ARCHS.items():
-        torch.manual_seed(0)
-        net = build().eval()
-        with torch.no_grad():
-            for p in net.parameters():
-                p.add_(torch.randn_like(p) * 0.02)
+    for arch in ARCHS:
+        net = build(arch)
         path = folder / f"{arch}_x2.pth"
         torch.save(net.state_dict(), path)
         nets[arch] = (str(path), net)
@@ -247,16 +230,8 @@ def test_published_checkpoint_of_the_wrong_scale_or_tile(published, tmp_path, ca
 def test_a_network_that_pads_itself_its_own_way_equals_spandrel(tmp_path):
     """ATD pads to its window by mirroring, not by reflection: a whole image is padded only as
     spandrel pads it (its multiple_of), and the network pads the rest itself, as under spandrel."""
-    from spandrel.architectures.ATD import ATD
-
-    torch.manual_seed(0)
-    net = ATD(**SWIN, embed_dim=12, window_size=4, category_size=32, num_tokens=8, reducted_dim=4,
-              upsampler="pixelshuffledirect").eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
     path = str(tmp_path / "ATD_x2.pth")
-    torch.save(net.state_dict(), path)
+    torch.save(build("ATD").state_dict(), path)
     published = load_published(path)
     assert published.architecture == "ATD" and published.multiple % 4 == 0
     swap_attention(published.net, backend="torch")

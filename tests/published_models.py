@@ -1,0 +1,41 @@
+"""Small configurations of the published SR architectures as spandrel builds them, shared by
+test_spandrel.py and test_upscale_published.py (import after ``pytest.importorskip("spandrel")``).
+
+Two blocks per stage (one plain, one shifted window) so that Triton's interpreter runs them in
+seconds; head dims 10 (SwinIR-light's) and 6. spandrel recognises each from its state_dict keys:
+SwinIR's img_size comes back from the shifted block's attn_mask (16 = 2 windows of 8), its upsampler
+from the upsample keys; HAT's compress_ratio and squeeze_factor divide embed_dim exactly (12/3), its
+img_size is not in the keys (spandrel takes 64; both exceed the window, so the blocks shift alike);
+RCAN's rgb_range (255) and res_scale (1) are its defaults, which spandrel assumes.
+"""
+
+import torch
+from spandrel.architectures.ATD import ATD
+from spandrel.architectures.DRCT import DRCT
+from spandrel.architectures.HAT import HAT
+from spandrel.architectures.RCAN import RCAN
+from spandrel.architectures.Swin2SR import Swin2SR
+from spandrel.architectures.SwinIR import SwinIR
+
+SWIN = dict(img_size=16, depths=[2], num_heads=[2], mlp_ratio=2.0, upscale=2)
+ARCHS = {
+    "SwinIR": lambda: SwinIR(**SWIN, embed_dim=20, window_size=8, upsampler="pixelshuffledirect"),
+    "HAT": lambda: HAT(**SWIN, embed_dim=12, window_size=4, compress_ratio=3, squeeze_factor=3, overlap_ratio=0.5,
+                       drop_path_rate=0.0, upsampler="pixelshuffle"),
+    "DRCT": lambda: DRCT(**SWIN, embed_dim=12, window_size=4, gc=8, drop_path_rate=0.0, upsampler="pixelshuffle"),
+    "Swin2SR": lambda: Swin2SR(**SWIN, embed_dim=12, window_size=4, upsampler="pixelshuffledirect"),
+    "ATD": lambda: ATD(**SWIN, embed_dim=12, window_size=4, category_size=32, num_tokens=8, reducted_dim=4,
+                       upsampler="pixelshuffledirect"),
+    "RCAN": lambda: RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
+}
+
+
+def build(arch: str, dtype=torch.float32, device="cpu"):
+    """The architecture in eval mode (no stochastic depth; gradients still flow), its weights nudged
+    off the published init (which zeroes some tables and biases) so that every term counts."""
+    torch.manual_seed(0)
+    model = ARCHS[arch]().to(device, dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
