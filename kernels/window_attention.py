@@ -108,6 +108,17 @@ def _mask_window(b, wid, H, NWC, NMW, WH: tl.constexpr, MASK_MODE: tl.constexpr)
 
 
 @triton.jit
+def _window_program(NB, BLOCK: tl.constexpr, H, NWC, NMW, WH: tl.constexpr, MASK_MODE: tl.constexpr):
+    """(window, head, batch element, token offsets of the program's block, the mask's window) of a
+    program of a (windows · NB blocks per window, heads, batch) grid."""
+    wid = tl.program_id(0) // NB
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs = (tl.program_id(0) % NB) * BLOCK + tl.arange(0, BLOCK)
+    return wid, h, b, offs, _mask_window(b, wid, H, NWC, NMW, WH, MASK_MODE)
+
+
+@triton.jit
 def _bias_mask(
     TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, mwid,  # mwid: the mask's (N, N) slice of this window
     tq, yq, xq, rq, cq,  # query tokens: index, row and column in the window, row and column in the rolled frame
@@ -153,12 +164,8 @@ def _win_fwd_kernel(
     N: tl.constexpr = WH * WW
     if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
         scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
-    wid = tl.program_id(0) // NQB
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    offs_m = (tl.program_id(0) % NQB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    wid, h, b, offs_m, mwid = _window_program(NQB, BLOCK_M, H, NWC, NMW, WH, MASK_MODE)
     offs_d = tl.arange(0, BLOCK_D)
-    mwid = _mask_window(b, wid, H, NWC, NMW, WH, MASK_MODE)
     yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
     mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     q = tl.load(_tile_ptrs(Q + b * sq_b + h * D * sq_c, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q,
@@ -233,12 +240,8 @@ def _win_bwd_dkdv_kernel(
     N: tl.constexpr = WH * WW
     if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
         scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
-    wid = tl.program_id(0) // NKB
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    offs_n = (tl.program_id(0) % NKB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    wid, h, b, offs_n, mwid = _window_program(NKB, BLOCK_N, H, NWC, NMW, WH, MASK_MODE)
     offs_d = tl.arange(0, BLOCK_D)
-    mwid = _mask_window(b, wid, H, NWC, NMW, WH, MASK_MODE)
     stats = LSE + (b * NH + h) * H * W
     dstats = DELTA + (b * NH + h) * H * W
     yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
@@ -329,12 +332,8 @@ def _win_bwd_dq_kernel(
     N: tl.constexpr = WH * WW
     if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
         scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
-    wid = tl.program_id(0) // NQB
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    offs_m = (tl.program_id(0) % NQB) * BLOCK_M + tl.arange(0, BLOCK_M)
+    wid, h, b, offs_m, mwid = _window_program(NQB, BLOCK_M, H, NWC, NMW, WH, MASK_MODE)
     offs_d = tl.arange(0, BLOCK_D)
-    mwid = _mask_window(b, wid, H, NWC, NMW, WH, MASK_MODE)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, N, BLOCK_N):
         ds, k = _win_scores_grad(
