@@ -84,10 +84,11 @@ def cases(device: torch.device, quick: bool = False) -> list:
 
 
 def headline(case: dict) -> bool:
-    """Behind the targets: bf16 single-head maps of N ≥ 4096 pixels (head dim 64 and 128), and the layer."""
+    """Behind the targets: bf16 and fp32 (3×TF32 against SDPA's fp32) single-head maps of N ≥ 4096
+    pixels (head dim 64 and 128), and the layer."""
     if case["op"] == "SelfAttention2d":
         return True
-    return case["dtype"] == "bfloat16" and case["heads"] == 1 and case["patch"] == 1 and case["size"] >= 64
+    return case["dtype"] in ("bfloat16", "float32") and case["heads"] == 1 and case["patch"] == 1 and case["size"] >= 64
 
 
 def flops(case: dict) -> float:

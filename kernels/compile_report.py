@@ -33,7 +33,10 @@ both, and it is chosen for Hopper); shared memory within the target's per-block 
 sm_90, 163 KiB on sm_80, so that the table also launches on an A100); on
 sm_90, wgmma (HGMMA, and no HMMA) in the attention kernels with dot products (forward, dK/dV, dQ)
 for head dims ≤ 128 in fp16, bf16 and fp32 on tensor cores (tf32x3 and tf32; exact "ieee" fp32
-runs on the FMA units by design); and every floating-point scalar of a float64 kernel typed fp64.
+runs on the FMA units by design); no tf32 wgmma with N = 8 (PTX ``m64n8k8``: Triton leaves its
+shared-memory operand unpadded and the instruction reads past it, triton-lang/triton#10629; on an
+H200 it gave illegal memory accesses and silently wrong gradients); and every floating-point scalar
+of a float64 kernel typed fp64.
 
 Needs: triton ≥ 3.6 with its NVIDIA backend (the Linux wheel), torch; no GPU, no CUDA driver. Run
 it with ``TRITON_INTERPRET`` unset: under the interpreter the kernels are not compiled at all.
@@ -58,7 +61,14 @@ from . import _runtime
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block (bytes)
 ATTENTION_DOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 WINDOW_DOT_KERNELS = ("_win_fwd_kernel", "_win_bwd_dkdv_kernel", "_win_bwd_dq_kernel", "_win_bwd_dbias_kernel")
-FIELDS = ("regs", "stack", "spill_stores", "spill_loads", "shared", "hgmma", "hmma", "ldg", "ldg128", "tma")
+FIELDS = ("regs", "stack", "spill_stores", "spill_loads", "shared", "hgmma", "hmma", "ldg", "ldg128", "tma",
+          "wgmma_tf32_n8")
+# A tf32 wgmma with N = 8 (PTX m64n8k8, what Triton emits when two warp groups split a 16-wide
+# tile): Triton does not pad its shared-memory operand, and the instruction reads past it
+# (triton-lang/triton#10629). Seen on an H200 (triton 3.6): the fp32 dK/dV kernel at head dim 128
+# with 16×64 tiles and 8 warps raised an illegal memory access, and at head dim 108 returned
+# gradients 83% off, silently; the same tiles with 4 warps (m64n16k8) were exact.
+_TF32_N8 = re.compile(r"wgmma\.mma_async\.sync\.aligned\.m64n8k8\.f32\.tf32\.tf32")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,6 +193,7 @@ def read_cubin(compiled) -> dict:
         ldg=count(is_ldg),
         ldg128=count(lambda op: is_ldg(op) and ".128" in op),
         tma=count(lambda op: op.startswith("UTMALDG")),
+        wgmma_tf32_n8=len(_TF32_N8.findall(compiled.asm.get("ptx", ""))),
     )
 
 
@@ -429,6 +440,10 @@ def gate_failures(rows) -> list:
         limit = SMEM_LIMIT[r["arch"]]
         if r["shared"] > limit:
             failures.append(f"{where}: shared memory {r['shared']} B > {limit} B")
+        if r.get("wgmma_tf32_n8"):
+            failures.append(f"{where}: {r['wgmma_tf32_n8']} tf32 wgmma with N = 8 (m64n8k8), which reads past its "
+                            "shared-memory operand (triton-lang/triton#10629): wrong results or an illegal "
+                            "memory access on the GPU")
         if _wants_wgmma(r) and (r["hgmma"] == 0 or r["hmma"] > 0):
             failures.append(f"{where}: not on wgmma: {r['hgmma']} HGMMA, {r['hmma']} HMMA")
         if r["dtype"] == "fp64":
@@ -480,7 +495,8 @@ def collect(work, jobs: int = 1) -> list:
 
 
 def format_table(rows) -> str:
-    head = ("arch", "case", "kernel", "config", "regs", "stack", "STL", "shared", "HGMMA", "HMMA", "LDG.128/LDG", "TMA")
+    head = ("arch", "case", "kernel", "config", "regs", "stack", "STL", "shared", "HGMMA", "HMMA", "tf32 n8",
+            "LDG.128/LDG", "TMA")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if "error" in r:
@@ -491,7 +507,8 @@ def format_table(rows) -> str:
         config = f"{blocks} w{r['num_warps']} s{r['num_stages']}"
         lines.append("| " + " | ".join(str(x) for x in (
             f"sm_{r['arch']}", r["case"], r["kernel"], config, r["regs"], r["stack"], r["spill_stores"],
-            r["shared"], r["hgmma"], r["hmma"], f"{r['ldg128']}/{r['ldg']}", r["tma"])) + " |")
+            r["shared"], r["hgmma"], r["hmma"], r.get("wgmma_tf32_n8", "-"), f"{r['ldg128']}/{r['ldg']}",
+            r["tma"])) + " |")
     return "\n".join(lines)
 
 

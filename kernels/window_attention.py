@@ -399,6 +399,7 @@ def _win_bwd_dbias_kernel(
 #     "dq", "dbias" (a program per BLOCK_M × BLOCK_N tile of the window's score matrix); the Δ kernel
 #     takes the "fwd" BLOCK_M and num_warps;
 #   head dim class: "d32" (BLOCK_D ≤ 32: SwinIR-light's 10, SwinIR's and HAT's 30), "d64", "d256";
+#     fp32 has "d16" entries of its own for BLOCK_D = 16;
 #   dtype class: "16bit", "fp32" (3×TF32 by default: more registers than one tf32 product), "fp64".
 # Chosen from `python -m attnsr.kernels.compile_report --cases window` (triton 3.9, sm_90, a shifted
 # window of 8 and of 16 with the bias table): the first setting tried with no spills and, for
@@ -415,6 +416,14 @@ _WIN_LAUNCH = {
     ("dkdv", "d32", "fp32"): (32, 64, 8, 2),
     ("dq", "d32", "fp32"): (64, 32, 8, 2),
     ("dbias", "d32", "fp32"): (64, 32, 8, 2),
+    # fp32, BLOCK_D = 16 (SwinIR-light's D = 10): as "d32" with 4 warps. With 8 the two warp groups
+    # split the 16-wide head dim into tf32 wgmma with N = 8, which read past their shared memory
+    # (triton-lang/triton#10629; the same split in the fp32 attention dK/dV kernel gave an illegal
+    # memory access on an H200)
+    ("fwd", "d16", "fp32"): (64, 32, 4, 2),
+    ("dkdv", "d16", "fp32"): (32, 64, 4, 2),
+    ("dq", "d16", "fp32"): (64, 32, 4, 2),
+    ("dbias", "d16", "fp32"): (64, 32, 4, 2),
     # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA; the backward spills on every wgmma setting
     # tried (dkdv 32×64/8/2 128 B, dq 64×32/8/2 344 B, dbias 64×32/8/2 328 B), so it runs mma.sync,
     # spill-free in triton 3.9 and 3.6 at windows 8 and 16: dkdv 16×32/8/2, dq 16×16/4/1 (16×32/4/1
@@ -439,6 +448,8 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype):
         return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), {}
     d = "d32" if block_d <= 32 else "d64" if block_d <= 64 else "d256"
     c = {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+    if block_d == 16 and (kernel, "d16", c) in _WIN_LAUNCH:  # fp32 only: its own entries
+        d = "d16"
     bm, bn, warps, stages = _WIN_LAUNCH[(kernel, d, c)]
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d), dict(num_warps=warps, num_stages=stages)
 

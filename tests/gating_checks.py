@@ -5,9 +5,16 @@ from conftest import DEVICE
 from tolerances import assert_close_rel
 
 
+def draw(*shape):
+    """Standard normal float64 numbers drawn on the CPU and moved to the test device: the same
+    numbers on every device (CUDA's generator draws others, and the inputs were chosen on the CPU,
+    where CI runs: with CUDA's draws a 2-unit MLP can have both ReLUs dead and no gradient to check)."""
+    return torch.randn(*shape, dtype=torch.float64).to(DEVICE)
+
+
 def leaf(shape, dtype, *, scale=1.0, shift=0.0, channels_last=False):
     """A fresh random leaf tensor that requires grad (drawn in float64, rounded to ``dtype``)."""
-    t = (torch.randn(shape, device=DEVICE, dtype=torch.float64) * scale + shift).to(dtype)
+    t = (draw(shape) * scale + shift).to(dtype)
     if channels_last:
         t = t.to(memory_format=torch.channels_last)
     return t.requires_grad_()
@@ -16,8 +23,8 @@ def leaf(shape, dtype, *, scale=1.0, shift=0.0, channels_last=False):
 def feature_map(shape, dtype, *, channels_last=False):
     """x: (B, C, H, W) with a random offset per (b, c), so pooled statistics differ between channels."""
     b, c = shape[:2]
-    offset = torch.randn(b, c, 1, 1, device=DEVICE, dtype=torch.float64)
-    x = torch.randn(shape, device=DEVICE, dtype=torch.float64) + offset
+    offset = draw(b, c, 1, 1)
+    x = draw(shape) + offset
     x = x.to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -53,7 +60,7 @@ def check_op(fn, ref, inputs, dtype, what, *, grad=None, tol=None):
     assert out.dtype == dtype, f"{what}: output dtype {out.dtype}, expected {dtype}"
     assert_close_rel(out, expect, dtype, f"{what}: output", tol)
     if grad is None:
-        grad = torch.randn(out.shape, device=out.device, dtype=torch.float64).to(dtype)
+        grad = draw(out.shape).to(dtype)
     idx = [i for i, t in enumerate(inputs) if t is not None and t.requires_grad]
     got = torch.autograd.grad(out, [inputs[i] for i in idx], grad)
     want = torch.autograd.grad(expect, [ref_inputs[i] for i in idx], grad.double())

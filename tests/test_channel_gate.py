@@ -11,6 +11,7 @@ from gating_checks import (
     assert_same_nonfinite,
     check_op,
     check_pass_counts,
+    draw,
     feature_map,
     leaf,
     mlp_weights,
@@ -78,7 +79,7 @@ def test_channel_gate_strided_view_and_expanded_grad():
 def test_channel_gate_max_tie_goes_to_first_pixel():
     """Every pixel of a channel ties for the max: its gradient reaches pixel (0, 0) only."""
     b, c, h, w = 2, 3, 9, 15  # 135 pixels: three interpreter chunks, all tied
-    x = (torch.randn(b, c, 1, 1, device=DEVICE).expand(b, c, h, w).contiguous()).requires_grad_()
+    x = (draw(b, c, 1, 1).float().expand(b, c, h, w).contiguous()).requires_grad_()
     weights = mlp_weights(c, 2, torch.float32)
     dy = torch.ones(b, c, h, w, device=DEVICE)
     _, (dx, *_) = check_op(_fn("avgmax"), _ref("avgmax"), [x, *weights], torch.float32, "tie", grad=dy)
