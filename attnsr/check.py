@@ -16,9 +16,11 @@ import torch
 from attnsr.tolerances import REL_TOL
 
 
-def enable_interpreter_if_no_gpu() -> None:
-    """Run Triton kernels in the CPU interpreter when there is no GPU (before triton's import)."""
-    if not torch.cuda.is_available():
+def enable_interpreter_if_no_gpu(device=None) -> None:
+    """Run Triton kernels in the CPU interpreter when they will run on the CPU: no GPU here, or
+    ``device`` ("cpu", a command's ``--device``) says the CPU on a machine that has one. Before
+    triton's import."""
+    if not torch.cuda.is_available() or (device is not None and str(device).split(":")[0] == "cpu"):
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 

@@ -213,7 +213,7 @@ def _check(args) -> int:
 
     from attnsr.check import enable_interpreter_if_no_gpu, print_parity
 
-    enable_interpreter_if_no_gpu()
+    enable_interpreter_if_no_gpu(args.device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return 1 if print_parity(device) else 0
 
@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     if getattr(args, "backend", None) == "triton" or args.command in ("check", "demo"):
         from attnsr.check import enable_interpreter_if_no_gpu
 
-        enable_interpreter_if_no_gpu()  # before anything imports triton
+        enable_interpreter_if_no_gpu(getattr(args, "device", None))  # before anything imports triton
     try:
         _check_device(getattr(args, "device", None))
         return COMMANDS[args.command](args)

@@ -1,5 +1,7 @@
 """`attnsr check` judges with the test suite's tolerance table, not a copy of it."""
 
+import os
+
 import tolerances
 import torch
 from conftest import DEVICE
@@ -17,3 +19,18 @@ def test_check_and_tests_share_one_tolerance_table(monkeypatch):
 
 
 _real_cases = check._cases
+
+
+def test_cpu_device_runs_the_kernels_in_the_interpreter_on_a_gpu_machine(monkeypatch):
+    """`attnsr check --device cpu` (and --device cpu for train, upscale, inpaint, demo) on a machine
+    with a GPU: the kernels get CPU tensors, which only the interpreter runs (found on an H200, where
+    the installed-wheel test's `check --device cpu` failed); on the GPU itself they compile."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for device, expect in ((None, None), ("cuda", None), ("cuda:1", None), ("cpu", "1")):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        check.enable_interpreter_if_no_gpu(device)
+        assert os.environ.get("TRITON_INTERPRET") == expect, device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    check.enable_interpreter_if_no_gpu("cuda")  # no GPU: the CLI then says --device cuda is unavailable
+    assert os.environ.get("TRITON_INTERPRET") == "1"

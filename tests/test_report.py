@@ -163,3 +163,21 @@ def test_an_interpreted_case_is_measured_for_memory_only_with_the_interpreter(tm
     harness.write_json(rows, {"device": "dev", "torch": "t", "triton": "tr", "date": "d"}, str(path))
     text = report.markdown(str(path))
     assert "| time not measured / 10 MiB |" in text and "attnsr memory 0.25x of naive" in text
+
+
+def test_readme_tables_leave_out_the_groups_the_time_budget_cut(tmp_path):
+    """A budget-limited GPU run records the groups it did not reach as skipped; the README shows the
+    groups that ran and says how many were cut."""
+    def row(group, provider, status, ms=None):
+        return {"suite": "attention", "group": group, "provider": provider, "status": status, "median_ms": ms,
+                "peak_mib": 1.0 if ms else None, "speedup": {}, "memory_ratio": {}}
+
+    cut = "skipped: the run's time budget of 90 s was spent"
+    rows = [row("ran", "naive", "ok", 2.0), row("ran", "attnsr", "ok", 1.0),
+            row("cut a", "naive", cut), row("cut a", "attnsr", cut), row("cut b", "naive", cut)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"info": {"device": "dev", "torch": "t", "triton": "tr", "date": "d"}, "rows": rows}))
+    text = report.markdown(str(path))
+    assert "| ran | 2.00 ms / 1 MiB | 1.00 ms / 1 MiB |" in text
+    assert "cut a" not in text and "cut b" not in text
+    assert "2 groups the run's time budget did not reach are in the JSON only." in text
