@@ -2,7 +2,7 @@
 # Everything that needs a GPU, in one call from the repository root, within DEADLINE_S seconds
 # (default 540: one 10-minute command, with a margin). Steps, in order (STEPS, default all three):
 #   tests  the whole test suite on CUDA, the GPU-only tests (marked gpu: native bf16, tf32,
-#          inductor, AMP) first, spread over TEST_WORKERS processes (default 8) when pytest-xdist
+#          inductor, AMP) first, spread over TEST_WORKERS processes (default 14) when pytest-xdist
 #          is installed; stopped after TESTS_S seconds (default 210), the log then shows how far it got;
 #   bench  the benchmark report with the headline cases (the issues' targets) first, starting no
 #          group of cases after 3/4 of BENCH_S seconds (default 240): the rest are recorded as skipped,
@@ -27,7 +27,7 @@ STEPS=${STEPS:-tests bench tune}
 DEADLINE_S=${DEADLINE_S:-540}
 TESTS_S=${TESTS_S:-210}
 BENCH_S=${BENCH_S:-240}
-TEST_WORKERS=${TEST_WORKERS:-8}
+TEST_WORKERS=${TEST_WORKERS:-14}  # Triton's compiles are CPU-bound: most of the 16 cores
 TUNE_ARGS=${TUNE_ARGS:---dtypes bfloat16}
 MARGIN_S=20  # packing the logs, and the kill grace of the last step
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # the interpreter that has torch (python3 on the GPU image)
@@ -61,8 +61,10 @@ for step in $STEPS; do
       if [ "$t" -lt 30 ]; then echo "== tests: skipped, $(left) s left" >"$LOGS/tests.txt"; continue; fi
       xdist=()
       "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$TEST_WORKERS")
-      pytest_for() { timeout -k 5 "$1" "$PY" -m pytest -p no:cacheprovider -rfEs -v "${xdist[@]}" -m "$2" tests \
-        >>"$LOGS/tests-cuda.log" 2>&1; }
+      # SIGINT at the limit: pytest then stops as on Ctrl-C and still prints the failures so far with
+      # their tracebacks (a plain kill loses them: a first H200 run showed which tests failed, not why)
+      pytest_for() { timeout -s INT -k 15 "$1" "$PY" -m pytest -p no:cacheprovider -rfEs --tb=short -v "${xdist[@]}" \
+        -m "$2" tests >>"$LOGS/tests-cuda.log" 2>&1; }
       # the GPU-only tests (native bf16, tf32, inductor, AMP) first, then the rest in the time left
       : >"$LOGS/tests-cuda.log"
       begun=$SECONDS

@@ -55,9 +55,13 @@ NOT_YET_MET = [
     # again in every step of the loop instead of holding them did not change the dQ figure. Nor does
     # splitting dK/dV into two launches (fp32 D=128, triton 3.9): dV alone, without the V tile and
     # the dK accumulator, is clean at 16×64/4/2 (228 regs, wgmma), but dK alone (K and V tiles, 3×TF32
-    # hi/lo halves of both) spills 72-1088 B at every setting tried (16×16/4/1 to 64×32/4/1). What is
-    # left: operands split into tf32 hi/lo halves once, in memory, so that the three products read
-    # them from shared memory instead of splitting them in registers, or a backward laid out as FA3's.
+    # hi/lo halves of both) spills 72-1088 B at every setting tried (16×16/4/1 to 64×32/4/1). Nor do
+    # operands split into tf32 hi/lo halves once, in memory (a standalone dK/dV kernel at head dim
+    # 128 reading q, k, v, dO as hi and lo tensors, three plain tf32 products each): Triton keeps
+    # the held K and V halves in registers, 1104-1576 B of spills at 16-64 × 64 tiles, and the
+    # doubled tiles need 196-393 KiB of shared memory; with S computed as Q·Kᵀ (K the shared-memory
+    # operand) 944-2720 B. What is left: a backward laid out as FA3's (warp-specialised, with the
+    # accumulators split between two consumer warp groups).
     ("_attn_fwd_kernel", "attention fp32 D=256", "spills"),
     ("_attn_bwd_dkdv_kernel", "attention fp32 D=128", "spills"),
     ("_attn_bwd_dkdv_kernel", "attention fp32 D=256", "spills"),
