@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call from the repository root, within DEADLINE_S seconds
-# (default 540: one 10-minute command, with a margin). Steps, in order (STEPS, default all three):
+# (default 540: one 10-minute command, with a margin). Steps, in order (STEPS, default all four):
+#   launch every launch-table entry of the attention kernels once, each in its own process, against
+#          float64 (python -m benchmarks.launch_check; a kernel that faults loses its process's CUDA
+#          context, so in a shared process one fault hides the rest); at most LAUNCH_S seconds
+#          (default 90); its rows go into the logs archive;
 #   tests  the whole test suite on CUDA, the GPU-only tests (marked gpu: native bf16, tf32,
 #          inductor, AMP) first, spread over TEST_WORKERS processes (default 14) when pytest-xdist
 #          is installed; stopped after TESTS_S seconds (default 210), the log then shows how far it got;
@@ -23,7 +27,8 @@ set -u
 cd "$(dirname "$0")/.."
 START=$SECONDS
 OUT=${OUT:-benchmarks/results}
-STEPS=${STEPS:-tests bench tune}
+STEPS=${STEPS:-launch tests bench tune}
+LAUNCH_S=${LAUNCH_S:-90}
 DEADLINE_S=${DEADLINE_S:-540}
 TESTS_S=${TESTS_S:-210}
 BENCH_S=${BENCH_S:-240}
@@ -52,10 +57,18 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
   >>"$LOGS/environment.txt" 2>&1
 name=$("$PY" -c "import torch,re,datetime;print(re.sub(r'[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-')+'-'+datetime.date.today().isoformat())")
 pack() { tar -czf "$OUT/logs-$name.tar.gz.tmp" -C "$LOGS" . && mv "$OUT/logs-$name.tar.gz.tmp" "$OUT/logs-$name.tar.gz"; }
-: >"$LOGS/tests.txt"; : >"$LOGS/bench.txt"; : >"$LOGS/tune.txt"
+: >"$LOGS/launch.txt"; : >"$LOGS/tests.txt"; : >"$LOGS/bench.txt"; : >"$LOGS/tune.txt"
 
 for step in $STEPS; do
   case $step in
+    launch)
+      t=$(cap "$LAUNCH_S")
+      if [ "$t" -lt 20 ]; then echo "== launch check: skipped, $(left) s left" >"$LOGS/launch.txt"; continue; fi
+      timeout -k 5 "$t" "$PY" -m benchmarks.launch_check --jobs 8 --json "$LOGS/launch-check.json" \
+        >"$LOGS/launch-table.txt" 2>&1
+      rc=$?
+      { echo "== launch check (exit $rc$(stopped $rc), limit $t s)"; tail -n 1 "$LOGS/launch-table.txt"
+        grep -vE "^\| [^|]+ \| ok \|" "$LOGS/launch-table.txt" | grep "^| " | head -n 30; } >"$LOGS/launch.txt" ;;
     tests)
       t=$(cap "$TESTS_S")
       if [ "$t" -lt 30 ]; then echo "== tests: skipped, $(left) s left" >"$LOGS/tests.txt"; continue; fi
@@ -103,12 +116,12 @@ for step in $STEPS; do
       rc=$?
       { echo "== tune (exit $rc$(stopped $rc), budget $t s)"; tail -c 3000 "$LOGS/tune-table.txt"; } >"$LOGS/tune.txt" ;;
     *)
-      echo "run_gpu.sh: unknown step '$step'; expected tests, bench or tune" >&2 ;;
+      echo "run_gpu.sh: unknown step '$step'; expected launch, tests, bench or tune" >&2 ;;
   esac
   pack
 done
 echo "== done in $((SECONDS - START)) s" >>"$LOGS/tests.txt"
-cat "$LOGS/bench.txt" "$LOGS/tune.txt" "$LOGS/tests.txt" >"$LOGS/summary.txt"
+cat "$LOGS/bench.txt" "$LOGS/tune.txt" "$LOGS/launch.txt" "$LOGS/tests.txt" >"$LOGS/summary.txt"
 pack
 ls -l "$OUT"
 cat "$LOGS/summary.txt"
