@@ -14,7 +14,8 @@ checks the same numerics on a GPU but in shared worker processes; this runs firs
 Cases: ``image_attention`` on a fused-qkv NCHW map at head dims 16, 30, 64, 108, 128 and 256 (the
 padded dims 16 to 256 of ``_LAUNCH``), 2×2 patches at head dim 64 (``_PATCH_LAUNCH``), in fp32 under
 each precision (3×TF32, tf32, exact), fp16, bf16 and float64; ``window_attention`` (shifted, with
-the relative-position bias table) at head dims 10, 30 and 64, windows 8 and 16 (``_WIN_LAUNCH``).
+the relative-position bias table) at head dims 10, 30 and 64, windows 8 and 16, and 128 at window 8
+(``_WIN_LAUNCH``'s "d256" entries).
 Each row names the launch settings the case got. Bounds: ``attnsr.tolerances.REL_TOL`` per dtype,
 5e-3 for fp32 with tf32 products (10-bit operands). Exit status 1 when a case faults, errs or is out
 of bounds. Without a GPU the kernels run in Triton's interpreter (32×32 tiles, exact dots): a check
@@ -24,6 +25,7 @@ of this tool, not of the launch table.
 import argparse
 import concurrent.futures
 import json
+import math
 import os
 import re
 import subprocess
@@ -42,8 +44,8 @@ def cases() -> list:
             out.append(dict(name=f"attention {dtype} D={d}", op="attention", dtype=dtype, head_dim=d, patch=1))
         out.append(dict(name=f"attention {dtype} D=64 p2", op="attention", dtype=dtype, head_dim=64, patch=2))
     for dtype in ("fp32", "fp16", "bf16", "fp64"):
-        for d in (10, 30, 64):
-            for window in (8, 16):
+        for d, windows in ((10, (8, 16)), (30, (8, 16)), (64, (8, 16)), (128, (8,))):
+            for window in windows:
                 out.append(dict(name=f"window {dtype} D={d} w{window}", op="window", dtype=dtype, head_dim=d,
                                 window=window))
     return out
@@ -101,7 +103,7 @@ def run_case(case: dict) -> dict:
         inputs64 = [qkv64, table64]
     row = dict(case, config={k: {**b, **cfg} for k, (b, cfg) in config.items()}, device=str(device))
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in inputs64]
-    refs = [t.to(device).requires_grad_() for t in inputs64]
+    refs = [t.detach().double().requires_grad_() for t in leaves]  # the inputs as the op got them
     out = fused(*leaves)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -115,7 +117,8 @@ def run_case(case: dict) -> dict:
     errors = {"output": _rel(out, ref), **{f"grad {i}": _rel(g, w) for i, (g, w) in enumerate(zip(got, want))}}
     bound = TF32_TOL if precision == "tf32" and device.type == "cuda" else REL_TOL[dtype]
     row.pop("stage")
-    return dict(row, errors=errors, bound=bound, status="ok" if max(errors.values()) <= bound else "out of bounds")
+    ok = all(math.isfinite(e) and e <= bound for e in errors.values())  # NaN: garbage read, not a pass
+    return dict(row, errors=errors, bound=bound, status="ok" if ok else "out of bounds")
 
 
 def _child(name: str) -> None:
@@ -125,9 +128,10 @@ def _child(name: str) -> None:
     except Exception as e:  # reported as a row: the parent prints it beside the others
         row = dict(case, status="error", error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
     print("LAUNCH-CHECK " + json.dumps(row), flush=True)
+    os._exit(0)  # the row is out: no CUDA teardown, which can hang after a fault
 
 
-def run_isolated(case: dict, timeout_s: float = 300.0) -> dict:
+def run_isolated(case: dict, timeout_s: float = 60.0) -> dict:
     """``case`` in a child process (``CUDA_LAUNCH_BLOCKING=1``: a fault is reported at its launch)."""
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +167,7 @@ HEADER = ("| case | status | worst error / bound | launch settings (BLOCK_M×BLO
 
 def format_row(r) -> str:
     if "errors" in r:
-        worst = max(r["errors"], key=r["errors"].get)
+        worst = max(r["errors"], key=lambda k: (math.isnan(r["errors"][k]), r["errors"][k]))
         figure = f"{r['errors'][worst]:.1e} ({worst}) / {r['bound']:.0e}"
     else:
         figure = r.get("error", "")
@@ -174,7 +178,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default="", help="regular expression on the case names (default: all)")
     parser.add_argument("--jobs", type=int, default=4, help="cases run at once (default 4)")
-    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--json", help="write the rows here (rewritten after each case)")
+    parser.add_argument("--timeout-s", type=float, default=60.0,
+                        help="a case with no result after this many seconds is an error row (default 60)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -185,14 +191,18 @@ def main(argv=None) -> int:
         print(f"launch_check: no case matches {args.cases!r}", file=sys.stderr)
         return 2
     print(HEADER, flush=True)
+    order = {c["name"]: i for i, c in enumerate(todo)}
     rows = []
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        for row in pool.map(run_isolated, todo):  # each row as it is known: a run stopped early keeps them
+        futures = [pool.submit(run_isolated, c, args.timeout_s) for c in todo]
+        for future in concurrent.futures.as_completed(futures):  # each row as it is known: a run stopped early
+            row = future.result()  # keeps them, and one slow case holds back no other
             rows.append(row)
+            rows.sort(key=lambda r: order[r["name"]])
             print(format_row(row), flush=True)
             if args.json:
                 with open(args.json + ".tmp", "w") as f:
-                    json.dump({"rows": rows}, f, indent=1)
+                    json.dump({"cases": len(todo), "rows": rows}, f, indent=1)
                 os.replace(args.json + ".tmp", args.json)
     bad = [r for r in rows if r["status"] != "ok"]
     print(f"\n{len(rows)} cases, {len(bad)} faulted, erred or out of bounds")

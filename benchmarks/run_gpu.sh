@@ -64,7 +64,7 @@ for step in $STEPS; do
     launch)
       t=$(cap "$LAUNCH_S")
       if [ "$t" -lt 20 ]; then echo "== launch check: skipped, $(left) s left" >"$LOGS/launch.txt"; continue; fi
-      timeout -k 5 "$t" "$PY" -m benchmarks.launch_check --jobs 8 --json "$LOGS/launch-check.json" \
+      timeout -k 5 "$t" "$PY" -m benchmarks.launch_check --jobs 8 --timeout-s $((t / 2)) --json "$LOGS/launch-check.json" \
         >"$LOGS/launch-table.txt" 2>&1
       rc=$?
       { echo "== launch check (exit $rc$(stopped $rc), limit $t s)"; tail -n 1 "$LOGS/launch-table.txt"

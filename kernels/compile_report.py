@@ -193,7 +193,7 @@ def read_cubin(compiled) -> dict:
         ldg=count(is_ldg),
         ldg128=count(lambda op: is_ldg(op) and ".128" in op),
         tma=count(lambda op: op.startswith("UTMALDG")),
-        wgmma_tf32_n8=len(_TF32_N8.findall(compiled.asm.get("ptx", ""))),
+        wgmma_tf32_n8=len(_TF32_N8.findall(compiled.asm["ptx"])),
     )
 
 

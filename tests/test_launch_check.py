@@ -14,7 +14,7 @@ def test_cases_cover_every_table_dimension():
             assert f"attention {dtype} D={d}" in names
         assert f"attention {dtype} D=64 p2" in names
     assert {n for n in names if n.startswith("window fp32")} == {f"window fp32 D={d} w{w}" for d in (10, 30, 64)
-                                                                 for w in (8, 16)}
+                                                                 for w in (8, 16)} | {"window fp32 D=128 w8"}
 
 
 def test_runs_cases_in_child_processes_and_writes_rows(tmp_path, capsys):
@@ -23,7 +23,9 @@ def test_runs_cases_in_child_processes_and_writes_rows(tmp_path, capsys):
                             "--json", str(path)])
     out = capsys.readouterr().out
     assert rc == 0, out
-    rows = json.loads(path.read_text())["rows"]
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    assert data["cases"] == 2
     assert [r["name"] for r in rows] == ["attention fp32 D=30", "window bf16 D=10 w8"]
     for r in rows:
         assert r["status"] == "ok" and max(r["errors"].values()) <= r["bound"]
@@ -45,3 +47,23 @@ def test_out_of_bounds_is_reported(monkeypatch):
     row = launch_check.run_case(case)
     assert row["status"] == "out of bounds" and row["bound"] == 0.0 and row["errors"]["output"] > 0
     assert launch_check.main(["--cases", "^nothing$"]) == 2
+
+
+def test_a_nan_gradient_is_out_of_bounds(monkeypatch):
+    """A kernel that reads garbage can return NaN: that is no pass (``max`` alone would skip a NaN
+    that is not the first error)."""
+    import math
+
+    rel = launch_check._rel
+    calls = []
+
+    def nan_after_output(out, ref):
+        calls.append(1)
+        return rel(out, ref) if len(calls) == 1 else math.nan
+
+    monkeypatch.setattr(launch_check, "_rel", nan_after_output)
+    (case,) = [c for c in launch_check.cases() if c["name"] == "attention fp32 D=16"]
+    row = launch_check.run_case(case)
+    assert row["errors"]["output"] < row["bound"] and math.isnan(row["errors"]["grad 0"])
+    assert row["status"] == "out of bounds"
+    assert "nan (grad 0)" in launch_check.format_row(row)
