@@ -61,7 +61,11 @@ NOT_YET_MET = [
     # the held K and V halves in registers, 1104-1576 B of spills at 16-64 × 64 tiles, and the
     # doubled tiles need 196-393 KiB of shared memory; with S computed as Q·Kᵀ (K the shared-memory
     # operand) 944-2720 B. What is left: a backward laid out as FA3's (warp-specialised, with the
-    # accumulators split between two consumer warp groups).
+    # accumulators split between two consumer warp groups). At head dim 256 the forward comes
+    # closest with Q re-read in 32-wide slices of the head dim for every key block and 64×32 tiles
+    # on 8 warps (the two warp groups split the output's 256 columns): on wgmma, 16 B of spills
+    # under triton 3.9 but 216 B under 3.6 (a standalone kernel without the map addressing; 16-wide
+    # key blocks there are spill-free but issue tf32 wgmma with N = 8).
     ("_attn_fwd_kernel", "attention fp32 D=256", "spills"),
     ("_attn_bwd_dkdv_kernel", "attention fp32 D=128", "spills"),
     ("_attn_bwd_dkdv_kernel", "attention fp32 D=256", "spills"),
