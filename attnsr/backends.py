@@ -124,9 +124,8 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
     if mask is None and (sh or sw):
         mask = _shift_mask(h, w, (wh, ww), (sh, sw), q.device)
     if mask is not None and mask is not False:  # the batch's windows cycle through the mask's slices
-        m = mask.shape[0]
-        full = mask[:, None].expand(b * nw // m, m, heads, n, n).reshape(b * nw, heads, n, n)
-        extra = full if extra is None else extra + full
+        per_window = mask.repeat(b * nw // mask.shape[0], 1, 1)[:, None]  # (B·nW, 1, N, N): heads broadcast
+        extra = per_window if extra is None else extra + per_window  # one (B·nW, heads, N, N) sum with a bias
     if extra is not None:
         extra = extra.to(q.dtype)
     # 4-D windows with a contiguous last dim (SDPA's fast paths), the same partition as the reference's

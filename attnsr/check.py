@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from attnsr.tolerances import REL_TOL
+from attnsr.tolerances import REL_TOL, rel_error
 
 
 def enable_interpreter_if_no_gpu(device=None) -> None:
@@ -25,14 +25,22 @@ def enable_interpreter_if_no_gpu(device=None) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def _worst(errors) -> float:
+def worst(errors) -> float:
     """The largest error, NaN if any is NaN (``max`` skips a NaN that is not first)."""
+    errors = list(errors)
     return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
 
-def _rel(a, b) -> float:
-    b = b.double()
-    return ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()
+def errors_vs_float64(ref, leaves, out, got, grad) -> dict:
+    """Relative errors of an op's output ``out`` and input gradients ``got`` (for upstream gradient
+    ``grad``) against ``ref`` run on float64 copies of the op's ``leaves`` (the inputs as the op got
+    them, so the errors are the op's own): {"output": e, "grad 0": e, ...}."""
+    exact = [t.detach().double().requires_grad_() for t in leaves]
+    expect = ref(*exact)
+    want = torch.autograd.grad(expect, exact, grad.double())
+    errors = {"output": rel_error(out, expect)}
+    errors.update({f"grad {i}": rel_error(g, w) for i, (g, w) in enumerate(zip(got, want))})
+    return errors
 
 
 def _cases(device):
@@ -108,11 +116,9 @@ def parity_rows(device: torch.device, seed: int = 0) -> list:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             ms = (time.perf_counter() - start) * 1e3
-            exact = [t.detach().double().requires_grad_() for t in leaves]  # gradients unrounded
-            expect = ref(*exact)
-            want = torch.autograd.grad(expect, exact, grad.double())
-            err_out = _rel(out, expect)
-            err_grad = _worst([_rel(g, w) for g, w in zip(got, want)])
+            errors = errors_vs_float64(ref, leaves, out, got, grad)
+            err_out = errors.pop("output")
+            err_grad = worst(errors.values())
             bound = REL_TOL[dtype]
             rows.append({"case": name, "dtype": str(dtype).replace("torch.", ""), "out": err_out,
                          "grads": err_grad, "bound": bound, "ms": ms,

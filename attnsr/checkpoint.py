@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from attnsr.images import InputError, atomic_write
+from attnsr.images import InputError, atomic_write, first_line
 from attnsr.models import AttentionSRNet, ImageInpaintingModel
 
 FORMAT = "attnsr-checkpoint/1"
@@ -77,8 +77,7 @@ def load_checkpoint(path, *, task: str | None = None, scale: int | None = None) 
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any unpickling failure means "not a checkpoint we can read"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NotACheckpoint(f"cannot read checkpoint {path}: {first}") from None
+        raise NotACheckpoint(f"cannot read checkpoint {path}: {first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise NotACheckpoint(f"{path} is not an attnsr checkpoint (expected format {FORMAT})")
     if task is not None and ckpt["task"] != task:

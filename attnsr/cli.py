@@ -208,14 +208,12 @@ def _inpaint(args) -> int:
     return 0
 
 
-def _check(args) -> int:
+def _check(args) -> int:  # main has switched to the interpreter if the kernels run on the CPU
     import torch
 
-    from attnsr.check import enable_interpreter_if_no_gpu, print_parity
+    from attnsr.check import print_parity
 
-    enable_interpreter_if_no_gpu(args.device)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return 1 if print_parity(device) else 0
+    return 1 if print_parity(torch.device(_run_device(args))) else 0
 
 
 def _demo(args) -> int:

@@ -22,6 +22,13 @@ class InputError(ValueError):
     """
 
 
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (its class name when it has none): what an
+    InputError quotes of the error behind it."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _pil():
     try:
         from PIL import Image

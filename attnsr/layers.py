@@ -27,6 +27,14 @@ class _AttnsrLayer(nn.Module):
         self.checkpoint_aliases = {}
         self._register_load_state_dict_pre_hook(self._load_aliases)
 
+    @classmethod
+    def _blank(cls, backend: str):
+        """An instance with only the base's state (backend, aliases), bypassing ``cls.__init__``:
+        the ``from_module`` constructors fill in the rest from the module they replace."""
+        layer = cls.__new__(cls)
+        _AttnsrLayer.__init__(layer, backend)
+        return layer
+
     def __setattr__(self, name, value):
         if name == "backend":
             backends.check_backend(value)
@@ -93,8 +101,7 @@ class SelfAttention2d(_AttnsrLayer):
         forward (differentiable; nothing is stored). The convolutions must be k×k, stride 1, padding
         k//2 (q, k, v: C → C') and 1×1 (out: C' → C); :func:`attnsr.swap_attention` checks that.
         """
-        layer = cls.__new__(cls)
-        _AttnsrLayer.__init__(layer, backend)
+        layer = cls._blank(backend)
         layer._configure(conv_q.in_channels, conv_q.out_channels, 1, 1, conv_q.kernel_size[0], None)
         layer.conv_q, layer.conv_k, layer.conv_v, layer.conv_out = conv_q, conv_k, conv_v, conv_out
         return layer
@@ -166,8 +173,7 @@ class ChannelAttention(_AttnsrLayer):
         ``fc2`` with the shapes they have (a Linear's weight stays (out, in)).
         """
         channels, hidden = _mlp_dims(fc1)
-        layer = cls.__new__(cls)
-        _AttnsrLayer.__init__(layer, backend)
+        layer = cls._blank(backend)
         _check_pool(pool)
         layer.channels, layer.reduction, layer.pool = channels, max(1, channels // hidden), pool
         layer.fc1, layer.fc2 = fc1, fc2

@@ -18,26 +18,22 @@ Limits: image-to-image networks only (super-resolution, scale ≥ 1; 1× restora
 too), RGB in and out; networks that need square inputs are refused.
 """
 
+import collections
 import math
 import os
 
 from torch import nn
 
-from attnsr.images import InputError
+from attnsr.images import InputError, first_line
 
 EXTRA = 'pip install "attnsr[models]"'
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _import_spandrel(not_attnsr: str):
     try:
         import spandrel
     except ImportError as e:  # spandrel itself missing, or one of its dependencies (torchvision) broken
-        state = "is not installed" if e.name == "spandrel" else f"does not import ({_first_line(e)})"
+        state = "is not installed" if e.name == "spandrel" else f"does not import ({first_line(e)})"
         raise InputError(f"{not_attnsr}; published architectures (SwinIR, HAT, RCAN, ...) are loaded with spandrel, "
                          f"which {state}: {EXTRA}") from None
     return spandrel
@@ -89,7 +85,7 @@ def load_published(path, *, not_attnsr: str = "") -> PublishedSR:
     try:
         descriptor = spandrel.ModelLoader().load_from_file(path)
     except Exception as e:  # unknown architecture, unsupported extension, unpickling failure, bad keys
-        raise InputError(f"{not_attnsr}, and spandrel cannot load it either ({type(e).__name__}: {_first_line(e)}); "
+        raise InputError(f"{not_attnsr}, and spandrel cannot load it either ({type(e).__name__}: {first_line(e)}); "
                          "expected a checkpoint written by `attnsr train sr` or a super-resolution checkpoint "
                          "of an architecture spandrel supports (SwinIR, HAT, RCAN, DRCT, ...)") from None
     name = f"{descriptor.architecture.name} ({type(descriptor).__name__}, purpose {descriptor.purpose})"
@@ -109,11 +105,8 @@ def swap_report(model: nn.Module) -> list[str]:
     """One or two lines on what :func:`attnsr.swap_attention` did to ``model``: the layers swapped,
     counted by class, and those left as they are, with why."""
 
-    def counted(items):
-        counts = {}
-        for item in items:
-            counts[item] = counts.get(item, 0) + 1
-        return ", ".join(f"{n} {item}" for item, n in counts.items())
+    def counted(items):  # in order of first appearance
+        return ", ".join(f"{n} {item}" for item, n in collections.Counter(items).items())
 
     swapped = getattr(model, "attnsr_swapped", [])
     left = getattr(model, "attnsr_left", [])

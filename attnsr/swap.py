@@ -49,6 +49,7 @@ from attnsr.windows import (
     WindowAttentionQKV,
     WindowAttentionRPI,
     WindowAttentionV2,
+    is_standard_index,
     standard_index,
 )
 
@@ -179,7 +180,7 @@ def _fusable_attention(module: nn.Module, wh: int, ww: int, index_required: bool
     index = getattr(module, "relative_position_index", None)
     if index is None:
         return not index_required
-    return isinstance(index, torch.Tensor) and torch.equal(index.cpu(), standard_index((wh, ww)))
+    return is_standard_index(index, (wh, ww))
 
 
 def _as_window_attention(module: nn.Module, backend: str):

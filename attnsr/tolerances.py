@@ -14,3 +14,17 @@ REL_TOL = {
     torch.float16: 5e-3,
     torch.bfloat16: 3e-2,
 }
+
+# fp32 attention on a GPU, by the precision of its dot products (kernels/_runtime.py): 3×TF32 and
+# exact fp32 are within fp32's rounding of the inputs; one tf32 product rounds operands to 10 bits.
+# Under the interpreter every dot is exact and REL_TOL[torch.float32] applies.
+FP32_PRECISION_TOL = {"tf32x3": 1e-5, "ieee": 1e-5, "tf32": 5e-3}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; the absolute error when the reference is zero."""
+    out = out.detach().double()
+    ref = ref.detach().double()
+    denom = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / denom if denom > 0 else num

@@ -40,6 +40,14 @@ def standard_index(window_size, device=None) -> torch.Tensor:
     return relative_position_index(_pair(window_size)).to(device)
 
 
+def is_standard_index(index, window_size) -> bool:
+    """Whether ``index`` (a module's or a caller's relative position index) is Swin's for the window."""
+    if not isinstance(index, torch.Tensor):
+        return False
+    want = standard_index(window_size, index.device)
+    return index.shape == want.shape and torch.equal(index.to(want.dtype), want)
+
+
 def adopt(layer: nn.Module, module: nn.Module) -> nn.Module:
     """Give ``layer`` the children, parameters and buffers of ``module`` (the same objects, under
     the same names: state_dict keys, optimizers and ``requires_grad`` flags carry over) and its mode."""
@@ -88,8 +96,7 @@ class WindowAttention(_AttnsrLayer):
     def from_module(cls, module: nn.Module, *, backend="auto"):
         """The layer computing ``module`` (a SwinIR-, HAT- or ATD-style window attention, checked by
         :func:`attnsr.swap_attention`) with the module's own children, table and buffers."""
-        layer = cls.__new__(cls)
-        _AttnsrLayer.__init__(layer, backend)
+        layer = cls._blank(backend)
         layer._configure(module.dim, _pair(module.window_size), module.num_heads, module.scale)
         return adopt(layer, module)
 
@@ -132,8 +139,7 @@ def check_index(layer: nn.Module, rpi: torch.Tensor) -> None:
     key = (rpi.data_ptr(), rpi.device, rpi._version, tuple(rpi.shape))
     if getattr(layer, "_checked_index", None) == key:
         return
-    want = standard_index(layer.window_size, rpi.device)
-    if rpi.shape != want.shape or not torch.equal(rpi.to(want.dtype), want):
+    if not is_standard_index(rpi, layer.window_size):
         raise ValueError(f"{type(layer).__name__}: the relative position index passed in is not Swin's for a "
                          f"{layer.window_size} window (shape {tuple(rpi.shape)}); the fused kernel computes Swin's")
     layer._checked_index = key
@@ -177,8 +183,7 @@ class WindowAttentionV2(WindowAttention):
 
     @classmethod
     def from_module(cls, module: nn.Module, *, backend="auto"):
-        layer = cls.__new__(cls)
-        _AttnsrLayer.__init__(layer, backend)
+        layer = cls._blank(backend)
         layer._configure(module.dim, _pair(module.window_size), module.num_heads, 1.0)
         return adopt(layer, module)
 
@@ -215,8 +220,7 @@ class SwinBlock(_AttnsrLayer):
 
     @classmethod
     def from_module(cls, module: nn.Module, attn: WindowAttention, *, backend="auto"):
-        layer = cls.__new__(cls)
-        _AttnsrLayer.__init__(layer, backend)
+        layer = cls._blank(backend)
         adopt(layer, module)
         layer._modules["attn"] = attn
         layer.window_size, layer.shift_size = module.window_size, module.shift_size

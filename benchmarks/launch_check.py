@@ -31,9 +31,9 @@ import re
 import subprocess
 import sys
 
-from attnsr.tolerances import REL_TOL
+from attnsr.check import errors_vs_float64, worst
+from attnsr.tolerances import FP32_PRECISION_TOL, REL_TOL
 
-TF32_TOL = 5e-3  # one tf32 product: operands rounded to 10 bits (tests/tolerances.py FP32_PRECISION_TOL)
 DTYPES = ("fp32", "fp32-tf32", "fp32-ieee", "fp16", "bf16", "fp64")
 
 
@@ -49,11 +49,6 @@ def cases() -> list:
                 out.append(dict(name=f"window {dtype} D={d} w{window}", op="window", dtype=dtype, head_dim=d,
                                 window=window))
     return out
-
-
-def _rel(out, ref) -> float:
-    out, ref = out.detach().double(), ref.detach().double()
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def run_case(case: dict) -> dict:
@@ -103,21 +98,16 @@ def run_case(case: dict) -> dict:
         inputs64 = [qkv64, table64]
     row = dict(case, config={k: {**b, **cfg} for k, (b, cfg) in config.items()}, device=str(device))
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in inputs64]
-    refs = [t.detach().double().requires_grad_() for t in leaves]  # the inputs as the op got them
     out = fused(*leaves)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    row["stage"] = "backward"
-    grad64 = torch.randn(out.shape, generator=gen, dtype=torch.float64)
-    got = torch.autograd.grad(out, leaves, grad64.to(device=device, dtype=dtype))
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    got = torch.autograd.grad(out, leaves, grad)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    ref = reference(*refs)
-    want = torch.autograd.grad(ref, refs, grad64.to(device))
-    errors = {"output": _rel(out, ref), **{f"grad {i}": _rel(g, w) for i, (g, w) in enumerate(zip(got, want))}}
-    bound = TF32_TOL if precision == "tf32" and device.type == "cuda" else REL_TOL[dtype]
-    row.pop("stage")
-    ok = all(math.isfinite(e) and e <= bound for e in errors.values())  # NaN: garbage read, not a pass
+    errors = errors_vs_float64(reference, leaves, out, got, grad)  # against the inputs as the op got them
+    bound = FP32_PRECISION_TOL["tf32"] if precision == "tf32" and device.type == "cuda" else REL_TOL[dtype]
+    ok = worst(errors.values()) <= bound  # a NaN error (a garbage read) is no pass
     return dict(row, errors=errors, bound=bound, status="ok" if ok else "out of bounds")
 
 
@@ -167,8 +157,8 @@ HEADER = ("| case | status | worst error / bound | launch settings (BLOCK_M×BLO
 
 def format_row(r) -> str:
     if "errors" in r:
-        worst = max(r["errors"], key=lambda k: (math.isnan(r["errors"][k]), r["errors"][k]))
-        figure = f"{r['errors'][worst]:.1e} ({worst}) / {r['bound']:.0e}"
+        name = max(r["errors"], key=lambda k: (math.isnan(r["errors"][k]), r["errors"][k]))
+        figure = f"{r['errors'][name]:.1e} ({name}) / {r['bound']:.0e}"
     else:
         figure = r.get("error", "")
     return f"| {r['name']} | {r['status']} | {figure} | {_settings(r)} |"

@@ -29,6 +29,14 @@ def needs_gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")(test))
 
 
+def error_line(capsys) -> str:
+    """The one line a CLI command printed to stderr for bad input: ``attnsr: error: ...``, no traceback."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one clear line, no traceback
+    assert err[0].startswith("attnsr: error: ")
+    return err[0]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run first on a GPU machine: pytest -m gpu)")
 

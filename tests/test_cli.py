@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import error_line
 
 from attnsr import cli
 from attnsr.checkpoint import build_model, load_checkpoint, save_checkpoint
@@ -35,13 +36,6 @@ def _inpaint_checkpoint(path):
     model = build_model({"name": "ImageInpaintingModel", "kwargs": {"in_channels": 4, "out_channels": 3, "heads": 1}})
     save_checkpoint(path, model=model, step=0)
     return str(path)
-
-
-def _error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err  # one clear line, no traceback
-    assert err[0].startswith("attnsr: error: ")
-    return err[0]
 
 
 def test_help_lists_every_subcommand():
@@ -125,7 +119,7 @@ def test_missing_image(tmp_path, capsys):
     ckpt = _sr_checkpoint(tmp_path / "sr.pt")
     out = tmp_path / "out.png"
     assert cli.main(["upscale", str(tmp_path / "nope.png"), "-o", str(out), "--checkpoint", ckpt]) == 2
-    assert "nope.png does not exist" in _error_line(capsys)
+    assert "nope.png does not exist" in error_line(capsys)
     assert not out.exists()
 
 
@@ -134,7 +128,7 @@ def test_unreadable_image(tmp_path, capsys):
     bad.write_bytes(b"this is not a png")
     ckpt = _sr_checkpoint(tmp_path / "sr.pt")
     assert cli.main(["upscale", str(bad), "-o", str(tmp_path / "out.png"), "--checkpoint", ckpt]) == 2
-    assert "cannot read image" in _error_line(capsys)
+    assert "cannot read image" in error_line(capsys)
     assert not (tmp_path / "out.png").exists()
 
 
@@ -145,7 +139,7 @@ def test_mask_of_wrong_size(tmp_path, capsys):
     rc = cli.main(["inpaint", img, "--mask", str(tmp_path / "mask.png"), "-o", str(tmp_path / "o.png"),
                    "--checkpoint", ckpt])
     assert rc == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "16×8" in line and "16×16" in line
     assert not (tmp_path / "o.png").exists()
 
@@ -154,14 +148,14 @@ def test_checkpoint_of_the_wrong_network(tmp_path, capsys):
     img = _image(tmp_path / "in.png", 8, 8)
     ckpt = _inpaint_checkpoint(tmp_path / "inpaint.pt")
     assert cli.main(["upscale", img, "-o", str(tmp_path / "o.png"), "--checkpoint", ckpt]) == 2
-    assert "expected a super-resolution network" in _error_line(capsys)
+    assert "expected a super-resolution network" in error_line(capsys)
 
 
 def test_checkpoint_of_the_wrong_scale(tmp_path, capsys):
     img = _image(tmp_path / "in.png", 8, 8)
     ckpt = _sr_checkpoint(tmp_path / "sr.pt", scale=2)
     assert cli.main(["upscale", img, "-o", str(tmp_path / "o.png"), "--checkpoint", ckpt, "--scale", "4"]) == 2
-    assert "×2" in _error_line(capsys)
+    assert "×2" in error_line(capsys)
 
 
 def test_not_a_checkpoint(tmp_path, capsys):
@@ -169,18 +163,18 @@ def test_not_a_checkpoint(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"\x00" * 64)
     assert cli.main(["upscale", img, "-o", str(tmp_path / "o.png"), "--checkpoint", str(junk)]) == 2
-    assert "cannot read checkpoint" in _error_line(capsys)
+    assert "cannot read checkpoint" in error_line(capsys)
     assert cli.main(["upscale", img, "-o", str(tmp_path / "o.png"), "--checkpoint", str(tmp_path / "no.pt")]) == 2
-    assert "does not exist" in _error_line(capsys)
+    assert "does not exist" in error_line(capsys)
 
 
 def test_bad_output_path(tmp_path, capsys):
     img = _image(tmp_path / "in.png", 8, 8)
     ckpt = _sr_checkpoint(tmp_path / "sr.pt")
     assert cli.main(["upscale", img, "-o", str(tmp_path / "missing" / "o.png"), "--checkpoint", ckpt]) == 2
-    assert "does not exist" in _error_line(capsys)
+    assert "does not exist" in error_line(capsys)
     assert cli.main(["upscale", img, "-o", str(tmp_path / "o.bmp"), "--checkpoint", ckpt]) == 2
-    assert ".png" in _error_line(capsys)
+    assert ".png" in error_line(capsys)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
@@ -188,13 +182,13 @@ def test_cuda_device_without_cuda(tmp_path, capsys):
     img = _image(tmp_path / "in.png", 8, 8)
     ckpt = _sr_checkpoint(tmp_path / "sr.pt")
     assert cli.main(["upscale", img, "-o", str(tmp_path / "o.png"), "--checkpoint", ckpt, "--device", "cuda"]) == 2
-    assert "no CUDA device" in _error_line(capsys)
+    assert "no CUDA device" in error_line(capsys)
 
 
 def test_train_bad_config_is_one_line(tmp_path, capsys):
     rc = cli.main(["train", "inpaint", "--out", str(tmp_path), "--patch", "30", "--steps", "1", "--no-progress"])
     assert rc == 2
-    assert "30" in _error_line(capsys)
+    assert "30" in error_line(capsys)
 
 
 def test_atomic_write_leaves_nothing_behind_on_failure(tmp_path):

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 import torch
+from conftest import error_line
 from tolerances import assert_close_rel
 
 from attnsr import cli, infer, swap_attention
@@ -87,13 +88,6 @@ def _through_png(image, path):
     """image as the CLI would write it and read_image read it back."""
     write_image(image, path)
     return read_image(path)
-
-
-def _error_line(capsys):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err  # one clear line, no traceback
-    assert err[0].startswith("attnsr: error: ")
-    return err[0]
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -188,7 +182,7 @@ def test_missing_spandrel_names_the_extra(published, tmp_path, capsys, monkeypat
     src, _ = _png(tmp_path / "in.png", 16, 16)
     out = tmp_path / "out.png"
     assert cli.main(["upscale", src, "-o", str(out), "--checkpoint", published["SwinIR"][0]]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "is not an attnsr checkpoint" in line and "spandrel, which is not installed" in line, line
     assert line.endswith(EXTRA) and EXTRA == 'pip install "attnsr[models]"', line
     assert not out.exists()
@@ -208,7 +202,7 @@ def test_unloadable_checkpoint(name, content, why, tmp_path, capsys):
     src, _ = _png(tmp_path / "in.png", 16, 16)
     out = tmp_path / "out.png"
     assert cli.main(["upscale", src, "-o", str(out), "--checkpoint", str(path)]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert str(path) in line and "spandrel cannot load it either" in line and why in line, line
     assert "expected a checkpoint written by `attnsr train sr` or a super-resolution checkpoint" in line, line
     assert not out.exists()
@@ -219,9 +213,9 @@ def test_published_checkpoint_of_the_wrong_scale_or_tile(published, tmp_path, ca
     out = tmp_path / "out.png"
     path = published["HAT"][0]
     assert cli.main(["upscale", src, "-o", str(out), "--checkpoint", path, "--scale", "4"]) == 2
-    assert "upscales ×2; --scale asked for ×4" in _error_line(capsys)
+    assert "upscales ×2; --scale asked for ×4" in error_line(capsys)
     assert cli.main(["upscale", src, "-o", str(out), "--checkpoint", path, "--tile", "14", "--overlap", "4"]) == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "--tile for HAT: tile 14 rounded down to a multiple of 4 is 12, smaller than the network's minimum " \
            "input 16" in line, line
     assert not out.exists()

@@ -33,6 +33,17 @@ def _table(window, heads, dtype):
         .requires_grad_()
 
 
+def _check_grads(out, ref, leaf, table, dtype, tol=None):
+    """The gradients of the fused output ``out`` and of its float64 reference ``ref`` for one random
+    upstream gradient, with respect to the qkv leaf and the bias table, within the dtype's bound."""
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (leaf, table), grad)
+    want = torch.autograd.grad(ref, (leaf, table), grad.double())
+    assert_close_rel(got[0], want[0], dtype, "dqkv", tol=tol)
+    assert_close_rel(got[1], want[1], dtype, "d bias_table", tol=tol)
+    return got
+
+
 CASES = [  # b, h, w, c, heads, window, shift, bias, layout
     pytest.param(1, 16, 16, 20, 2, (8, 8), (4, 4), True, "swinir", id="swinir-w8-shift4-D10"),
     pytest.param(2, 8, 12, 20, 2, (4, 6), (2, 3), True, "nhwc", id="rect-w4x6-shift2x3-B2"),
@@ -129,11 +140,7 @@ def test_partitioned_windows_cycle_through_the_mask_as_swinir_broadcasts_it():
     ref = (attn.softmax(-1) @ vw).transpose(1, 2).reshape(b * nw, wh, ww, c)
     assert_close_rel(out, ref, dtype, "output")
     assert_close_rel(out, window_attention_ref(q, k, v, **kwargs, upcast=True), dtype, "output vs reference")
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (leaf, table), grad)
-    want = torch.autograd.grad(ref, (leaf, table), grad.double())
-    assert_close_rel(got[0], want[0], dtype, "dqkv")
-    assert_close_rel(got[1], want[1], dtype, "d bias_table")
+    _check_grads(out, ref, leaf, table, dtype)
 
 
 def test_mask_false_is_no_mask_even_when_shifted_and_one_slice_is_broadcast():
@@ -162,10 +169,7 @@ def test_a_batch_beyond_the_grid_runs_in_slices_that_keep_the_mask_phase(monkeyp
     out = window_attention(q, k, v, **kwargs)
     ref = window_attention_ref(q, k, v, **kwargs)
     assert_close_rel(out, ref, torch.float64)
-    grad = torch.randn_like(out)
-    got, want = torch.autograd.grad(out, (leaf, table), grad), torch.autograd.grad(ref, (leaf, table), grad)
-    assert_close_rel(got[0], want[0], torch.float64, "dqkv")
-    assert_close_rel(got[1], want[1], torch.float64, "d bias_table")
+    _check_grads(out, ref, leaf, table, torch.float64)
     five = torch.zeros(5, 16, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="repeats only every 5 maps, more than the kernels' 4 per launch"):
         window_attention(q, k, v, window_size=4, heads=2, mask=five)
@@ -190,12 +194,8 @@ def test_half_precision(dtype):
     ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
     assert out.dtype == dtype
     assert_close_rel(out, ref, dtype, "output")
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (leaf, table), grad)
-    want = torch.autograd.grad(ref, (leaf, table), grad.double())
+    got = _check_grads(out, ref, leaf, table, dtype)
     assert got[1].dtype == torch.float32
-    assert_close_rel(got[0], want[0], dtype, "dqkv")
-    assert_close_rel(got[1], want[1], dtype, "d bias_table")
 
 
 @needs_gpu
@@ -211,11 +211,7 @@ def test_hat_shapes_on_the_gpu(dtype):
     ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
     tol = FP32_PRECISION_TOL[dot_precision(dtype)] if dtype == torch.float32 else None
     assert_close_rel(out, ref, dtype, "output", tol=tol)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (leaf, table), grad)
-    want = torch.autograd.grad(ref, (leaf, table), grad.double())
-    assert_close_rel(got[0], want[0], dtype, "dqkv", tol=tol)
-    assert_close_rel(got[1], want[1], dtype, "d bias_table", tol=tol)
+    _check_grads(out, ref, leaf, table, dtype, tol)
 
 
 def test_backward_is_deterministic():

@@ -7,22 +7,9 @@ the same values; it is re-exported here for the tests.
 
 import torch
 
-from attnsr.tolerances import REL_TOL
+from attnsr.tolerances import FP32_PRECISION_TOL, REL_TOL, rel_error
 
-__all__ = ["REL_TOL", "assert_close_rel", "rel_error"]
-
-# fp32 attention on a GPU, by the precision of its dot products (kernels/_runtime.py): 3×TF32 and
-# exact fp32 are within fp32's rounding of the inputs; one tf32 product rounds operands to 10 bits.
-# Under the interpreter every dot is exact and REL_TOL[torch.float32] applies.
-FP32_PRECISION_TOL = {"tf32x3": 1e-5, "ieee": 1e-5, "tf32": 5e-3}
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.detach().double()
-    ref = ref.detach().double()
-    denom = ref.norm().item()
-    num = (out - ref).norm().item()
-    return num / denom if denom > 0 else num
+__all__ = ["FP32_PRECISION_TOL", "REL_TOL", "assert_close_rel", "rel_error"]
 
 
 def assert_close_rel(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str = "output", tol=None):
