@@ -321,6 +321,10 @@ def _looks_like_attention(module: nn.Module) -> str | None:
         return "a Swin V2 window attention this version does not fuse (structure or function differs)"
     if hasattr(module, "overlap_win_size"):
         return "overlapping cross-attention (keys from larger windows than the queries): not fused"
+    if hasattr(module, "num_tokens") and hasattr(module, "category_size"):
+        return "adaptive category attention (tokens grouped by a learned dictionary, ATD's): not fused"
+    if hasattr(module, "num_tokens") and isinstance(getattr(module, "scale", None), torch.Tensor):
+        return "token-dictionary cross-attention (queries against a learned dictionary, ATD's): not fused"
     if isinstance(getattr(module, "relative_position_bias_table", None), torch.Tensor):
         return "a window attention this version does not fuse (structure or function differs)"
     return None

@@ -8,6 +8,7 @@ environment; `make test` runs this file in a second environment (.venv-models, s
 """
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -24,9 +25,10 @@ from published_models import ARCHS, build  # noqa: E402
 LEFT = {
     "SwinIR": set(),
     "HAT": {"OCAB"},  # overlapping cross-attention: keys from larger windows than the queries
+    "HAT-w16": {"OCAB"},
     "DRCT": set(),
     "Swin2SR": set(),
-    "ATD": set(),  # its token-dictionary (ATD_CA) and category (AC_MSA) attentions are not recognised
+    "ATD": {"ATD_CA", "AC_MSA"},  # token-dictionary and category attention: listed, not fused
     "RCAN": set(),
 }
 
@@ -60,21 +62,31 @@ def _covered(model):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch):
+def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch, caplog):
     model = _build(arch, torch.float64)
     x = _image(torch.float64)
     before = _outputs_and_grads(model, x)
+    tables = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
     checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
     keys = list(checkpoint)
-    attnsr.swap_attention(model, backend="torch")
+    with caplog.at_level(logging.INFO, logger="attnsr.swap"):
+        attnsr.swap_attention(model, backend="torch")
     assert model.attnsr_swapped, f"{arch}: nothing swapped"
     left_classes = {cls for _, cls, _ in model.attnsr_left}
     assert left_classes == LEFT[arch], model.attnsr_left
+    for name, old, new in model.attnsr_swapped:  # the log says what was swapped and what was left
+        assert f"swap_attention: {name}: {old} -> {new}(backend='torch')" in caplog.text
+    for name, old, why in model.attnsr_left:
+        assert f"swap_attention: {name}: {old} left as is: {why}" in caplog.text
     unswapped = {cls for _, cls in _covered(model)}
     assert unswapped <= LEFT[arch], f"{arch}: attention left in its published class: {_covered(model)}"
     after = _outputs_and_grads(model, x)
     for got, want, what in zip(after, before, ("output", "d(image)", "parameter gradients")):
         assert_close_rel(got, want, torch.float64, f"{arch}: {what}")
+    for name, p in model.named_parameters():  # each bias table's gradient on its own
+        if name in tables:
+            assert_close_rel(p.grad, tables.pop(name), torch.float64, f"{arch}: d {name}")
+    assert not tables, f"{arch}: bias tables renamed by the swap: {list(tables)}"
     # the window attention layers and blocks keep their keys (a channel attention's MLP becomes
     # fc1/fc2, its old keys accepted as aliases): a checkpoint saved before the swap loads after it
     assert [k for k in model.state_dict() if ".attn." in k or "attn_mask" in k] == \
@@ -96,6 +108,7 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
     kinds = {new for _, _, new in model.attnsr_swapped}
     want_kinds = {"SwinIR": {"SwinBlock", "WindowAttention"},
                   "HAT": {"HybridAttentionBlock", "WindowAttentionRPI", "ChannelAttention"},
+                  "HAT-w16": {"HybridAttentionBlock", "WindowAttentionRPI", "ChannelAttention"},
                   "Swin2SR": {"SwinV2Block", "WindowAttentionV2"},
                   "DRCT": {"SwinBlock", "WindowAttention"},
                   "ATD": {"WindowAttentionQKV"},

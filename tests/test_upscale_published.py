@@ -1,6 +1,7 @@
-"""`attnsr upscale` on published checkpoints: small SwinIR, HAT and RCAN networks saved as plain
-state_dicts (.pth), recognised and loaded by spandrel, attnsr's layers swapped in, run whole and in
-tiles, and compared with spandrel's own output (the descriptor called on the same image, float32, CPU).
+"""`attnsr upscale` on published checkpoints: small SwinIR, HAT, DRCT, Swin2SR and RCAN networks saved
+as plain state_dicts (.pth; one as .safetensors), recognised and loaded by spandrel, attnsr's layers
+swapped in, run whole and in tiles, and compared with spandrel's own output (the descriptor called
+on the same image, float32, CPU).
 
 Whole-image runs compute what spandrel computes: attnsr pads the image as spandrel does (its
 multiple and minimum size) and the network pads the rest its own way, so the two differ by float
@@ -29,11 +30,13 @@ spandrel = pytest.importorskip("spandrel", reason="spandrel is not installed (`m
                                                   ".venv-models)")
 from published_models import build  # noqa: E402
 
-ARCHS = ("SwinIR", "HAT", "RCAN")
-# (tile multiple: the window, spandrel's minimum size, what the swap puts in)
-SIZES = {"SwinIR": (8, 16), "HAT": (4, 16), "RCAN": (1, 0)}
-SWAPPED = {"SwinIR": {"SwinBlock", "WindowAttention"},
+ARCHS = ("SwinIR", "HAT", "DRCT", "Swin2SR", "RCAN")
+# (tile multiple: the window or spandrel's multiple_of, spandrel's minimum size)
+SIZES = {"SwinIR": (8, 16), "HAT": (4, 16), "DRCT": (16, 0), "Swin2SR": (4, 16), "RCAN": (1, 0)}
+SWAPPED = {"SwinIR": {"SwinBlock", "WindowAttention"},  # what the swap puts in
            "HAT": {"HybridAttentionBlock", "WindowAttentionRPI", "ChannelAttention"},
+           "DRCT": {"SwinBlock", "WindowAttention"},
+           "Swin2SR": {"SwinV2Block", "WindowAttentionV2"},
            "RCAN": {"ChannelAttention"}}
 
 
@@ -140,7 +143,8 @@ def test_cli_upscale_equals_spandrel(arch, tile, published, tmp_path, capsys):
 def test_tiles_lie_on_the_window_grid(arch, published, tmp_path):
     """Tiles of 32 with overlap 16 on a 40×44 image: every call of the network is on a multiple of
     its window and at least its minimum, and the tiled output approximates the whole-image one.
-    Measured max |tiled − whole| (these weights): SwinIR 2.7e-4, HAT 1.1e-3, RCAN 2.5e-4; bound one 8-bit
+    Measured max |tiled − whole| (these weights): SwinIR 2.7e-4, HAT 1.1e-3, DRCT 1.3e-3, Swin2SR 1.3e-3,
+    RCAN 2.5e-4; bound one 8-bit
     level, 1/255 = 3.9e-3. The CLI writes the same tiled result."""
     path, _ = published[arch]
     src, image = _png(tmp_path / "in.png", 40, 44)
@@ -172,6 +176,19 @@ def test_cli_upscale_on_the_triton_backend(arch, published, tmp_path, capsys):
     assert cli.main(["upscale", src, "-o", str(out), "--checkpoint", path, "--backend", "triton"]) == 0
     assert capsys.readouterr().out.splitlines()[0].endswith("backend triton")
     _assert_png_matches(out, _spandrel_output(path, image), f"{arch} on triton")
+
+
+def test_cli_upscale_reads_safetensors(published, tmp_path):
+    """Published weights are often shipped as .safetensors: the same network from that file."""
+    from safetensors.torch import save_file
+
+    _, net = published["SwinIR"]
+    path = str(tmp_path / "SwinIR_x2.safetensors")
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path)
+    src, image = _png(tmp_path / "in.png", 21, 30)
+    out = tmp_path / "out.png"
+    assert cli.main(["upscale", src, "-o", str(out), "--checkpoint", path, "--backend", "torch"]) == 0
+    _assert_png_matches(out, _spandrel_output(published["SwinIR"][0], image), "SwinIR from .safetensors")
 
 
 # ---- what cannot run: one line of error, exit status 2, no output file -----------------------------------------

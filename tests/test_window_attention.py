@@ -48,6 +48,7 @@ CASES = [  # b, h, w, c, heads, window, shift, bias, layout
     pytest.param(1, 16, 16, 20, 2, (8, 8), (4, 4), True, "swinir", id="swinir-w8-shift4-D10"),
     pytest.param(2, 8, 12, 20, 2, (4, 6), (2, 3), True, "nhwc", id="rect-w4x6-shift2x3-B2"),
     pytest.param(1, 8, 8, 60, 2, (4, 4), (0, 0), False, "nchw", id="nchw-w4-noshift-D30"),
+    pytest.param(1, 16, 8, 60, 2, (8, 8), (4, 4), True, "swinir", id="hat-D30-w8-shift4"),  # SwinIR/HAT 180/6
     pytest.param(1, 6, 10, 21, 3, (3, 5), (1, 2), True, "nhwc", id="odd-w3x5-D7"),
     pytest.param(1, 4, 8, 8, 1, (4, 8), (2, 5), True, "swinir", id="one-window-shifted"),
     pytest.param(1, 16, 16, 20, 2, (16, 16), (8, 8), True, "swinir", id="w16-N256-shift8"),  # HAT's window
@@ -96,12 +97,18 @@ def test_float64_matches_the_reference_to_float64_precision():
 
 def test_in_kernel_mask_equals_swins_mask_bit_for_bit():
     """Swin's −100 mask computed from coordinates gives the very bits of the same mask passed in."""
-    q, k, v, _ = _qkv("nhwc", 1, 8, 12, 8, torch.float64)
+    q, k, v, leaf = _qkv("nhwc", 1, 8, 12, 8, torch.float64)
     table = _table((4, 4), 2, torch.float64)
     mask = swin_shift_mask(8, 12, 4, 2, dtype=torch.float64, device=DEVICE)
     assert mask.shape == (6, 16, 16) and set(mask.unique().tolist()) == {-100.0, 0.0}
     kwargs = dict(window_size=4, shift_size=2, heads=2, bias_table=table)
-    assert torch.equal(window_attention(q, k, v, **kwargs), window_attention(q, k, v, **kwargs, mask=mask))
+    out = window_attention(q, k, v, **kwargs)
+    given = window_attention(q, k, v, **kwargs, mask=mask)
+    assert torch.equal(out, given)
+    grad = torch.randn_like(out)  # and the backward: the same bits for q, k, v and the table
+    for got, want in zip(torch.autograd.grad(out, (leaf, table), grad, retain_graph=True),
+                         torch.autograd.grad(given, (leaf, table), grad, retain_graph=True)):
+        assert torch.equal(got, want)
     # and the mask matters: without it (an explicit zero mask) the result differs
     assert not torch.allclose(window_attention(q, k, v, **kwargs), window_attention(q, k, v, **kwargs,
                                                                                        mask=torch.zeros_like(mask)))
@@ -294,10 +301,10 @@ def test_custom_ops_pass_opcheck():
 def test_torch_compile_dynamic_changes_of_image_size_do_not_recompile():
     """The published SwinIR code breaks under dynamic shapes on a data-dependent reshape; the op
     takes any image size (multiple of the window) without a new graph."""
-    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
-    counter = CompileCounter()
+    counter = CompileCounterWithBackend("aot_eager")  # AOTAutograd traces the backward too
     table = _table((4, 4), 2, torch.float32)
 
     @torch.compile(dynamic=True, fullgraph=True, backend=counter)
@@ -306,8 +313,14 @@ def test_torch_compile_dynamic_changes_of_image_size_do_not_recompile():
         return window_attention(q, k, v, window_size=4, shift_size=2, heads=2, bias_table=table)
 
     for h, w in ((8, 12), (12, 16), (16, 8)):  # not square first: equal sizes would share one symbol
-        x = torch.randn(1, h, w, 24, device=DEVICE)
+        x = torch.randn(1, h, w, 24, device=DEVICE, requires_grad=True)
         ref = window_attention_ref(*x.split(8, -1), window_size=4, shift_size=2, heads=2, bias_table=table,
                                    upcast=True)
-        assert_close_rel(layer(x), ref, torch.float32, f"compiled output at {h}×{w}")
+        out = layer(x)
+        assert_close_rel(out, ref, torch.float32, f"compiled output at {h}×{w}")
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (x, table), grad)
+        want = torch.autograd.grad(ref, (x, table), grad.double())
+        assert_close_rel(got[0], want[0], torch.float32, f"compiled dqkv at {h}×{w}")
+        assert_close_rel(got[1], want[1], torch.float32, f"compiled d bias_table at {h}×{w}")
     assert counter.frame_count == 1, f"{counter.frame_count} graphs for three image sizes"
