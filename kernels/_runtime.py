@@ -144,9 +144,11 @@ def _tensors(values):
 _AUTOCAST_LIBRARY = torch.library.Library("attnsr", "FRAGMENT")
 
 
-def register_autocast(op, name: str) -> None:
+def register_autocast(op, name: str, cast_first: int | None = None) -> None:
     """Give the custom op ``attnsr::<name>`` (``op``) the autocast rule of :func:`autocast_inputs`, so
     that a direct ``torch.ops.attnsr.<name>`` call inside ``torch.autocast`` follows it too.
+    ``cast_first``: only the first that many arguments are cast (window attention's q, k, v; its
+    bias table and mask keep their dtype, as the public function keeps them); None: all of them.
 
     ``torch.library.register_autocast`` casts to a dtype fixed at registration; this reads the
     region's dtype (float16 or bfloat16) at call time. The op itself then runs with autocast off.
@@ -155,8 +157,9 @@ def register_autocast(op, name: str) -> None:
 
         def kernel(*args, _device_type=device_type):
             dtype = torch.get_autocast_dtype(_device_type)
+            n = len(args) if cast_first is None else cast_first
             with torch.autocast(_device_type, enabled=False):
-                return op(*(_cast(a, _device_type, dtype) for a in args))
+                return op(*(_cast(a, _device_type, dtype) if i < n else a for i, a in enumerate(args)))
 
         _AUTOCAST_LIBRARY.impl(name, kernel, key)
 

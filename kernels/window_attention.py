@@ -55,6 +55,7 @@ from ._runtime import (
     on_tensor_device,
     positive_int,
     refuse_double_backward,
+    register_autocast,
     stat_dtype,
 )
 
@@ -642,6 +643,7 @@ def _backward(ctx, do, _dlse):
 
 
 _window_op.register_autograd(_backward, setup_context=_setup_context)
+register_autocast(_window_op, "window_attention", cast_first=3)  # q, k, v; the table and mask keep theirs
 
 
 refuse_double_backward(_window_backward_op, "window_attention")
@@ -655,6 +657,8 @@ refuse_double_backward(_window_backward_op, "window_attention")
 def _pair(op: str, name: str, value, low: int) -> tuple:
     """An int or a pair of ints, each at least ``low``, as a pair."""
     values = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
+    if isinstance(values, (tuple, list, torch.Size)) and len(values) != 2:  # a bad value, not a bad type
+        raise ValueError(f"{op}: {name} = {value!r} has {len(values)} values; expected an int or a pair of ints")
     try:
         a, b = values
         if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in (a, b)):

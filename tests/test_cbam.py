@@ -42,6 +42,12 @@ def test_cbam_gate_matches_reference(shape, k, pool):
     check_op(_fn(pool), _ref(pool), inputs, torch.float32, f"cbam {shape} k={k} {pool}")
 
 
+def test_cbam_gate_on_the_common_64x64_map():
+    """64×64 pixels: every pixel block and channel chunk full (exact multiples of the blocks)."""
+    inputs = _inputs((1, 16, 64, 64), torch.float32, 7, hidden=4)
+    check_op(_fn("avgmax"), _ref("avgmax"), inputs, torch.float32, "cbam 1x16x64x64 k=7 avgmax")
+
+
 @pytest.mark.parametrize("pool", ["avg", "avgmax"])
 def test_cbam_gate_float16(pool):
     inputs = _inputs((3, 18, 13, 11), torch.float16, 7, hidden=3)

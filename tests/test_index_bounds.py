@@ -72,8 +72,9 @@ def test_channel_reduction_chunks_at_the_pixel_limit(batch, channels, channels_l
     assert end.max() + block_p - 1 <= INT32_MAX
 
 
+# k = 1 (BLOCK_P 4096) with a batch of 3 is a case whose unclamped last block passes 2^31
 @pytest.mark.parametrize("batch", [1, 3, 4096])
-@pytest.mark.parametrize("k", [3, 15])
+@pytest.mark.parametrize("k", [1, 3, 15])
 def test_convolution_backward_blocks_at_the_pixel_limit(batch, k, monkeypatch):
     _gpu_launch_settings(monkeypatch)
     hw = MAX_PIXELS

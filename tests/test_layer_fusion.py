@@ -32,8 +32,10 @@ def _seq_ref(weights, *maps):
 
 
 # (L, B, C, H, W): L = 1 and 4, B = 1 and 3, C = 1 and not a power of two, H != W, H·W not a
-# multiple of the 32-pixel interpreter block; and exact block multiples (16 channels, 8×8 pixels).
-SHAPES = [(1, 1, 5, 7, 9), (4, 3, 12, 13, 11), (3, 2, 1, 6, 5), (2, 1, 19, 4, 3), (2, 2, 16, 8, 8)]
+# multiple of the 32-pixel interpreter block; and exact block multiples (16 channels, 8×8 and the
+# common 64×64 pixels).
+SHAPES = [(1, 1, 5, 7, 9), (4, 3, 12, 13, 11), (3, 2, 1, 6, 5), (2, 1, 19, 4, 3), (2, 2, 16, 8, 8),
+          (2, 1, 16, 64, 64)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)

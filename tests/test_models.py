@@ -23,6 +23,9 @@ def _forward_backward(model, x, backend):
 
 @pytest.mark.parametrize("scale, size", [(2, (7, 9)), (3, (5, 6)), (4, (4, 4))])
 def test_sr_net_backends_agree(scale, size):
+    """What differs between the backends here is the channel attention (naive: pooling modules and
+    1×1 convolutions; torch: the functional reference; triton: the fused kernel); the SR net's spatial
+    attention is the document's conv mode, one plain PyTorch expression on every backend."""
     model = AttentionSRNet(num_channels=3, num_features=32, num_blocks=2, scale=scale).to(DEVICE, torch.float64)
     x = torch.randn(2, 3, *size, device=DEVICE, dtype=torch.float64)
     results = {b: _forward_backward(model, x, b) for b in BACKENDS}

@@ -259,15 +259,18 @@ def test_relative_position_index_is_swins():
                                         "dividing the batch's 4 windows"),
     (dict(mask=torch.zeros(8, 16, 16)), r"mask is \(8, 16, 16\); expected \(M, N, N\)"),
     (dict(mask=torch.zeros(0, 16, 16)), r"mask is \(0, 16, 16\); expected \(M, N, N\)"),
-    (dict(mask=torch.zeros(4, 16, 16, dtype=torch.bool)), "mask"),
-    (dict(window_size=(4, 4, 4)), "window_size must be an int or a pair of ints, got"),
+    (dict(mask=torch.zeros(4, 16, 16, dtype=torch.bool)), "mask has dtype torch.bool; expected one of"),
+    (dict(window_size=(4, 4, 4)), r"window_size = \(4, 4, 4\) has 3 values; expected an int or a pair of ints"),
+    (dict(window_size=(4.0, 4)), "window_size must be an int or a pair of ints, got"),
     (dict(scale=float("nan")), "scale must be a finite real number or None, got nan"),
 ])
 def test_bad_input_says_what_was_given_and_expected(change, message):
+    """A bad value is a ValueError, a bad type a TypeError, as PyTorch raises them."""
     q = torch.randn(1, 8, 8, 8, device=DEVICE)
     kwargs = dict(window_size=4, shift_size=0, heads=2)
     kwargs.update({k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in change.items()})
-    with pytest.raises((ValueError, TypeError), match=message):
+    bad_type = "must be an int or a pair of ints, got" in message or "dtype" in message
+    with pytest.raises(TypeError if bad_type else ValueError, match=message):
         window_attention(q, q, q, **kwargs)
 
 
