@@ -11,6 +11,7 @@ call) and ``setup`` (None, or run once before timing).
 """
 
 import datetime
+import gc
 import importlib
 import json
 import os
@@ -48,7 +49,7 @@ def device_info(device: torch.device) -> dict:
         attnsr_version = version("attnsr")
     except PackageNotFoundError:
         attnsr_version = "source"
-    return {
+    info = {
         "device": name,
         "device_type": device.type,
         "torch": torch.__version__,
@@ -57,6 +58,11 @@ def device_info(device: torch.device) -> dict:
         "date": datetime.date.today().isoformat(),
         "python": platform.python_version(),
     }
+    try:  # the published blocks some suites measure come from spandrel when it is installed
+        info["spandrel"] = version("spandrel")
+    except PackageNotFoundError:
+        pass
+    return info
 
 
 def time_ms(fn, device: torch.device, cpu_repeats: int = 3) -> float:
@@ -118,18 +124,24 @@ def _measure_rss(builder: str, case: dict) -> None:
     """Subprocess side of :func:`cpu_peak_mib`: build, warm up once, then one measured call.
 
     The kernel's high-water mark is reset after the warm-up (``5`` into /proc/self/clear_refs), so
-    the figure is the measured call's own peak above the RSS it started from.
+    the figure is the measured call's own peak above the RSS it started from. Python's garbage
+    collector runs before the reset and not during the call: a collection inside the call would
+    free the warm-up's garbage and offset the call's own allocations (a net growth, not a peak).
     """
     module, _, name = builder.partition(":")
     bench = getattr(importlib.import_module(module), name)(case, torch.device("cpu"))
     if bench.setup is not None:
         bench.setup()
     bench.fn()  # lazy initialisation (allocator pools, compiled graphs) stays off the books
+    gc.collect()
+    gc.disable()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _rss_kib()
     bench.fn()
-    print(json.dumps({"growth_mib": (_peak_rss_kib() - base) / 1024}))
+    peak = _peak_rss_kib()
+    gc.enable()
+    print(json.dumps({"growth_mib": (peak - base) / 1024}))
 
 
 if __name__ == "__main__":

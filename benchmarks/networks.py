@@ -3,10 +3,10 @@ networks, AttentionSRNet (×2) and ImageInpaintingModel (4-channel input), with 
 
 Providers are the layers' backends: ``naive`` (the documents' code: bmm + softmax attention,
 gates with pooling modules and 1×1 convolutions), ``torch`` (SDPA, functional eager gating) and
-``triton`` (fused kernels, GPU only). FLOPs count the self-attention only
-(4·B·N²·D forward, 2.5× with backward), the part the backends change. In AttentionSRNet the
-backends change only the channel attention (its spatial attention is the document's conv mode, the
-same PyTorch code on every backend); in ImageInpaintingModel, the self-attention.
+``triton`` (fused kernels, GPU only). What the backends change: in ImageInpaintingModel its
+self-attention layers; in AttentionSRNet only the channel attention (its spatial attention
+is the document's conv mode, the same PyTorch code on every backend). FLOPs count the self-attention
+only (4·B·N²·D forward, 2.5× with backward), so AttentionSRNet rows have none.
 """
 
 import torch

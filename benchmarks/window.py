@@ -66,10 +66,13 @@ def cases(device: torch.device, quick: bool = False) -> list:
         dtypes = dtypes[-1:]
     out = []
     op_sizes = (64, 128) if gpu else (CPU_OP_SIZE,)
+    op_windows = WINDOWS
+    if quick:  # on CPU as the quick block below: 16², window 8, the interpreted op in seconds
+        op_sizes, op_windows = ((64,), WINDOWS[-1:]) if gpu else ((16,), WINDOWS[:1])
     for dtype in dtypes:
         for mode in ("fwd+bwd",) if quick else ("fwd", "fwd+bwd"):
-            for size in op_sizes[:1] if quick else op_sizes:
-                for window in WINDOWS[-1:] if quick else WINDOWS:
+            for size in op_sizes:
+                for window in op_windows:
                     for provider in ("naive", "sdpa", "flex", "attnsr"):
                         out.append(_case("window_attention", mode, dtype, _batch(size, device), size, window,
                                          provider, device))

@@ -657,8 +657,9 @@ refuse_double_backward(_window_backward_op, "window_attention")
 def _pair(op: str, name: str, value, low: int) -> tuple:
     """An int or a pair of ints, each at least ``low``, as a pair."""
     values = (value, value) if isinstance(value, numbers.Integral) and not isinstance(value, bool) else value
-    if isinstance(values, (tuple, list, torch.Size)) and len(values) != 2:  # a bad value, not a bad type
-        raise ValueError(f"{op}: {name} = {value!r} has {len(values)} values; expected an int or a pair of ints")
+    if hasattr(values, "__len__") and not isinstance(values, (str, bytes)) and len(values) != 2:  # a bad value
+        raise ValueError(f"{op}: {name} = {value!r} has {len(values)} value{'' if len(values) == 1 else 's'}; "
+                         f"expected an int or a pair of ints")
     try:
         a, b = values
         if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in (a, b)):

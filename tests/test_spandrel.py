@@ -87,6 +87,9 @@ def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch, caplo
         if name in tables:
             assert_close_rel(p.grad, tables.pop(name), torch.float64, f"{arch}: d {name}")
     assert not tables, f"{arch}: bias tables renamed by the swap: {list(tables)}"
+    # (the check above must have had tables to check: every architecture here but these has them)
+    assert any(n.endswith("relative_position_bias_table") for n, _ in model.named_parameters()) == \
+        (arch not in ("Swin2SR", "RCAN")), arch
     # the window attention layers and blocks keep their keys (a channel attention's MLP becomes
     # fc1/fc2, its old keys accepted as aliases): a checkpoint saved before the swap loads after it
     assert [k for k in model.state_dict() if ".attn." in k or "attn_mask" in k] == \
