@@ -10,7 +10,8 @@
 #          is installed; stopped after TESTS_S seconds (default 210), the log then shows how far it got;
 #   bench  the benchmark report with the headline cases (the issues' targets) first, starting no
 #          group of cases after 3/4 of BENCH_S seconds (default 240): the rest are recorded as skipped,
-#          and the JSON is rewritten after every case; then the plots;
+#          and the JSON is rewritten after every case; then the plots; BENCH_ARGS (default none)
+#          adds report options, e.g. "--suite window" for the rows no earlier run reached;
 #   tune   python -m benchmarks.tune on what is left of the deadline (skipped under 90 s), TUNE_ARGS
 #          (default: bf16 only) choosing the groups; the proposed _LAUNCH entries in its table.
 # No step starts or runs past the deadline. Results go to $OUT (default benchmarks/results):
@@ -21,6 +22,7 @@
 # the test outcome, the part a caller that sees only the tail of the output needs most.
 #   OUT=/some/dir bash benchmarks/run_gpu.sh
 #   STEPS=bench BENCH_S=480 bash benchmarks/run_gpu.sh
+#   STEPS="launch bench" BENCH_ARGS="--suite window" bash benchmarks/run_gpu.sh
 # Uses the installed torch/triton (no network needed) through python3, or $PYTHON; PYTHONPATH
 # points at the checkout.
 set -u
@@ -34,6 +36,7 @@ TESTS_S=${TESTS_S:-210}
 BENCH_S=${BENCH_S:-240}
 TEST_WORKERS=${TEST_WORKERS:-14}  # Triton's compiles are CPU-bound: most of the 16 cores
 TUNE_ARGS=${TUNE_ARGS:---dtypes bfloat16}
+BENCH_ARGS=${BENCH_ARGS:-}
 MARGIN_S=20  # packing the logs, and the kill grace of the last step
 PY=${PYTHON:-$(command -v python3 || command -v python)}  # the interpreter that has torch (python3 on the GPU image)
 mkdir -p "$OUT"
@@ -100,7 +103,8 @@ for step in $STEPS; do
       t=$(cap "$BENCH_S")
       if [ "$t" -lt 30 ]; then echo "== benchmarks: skipped, $(left) s left" >"$LOGS/bench.txt"; continue; fi
       # the report starts no group after its budget; the timeout ends a group that overruns the deadline
-      timeout -k 5 "$(left)" "$PY" -m benchmarks.report --headline-first \
+      # shellcheck disable=SC2086  # BENCH_ARGS: several words
+      timeout -k 5 "$(left)" "$PY" -m benchmarks.report --headline-first $BENCH_ARGS \
         --budget-s $((t * 3 / 4)) --out "$OUT/$name.json" >"$LOGS/bench-table.txt" 2>"$LOGS/bench-progress.log"
       rc=$?
       # the table again from the JSON: it holds every case that finished, even if the report was stopped
