@@ -18,14 +18,19 @@ from spandrel.architectures.Swin2SR import Swin2SR
 from spandrel.architectures.SwinIR import SwinIR
 
 SWIN = dict(img_size=16, depths=[2], num_heads=[2], mlp_ratio=2.0, upscale=2)
+
+
+def _hat(**changes):
+    return HAT(**{**SWIN, **changes}, embed_dim=12, compress_ratio=3, squeeze_factor=3, overlap_ratio=0.5,
+               drop_path_rate=0.0, upsampler="pixelshuffle")
+
+
 ARCHS = {
     "SwinIR": lambda: SwinIR(**SWIN, embed_dim=20, window_size=8, upsampler="pixelshuffledirect"),
-    "HAT": lambda: HAT(**SWIN, embed_dim=12, window_size=4, compress_ratio=3, squeeze_factor=3, overlap_ratio=0.5,
-                       drop_path_rate=0.0, upsampler="pixelshuffle"),
+    "HAT": lambda: _hat(window_size=4),
     # HAT's own window (16: N = 256 tokens, shifted by 8; an img_size above the window, else HAT
     # drops the shift) on a 16×16 image: one window per block, four mask regions in the shifted one
-    "HAT-w16": lambda: HAT(**{**SWIN, "img_size": 32}, embed_dim=12, window_size=16, compress_ratio=3, squeeze_factor=3,
-                           overlap_ratio=0.5, drop_path_rate=0.0, upsampler="pixelshuffle"),
+    "HAT-w16": lambda: _hat(window_size=16, img_size=32),
     "DRCT": lambda: DRCT(**SWIN, embed_dim=12, window_size=4, gc=8, drop_path_rate=0.0, upsampler="pixelshuffle"),
     "Swin2SR": lambda: Swin2SR(**SWIN, embed_dim=12, window_size=4, upsampler="pixelshuffledirect"),
     "ATD": lambda: ATD(**SWIN, embed_dim=12, window_size=4, category_size=32, num_tokens=8, reducted_dim=4,
