@@ -14,8 +14,10 @@ dtype. Inputs are q, k, v split out of one fused-qkv NCHW map (B, 3C, 128, 128),
 Candidates: BLOCK_M, BLOCK_N ∈ {32, 64, 128} × num_warps ∈ {4, 8} × num_stages ∈ {1, 2, 3}, less
 those that cannot fit: the shared-memory estimate of ``attnsr.kernels.attention._shared_memory_estimate``
 over the device's per-block limit, or fp32 accumulators alone over 255 registers per thread (such
-rows are kept with status "pruned: ..."). The group's current default (its ``_LAUNCH`` entry) runs
-first and again last: the two times give the group's spread, the noise floor of its ratios.
+rows are kept with status "pruned: ..."). A candidate keeps its entry's head-dim chunk and dK/dV
+split (``_Launch.chunk`` / ``split``), and a proposed line carries them. The group's current
+default (its ``_LAUNCH`` entry) runs first and again last: the two times give the group's spread,
+the noise floor of its ratios.
 On a GPU each compile worker also compiles its candidate through the compile report
 (``attnsr.kernels.compile_report.check_config``, for the GPU's architecture, sm_80 or sm_90): a
 candidate that spills, overflows shared memory or misses wgmma where the compile gate asks for it
@@ -568,11 +570,13 @@ def suggest(payload: dict) -> list:
         if 1 / score <= 1 + max(0.02, 2 * noise):
             chosen, name = by_cfg[default_name], default_name
         first = chosen[dtypes[0]]
+        entry = attn._LAUNCH[(kernel, block_d, cls)]  # its chunk and split were kept in every candidate
+        extra = (f", chunk={entry.chunk}" if entry.chunk else "") + (", split=True" if entry.split else "")
         figures = ", ".join(f"{d} {chosen[d]['median_ms']:.3f} ms {default_ms[d] / chosen[d]['median_ms']:.2f}x"
                             for d in dtypes)
         verdict = "kept" if name == default_name else f"was {default_name}"
         lines.append(f'    ("{kernel}", {block_d}, "{cls}"): _Launch({first["BLOCK_M"]}, {first["BLOCK_N"]}, '
-                     f'{first["num_warps"]}, {first["num_stages"]}),  # {device}: {figures}; {verdict}')
+                     f'{first["num_warps"]}, {first["num_stages"]}{extra}),  # {device}: {figures}; {verdict}')
     return lines
 
 

@@ -37,11 +37,14 @@ bf16 operands are widened to fp32 for the dot products only (the probabilities a
 to bf16 first). Logits that overflow fp32 (|scale·q·k| > 3e38) give NaN. Reverse mode only: no
 forward-mode AD, no double backward (both raise).
 
-Launch configuration. Each kernel (forward, Δ, dK/dV, dQ) has its own tile sizes BLOCK_M ×
-BLOCK_N, num_warps and num_stages, looked up in ``_LAUNCH`` (below the kernels) by kernel, padded
-head dim BLOCK_D and dtype class (16-bit, fp32, fp64). ``python -m benchmarks.tune`` measures
-candidates on a GPU; it sets them through ``_launch_override``, which only it and the tests use.
-Under the interpreter every kernel runs 32×32 tiles unless overridden.
+Launch configuration. Each kernel (forward, Δ, dK/dV, dQ) has its own tile sizes BLOCK_M × BLOCK_N,
+num_warps and num_stages, looked up in ``_LAUNCH`` (below the kernels) by kernel, padded head dim
+BLOCK_D and dtype class (16-bit, fp32, fp64). Where holding a tile over the loop spills (fp32 at
+head dim 128 and 256, float64 at 256), an entry also sets a head-dim chunk (BLOCK_DC: the held
+operand is read again, 16 features at a time) and, for dK/dV, a split into a dV and a dK launch.
+``python -m benchmarks.tune`` measures candidates on a GPU; it sets them through
+``_launch_override``, which only it and the tests use. Under the interpreter every kernel runs
+32×32 tiles unless overridden.
 """
 
 import contextlib
@@ -119,6 +122,16 @@ def _store_tokens(ptr, val, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr,
 
 
 @triton.jit
+def _dot_chunk(acc, X, offs_x, x_lim, sx_r0, sx_r1, sx_c0, sx_c1, sx_c2, Y, offs_y, y_lim, sy_r0, sy_r1, sy_c0,
+               sy_c1, sy_c2, offs_c, D, TW, P: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+               ACC: tl.constexpr):
+    """acc + X·Yᵀ over the head-dim features ``offs_c``, both read here (the chunked launches)."""
+    x = _load_tokens(X, offs_x, offs_c, x_lim, D, TW, sx_r0, sx_r1, P, sx_c0, sx_c1, sx_c2, DOT)
+    y = _load_tokens(Y, offs_y, offs_c, y_lim, D, TW, sy_r0, sy_r1, P, sy_c0, sy_c1, sy_c2, DOT)
+    return tl.dot(x, tl.trans(y), acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O,  # token tensors, addressed as described in the header (any strides)
     LSE,  # (B, H, N) contiguous, ACC dtype: log2-sum-exp2 of the scaled logits per query row
@@ -135,6 +148,7 @@ def _attn_fwd_kernel(
     PRECISION: tl.constexpr,  # tl.dot input precision for fp32 operands: "tf32x3", "tf32" or "ieee"
     DOT: tl.constexpr,  # tl.dot operand dtype: the input dtype (fp32 for bf16 under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr = 0,  # 0: hold Q; else S summed over head-dim chunks this wide, Q read again
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -148,14 +162,23 @@ def _attn_fwd_kernel(
     V += b * sv_b + h * sv_h
     O += b * so_b + h * so_h
 
-    q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
+    if BLOCK_DC == 0:
+        q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
+        if BLOCK_DC == 0:
+            k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        else:  # as in the backward kernels: the held operand is read again a chunk at a time
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            for dc in range(0, BLOCK_D, BLOCK_DC):
+                offs_c = dc + tl.arange(0, BLOCK_DC)
+                s = _dot_chunk(s, Q, offs_m, N, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, K, offs_n, M, sk_r0, sk_r1, sk_c0,
+                               sk_c1, sk_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
+        s = s * qk_scale
         s = tl.where(offs_n[None, :] < M, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -209,6 +232,8 @@ def _attn_bwd_dkdv_kernel(
     qk_scale: tl.float64,  # scale · log2(e)
     P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr = 0,  # 0: hold K and V; else Sᵀ and dPᵀ summed over head-dim chunks this wide
+    PART: tl.constexpr = 0,  # 0: dK and dV; 1: dV only; 2: dK only (the two halves of a split launch)
 ):
     pid_n = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -219,29 +244,56 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     Q += b * sq_b + h * sq_h
+    K += b * sk_b + h * sk_h
+    V += b * sv_b + h * sv_h
     DO += b * sdo_b + h * sdo_h
     stats = (b * NH + h) * N
 
-    k = _load_tokens(K + b * sk_b + h * sk_h, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
-    v = _load_tokens(V + b * sv_b + h * sv_h, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
+    if BLOCK_DC == 0:
+        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
+        if PART != 1:
+            v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
-        do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, DOT)
         # rows past N get LSE = +inf, hence P = 0: they add nothing
         lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
         delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT), do, input_precision=PRECISION, out_dtype=ACC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION, out_dtype=ACC)
-    dk = dk * scale
-    _store_tokens(DK + b * sdk_b + h * sdk_h, dk, offs_n, offs_d, M, D, TW, sdk_r0, sdk_r1, P, sdk_c0, sdk_c1, sdk_c2)
-    _store_tokens(DV + b * sdv_b + h * sdv_h, dv, offs_n, offs_d, M, D, TW, sdv_r0, sdv_r1, P, sdv_c0, sdv_c1, sdv_c2)
+        if BLOCK_DC == 0:
+            q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
+            do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, DOT)
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)  # (BLOCK_N, BLOCK_M)
+        else:
+            # K and V are read again, a chunk of the head dim at a time, for every query block:
+            # held whole, their shared-memory tiles stay live over the loop, and with them one
+            # wgmma descriptor per 8-deep step of the head dim, in registers (fp32 at head dim 128)
+            s_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+            dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+            for dc in range(0, BLOCK_D, BLOCK_DC):
+                offs_c = dc + tl.arange(0, BLOCK_DC)
+                s_t = _dot_chunk(s_t, K, offs_n, M, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, Q, offs_m, N, sq_r0, sq_r1,
+                                 sq_c0, sq_c1, sq_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
+                if PART != 1:
+                    dp_t = _dot_chunk(dp_t, V, offs_n, M, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2, DO, offs_m, N, sdo_r0,
+                                      sdo_r1, sdo_c0, sdo_c1, sdo_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
+            q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
+            do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, DOT)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        if PART != 2:
+            dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT), do, input_precision=PRECISION, out_dtype=ACC)
+        if PART != 1:
+            if BLOCK_DC == 0:
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION, out_dtype=ACC)
+    if PART != 1:
+        dk = dk * scale
+        _store_tokens(DK + b * sdk_b + h * sdk_h, dk, offs_n, offs_d, M, D, TW, sdk_r0, sdk_r1, P, sdk_c0, sdk_c1,
+                      sdk_c2)
+    if PART != 2:
+        _store_tokens(DV + b * sdv_b + h * sdv_h, dv, offs_n, offs_d, M, D, TW, sdv_r0, sdv_r1, P, sdv_c0, sdv_c1,
+                      sdv_c2)
 
 
 @triton.jit
@@ -258,6 +310,7 @@ def _attn_bwd_dq_kernel(
     scale: tl.float64, qk_scale: tl.float64,  # as in the dK/dV kernel
     P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr = 0,  # 0: hold Q and dO; else S and dP summed over head-dim chunks this wide
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -273,19 +326,32 @@ def _attn_bwd_dq_kernel(
 
     Q += b * sq_b + h * sq_h
     DO += b * sdo_b + h * sdo_h
-    q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
-    do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, DOT)
+    if BLOCK_DC == 0:
+        q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
+        do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, DOT)
     lse = tl.load(LSE + stats + offs_m, mask=offs_m < N, other=float("inf"))
     delta = tl.load(DELTA + stats + offs_m, mask=offs_m < N, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, M, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
-        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale
-        p = tl.exp2(s - lse[:, None])
+        if BLOCK_DC == 0:
+            k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
+            v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+        else:  # Q and dO read again a chunk at a time, as K and V in the dK/dV kernel
+            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            for dc in range(0, BLOCK_D, BLOCK_DC):
+                offs_c = dc + tl.arange(0, BLOCK_DC)
+                s = _dot_chunk(s, Q, offs_m, N, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, K, offs_n, M, sk_r0, sk_r1, sk_c0,
+                               sk_c1, sk_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
+                dp = _dot_chunk(dp, DO, offs_m, N, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2, V, offs_n, M, sv_r0, sv_r1,
+                                sv_c0, sv_c1, sv_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
+            k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
+        p = tl.exp2(s * qk_scale - lse[:, None])
         p = tl.where(offs_n[None, :] < M, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+        if BLOCK_DC == 0:
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * scale
@@ -343,11 +409,15 @@ class _Launch(NamedTuple):
     block_n: Optional[int]  # key rows per tile; None for the Δ kernel (no key blocks)
     num_warps: int
     num_stages: Optional[int]  # pipelining depth of the loop over the other sequence; None for Δ (no loop)
+    # 0, or the head-dim chunk (BLOCK_DC) over which S (and dP) are summed, their operands read
+    # again for every block instead of held over the loop (see the kernels); where holding spills
+    chunk: int = 0
+    split: bool = False  # dK/dV only: dV and dK in two launches, each with one accumulator
 
 
 _KERNELS = ("fwd", "delta", "dkdv", "dq")
 _DTYPE_CLASSES = ("16bit", "fp32", "fp64")
-_LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+_LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_DC", "SPLIT")
 
 # (kernel, BLOCK_D, dtype class) -> launch configuration on a GPU.
 #   kernel: "fwd" (_attn_fwd_kernel), "delta" (_attn_bwd_delta_kernel), "dkdv"
@@ -366,9 +436,14 @@ _LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
 # no spills and, up to head dim 128 outside fp64, on wgmma (HGMMA, no HMMA), preferring one that
 # also does not spill on sm_80 and fits its 163 KiB. The comment above each entry gives its sm_90
 # figures (registers per thread, shared memory, HGMMA / HMMA count, or FMA for no tensor cores)
-# and sm_80's where they were compiled. "NOT YET MET" marks entries where every candidate tried
-# spills (fp32 3×TF32 at head dim 256, its backward at 128; fp64 backward at 256): the least
-# spilling one is kept, and tests/test_compile_report.py lists them as expected failures.
+# and sm_80's where they were compiled, with triton 3.6's where it differs. Where every setting
+# that holds the loop-invariant operand whole spilled (fp32 3×TF32 at head dim 128 in the backward,
+# 256 everywhere; float64 at 256), the entry sets ``chunk`` (S and dP summed over 16-wide chunks of
+# the head dim, their operands read again per block) and, for dK/dV, ``split`` (dV and dK in two
+# launches): spill-free under 3.9 and 3.6, at the cost of re-reading the held tiles from L2 and, when
+# split, computing S twice. Why holding spills: 3×TF32 keeps the held tile and its tf32 hi / lo
+# halves in shared memory for the whole loop, and the wgmma descriptors of its 8-deep steps along
+# the head dim (16 per operand at head dim 128) are hoisted out of the loop into registers.
 # The Δ kernel's 16-bit and fp32 entries are the rule the kernels were written with (no dot
 # products; no spills in the report). Timings on a GPU may still move entries
 # (`python -m benchmarks.tune`, which only proposes candidates that pass this gate).
@@ -394,17 +469,18 @@ _LAUNCH = {
     ("fwd", 64, "fp64"): _Launch(32, 32, 4, 2),
     # sm_90: 182 regs, no spills, 128 KiB, 12 HGMMA; sm_80 255 regs, 80 KiB
     ("fwd", 128, "16bit"): _Launch(128, 64, 8, 3),
-    # sm_90: 248 regs, no spills, 96 KiB, 54 HGMMA; sm_80 168 regs, 88 KiB, spills 1104 B
-    # (triton 3.6: spills 40 B; no setting tried is clean in both: 64×16/4/1 80 B, 64×32/4/1 64 B there)
-    ("fwd", 128, "fp32"): _Launch(64, 16, 4, 2),
+    # sm_90: 230 regs, no spills, 16 KiB, 12 HGMMA (triton 3.6: 228 regs, no spills). Q held whole
+    # (64×16/4/2 unchunked) spilled 40 B under 3.6 (3.9 clean at 248 regs)
+    ("fwd", 128, "fp32"): _Launch(64, 16, 4, 2, chunk=16),
     # sm_90: 222 regs, no spills, 52 KiB, FMA
     ("fwd", 128, "fp64"): _Launch(16, 32, 4, 1),
     # sm_90: 222 regs, no spills, 40 KiB, 17 HGMMA; sm_80 255 regs, 42 KiB
     ("fwd", 256, "16bit"): _Launch(64, 16, 4, 1),
-    # sm_90: 255 regs, NOT YET MET: spills 208 B / 63 STL, 48 KiB, 144 HMMA
-    ("fwd", 256, "fp32"): _Launch(16, 16, 4, 1),
-    # sm_90: 234 regs, no spills, 66 KiB, FMA (triton 3.6: spills 16 B; 16×32/8/1: 88 B there)
-    ("fwd", 256, "fp64"): _Launch(16, 16, 8, 1),
+    # sm_90: 248 regs, no spills, 32 KiB, 120 HMMA (triton 3.6: 246 regs). Q held whole, every
+    # setting spilled (16×16/4/1: 208 B); 64×16/4/1 chunked (on wgmma) spills 312 B
+    ("fwd", 256, "fp32"): _Launch(32, 32, 8, 1, chunk=16),
+    # sm_90: 123 regs, no spills, 34 KiB, FMA (triton 3.6: 162 regs). Unchunked it spilled 16 B under 3.6
+    ("fwd", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16),
     # Δ = rowsum(dO ∘ O): rows per program and warps only; no dot products, no spills
     ("delta", 16, "16bit"): _Launch(64, None, 4, None),
     ("delta", 16, "fp32"): _Launch(64, None, 4, None),
@@ -447,19 +523,23 @@ _LAUNCH = {
     ("dkdv", 64, "fp64"): _Launch(32, 32, 4, 2),
     # sm_90: 230 regs, no spills, 64 KiB, 20 HGMMA; sm_80 255 regs, 52 KiB
     ("dkdv", 128, "16bit"): _Launch(32, 64, 4, 2),
-    # sm_90: 255 regs, NOT YET MET: spills 816 B / 329 STL, 144 KiB, 108 HGMMA. Not 16×64/8/1 (784 B):
-    # its two warp groups split the 16-wide tiles into tf32 wgmma with N = 8, which read past their
-    # shared memory (triton-lang/triton#10629); on an H200 that gave an illegal memory access, and
-    # gradients 83% off at head dim 108. This one ran exact there (1.6e-6 of float64).
-    ("dkdv", 128, "fp32"): _Launch(16, 64, 4, 1),
+    # dV then dK (split), S and dP over 16-wide chunks: sm_90 217 / 224 regs, no spills, 16 KiB, 12 /
+    # 18 HGMMA (triton 3.6: 209 / 222 regs). One launch holding K and V spilled at every setting
+    # (16×64/4/1: 816 B, 144 KiB): K, V and their tf32 halves sit in shared memory for the whole loop,
+    # and the wgmma descriptors of their 16 steps along the head dim stay live in registers. Not 8
+    # warps with 16-wide query tiles: tf32 wgmma with N = 8 (triton-lang/triton#10629; on an H200 an
+    # illegal memory access, gradients 83% off at head dim 108).
+    ("dkdv", 128, "fp32"): _Launch(16, 64, 4, 2, chunk=16, split=True),
     # sm_90: 212 regs, no spills, 72 KiB, FMA
     ("dkdv", 128, "fp64"): _Launch(16, 16, 8, 1),
     # sm_90: 248 regs, no spills, 50 KiB, 96 HMMA
     ("dkdv", 256, "16bit"): _Launch(16, 32, 4, 1),
-    # sm_90: 255 regs, NOT YET MET: spills 264 B / 127 STL, 96 KiB, 240 HMMA
-    ("dkdv", 256, "fp32"): _Launch(16, 16, 8, 1),
-    # sm_90: 255 regs, NOT YET MET: spills 456 B / 129 STL, 136 KiB, FMA
-    ("dkdv", 256, "fp64"): _Launch(16, 16, 8, 1),
+    # split, 16-wide chunks: sm_90 162 / 166 regs, no spills, 32 KiB, 60 / 72 HMMA (triton 3.6: 162 /
+    # 170). Unchunked, one launch: 264 B of spills at 16×16/8/1
+    ("dkdv", 256, "fp32"): _Launch(16, 32, 8, 1, chunk=16, split=True),
+    # split, 16-wide chunks: sm_90 126 / 172 regs, no spills, 34 KiB, FMA (triton 3.6: 150 / 228).
+    # Unchunked, one launch: 456 B of spills at 16×16/8/1
+    ("dkdv", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16, split=True),
     # backward dQ
     # sm_90: 103 regs, no spills, 16 KiB, 6 HGMMA; sm_80 101 regs, 12 KiB
     ("dq", 16, "16bit"): _Launch(128, 64, 8, 2),
@@ -481,16 +561,18 @@ _LAUNCH = {
     ("dq", 64, "fp64"): _Launch(32, 32, 4, 1),
     # sm_90: 197 regs, no spills, 96 KiB, 20 HGMMA; sm_80 255 regs, 64 KiB, spills 232 B
     ("dq", 128, "16bit"): _Launch(64, 64, 4, 2),
-    # sm_90: 255 regs, NOT YET MET: spills 336 B / 55 STL, 160 KiB, 102 HGMMA
-    ("dq", 128, "fp32"): _Launch(64, 16, 4, 2),
+    # 16-wide chunks: sm_90 229 regs, no spills, 16 KiB, 18 HGMMA (triton 3.6: 229 regs). Q and dO
+    # held whole: 336 B of spills at this setting, 160 KiB
+    ("dq", 128, "fp32"): _Launch(64, 16, 4, 2, chunk=16),
     # sm_90: 202 regs, no spills, 56 KiB, FMA (triton 3.6: 212 regs, no spills; 16×32/4/1 spills 88 B there)
     ("dq", 128, "fp64"): _Launch(16, 16, 8, 1),
     # sm_90: 236 regs, no spills, 80 KiB, 33 HGMMA; sm_80 255 regs, 74 KiB, spills 16 B
     ("dq", 256, "16bit"): _Launch(64, 16, 4, 1),
-    # sm_90: 255 regs, NOT YET MET: spills 200 B / 79 STL, 80 KiB, 216 HMMA
-    ("dq", 256, "fp32"): _Launch(16, 16, 8, 1),
-    # sm_90: 255 regs, NOT YET MET: spills 328 B / 79 STL, 104 KiB, FMA
-    ("dq", 256, "fp64"): _Launch(16, 16, 8, 1),
+    # 16-wide chunks: sm_90 237 regs, no spills, 32 KiB, 144 HMMA (triton 3.6: 235). Unchunked:
+    # 200 B of spills at 16×16/8/1
+    ("dq", 256, "fp32"): _Launch(32, 32, 8, 1, chunk=16),
+    # 16-wide chunks: sm_90 128 regs, no spills, 34 KiB, FMA (triton 3.6: 218). Unchunked: 328 B
+    ("dq", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16),
 }
 
 # Patches (p > 1) address every feature of a token on its own (no unit stride along the head dim),
@@ -504,9 +586,9 @@ _PATCH_LAUNCH = {
     ("fwd", 64, "fp32"): _Launch(64, 16, 4, 3),
     # 64×32/4/2 spills 120 B with patches; sm_90: 255 regs, 80 KiB, 54 HGMMA, no spills
     ("dq", 64, "fp32"): _Launch(64, 16, 4, 2),
-    # NOT YET MET: on wgmma every setting tried spills (16×64/4/1: 104 B; 16×64/8/2: 152 B); this
-    # one does not spill but runs mma.sync (sm_90: 219 regs, 40 KiB, 144 HMMA)
-    ("dkdv", 64, "fp32"): _Launch(16, 32, 4, 2),
+    # split, 16-wide chunks: sm_90 142 / 195 regs, no spills, 16 KiB, 12 / 18 HGMMA (triton 3.6: 154 /
+    # 210). In one launch every setting on wgmma spilled (16×64/4/1: 104 B); 16×32/4/2 ran mma.sync
+    ("dkdv", 64, "fp32"): _Launch(16, 64, 4, 1, chunk=16, split=True),
 }
 
 
@@ -560,13 +642,22 @@ def _check_launch(kernel: str, cfg: dict) -> None:
     for key, value in cfg.items():
         if key not in _LAUNCH_KEYS:
             raise ValueError(f"_launch_override: setting {key!r}; expected some of {', '.join(_LAUNCH_KEYS)}")
-        if kernel == "delta" and key in ("BLOCK_N", "num_stages"):
+        if kernel == "delta" and key in ("BLOCK_N", "num_stages", "BLOCK_DC", "SPLIT"):
             raise ValueError(f"_launch_override: {key} for the Δ kernel, which has no key blocks and no loop; "
                              "expected BLOCK_M and num_warps only")
+        if kernel in ("fwd", "dq") and key == "SPLIT":
+            raise ValueError(f"_launch_override: SPLIT for the {kernel} kernel, which has one accumulator; "
+                             "expected it for dkdv only")
+        if key == "SPLIT":
+            if value not in (0, 1):
+                raise ValueError(f"_launch_override: SPLIT = {value!r}; expected 0 or 1 (or a bool)")
+            continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"_launch_override: {key} = {value!r}; expected an int")
         if key in ("BLOCK_M", "BLOCK_N") and (value < 16 or value & (value - 1)):
             raise ValueError(f"_launch_override: {key} = {value}; expected a power of two >= 16")
+        if key == "BLOCK_DC" and value and (value < 16 or value & (value - 1)):
+            raise ValueError(f"_launch_override: BLOCK_DC = {value}; expected 0 (no chunks) or a power of two >= 16")
         if key == "num_warps" and value not in (1, 2, 4, 8, 16):
             raise ValueError(f"_launch_override: num_warps = {value}; expected 1, 2, 4, 8 or 16")
         if key == "num_stages" and value < 1:
@@ -610,7 +701,7 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
         if dtype == torch.float32 and key[2] == "fp64" and patch == 1:  # exact fp32 on the FMA units
             entry = _IEEE_LAUNCH.get((kernel, block_d), entry)
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
-                   num_stages=entry.num_stages)
+                   num_stages=entry.num_stages, BLOCK_DC=entry.chunk, SPLIT=int(entry.split))
     cfg.update(_OVERRIDES.get(kernel, {}))
     if kernel == "delta":  # no key blocks, no loop to pipeline
         cfg.pop("BLOCK_N")
@@ -618,6 +709,11 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
     blocks = dict(BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_D=block_d)
     if "BLOCK_N" in cfg:
         blocks["BLOCK_N"] = cfg.pop("BLOCK_N")
+    chunk, split = cfg.pop("BLOCK_DC", 0), cfg.pop("SPLIT", 0)
+    if kernel != "delta":
+        blocks["BLOCK_DC"] = min(chunk, block_d)
+    if kernel == "dkdv":
+        blocks["PART"] = (1, 2) if split else (0,)  # the launcher runs one launch per part
     return blocks, cfg
 
 
@@ -670,12 +766,13 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     strides_in = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
     if need_dkdv:
         blocks, launch = _config("dkdv", head_dim, q.dtype, layout.patch, precision)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
-            q, k, v, do, dk, dv, lse, delta,
-            *strides_in, *layout.strides(dk), *layout.strides(dv),
-            n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
-            P=layout.patch, **dtypes, **blocks, **launch,
-        )
+        for part in blocks.pop("PART"):  # (0,): dK and dV together; (1, 2): dV, then dK
+            _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
+                q, k, v, do, dk, dv, lse, delta,
+                *strides_in, *layout.strides(dk), *layout.strides(dv),
+                n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
+                P=layout.patch, **dtypes, **blocks, PART=part, **launch,
+            )
     if need_dq:
         blocks, launch = _config("dq", head_dim, q.dtype, layout.patch, precision)
         _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](

@@ -335,7 +335,7 @@ def run_case(case: Case, arch: int, override=None) -> list:
             continue
         seen.add(key)
         consts = {k: v for k, v in launch.constants.items()
-                  if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "PRECISION", "K")}
+                  if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "PRECISION", "K", "PART")}
         rows.append(dict(
             arch=arch, case=case.name, op=case.op, dtype=case.dtype, head_dim=case.head_dim,
             kernel=launch.kernel, config=consts, scalars=_scalar_types(launch.compiled),
@@ -494,6 +494,17 @@ def collect(work, jobs: int = 1) -> list:
         return [r for rows in pool.map(_worker, work) for r in rows]
 
 
+def _config_name(row) -> str:
+    """"64×16 w4 s2": the tile sizes, warps and stages; " c16" for a head-dim chunk, " dV" / " dK" for
+    the two launches of a split dK/dV."""
+    cfg = row["config"]
+    name = "×".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_P") if k in cfg)
+    name += f" w{row['num_warps']} s{row['num_stages']}"
+    if cfg.get("BLOCK_DC"):
+        name += f" c{cfg['BLOCK_DC']}"
+    return name + {1: " dV", 2: " dK"}.get(cfg.get("PART"), "")
+
+
 def format_table(rows) -> str:
     head = ("arch", "case", "kernel", "config", "regs", "stack", "STL", "shared", "HGMMA", "HMMA", "tf32 n8",
             "LDG.128/LDG", "TMA")
@@ -502,33 +513,29 @@ def format_table(rows) -> str:
         if "error" in r:
             lines.append(f"| sm_{r['arch']} | {r['case']} | - | {r['error']} |" + " |" * (len(head) - 4))
             continue
-        cfg = r["config"]
-        blocks = "×".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_P") if k in cfg)
-        config = f"{blocks} w{r['num_warps']} s{r['num_stages']}"
         lines.append("| " + " | ".join(str(x) for x in (
-            f"sm_{r['arch']}", r["case"], r["kernel"], config, r["regs"], r["stack"], r["spill_stores"],
+            f"sm_{r['arch']}", r["case"], r["kernel"], _config_name(r), r["regs"], r["stack"], r["spill_stores"],
             r["shared"], r["hgmma"], r["hmma"], r.get("wgmma_tf32_n8", "-"), f"{r['ldg128']}/{r['ldg']}",
             r["tma"])) + " |")
     return "\n".join(lines)
 
 
 def compare_table(before, after) -> str:
-    """Rows present in both reports (same arch, case and kernel), figures as "before → after"."""
-    old = {(r["arch"], r["case"], r["kernel"]): r for r in before if "error" not in r}
+    """Rows present in both reports (same arch, case and kernel; the two launches of a split dK/dV
+    each against its own part, or against the one launch of a report without the split), figures as
+    "before → after"."""
+    old = {(r["arch"], r["case"], r["kernel"], r["config"].get("PART")): r for r in before if "error" not in r}
     head = ("arch", "case", "kernel", "config", "regs", "stack", "STL", "shared", "HGMMA", "HMMA", "LDG.128/LDG")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-    def cfg(r):
-        c = r["config"]
-        return "×".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_C", "BLOCK_P") if k in c) \
-            + f" w{r['num_warps']} s{r['num_stages']}"
-
     for r in after:
-        b = old.get((r["arch"], r["case"], r["kernel"]))
-        if b is None or "error" in r:
+        if "error" in r:
+            continue
+        key = (r["arch"], r["case"], r["kernel"])
+        b = old.get((*key, r["config"].get("PART")), old.get((*key, None), old.get((*key, 0))))
+        if b is None:
             continue
         figures = ("regs", "stack", "spill_stores", "shared", "hgmma", "hmma")
-        pairs = [(cfg(b), cfg(r))] + [(b[k], r[k]) for k in figures]
+        pairs = [(_config_name(b), _config_name(r))] + [(b[k], r[k]) for k in figures]
         pairs.append((f"{b['ldg128']}/{b['ldg']}", f"{r['ldg128']}/{r['ldg']}"))
         cells = [str(x) if x == y else f"{x} → {y}" for x, y in pairs]
         lines.append("| " + " | ".join([f"sm_{r['arch']}", r["case"], r["kernel"], *cells]) + " |")

@@ -47,37 +47,10 @@ def report(tmp_path_factory):
 # A failure listed here makes its test xfail with the figures as the reason; one not listed fails
 # the test; an entry that no longer fails fails the test too (remove it).
 NOT_YET_MET = [
-    # Every launch setting tried spills (kernels/attention.py, the _LAUNCH entries marked NOT YET
-    # MET, with the least-spilling setting kept): fp32 at PyTorch's default precision (3×TF32)
-    # needs the split operands of three products in registers; at head dim 256 the forward spills
-    # from 16×16 tiles up (208 B at 16×16, triton 3.9), the backward from head dim 128 (dQ 336 B,
-    # dK/dV 816 B, on wgmma). float64's backward at head dim 256 likewise. Reading q / dO (or k / v)
-    # again in every step of the loop instead of holding them did not change the dQ figure. Nor does
-    # splitting dK/dV into two launches (fp32 D=128, triton 3.9): dV alone, without the V tile and
-    # the dK accumulator, is clean at 16×64/4/2 (228 regs, wgmma), but dK alone (K and V tiles, 3×TF32
-    # hi/lo halves of both) spills 72-1088 B at every setting tried (16×16/4/1 to 64×32/4/1). Nor do
-    # operands split into tf32 hi/lo halves once, in memory (a standalone dK/dV kernel at head dim
-    # 128 reading q, k, v, dO as hi and lo tensors, three plain tf32 products each): Triton keeps
-    # the held K and V halves in registers, 1104-1576 B of spills at 16-64 × 64 tiles, and the
-    # doubled tiles need 196-393 KiB of shared memory; with S computed as Q·Kᵀ (K the shared-memory
-    # operand) 944-2720 B. What is left: a backward laid out as FA3's (warp-specialised, with the
-    # accumulators split between two consumer warp groups). At head dim 256 the forward comes
-    # closest with Q re-read in 32-wide slices of the head dim for every key block and 64×32 tiles
-    # on 8 warps (the two warp groups split the output's 256 columns): on wgmma, 16 B of spills
-    # under triton 3.9 but 216 B under 3.6 (a standalone kernel without the map addressing; 16-wide
-    # key blocks there are spill-free but issue tf32 wgmma with N = 8).
-    ("_attn_fwd_kernel", "attention fp32 D=256", "spills"),
-    ("_attn_bwd_dkdv_kernel", "attention fp32 D=128", "spills"),
-    ("_attn_bwd_dkdv_kernel", "attention fp32 D=256", "spills"),
-    ("_attn_bwd_dkdv_kernel", "attention fp64 D=256", "spills"),
-    ("_attn_bwd_dq_kernel", "attention fp32 D=128", "spills"),
-    ("_attn_bwd_dq_kernel", "attention fp32 D=256", "spills"),
-    ("_attn_bwd_dq_kernel", "attention fp64 D=256", "spills"),
-    # With 2×2 patches the fp32 dK/dV kernel spills on wgmma at every setting tried (104 B at
-    # 16×64/4/1); its _PATCH_LAUNCH entry runs mma.sync without spills instead. Token offsets in
-    # int32 instead of int64 (patches address every feature on its own) cut it to 40 B, not to 0
-    # (and left the D=128 figures as they are: dQ 336 B, dK/dV 800 B).
-    ("_attn_bwd_dkdv_kernel", "attention fp32 D=64 nchw p2", "not on wgmma"),
+    # (kernel, case, kind of failure) expected to fail the gate. None now: the fp32 3×TF32 and
+    # float64 entries that spilled holding a tile over the loop (forward at head dim 256, 128 under
+    # triton 3.6; backward at 128 and 256) read it again in 16-wide chunks of the head dim, dK/dV in
+    # two launches (kernels/attention.py, the table's header says why holding spills).
 ]
 
 
@@ -171,6 +144,10 @@ def test_gate_covers_every_kernel_and_launch_entry(report):
                 entry = attn._LAUNCH[key]
                 seen.add(key)
             assert (r["config"]["BLOCK_M"], r["num_warps"]) == (entry.block_m, entry.num_warps), (key, r["config"])
+            if key[0] != "delta":  # the head-dim chunk, and for dK/dV which part of a split launch
+                assert r["config"]["BLOCK_DC"] == min(entry.chunk, key[1]), (key, r["config"])
+            if key[0] == "dkdv":
+                assert r["config"]["PART"] in ((1, 2) if entry.split else (0,)), (key, r["config"])
     assert set(attn._LAUNCH) - seen == set()
     assert set(attn._PATCH_LAUNCH) - seen_patch == set()
     assert set(attn._IEEE_LAUNCH) - seen_ieee == set()
@@ -182,6 +159,23 @@ def test_report_table_and_json_name_the_figures(report):
     assert "HGMMA" in table and report["rows"][0]["kernel"] in table
     for r in report["rows"]:
         assert set(cr.FIELDS) <= set(r)
+
+
+def test_compare_pairs_each_part_of_a_split_launch():
+    """--compare: the dV and dK launches of a split dK/dV each against their own part, or against
+    the single launch of a report from before the split; the config names the chunk and the part."""
+    def row(regs, stack, **config):
+        return dict(arch=90, case="attention fp32 D=128 fused", kernel="_attn_bwd_dkdv_kernel",
+                    config=dict(BLOCK_M=16, BLOCK_N=64, **config), num_warps=4, num_stages=2, regs=regs, stack=stack,
+                    spill_stores=0, shared=16384, hgmma=12, hmma=0, ldg128=8, ldg=12, tma=0)
+    one = [row(255, 816)]
+    split = [row(217, 0, BLOCK_DC=16, PART=1), row(224, 0, BLOCK_DC=16, PART=2)]
+    lines = cr.compare_table(one, split).splitlines()[2:]
+    assert len(lines) == 2 and "w4 s2 → 16×64 w4 s2 c16 dV" in lines[0] and "255 → 217" in lines[0], lines
+    assert "c16 dK" in lines[1] and "255 → 224" in lines[1] and "816 → 0" in lines[1], lines
+    again = cr.compare_table(split[::-1], split).splitlines()[2:]
+    assert all("→" not in line for line in again), again  # each part against itself
+    assert "c16 dV" in cr.format_table(split).splitlines()[2]
 
 
 def test_check_config_names_kernel_case_and_figure():

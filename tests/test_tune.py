@@ -126,6 +126,12 @@ def test_override_nests_and_restores():
     ("dq", dict(BLOCK_M=32.0), "expected an int"),
     ("delta", dict(BLOCK_N=64), "BLOCK_N for the Δ kernel, which has no key blocks and no loop"),
     ("delta", dict(num_stages=2), "num_stages for the Δ kernel"),
+    ("delta", dict(BLOCK_DC=16), "BLOCK_DC for the Δ kernel"),
+    ("dq", dict(SPLIT=1), "SPLIT for the dq kernel, which has one accumulator"),
+    ("fwd", dict(SPLIT=1), "SPLIT for the fwd kernel"),
+    ("dkdv", dict(SPLIT=2), "SPLIT = 2; expected 0 or 1"),
+    ("dkdv", dict(BLOCK_DC=24), "BLOCK_DC = 24; expected 0"),
+    ("dq", dict(BLOCK_DC=8), "BLOCK_DC = 8"),
 ])
 def test_override_rejects_bad_settings(kernel, cfg, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -149,6 +155,50 @@ def test_table_is_complete_and_fits():
         assert e.num_warps in (1, 2, 4, 8, 16) and (kernel == "delta" or e.num_stages >= 1), (kernel, block_d, cls, e)
         smem = attn._shared_memory_estimate(kernel, e.block_m, e.block_n, block_d, elt[cls], e.num_stages)
         assert smem <= HOPPER_SMEM, (kernel, block_d, cls, e, smem)
+        # a chunk is a power of two >= 16 below the padded head dim (no chunks on the Δ kernel);
+        # only dK/dV splits
+        assert e.chunk == 0 or (kernel != "delta" and 16 <= e.chunk < block_d and e.chunk & (e.chunk - 1) == 0), e
+        assert not e.split or kernel == "dkdv", (kernel, block_d, cls, e)
+    for key, e in attn._PATCH_LAUNCH.items():
+        assert e.chunk == 0 or 16 <= e.chunk < key[1], (key, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("settings", [
+    dict(fwd=dict(BLOCK_DC=16), dkdv=dict(BLOCK_DC=16, SPLIT=1), dq=dict(BLOCK_DC=16)),
+    dict(dkdv=dict(SPLIT=1)),
+    dict(dkdv=dict(BLOCK_DC=16), dq=dict(BLOCK_DC=32)),
+], ids=["chunked and split", "split", "chunked"])
+@pytest.mark.parametrize("what", ["sequence", "map with patches"])
+def test_chunked_and_split_launches_match_reference(what, settings, dtype, monkeypatch):
+    """The launch settings the table uses where holding a tile spills: S (and dP) summed over
+    16-wide chunks of the head dim, dV and dK in two launches. Head dim 40: the chunk past it is
+    partly masked (32-47) and the last one (48-63) wholly. Every part of a split runs once."""
+    launches = []
+    kernel = attn._attn_bwd_dkdv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs.get("PART"))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(attn, "_attn_bwd_dkdv_kernel", Spy())
+    with contextlib.ExitStack() as stack:
+        for name, cfg in settings.items():
+            stack.enter_context(attn._launch_override(name, BLOCK_M=16, BLOCK_N=32, **cfg))
+        if what == "sequence":
+            q = torch.randn(1, 2, 37, 40, device=DEVICE, dtype=dtype).requires_grad_()
+            k, v = (torch.randn(1, 2, 50, 40, device=DEVICE, dtype=dtype).requires_grad_() for _ in range(2))
+            check_outputs_and_grads(flash_attention, lambda q, k, v: flash_attention_ref(q, k, v, upcast=True),
+                                    (q, k, v), dtype, f"seq {settings}")
+        else:  # 2×2 patches of a fused-qkv NCHW map: 6×5 = 30 tokens, two heads of D = 4·10 = 40
+            qkv = torch.randn(1, 60, 12, 10, device=DEVICE, dtype=dtype).requires_grad_()
+            check_outputs_and_grads(lambda x: image_attention(*x.split(20, 1), heads=2, patch_size=2),
+                                    lambda x: image_attention_ref(*x.split(20, 1), heads=2, patch_size=2, upcast=True),
+                                    (qkv,), dtype, f"patches {settings}")
+    assert launches == ([1, 2] if settings["dkdv"].get("SPLIT") else [0]), launches
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,6 +284,19 @@ def test_suggest_shares_the_16bit_entry_and_keeps_the_default_within_noise():
     assert lines[0].startswith('    ("fwd", 64, "16bit"): _Launch(128, 64, 4, 2),  # GPU: bfloat16 1.000 ms 2.00x')
     assert "float16 1.600 ms 1.25x; was 64x64 w4 s2" in lines[0]
     assert lines[1].startswith('    ("fwd", 64, "fp32"): _Launch(64, 64, 4, 2),') and lines[1].endswith("kept")
+
+
+def test_suggest_keeps_the_entrys_chunk_and_split():
+    """The candidates of a chunked, split entry ran with its chunk and split: the line keeps them."""
+    entry = attn._LAUNCH[("dkdv", 128, "fp32")]
+    assert entry.chunk and entry.split
+    rows = [dict(kernel="dkdv", head_dim=128, block_d=128, dtype="float32", BLOCK_M=bm, BLOCK_N=64, num_warps=4,
+                 num_stages=2, median_ms=ms, status="ok", default=default)
+            for bm, ms, default in ((entry.block_m, 2.0, True), (32, 1.0, False))]
+    payload = dict(info=dict(device="GPU", interpreter=False), rows=rows,
+                   groups=[dict(kernel="dkdv", head_dim=128, dtype="float32", spread=0.01)])
+    (line,) = tune.suggest(payload)
+    assert line.startswith(f'    ("dkdv", 128, "fp32"): _Launch(32, 64, 4, 2, chunk={entry.chunk}, split=True),'), line
 
 
 def test_quick_run_writes_json(tmp_path):
