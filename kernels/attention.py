@@ -532,8 +532,10 @@ _LAUNCH = {
     ("dkdv", 128, "fp32"): _Launch(16, 64, 4, 2, chunk=16, split=True),
     # sm_90: 212 regs, no spills, 72 KiB, FMA
     ("dkdv", 128, "fp64"): _Launch(16, 16, 8, 1),
-    # sm_90: 248 regs, no spills, 50 KiB, 96 HMMA
-    ("dkdv", 256, "16bit"): _Launch(16, 32, 4, 1),
+    # split, 32-wide chunks: sm_90 147 / 168 regs, no spills, 20 / 24 KiB, on wgmma (triton 3.6: 149 /
+    # 169). Held whole, one launch: 16×32/4/1 (248 regs, 50 KiB) ran mma.sync, and 64-row tiles on
+    # wgmma spilled
+    ("dkdv", 256, "16bit"): _Launch(32, 64, 8, 2, chunk=32, split=True),
     # split, 16-wide chunks: sm_90 162 / 166 regs, no spills, 32 KiB, 60 / 72 HMMA (triton 3.6: 162 /
     # 170). Unchunked, one launch: 264 B of spills at 16×16/8/1
     ("dkdv", 256, "fp32"): _Launch(16, 32, 8, 1, chunk=16, split=True),

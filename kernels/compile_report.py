@@ -33,7 +33,9 @@ both, and it is chosen for Hopper); shared memory within the target's per-block 
 sm_90, 163 KiB on sm_80, so that the table also launches on an A100); on
 sm_90, wgmma (HGMMA, and no HMMA) in the attention kernels with dot products (forward, dK/dV, dQ)
 for head dims ≤ 128 in fp16, bf16 and fp32 on tensor cores (tf32x3 and tf32; exact "ieee" fp32
-runs on the FMA units by design); no tf32 wgmma with N = 8 (PTX ``m64n8k8``: Triton leaves its
+runs on the FMA units by design), and in the window-attention dot kernels for head dims ≤ 64 in the
+same dtypes (larger ones take a small-tile rule; window transformers use 10 to 64); no tf32
+wgmma with N = 8 (PTX ``m64n8k8``: Triton leaves its
 shared-memory operand unpadded and the instruction reads past it, triton-lang/triton#10629; on an
 H200 it gave illegal memory accesses and silently wrong gradients); and every floating-point scalar
 of a float64 kernel typed fp64.
@@ -401,7 +403,7 @@ def gate_cases() -> list:
               _gating_case("layer_fusion", "fp32", "nchw", "list"), _gating_case("layer_fusion", "fp64", "nchw")]
     window = [_window_case("bf16", 30, 8), _window_case("bf16", 30, 16), _window_case("fp16", 64, 16),
               _window_case("fp32", 30, 16), _window_case("fp32", 10, 8), _window_case("fp64", 30, 16),
-              _window_case("bf16", 30, "16p"), _window_case("fp32", 30, "16p")]
+              _window_case("bf16", 30, "16p"), _window_case("fp32", 30, "16p"), _window_case("fp32", 64, 16)]
     return work + [(c, 90) for c in gating + window]
 
 
@@ -424,8 +426,8 @@ def select_work(spec: str, archs) -> list:
 
 
 def _wants_wgmma(row) -> bool:
-    if row["arch"] == 90 and row["kernel"] in WINDOW_DOT_KERNELS:
-        return row["dtype"] in ("fp16", "bf16")
+    if row["arch"] == 90 and row["kernel"] in WINDOW_DOT_KERNELS:  # head dims above 64: small-tile rule
+        return row["dtype"] in ("fp32", "fp32-tf32", "fp16", "bf16") and 0 < row["head_dim"] <= 64
     return (row["arch"] == 90 and row["kernel"] in ATTENTION_DOT_KERNELS and 0 < row["head_dim"] <= 128
             and row["dtype"] in ("fp32", "fp32-tf32", "fp16", "bf16"))
 

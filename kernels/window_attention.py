@@ -90,6 +90,18 @@ def _tile_ptrs(ptr, ro, co, d, s_y, s_x, s_c):
 
 
 @triton.jit
+def _dot_chunk(acc, X, ro_x, co_x, rows_x, sx_y, sx_x, sx_c, Y, ro_y, co_y, rows_y, sy_y, sy_x, sy_c, offs_c, D,
+               DOT: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + X·Yᵀ over the head-dim features ``offs_c`` (the chunked launches: see BLOCK_DC in
+    kernels/attention.py); ``rows_x`` / ``rows_y``: which token rows of the tiles exist."""
+    x = tl.load(_tile_ptrs(X, ro_x, co_x, offs_c, sx_y, sx_x, sx_c), mask=rows_x[:, None] & (offs_c[None, :] < D),
+                other=0.0).to(DOT)
+    y = tl.load(_tile_ptrs(Y, ro_y, co_y, offs_c, sy_y, sy_x, sy_c), mask=rows_y[:, None] & (offs_c[None, :] < D),
+                other=0.0).to(DOT)
+    return tl.dot(x, tl.trans(y), acc, input_precision=PRECISION, out_dtype=ACC)
+
+
+@triton.jit
 def _region(r, H, WH: tl.constexpr, SH):
     """Swin's region of a rolled-frame row (or column): 0 before the last window, 1 in the last
     window before the rolled-in strip, 2 in the rolled-in strip of SH rows."""
@@ -237,6 +249,7 @@ def _win_bwd_dkdv_kernel(
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr = 0,  # 0: hold K and V; else Sᵀ and dPᵀ over head-dim chunks this wide
 ):
     N: tl.constexpr = WH * WW
     if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
@@ -247,20 +260,33 @@ def _win_bwd_dkdv_kernel(
     dstats = DELTA + (b * NH + h) * H * W
     yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
     mask_k = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    k = tl.load(_tile_ptrs(K + b * sk_b + h * D * sk_c, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k,
-                other=0.0).to(DOT)
-    v = tl.load(_tile_ptrs(V + b * sv_b + h * D * sv_c, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k,
-                other=0.0).to(DOT)
+    K += b * sk_b + h * D * sk_c
+    V += b * sv_b + h * D * sv_c
+    Q += b * sq_b + h * D * sq_c
+    DO += b * sdo_b + h * D * sdo_c
+    if BLOCK_DC == 0:
+        k = tl.load(_tile_ptrs(K, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
+        v = tl.load(_tile_ptrs(V, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k, other=0.0).to(DOT)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
         mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-        q = tl.load(_tile_ptrs(Q + b * sq_b + h * D * sq_c, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q,
-                    other=0.0).to(DOT)
-        do = tl.load(_tile_ptrs(DO + b * sdo_b + h * D * sdo_c, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q,
-                     other=0.0).to(DOT)
+        if BLOCK_DC == 0:
+            q = tl.load(_tile_ptrs(Q, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q, other=0.0).to(DOT)
+            do = tl.load(_tile_ptrs(DO, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q, other=0.0).to(DOT)
+        else:
+            s_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+            dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+            for dc in range(0, BLOCK_D, BLOCK_DC):
+                offs_c = dc + tl.arange(0, BLOCK_DC)
+                s_t = _dot_chunk(s_t, K, rok, cok, offs_n < N, sk_y, sk_x, sk_c, Q, roq, coq, offs_m < N, sq_y, sq_x,
+                                 sq_c, offs_c, D, DOT, PRECISION, ACC)
+                dp_t = _dot_chunk(dp_t, V, rok, cok, offs_n < N, sv_y, sv_x, sv_c, DO, roq, coq, offs_m < N, sdo_y,
+                                  sdo_x, sdo_c, offs_c, D, DOT, PRECISION, ACC)
+            q = tl.load(_tile_ptrs(Q, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q, other=0.0).to(DOT)
+            do = tl.load(_tile_ptrs(DO, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q, other=0.0).to(DOT)
         pos = roq.to(tl.int64) * W + coq
         # query rows past N get LSE = +inf, hence P = 0: they add nothing
         lse = tl.load(stats + pos, mask=offs_m < N, other=float("inf"))
@@ -270,10 +296,13 @@ def _win_bwd_dkdv_kernel(
                            offs_m[None, :], yq[None, :], xq[None, :], rq[None, :], cq[None, :],
                            offs_n[:, None], yk[:, None], xk[:, None], rk[:, None], ck[:, None],
                            valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC) * qk_scale + extra * log2e
+        if BLOCK_DC == 0:
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+        s_t = s_t * qk_scale + extra * log2e
         p_t = tl.exp2(s_t - lse[None, :])
         dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT), do, input_precision=PRECISION, out_dtype=ACC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+        if BLOCK_DC == 0:
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION, out_dtype=ACC)
     dk = dk * scale
@@ -290,19 +319,31 @@ def _win_scores_grad(
     st_r, st_h, sm_w, sm_i, sm_j,
     wid, mwid, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,  # mwid: the mask's window
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
     """dS = P ∘ (dO Vᵀ − Δ) of a (query block, key block) tile of one window and head, with the key
-    tile K (to form dQ = dS K). Q, K, V, DO, LSE, DELTA point at this batch element (and head)."""
+    tile K (to form dQ = dS K). Q, K, V, DO, LSE, DELTA point at this batch element (and head).
+    BLOCK_DC > 0: S and dP over head-dim chunks of that width (see the dK/dV kernel)."""
     N: tl.constexpr = WH * WW
     yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
     yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
     mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
     mask_k = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    q = tl.load(_tile_ptrs(Q, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q, other=0.0).to(DOT)
-    do = tl.load(_tile_ptrs(DO, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q, other=0.0).to(DOT)
-    k = tl.load(_tile_ptrs(K, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
-    v = tl.load(_tile_ptrs(V, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k, other=0.0).to(DOT)
+    if BLOCK_DC == 0:
+        q = tl.load(_tile_ptrs(Q, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q, other=0.0).to(DOT)
+        do = tl.load(_tile_ptrs(DO, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q, other=0.0).to(DOT)
+        k = tl.load(_tile_ptrs(K, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
+        v = tl.load(_tile_ptrs(V, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k, other=0.0).to(DOT)
+    else:
+        s = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=ACC)
+        dp = tl.zeros([offs_m.shape[0], offs_n.shape[0]], dtype=ACC)
+        for dc in range(0, offs_d.shape[0], BLOCK_DC):
+            offs_c = dc + tl.arange(0, BLOCK_DC)
+            s = _dot_chunk(s, Q, roq, coq, offs_m < N, sq_y, sq_x, sq_c, K, rok, cok, offs_n < N, sk_y, sk_x, sk_c,
+                           offs_c, D, DOT, PRECISION, ACC)
+            dp = _dot_chunk(dp, DO, roq, coq, offs_m < N, sdo_y, sdo_x, sdo_c, V, rok, cok, offs_n < N, sv_y, sv_x,
+                            sv_c, offs_c, D, DOT, PRECISION, ACC)
+        k = tl.load(_tile_ptrs(K, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
     pos = roq.to(tl.int64) * W + coq
     lse = tl.load(LSE + pos, mask=offs_m < N, other=float("inf"))
     delta = tl.load(DELTA + pos, mask=offs_m < N, other=0.0)
@@ -311,9 +352,12 @@ def _win_scores_grad(
                        offs_m[:, None], yq[:, None], xq[:, None], rq[:, None], cq[:, None],
                        offs_n[None, :], yk[None, :], xk[None, :], rk[None, :], ck[None, :],
                        valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale + extra * log2e
+    if BLOCK_DC == 0:
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+    s = s * qk_scale + extra * log2e
     p = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
+    if BLOCK_DC == 0:
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION, out_dtype=ACC)
     return p * (dp - delta[:, None]), k
 
 
@@ -329,6 +373,7 @@ def _win_bwd_dq_kernel(
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr = 0,  # as in the dK/dV kernel
 ):
     N: tl.constexpr = WH * WW
     if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
@@ -342,7 +387,7 @@ def _win_bwd_dq_kernel(
             DO + b * sdo_b + h * D * sdo_c, LSE + (b * NH + h) * H * W, DELTA + (b * NH + h) * H * W, TABLE, MASK,
             sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c, st_r, st_h, sm_w, sm_i, sm_j,
             wid, mwid, h, offs_m, start_n + tl.arange(0, BLOCK_N), offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
-            WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT,
+            WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT, BLOCK_DC,
         )
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * scale
@@ -365,6 +410,7 @@ def _win_bwd_dbias_kernel(
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr = 0,  # as in the dK/dV kernel
 ):
     N: tl.constexpr = WH * WW
     if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
@@ -383,7 +429,7 @@ def _win_bwd_dbias_kernel(
             DO + b * sdo_b + h * D * sdo_c, LSE + (b * NH + h) * H * W, DELTA + (b * NH + h) * H * W, TABLE, MASK,
             sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c, st_r, st_h, sm_w, sm_i, sm_j,
             wid, pair % NMW, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
-            WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT,
+            WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT, BLOCK_DC,
         )
         acc += ds
     out = PART + (split.to(tl.int64) * NH + h) * N * N + offs_m[:, None] * N + offs_n[None, :]
@@ -395,7 +441,8 @@ def _win_bwd_dbias_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-# (kernel, padded head dim class, dtype class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU.
+# (kernel, padded head dim class, dtype class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, BLOCK_DC])
+# on a GPU; BLOCK_DC (backward kernels): S and dP summed over head-dim chunks of that width.
 #   kernel: "fwd", "dkdv" (a program per BLOCK_N keys of a window, looping over BLOCK_M queries),
 #     "dq", "dbias" (a program per BLOCK_M × BLOCK_N tile of the window's score matrix); the Δ kernel
 #     takes the "fwd" BLOCK_M and num_warps;
@@ -425,14 +472,15 @@ _WIN_LAUNCH = {
     ("dkdv", "d16", "fp32"): (32, 64, 4, 2),
     ("dq", "d16", "fp32"): (64, 32, 4, 2),
     ("dbias", "d16", "fp32"): (64, 32, 4, 2),
-    # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA; the backward spills on every wgmma setting
-    # tried (dkdv 32×64/8/2 128 B, dq 64×32/8/2 344 B, dbias 64×32/8/2 328 B), so it runs mma.sync,
-    # spill-free in triton 3.9 and 3.6 at windows 8 and 16: dkdv 16×32/8/2, dq 16×16/4/1 (16×32/4/1
-    # spills 8 B), dbias 32×16/8/2 (32×16/4/2 spills 16 B at window 8)
+    # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA. The backward, holding its tiles, spilled on
+    # every wgmma setting tried (dkdv 32×64/8/2 128 B, dq 64×32/8/2 344 B, dbias 64×32/8/2 328 B)
+    # and ran mma.sync; with S and dP over 16-wide head-dim chunks (the 5th element: BLOCK_DC) it
+    # is on wgmma, spill-free in triton 3.9 and 3.6 at windows 8 and 16: dkdv 16×64/4/2 235-247
+    # registers (32×64/8/2 spills 64-112 B under 3.9), dq 64×32/8/2 186-198, dbias 64×32/8/2 178-188
     ("fwd", "d64", "fp32"): (64, 32, 8, 2),
-    ("dkdv", "d64", "fp32"): (16, 32, 8, 2),
-    ("dq", "d64", "fp32"): (16, 16, 4, 1),
-    ("dbias", "d64", "fp32"): (32, 16, 8, 2),
+    ("dkdv", "d64", "fp32"): (16, 64, 4, 2, 16),
+    ("dq", "d64", "fp32"): (64, 32, 8, 2, 16),
+    ("dbias", "d64", "fp32"): (64, 32, 8, 2, 16),
     # fp64 (FMA units): 16×32/4/1 no spills (32×32/4/1 spills 88-104 B); dkdv 16×16/4/1 (16×32/4/1
     # spills 8 B at D = 10, window 16, and 16-24 B at D = 64 under triton 3.6)
     **{(k, d, "fp64"): (16, 32, 4, 1) for k in ("fwd", "dq", "dbias") for d in ("d32", "d64")},
@@ -451,8 +499,11 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype):
     c = {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
     if block_d == 16 and (kernel, "d16", c) in _WIN_LAUNCH:  # fp32 only: its own entries
         d = "d16"
-    bm, bn, warps, stages = _WIN_LAUNCH[(kernel, d, c)]
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d), dict(num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages, *chunk = _WIN_LAUNCH[(kernel, d, c)]
+    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
+    if chunk:  # S and dP over head-dim chunks (the backward kernels)
+        blocks["BLOCK_DC"] = min(chunk[0], block_d)
+    return blocks, dict(num_warps=warps, num_stages=stages)
 
 
 class _Geometry:

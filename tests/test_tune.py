@@ -163,7 +163,7 @@ def test_table_is_complete_and_fits():
         assert e.chunk == 0 or 16 <= e.chunk < key[1], (key, e)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
 @pytest.mark.parametrize("settings", [
     dict(fwd=dict(BLOCK_DC=16), dkdv=dict(BLOCK_DC=16, SPLIT=1), dq=dict(BLOCK_DC=16)),
     dict(dkdv=dict(SPLIT=1)),

@@ -182,6 +182,38 @@ def test_a_batch_beyond_the_grid_runs_in_slices_that_keep_the_mask_phase(monkeyp
         window_attention(q, k, v, window_size=4, heads=2, mask=five)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("mask", ["swin", "given"])
+def test_chunked_backward_matches_reference(mask, dtype, monkeypatch):
+    """The backward launches of the fp32 head-dim-64 entries: S and dP summed over 16-wide chunks of
+    the head dim (BLOCK_DC), forced here in every backward kernel. Head dim 40: the chunk past it is
+    partly masked, the last one wholly; a shifted window of 8 with the bias table, Swin's mask in
+    the kernel or one given."""
+    module = importlib.import_module("attnsr.kernels.window_attention")
+    plain, chunked = module._config, []
+
+    def with_chunks(kernel, head_dim, dt):
+        blocks, launch = plain(kernel, head_dim, dt)
+        if kernel in ("dkdv", "dq", "dbias"):
+            blocks = dict(blocks, BLOCK_DC=16)
+            chunked.append(kernel)
+        return blocks, launch
+
+    monkeypatch.setattr(module, "_config", with_chunks)
+    q, k, v, leaf = _qkv("swinir", 1, 16, 8, 80, dtype)
+    table = _table((8, 8), 2, dtype)
+    kwargs = dict(window_size=8, shift_size=4, heads=2, bias_table=table)
+    if mask == "given":
+        kwargs = dict(kwargs, shift_size=0, mask=torch.randn(2, 64, 64, dtype=dtype, device=DEVICE))
+    out = window_attention(q, k, v, **kwargs)
+    ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
+    assert_close_rel(out, ref, dtype, "output")
+    _check_grads(out, ref, leaf, table, dtype)
+    assert sorted(chunked) == ["dbias", "dkdv", "dq"]
+    for kernel in ("dkdv", "dq", "dbias"):
+        assert len(module._WIN_LAUNCH[(kernel, "d64", "fp32")]) == 5  # the table's fp32 head-dim-64 entries chunk
+
+
 def test_empty_maps_with_a_mask_give_empty_results():
     q = torch.randn(2, 0, 8, 8, device=DEVICE)
     assert window_attention(q, q, q, window_size=4, heads=2, mask=torch.zeros(2, 16, 16, device=DEVICE)).shape == \
