@@ -229,7 +229,8 @@ def _prune(kernel: str, cfg: dict, head_dim: int, dtype_name: str, smem_limit: i
     smem = attn._shared_memory_estimate(kernel, cfg["BLOCK_M"], cfg["BLOCK_N"], block_d, elt, stages)
     if smem > smem_limit:
         return f"pruned: shared memory estimate {smem // 1024} KiB > {smem_limit // 1024} KiB", smem
-    acc_rows = {"fwd": cfg["BLOCK_M"], "dq": cfg["BLOCK_M"], "dkdv": 2 * cfg["BLOCK_N"]}[kernel]
+    split = kernel == "dkdv" and attn._LAUNCH[(kernel, block_d, attn._dtype_class(_torch_dtype(dtype_name)))].split
+    acc_rows = {"fwd": cfg["BLOCK_M"], "dq": cfg["BLOCK_M"], "dkdv": (1 if split else 2) * cfg["BLOCK_N"]}[kernel]
     regs = acc_rows * block_d // (32 * warps)
     if regs > MAX_REGISTERS:
         return f"pruned: fp32 accumulators alone need {regs} registers per thread (> {MAX_REGISTERS})", smem

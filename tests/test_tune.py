@@ -286,6 +286,21 @@ def test_suggest_shares_the_16bit_entry_and_keeps_the_default_within_noise():
     assert lines[1].startswith('    ("fwd", 64, "fp32"): _Launch(64, 64, 4, 2),') and lines[1].endswith("kept")
 
 
+def test_register_pruning_counts_one_accumulator_for_a_split_dkdv(monkeypatch):
+    """A split dK/dV launch holds one BLOCK_N × D accumulator, not two: 128 keys at head dim 128 on
+    4 warps fit (128 registers) where the split entry runs, and are pruned where dK and dV share
+    one launch (256)."""
+    monkeypatch.setattr(attn, "interpreting", lambda: False)
+    assert attn._LAUNCH[("dkdv", 128, "fp32")].split and not attn._LAUNCH[("dkdv", 128, "16bit")].split
+
+    def wide(dtype):
+        return [r for r in tune._candidates("dkdv", 128, dtype, False, HOPPER_SMEM)
+                if r["BLOCK_N"] == 128 and r["num_warps"] == 4]
+
+    assert wide("float32") and not any("registers" in r["status"] for r in wide("float32"))
+    assert wide("bfloat16") and all("registers" in r["status"] for r in wide("bfloat16"))
+
+
 def test_suggest_keeps_the_entrys_chunk_and_split():
     """The candidates of a chunked, split entry ran with its chunk and split: the line keeps them."""
     entry = attn._LAUNCH[("dkdv", 128, "fp32")]
