@@ -526,14 +526,14 @@ def compare_table(before, after) -> str:
     """Rows present in both reports (same arch, case and kernel; the two launches of a split dK/dV
     each against its own part, or against the one launch of a report without the split), figures as
     "before → after"."""
-    old = {(r["arch"], r["case"], r["kernel"], r["config"].get("PART")): r for r in before if "error" not in r}
+    def key(r, part):  # part 0: one launch (older reports have no PART)
+        return r["arch"], r["case"], r["kernel"], part
+
+    old = {key(r, r["config"].get("PART", 0)): r for r in before if "error" not in r}
     head = ("arch", "case", "kernel", "config", "regs", "stack", "STL", "shared", "HGMMA", "HMMA", "LDG.128/LDG")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in after:
-        if "error" in r:
-            continue
-        key = (r["arch"], r["case"], r["kernel"])
-        b = old.get((*key, r["config"].get("PART")), old.get((*key, None), old.get((*key, 0))))
+        b = None if "error" in r else old.get(key(r, r["config"].get("PART", 0)), old.get(key(r, 0)))
         if b is None:
             continue
         figures = ("regs", "stack", "spill_stores", "shared", "hgmma", "hmma")
