@@ -21,7 +21,7 @@ spandrel = pytest.importorskip("spandrel", reason="spandrel is not installed (`m
                                                   ".venv-models)")
 from published_models import ARCHS, build  # noqa: E402
 
-# What each architecture keeps unswapped, and why (the README's table says the same).
+# What each architecture keeps unswapped, and why (the table of docs/layers.md says the same).
 LEFT = {
     "SwinIR": set(),
     "HAT": {"OCAB"},  # overlapping cross-attention: keys from larger windows than the queries
