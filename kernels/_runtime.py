@@ -11,6 +11,7 @@ import math
 import numbers
 import operator
 import os
+import threading
 
 import torch
 
@@ -21,6 +22,12 @@ MAX_INDEX = 2**31 - 2**16
 # [True] while kernels/compile_report.py compiles the ops' launches for a GPU target without running
 # them: then CPU tensors are accepted without the interpreter (nothing is computed).
 COMPILE_ONLY = [False]
+# [True] while benchmarks/host.py binds launches for a GPU target and does not run them (host cost):
+# CPU tensors are accepted, and launch plans are recorded and replayed as on a GPU.
+BIND_ONLY = [False]
+# Bumped whenever launch settings change (a tuner override, a tuned table loaded): recorded launch
+# plans carry the version they were made under and are not replayed under another.
+SETTINGS_VERSION = [0]
 
 
 def interpreting() -> bool:
@@ -67,7 +74,7 @@ def check_same(op: str, tensors: dict) -> torch.Tensor:
 
 def check_runnable(op: str, device: torch.device) -> None:
     """Triton kernels need a GPU, or CPU tensors with the interpreter switched on."""
-    if device.type == "cpu" and not interpreting() and not COMPILE_ONLY[0]:
+    if device.type == "cpu" and not BIND_ONLY[0] and not COMPILE_ONLY[0] and not interpreting():
         raise RuntimeError(
             f"{op}: got CPU tensors but Triton kernels need a GPU. Set TRITON_INTERPRET=1 before "
             "importing triton to run them on CPU with Triton's interpreter (slow, for testing), or use "
@@ -190,12 +197,15 @@ def torch_allows_tf32() -> bool:
     ``allow_tf32 = True`` and ``set_float32_matmul_precision("high")`` too), else ``allow_tf32``.
     """
     matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):
+    if _HAS_FP32_PRECISION:
         precision = matmul.fp32_precision
         if precision == "none":  # inherits the global setting
             precision = getattr(torch.backends, "fp32_precision", "ieee")
         return precision == "tf32"
     return bool(matmul.allow_tf32)
+
+
+_HAS_FP32_PRECISION = hasattr(torch.backends.cuda.matmul, "fp32_precision")
 
 
 def check_precision(op: str, precision) -> None:
@@ -209,7 +219,7 @@ def dot_precision(dtype: torch.dtype, precision=None) -> str:
     allows tf32 and "tf32x3" otherwise; "ieee" for the other dtypes (where Triton ignores it).
 
     The interpreter's dot products are exact whatever this says."""
-    if dtype != torch.float32:
+    if dtype is not torch.float32:
         return "ieee"
     if precision is not None and precision != "auto":  # "auto": the custom ops' None, resolved at run time
         return precision
@@ -295,3 +305,249 @@ def check_scale(op: str, scale, head_dim: int) -> float:
     if not abs(scale) < math.inf:
         raise ValueError(f"{op}: scale must be a finite real number or None, got {scale!r}")
     return float(scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans: the launches of a call bound once, replayed on later calls with new tensors
+# ----------------------------------------------------------------------------------------------
+#
+# Triton's JIT does, per launch: bind the arguments to the signature, compute each argument's
+# specialisation (dtype, 16-byte alignment, ints equal to 1 or divisible by 16), hash them into a
+# cache key, look the compiled kernel up and build its launch metadata; on small maps that costs
+# as much as the kernel. A plan records, on the first call of a key, what the JIT handed to each
+# compiled kernel's launcher (grid and bound arguments), and replays it for later calls with the
+# same key: the tensors in their roles swapped in, the stream and launch hooks read again. The key
+# must determine every non-tensor argument (shapes, strides, scalars, launch settings); the plan
+# adds the tensors' 16-byte alignment, which tensors are the same object, the device and the launch
+# settings' version. Nothing is recorded under the interpreter or the compile report (which never
+# reach a launcher), so those always take the JIT's path.
+
+_RECORDING = threading.local()
+_RECORD_LOCK = threading.Lock()
+
+
+def _recording_run_property(original):
+    """``CompiledKernel.run``, recording each launch of the recording thread (see ``LaunchPlans``)."""
+
+    def getter(self):
+        launcher = original.__get__(self)
+        record = getattr(_RECORDING, "launches", None)
+        if record is None:
+            return launcher
+
+        def run(*args):
+            record.append((self, args[:3], args[9:]))
+            return launcher(*args)
+
+        return run
+
+    return property(getter)
+
+
+@contextlib.contextmanager
+def _recording(record: list):
+    from triton.compiler.compiler import CompiledKernel
+
+    with _RECORD_LOCK:
+        original = CompiledKernel.__dict__["run"]
+        CompiledKernel.run = _recording_run_property(original)
+        _RECORDING.launches = record
+        try:
+            yield
+        finally:
+            _RECORDING.launches = None
+            CompiledKernel.run = original
+
+
+class _Plan:
+    __slots__ = ("launches", "device", "stream")
+
+    def __init__(self, launches, device, stream):
+        self.launches = launches  # [(compiled kernel, grid, bound args, ((arg index, tensor index), ...))]
+        self.device, self.stream = device, stream  # the driver's current-device and stream getters
+
+
+class LaunchPlans:
+    """Recorded launches of one op, by call key (see the section note above). Past ``maxsize``
+    keys the oldest plan is dropped. ``launch(..., store=d)`` keeps the plans in the dict ``d``
+    instead (a call record's own, so that its key need not repeat the call's shapes)."""
+
+    def __init__(self, maxsize: int = 1024):
+        self.maxsize = maxsize
+        self.plans = {}
+
+    def launch(self, key, tensors: tuple, launch, store: dict | None = None, given: int | None = None) -> None:
+        """Run ``launch()`` (which launches kernels on ``tensors`` and on arguments ``key``
+        determines, nothing else), or replay its recorded launches on ``tensors``. ``given``: the
+        first that many tensors come from the caller; the rest were allocated fresh by the op
+        (aligned, distinct from all others), so only the given ones' alignment and aliasing are
+        looked at (None: all)."""
+        if COMPILE_ONLY[0]:
+            launch()
+            return
+        plans = self.plans if store is None else store
+        given = tensors[:given]
+        ids = [id(t) for t in given]
+        aliases = None if len(set(ids)) == len(ids) else tuple(ids.index(i) for i in ids)
+        full = (key, SETTINGS_VERSION[0], tuple([t.data_ptr() & 15 for t in given]), aliases)
+        plan = plans.get(full)
+        if plan is not None:  # never recorded under the interpreter
+            _replay(plan, tensors)
+            return
+        if interpreting():
+            launch()
+            return
+        record = []
+        with _recording(record):
+            launch()
+        if not record:  # nothing reached a launcher (an empty call): nothing to replay
+            return
+        where = {i: n for n, i in reversed(list(enumerate(id(t) for t in tensors)))}
+        launches = []
+        for kernel, grid, args in record:
+            slots = []
+            for pos, a in enumerate(args):
+                if isinstance(a, torch.Tensor):
+                    if id(a) not in where:  # a tensor the key does not account for: never replay
+                        return
+                    slots.append((pos, where[id(a)]))
+            launches.append((kernel, grid, list(args), tuple(slots)))
+        if len(plans) >= self.maxsize:
+            plans.pop(next(iter(plans)))
+        from triton.runtime import driver
+
+        active = driver.active
+        plans[full] = _Plan(launches, active.get_current_device, active.get_current_stream)
+
+
+def _replay(plan: "_Plan", tensors: tuple) -> None:
+    from triton import knobs
+
+    stream = plan.stream(plan.device())
+    enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if enter is not None and not getattr(enter, "calls", True):  # an empty HookChain: nothing to call
+        enter = None
+    if leave is not None and not getattr(leave, "calls", True):
+        leave = None
+    for kernel, grid, args, slots in plan.launches:
+        args = args.copy()
+        for pos, n in slots:
+            args[pos] = tensors[n]
+        meta = kernel.launch_metadata(grid, stream, *args) if enter is not None else None
+        kernel.run(*grid, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager autograd helpers: one gradient buffer for a fused qkv projection, refusing double backward
+# ----------------------------------------------------------------------------------------------
+
+
+def _dense_strides(sizes, strides) -> bool:
+    """True when the (size, stride) pairs lay their elements densely, none twice (any order)."""
+    expect = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(sizes, strides) if sz > 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def fused_base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """The tensor that q, k and v are views of, when they tile it exactly once, else None.
+
+    That is how one qkv projection is split in three: ``qkv.split(C, 1)`` of an NCHW or
+    channels_last map, ``qkv.view(B, H, W, 3C).split(C, -1)``, SwinIR's
+    ``reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)`` indexed by 0, 1, 2. Then the backward
+    writes the three gradients straight into one buffer laid out like that tensor and hands it to
+    autograd whole: no ``cat`` of the pieces, no zero-filled gap. Only for tensors that need a
+    gradient (the base requires grad).
+    """
+    base = q._base
+    if base is None or k._base is not base or v._base is not base or not base.requires_grad:
+        return None
+    if q.dtype != base.dtype or k.shape != q.shape or v.shape != q.shape:
+        return None
+    stride = q.stride()
+    if k.stride() != stride or v.stride() != stride:
+        return None
+    step = k.storage_offset() - q.storage_offset()
+    if step <= 0 or v.storage_offset() - k.storage_offset() != step or q.storage_offset() != base.storage_offset():
+        return None
+    if 3 * q.numel() != base.numel() or not _dense_strides((*q.shape, 3), (*stride, step)):
+        return None
+    if not _dense_strides(base.shape, base.stride()):
+        return None
+    return base
+
+
+def grad_views(base: torch.Tensor, views) -> tuple:
+    """A fresh gradient buffer laid out like ``base`` (``fused_base``) and, in it, the places of ``views``."""
+    grad = torch.empty_like(base, memory_format=torch.preserve_format)
+    origin = base.storage_offset()
+    return grad, tuple(grad.as_strided(t.shape, t.stride(), t.storage_offset() - origin) for t in views)
+
+
+class _RefuseGrad(torch.autograd.Function):
+    """Passes gradients through; differentiating them raises (what a backward with
+    ``create_graph=True`` returns from an op without double backward)."""
+
+    @staticmethod
+    def forward(ctx, name, anchor, *grads):
+        ctx.name = name
+        return tuple(g.view_as(g) if g is not None else None for g in grads)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{ctx.name} does not support double backward (a gradient of its gradient); "
+            "use the attnsr layers' backend='torch' for higher-order derivatives"
+        )
+
+
+def refuse_twice(name: str, anchor: torch.Tensor, grads: tuple) -> tuple:
+    """``grads`` as they are, or, inside a backward that builds a graph (``create_graph=True``),
+    tied to ``anchor`` (an input that requires grad) through a node that raises if differentiated."""
+    if not torch.is_grad_enabled():
+        return grads
+    return _RefuseGrad.apply(name, anchor, *grads)
+
+
+def device_guard(t: torch.Tensor):
+    """The CUDA device of ``t`` made current where it is not (Triton launches on the current device)."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+class ValidCalls:
+    """Signatures of calls that passed an op's checks, each with what the checks derived (the
+    geometry, defaults resolved), so a repeated call skips them. A signature holds every shape,
+    stride, dtype and device and the non-tensor arguments, all that the checks read; calls under
+    autocast (which casts first) and inside a forward-AD level are always checked in full."""
+
+    def __init__(self, maxsize: int = 4096):
+        self.maxsize = maxsize
+        self.seen = {}
+
+    def lookup(self, tensors: tuple, args: tuple):
+        """(signature, derived) of a call: derived is None when the call was not seen (signature
+        None: a call that must always be checked in full, as under a torch.compile trace, where a
+        lookup by shape would become a guard on every size)."""
+        if torch.autograd.forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+            return None, None
+        try:
+            first = tensors[0]
+            if torch.is_autocast_enabled(first.device.type):
+                return None, None
+            sig = (*(t.shape for t in tensors), *(t.stride() for t in tensors), *(t.dtype for t in tensors),
+                   *(t.device for t in tensors), *args)
+            return sig, self.seen.get(sig)
+        except Exception:  # not tensors, tensors without strides, unhashable arguments: checked in full
+            return None, None
+
+    def remember(self, sig, derived) -> None:
+        if sig is None:
+            return
+        if len(self.seen) >= self.maxsize:
+            self.seen.pop(next(iter(self.seen)))
+        self.seen[sig] = derived

@@ -76,6 +76,13 @@ from ._runtime import (
     refuse_double_backward,
     register_autocast,
     stat_dtype,
+    LaunchPlans,
+    SETTINGS_VERSION,
+    ValidCalls,
+    device_guard,
+    fused_base,
+    grad_views,
+    refuse_twice,
 )
 
 MAX_HEAD_DIM = 256
@@ -677,6 +684,7 @@ def _launch_override(kernel: str, **cfg):
     _check_launch(kernel, cfg)
     previous = _OVERRIDES.get(kernel)
     _OVERRIDES[kernel] = {**(previous or {}), **cfg}
+    SETTINGS_VERSION[0] += 1
     try:
         yield
     finally:
@@ -684,6 +692,7 @@ def _launch_override(kernel: str, **cfg):
             _OVERRIDES.pop(kernel, None)
         else:
             _OVERRIDES[kernel] = previous
+        SETTINGS_VERSION[0] += 1
 
 
 def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None):
@@ -723,66 +732,98 @@ def _dtypes(dtype: torch.dtype, precision=None) -> dict:
     return dict(ACC=acc_dtype(dtype), PRECISION=dot_precision(dtype, precision), DOT=dot_dtype(dtype))
 
 
-def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float, precision=None):
+_FORWARD_PLANS = LaunchPlans()
+_BACKWARD_PLANS = LaunchPlans()
+
+
+def _call_key(layout: _Tokens, q, k, v, scale: float, precision: str) -> tuple:
+    """What a call's launches depend on besides the tensors' addresses (see ``LaunchPlans``)."""
+    return (layout.kind, layout.heads, layout.patch, layout.width, q.dtype, q.device, q.shape, k.shape, q.stride(),
+            k.stride(), v.stride(), scale, precision)
+
+
+def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float, precision=None,
+                      plans=None):
     """Launch the forward kernel. Returns (out shaped like q, LSE (B, heads, N) in base 2).
 
-    ``precision``: how fp32 dot products run ("tf32x3", "tf32", "ieee"; None: PyTorch's setting)."""
+    ``precision``: how fp32 dot products run ("tf32x3", "tf32", "ieee"; None or "auto": PyTorch's
+    setting, read here once). ``plans``: the launch plans of the call's signature where the caller
+    keeps them (a dict; ``LaunchPlans``), else the launcher's own, keyed by shapes and strides."""
     batch, heads = q.shape[0], layout.heads
     out = layout.empty_like(q)
     lse = torch.empty((batch, heads, n_q), dtype=stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
-    layout = layout.for_tensors(q, k, v, out)
-    blocks, launch = _config("fwd", head_dim, q.dtype, layout.patch, precision)
-    grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
-    _attn_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(out),
-        n_q, n_kv, head_dim, layout.tw, heads, scale * LOG2E,
-        P=layout.patch, **_dtypes(q.dtype, precision), **blocks, **launch,
-    )
+    precision = dot_precision(q.dtype, precision)
+
+    def launch():
+        lay = layout.for_tensors(q, k, v, out)
+        blocks, settings = _config("fwd", head_dim, q.dtype, lay.patch, precision)
+        grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse,
+            *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out),
+            n_q, n_kv, head_dim, lay.tw, heads, scale * LOG2E,
+            P=lay.patch, **_dtypes(q.dtype, precision), **blocks, **settings,
+        )
+
+    key = _call_key(layout, q, k, v, scale, precision) if plans is None else ("fwd", precision)
+    _FORWARD_PLANS.launch(key, (q, k, v, out, lse), launch, plans, given=3)
     return out, lse
 
 
 def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: int, head_dim: int, scale: float,
-                       need_dq: bool = True, need_dkdv: bool = True, precision=None):
+                       need_dq: bool = True, need_dkdv: bool = True, precision=None, grads=None, plans=None):
     """Launch the backward kernels. ``do`` may have any strides (stride 0 included).
 
     Returns (dq, dk, dv); a gradient that is not needed comes back as an empty (0,) tensor and its
-    kernel is not launched (dK and dV share one kernel).
+    kernel is not launched (dK and dV share one kernel). ``grads``: (dq, dk, dv) to write into
+    (views of one buffer laid out like a fused qkv map, say) instead of fresh tensors. ``plans``: as
+    in ``attention_forward``.
     """
     batch, heads = q.shape[0], layout.heads
-    dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
-    dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
+    if grads is not None:
+        dq, dk, dv = grads
+    else:
+        dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
+        dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    layout = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
-    dtypes = _dtypes(q.dtype, precision)
+    precision = dot_precision(q.dtype, precision)
     delta = torch.empty_like(lse)
-    blocks, launch = _config("delta", head_dim, q.dtype, layout.patch, precision)
-    _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
-        out, do, delta, *layout.strides(out), *layout.strides(do),
-        n_q, head_dim, layout.tw, heads,
-        P=layout.patch, ACC=dtypes["ACC"], **blocks, **launch,
-    )
-    strides_in = (*layout.strides(q), *layout.strides(k), *layout.strides(v), *layout.strides(do))
-    if need_dkdv:
-        blocks, launch = _config("dkdv", head_dim, q.dtype, layout.patch, precision)
-        for part in blocks.pop("PART"):  # (0,): dK and dV together; (1, 2): dV, then dK
-            _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
-                q, k, v, do, dk, dv, lse, delta,
-                *strides_in, *layout.strides(dk), *layout.strides(dv),
-                n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
-                P=layout.patch, **dtypes, **blocks, PART=part, **launch,
-            )
-    if need_dq:
-        blocks, launch = _config("dq", head_dim, q.dtype, layout.patch, precision)
-        _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
-            q, k, v, do, dq, lse, delta,
-            *strides_in, *layout.strides(dq),
-            n_q, n_kv, head_dim, layout.tw, heads, scale, scale * LOG2E,
-            P=layout.patch, **dtypes, **blocks, **launch,
+
+    def launch():
+        lay = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
+        dtypes = _dtypes(q.dtype, precision)
+        blocks, settings = _config("delta", head_dim, q.dtype, lay.patch, precision)
+        _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
+            out, do, delta, *lay.strides(out), *lay.strides(do),
+            n_q, head_dim, lay.tw, heads,
+            P=lay.patch, ACC=dtypes["ACC"], **blocks, **settings,
         )
+        strides_in = (*lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do))
+        if need_dkdv:
+            blocks, settings = _config("dkdv", head_dim, q.dtype, lay.patch, precision)
+            for part in blocks.pop("PART"):  # (0,): dK and dV together; (1, 2): dV, then dK
+                _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
+                    q, k, v, do, dk, dv, lse, delta,
+                    *strides_in, *lay.strides(dk), *lay.strides(dv),
+                    n_q, n_kv, head_dim, lay.tw, heads, scale, scale * LOG2E,
+                    P=lay.patch, **dtypes, **blocks, PART=part, **settings,
+                )
+        if need_dq:
+            blocks, settings = _config("dq", head_dim, q.dtype, lay.patch, precision)
+            _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
+                q, k, v, do, dq, lse, delta,
+                *strides_in, *lay.strides(dq),
+                n_q, n_kv, head_dim, lay.tw, heads, scale, scale * LOG2E,
+                P=lay.patch, **dtypes, **blocks, **settings,
+            )
+
+    key = (_call_key(layout, q, k, v, scale, precision) if plans is None else ("bwd", precision), do.stride(),
+           dq.stride(), dk.stride(), dv.stride(), need_dq, need_dkdv)
+    # dq, dk, dv may be views of the caller's buffer: their alignment is looked at too
+    _BACKWARD_PLANS.launch(key, (do, q, k, v, dq, dk, dv, out, lse, delta), launch, plans, given=7)
     return dq, dk, dv
 
 
@@ -858,6 +899,77 @@ register_autocast(_attention_op, "attention")
 refuse_double_backward(_attention_backward_op, "flash_attention / image_attention")
 
 
+class _Call:
+    """What the checks of a call derived, kept per call signature (``ValidCalls``) with the launch
+    plans of its forward and backward: a repeated call does no more than swap its tensors in."""
+
+    __slots__ = ("kind", "heads", "patch", "scale", "layout", "n_q", "n_kv", "head_dim", "plans")
+
+    def __init__(self, q, k, kind: str, heads: int, patch: int, scale: float):
+        self.kind, self.heads, self.patch, self.scale = kind, heads, patch, scale
+        self.layout, self.n_q, self.n_kv, self.head_dim = _geometry(q, k, kind, heads, patch)
+        self.plans = {}
+
+
+class _AttentionFunction(torch.autograd.Function):
+    """The eager path of ``flash_attention`` / ``image_attention``: the launchers called directly.
+
+    The custom ops above serve torch.compile (they carry the fake kernels and the compile-time
+    autocast rule); in eager mode their dispatch costs more host time than the launches. Inputs:
+    q, k, v, and ``base``, the fused qkv tensor they are views of (``fused_base``) or None. With a
+    base, q, k, v come detached and the backward returns one gradient for the base.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, base, call, precision):
+        with device_guard(q):
+            out, lse = attention_forward(q, k, v, call.layout, call.n_q, call.n_kv, call.head_dim, call.scale,
+                                         precision, call.plans)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse, base)
+        ctx.call, ctx.precision = call, precision
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        if do is None:
+            return None, None, None, None, None, None
+        q, k, v, out, lse, base = ctx.saved_tensors
+        call = ctx.call
+        geometry = (call.layout, call.n_q, call.n_kv, call.head_dim, call.scale)
+        if base is not None:
+            dbase, grads = grad_views(base, (q, k, v))
+            with device_guard(q):
+                attention_backward(do, q, k, v, out, lse, *geometry, True, True, ctx.precision, grads, call.plans)
+            (dbase,) = refuse_twice("flash_attention / image_attention", base, (dbase,))
+            return None, None, None, dbase, None, None
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        with device_guard(q):
+            dq, dk, dv = attention_backward(do, q, k, v, out, lse, *geometry, need_q, need_k or need_v,
+                                            ctx.precision, None, call.plans)
+        dq, dk, dv = refuse_twice("flash_attention / image_attention", q, (dq if need_q else None,
+                                                                          dk if need_k else None,
+                                                                          dv if need_v else None))
+        return dq, dk, dv, None, None, None
+
+
+_apply = super(torch.autograd.Function, _AttentionFunction).apply  # Function.apply less its Python wrapper
+
+
+def _attention(q, k, v, call: _Call, precision):
+    """One attention call: the custom op under torch.compile, else the eager Function."""
+    if torch.compiler.is_compiling():
+        # None travels as "auto" and is resolved inside the op (PyTorch's setting is read at run
+        # time, which torch.compile cannot trace)
+        return _attention_op(q, k, v, call.kind, call.heads, call.patch, call.scale,
+                             "auto" if precision is None else precision)[0]
+    precision = dot_precision(q.dtype, precision)  # once per call: the backward runs as the forward did
+    base = fused_base(q, k, v) if torch.is_grad_enabled() else None
+    if base is not None:
+        q, k, v = q.detach(), k.detach(), v.detach()
+    return _apply(q, k, v, base, call, precision)
+
+
 # ----------------------------------------------------------------------------------------------
 # Public functions
 # ----------------------------------------------------------------------------------------------
@@ -880,6 +992,9 @@ def _check_grid(op: str, batch: int, heads: int, n_q: int, n_kv: int) -> None:
         raise ValueError(f"{op}: {max(n_q, n_kv)} tokens per sequence; the kernels handle at most {MAX_TOKENS}")
 
 
+_CALLS = ValidCalls()
+
+
 def flash_attention(q, k, v, *, scale=None, precision=None):
     """softmax(q kᵀ · scale) v, fused, forward and backward.
 
@@ -889,6 +1004,11 @@ def flash_attention(q, k, v, *, scale=None, precision=None):
     (exact fp32, no tensor cores); None: "tf32" where PyTorch allows tf32 for CUDA matmuls, else "tf32x3".
     """
     op = "flash_attention"
+    sig, call = _CALLS.lookup((q, k, v), (op, scale, precision))
+    if call is not None:
+        if not q.is_cuda:
+            check_runnable(op, q.device)
+        return _attention(q, k, v, call, precision)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t)
         check_rank(op, name, t, 4, "(B, H, N, D)")
@@ -911,9 +1031,9 @@ def flash_attention(q, k, v, *, scale=None, precision=None):
     check_precision(op, precision)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads, n_q, n_kv)
-    # None travels as "auto" and is resolved inside the op (PyTorch's setting is read at run time,
-    # which torch.compile cannot trace)
-    return _attention_op(q, k, v, "seq", heads, 1, scale, "auto" if precision is None else precision)[0]
+    call = _Call(q, k, "seq", heads, 1, scale)
+    _CALLS.remember(sig, call)
+    return _attention(q, k, v, call, precision)
 
 
 def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, precision=None):
@@ -926,6 +1046,11 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, precision=Non
     when q has channels innermost, else contiguous. precision: as in ``flash_attention``.
     """
     op = "image_attention"
+    sig, call = _CALLS.lookup((q, k, v), (op, heads, patch_size, scale, precision))
+    if call is not None:
+        if not q.is_cuda:
+            check_runnable(op, q.device)
+        return _attention(q, k, v, call, precision)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t)
         check_rank(op, name, t, 4, "(B, C, H, W)")
@@ -953,4 +1078,6 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, precision=Non
     check_runnable(op, q.device)
     tokens = (height // patch_size) * (width // patch_size)
     _check_grid(op, batch, heads, tokens, tokens)
-    return _attention_op(q, k, v, "map", heads, patch_size, scale, "auto" if precision is None else precision)[0]
+    call = _Call(q, k, "map", heads, patch_size, scale)
+    _CALLS.remember(sig, call)
+    return _attention(q, k, v, call, precision)

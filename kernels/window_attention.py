@@ -19,8 +19,8 @@ scheme); saves LSE per query token. Backward: Δ = rowsum(dO ∘ O); dK, dV per 
 query block of each window, recomputing P from LSE; the bias-table gradient
 dtable[r, h] = Σ over batch, windows and pairs (i, j) with offset r of dS[i, j] is formed without
 atomics: a kernel sums dS over a fixed, strided set of (batch, window) per program into fp32
-partial (N, N) tiles per head; fixed-order sums over the partials and over the pairs of each offset
-(a padded gather) finish it in PyTorch. Two runs give bitwise-equal gradients.
+partial (N, N) tiles per head; a second small kernel sums, in a fixed order, over the partials and
+over the pairs of each offset (a padded gather). Two runs give bitwise-equal gradients.
 
 Limits. Window sides ≥ 1 and dividing the map; 0 ≤ shift < window side; head dim D = C/heads ≤ 256
 (the query block and accumulators live in registers); windows of at most 2^31 tokens in all. The
@@ -57,6 +57,12 @@ from ._runtime import (
     refuse_double_backward,
     register_autocast,
     stat_dtype,
+    LaunchPlans,
+    ValidCalls,
+    device_guard,
+    fused_base,
+    grad_views,
+    refuse_twice,
 )
 
 LOG2E = 1.4426950408889634
@@ -436,6 +442,28 @@ def _win_bwd_dbias_kernel(
     tl.store(out, acc, mask=(offs_m[:, None] < N) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _win_dbias_reduce_kernel(
+    PART,  # (S, NH, N·N) contiguous, ACC: the dbias kernel's partial sums of dS per split
+    PAIRS,  # (R, N) int64 contiguous: flat indices i·N + j of the pairs of each offset r, padded with N·N
+    DTABLE,  # (R, NH) contiguous, the table's dtype: the table's gradient
+    S, NH,  # splits, heads
+    N: tl.constexpr,  # tokens per window (the most pairs an offset has)
+    ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """dtable[r, h] = Σ_s Σ_j part[s, h, pairs[r, j]], in a fixed order: one program per offset r."""
+    r = tl.program_id(0).to(tl.int64)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_h = tl.arange(0, BLOCK_H)
+    idx = tl.load(PAIRS + r * N + offs_p, mask=offs_p < N, other=N * N)
+    valid = (idx[:, None] < N * N) & (offs_h[None, :] < NH)
+    acc = tl.zeros([BLOCK_P, BLOCK_H], dtype=ACC)
+    for split in range(0, S):
+        ptrs = PART + (split * NH + offs_h[None, :]).to(tl.int64) * (N * N) + idx[:, None]
+        acc += tl.load(ptrs, mask=valid, other=0.0)
+    tl.store(DTABLE + r * NH + offs_h, tl.sum(acc, axis=0).to(DTABLE.dtype.element_ty), mask=offs_h < NH)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
@@ -539,27 +567,45 @@ class _Geometry:
         return (*self.table_strides, *self.mask_strides)
 
 
-def window_forward(q, k, v, geo: _Geometry, scale: float):
-    """Launch the forward kernel. Returns (out (B, H, W, C) contiguous, LSE (B, heads, H·W) base 2)."""
+_FORWARD_PLANS = LaunchPlans()
+_BACKWARD_PLANS = LaunchPlans()
+
+
+def _call_key(geo: "_Geometry", q, k, v, scale: float) -> tuple:
+    """What a call's launches depend on besides the tensors' addresses (see ``LaunchPlans``)."""
+    return (q.dtype, q.device, q.shape, q.stride(), k.stride(), v.stride(), geo.wh, geo.ww, geo.sh, geo.sw,
+            geo.heads, geo.has_bias, geo.mask_mode, geo.table_strides, geo.mask_strides,
+            None if geo.mask_mode != MASK_GIVEN else geo.mask.dtype, scale)
+
+
+def window_forward(q, k, v, geo: _Geometry, scale: float, plans=None):
+    """Launch the forward kernel. Returns (out (B, H, W, C) contiguous, LSE (B, heads, H·W) base 2).
+    ``plans``: the launch plans of the call's signature where the caller keeps them (a dict;
+    ``LaunchPlans``), else the launcher's own, keyed by shapes and strides."""
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((geo.batch, geo.heads, geo.height * geo.width), dtype=stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
-    blocks, launch = _config("fwd", geo.head_dim, q.dtype)
-    nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
-    _win_fwd_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
-        q, k, v, out, lse, *geo.extras(),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *geo.extra_strides(),
-        geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
-        **geo.constexprs(q.dtype), **blocks, **launch,
-    )
+
+    def launch():
+        blocks, settings = _config("fwd", geo.head_dim, q.dtype)
+        nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
+        _win_fwd_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
+            q, k, v, out, lse, *geo.extras(),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(), *geo.extra_strides(),
+            geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc, nqb, geo.sh, geo.sw, scale, scale * LOG2E,
+            LOG2E, **geo.constexprs(q.dtype), **blocks, **settings,
+        )
+
+    key = _call_key(geo, q, k, v, scale) if plans is None else ("fwd", dot_precision(q.dtype))
+    _FORWARD_PLANS.launch(key, (q, k, v, *geo.extras(), out, lse), launch, plans, given=5)
     return out, lse
 
 
 @functools.lru_cache(maxsize=32)
 def _offset_pairs(wh: int, ww: int, device: torch.device) -> torch.Tensor:
     """(R, wh·ww) flat indices i·N + j of the (query, key) pairs of each relative offset r of the
-    bias table, padded with N·N (an appended zero): dtable[r] = Σ over row r of the gathered dS."""
+    bias table, padded with N·N (past the end): dtable[r] = Σ over row r of dS's gathered pairs."""
     n = wh * ww
     t = torch.arange(n)
     y, x = t // ww, t % ww
@@ -581,58 +627,78 @@ def _splits(geo: _Geometry, tiles: int) -> int:
     return max(1, min(geo.batch * geo.nwin, triton.cdiv(264, tiles * geo.heads)))
 
 
-def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qkv: bool, need_table: bool):
+def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qkv: bool, need_table: bool,
+                    grads=None, plans=None):
     """Launch the backward kernels. ``do`` may have any strides (stride 0 included).
 
-    Returns (dq, dk, dv, dtable); what is not needed comes back as an empty (0,) tensor.
+    Returns (dq, dk, dv, dtable); what is not needed comes back as an empty (0,) tensor. ``grads``:
+    (dq, dk, dv) to write into (views of one buffer laid out like the fused qkv projection, say)
+    instead of fresh tensors. ``plans``: as in ``window_forward``.
     """
-    dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_qkv else absent_output(q)
-                  for _ in range(3))
+    if grads is not None:
+        dq, dk, dv = grads
+    else:
+        dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_qkv else absent_output(q)
+                      for _ in range(3))
     dtable = absent_output(q)
     if q.numel() == 0:
         if need_table:
             dtable = torch.zeros_like(geo.table)
         return dq.zero_(), dk.zero_(), dv.zero_(), dtable
-    constexprs = geo.constexprs(q.dtype)
-    blocks, launch = _config("fwd", geo.head_dim, q.dtype)
     delta = torch.empty_like(lse)
-    _win_delta_kernel[(triton.cdiv(geo.height * geo.width, blocks["BLOCK_M"]), geo.heads, geo.batch)](
-        out, do, delta, *out.stride(), *do.stride(), geo.height, geo.width, geo.head_dim, geo.heads,
-        ACC=constexprs["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
-        num_warps=launch.get("num_warps", 4),
-    )
-    strides_in = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    sizes = (geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc)
-    if need_qkv:
-        blocks, launch = _config("dkdv", geo.head_dim, q.dtype)
-        nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
-        _win_bwd_dkdv_kernel[(geo.nwin * nkb, geo.heads, geo.batch)](
-            q, k, v, do, dk, dv, lse, delta, *geo.extras(),
-            *strides_in, *dk.stride(), *dv.stride(), *geo.extra_strides(),
-            *sizes, nkb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **launch,
-        )
-        blocks, launch = _config("dq", geo.head_dim, q.dtype)
-        nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
-        _win_bwd_dq_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
-            q, k, v, do, dq, lse, delta, *geo.extras(),
-            *strides_in, *dq.stride(), *geo.extra_strides(),
-            *sizes, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **launch,
-        )
+    part = pairs = None
     if need_table:
-        blocks, launch = _config("dbias", geo.head_dim, q.dtype)
-        nqb, nkb = triton.cdiv(geo.n, blocks["BLOCK_M"]), triton.cdiv(geo.n, blocks["BLOCK_N"])
-        splits = _splits(geo, nqb * nkb)
-        part = torch.empty((splits, geo.heads, geo.n, geo.n), dtype=stat_dtype(q.dtype), device=q.device)
-        _win_bwd_dbias_kernel[(nqb * nkb, geo.heads, splits)](
-            q, k, v, do, lse, delta, *geo.extras(), part,
-            *strides_in, *geo.extra_strides(),
-            *sizes, nkb, geo.nwin, geo.batch * geo.nwin, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
-            **constexprs, **blocks, **launch,
+        dtable = torch.empty(geo.table.shape, dtype=geo.table.dtype, device=q.device)
+        dbias_blocks, dbias_settings = _config("dbias", geo.head_dim, q.dtype)
+        tile_rows, tile_cols = triton.cdiv(geo.n, dbias_blocks["BLOCK_M"]), triton.cdiv(geo.n, dbias_blocks["BLOCK_N"])
+        part = torch.empty((_splits(geo, tile_rows * tile_cols), geo.heads, geo.n, geo.n), dtype=stat_dtype(q.dtype),
+                           device=q.device)
+        pairs = _offset_pairs(geo.wh, geo.ww, q.device)
+
+    def launch():
+        constexprs = geo.constexprs(q.dtype)
+        blocks, settings = _config("fwd", geo.head_dim, q.dtype)
+        _win_delta_kernel[(triton.cdiv(geo.height * geo.width, blocks["BLOCK_M"]), geo.heads, geo.batch)](
+            out, do, delta, *out.stride(), *do.stride(), geo.height, geo.width, geo.head_dim, geo.heads,
+            ACC=constexprs["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
+            num_warps=settings.get("num_warps", 4),
         )
-        ds = part.sum(0).flatten(1).t()  # (N·N, heads), a fixed-order sum over the splits
-        ds = torch.cat([ds, ds.new_zeros((1, geo.heads))])  # row N·N: the gather's padding
-        dtable = ds[_offset_pairs(geo.wh, geo.ww, q.device)].sum(1)  # (R, N, heads) -> (R, heads), contiguous
-        dtable = dtable.to(geo.table.dtype)
+        strides_in = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+        sizes = (geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc)
+        if need_qkv:
+            blocks, settings = _config("dkdv", geo.head_dim, q.dtype)
+            nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
+            _win_bwd_dkdv_kernel[(geo.nwin * nkb, geo.heads, geo.batch)](
+                q, k, v, do, dk, dv, lse, delta, *geo.extras(),
+                *strides_in, *dk.stride(), *dv.stride(), *geo.extra_strides(),
+                *sizes, nkb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **settings,
+            )
+            blocks, settings = _config("dq", geo.head_dim, q.dtype)
+            nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
+            _win_bwd_dq_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
+                q, k, v, do, dq, lse, delta, *geo.extras(),
+                *strides_in, *dq.stride(), *geo.extra_strides(),
+                *sizes, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **settings,
+            )
+        if need_table:
+            _win_bwd_dbias_kernel[(tile_rows * tile_cols, geo.heads, part.shape[0])](
+                q, k, v, do, lse, delta, *geo.extras(), part,
+                *strides_in, *geo.extra_strides(),
+                *sizes, tile_cols, geo.nwin, geo.batch * geo.nwin, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
+                **constexprs, **dbias_blocks, **dbias_settings,
+            )
+            _win_dbias_reduce_kernel[(pairs.shape[0],)](  # fixed-order sums over the splits and each offset's pairs
+                part, pairs, dtable, part.shape[0], geo.heads, N=geo.n, ACC=constexprs["ACC"],
+                BLOCK_P=next_pow2(geo.n), BLOCK_H=next_pow2(geo.heads),
+            )
+
+    key = (_call_key(geo, q, k, v, scale) if plans is None else ("bwd", dot_precision(q.dtype)), do.stride(),
+           dq.stride(), dk.stride(), dv.stride(), need_qkv, need_table)
+    # dq, dk, dv may be views of the caller's buffer: their alignment is looked at too
+    tensors = (do, q, k, v, dq, dk, dv, *geo.extras(), out, lse, delta, dtable)
+    if need_table:
+        tensors = (*tensors, part, pairs)
+    _BACKWARD_PLANS.launch(key, tensors, launch, plans, given=9)
     return dq, dk, dv, dtable
 
 
@@ -698,6 +764,80 @@ register_autocast(_window_op, "window_attention", cast_first=3)  # q, k, v; the 
 
 
 refuse_double_backward(_window_backward_op, "window_attention")
+
+
+class _Call:
+    """What the checks of a call derived, kept per call signature (``ValidCalls``) with the launch
+    plans of its forward and backward."""
+
+    __slots__ = ("window", "shift", "heads", "scale", "swin_mask", "most", "plans")
+
+    def __init__(self, window, shift, heads, scale, swin_mask, most):
+        self.window, self.shift, self.heads, self.scale = window, shift, heads, scale
+        self.swin_mask, self.most = swin_mask, most
+        self.plans = {}
+
+
+class _WindowFunction(torch.autograd.Function):
+    """The eager path of ``window_attention``: the launchers called directly (the custom ops above
+    serve torch.compile). With ``base`` (the fused qkv projection q, k, v are views of, see
+    ``fused_base``), q, k, v come detached and the backward returns one gradient for the base."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, mask, base, call):
+        geo = _Geometry(q, table, mask, call.window, call.shift, call.heads, call.swin_mask)
+        with device_guard(q):
+            out, lse = window_forward(q, k, v, geo, call.scale, call.plans)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse, table, mask, base)
+        ctx.call = call
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        if do is None:
+            return None, None, None, None, None, None, None
+        q, k, v, out, lse, table, mask, base = ctx.saved_tensors
+        call = ctx.call
+        need_q, need_k, need_v, need_table = ctx.needs_input_grad[:4]
+        need_table = bool(need_table and table is not None)
+        geo = _Geometry(q, table, mask, call.window, call.shift, call.heads, call.swin_mask)
+        dbase, grads = grad_views(base, (q, k, v)) if base is not None else (None, None)
+        need_qkv = base is not None or need_q or need_k or need_v
+        with device_guard(q):
+            dq, dk, dv, dtable = window_backward(do, q, k, v, out, lse, geo, call.scale, need_qkv, need_table,
+                                                 grads, call.plans)
+        anchor = base if base is not None else q
+        if base is not None:
+            dbase, dtable = refuse_twice("window_attention", anchor, (dbase, dtable if need_table else None))
+            return None, None, None, dtable, None, dbase, None
+        dq, dk, dv, dtable = refuse_twice("window_attention", anchor, (dq if need_q else None, dk if need_k else None,
+                                                                      dv if need_v else None,
+                                                                      dtable if need_table else None))
+        return dq, dk, dv, dtable, None, None, None
+
+
+_apply = super(torch.autograd.Function, _WindowFunction).apply  # Function.apply less its Python wrapper
+
+
+def _window_call(q, k, v, table, mask, call: _Call):
+    """One window attention call (one batch slice): the custom op under torch.compile, else the
+    eager Function."""
+    if torch.compiler.is_compiling():
+        return _window_op(q, k, v, table, mask, list(call.window), list(call.shift), call.heads, float(call.scale),
+                          call.swin_mask)[0]
+    base = fused_base(q, k, v) if torch.is_grad_enabled() else None
+    if base is not None:
+        q, k, v = q.detach(), k.detach(), v.detach()
+    return _apply(q, k, v, table, mask, base, call)
+
+
+def _describe(t):
+    """A bias table or mask argument as the call signature holds it."""
+    return (t.shape, t.stride(), t.dtype, t.device, t.requires_grad) if isinstance(t, torch.Tensor) else t
+
+
+_CALLS = ValidCalls()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -792,23 +932,36 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
     grid allows (65535) runs in slices, each starting at mask slice 0.
     """
     op = "window_attention"
-    q, k, v, heads, window, shift, mask, scale = check_window_args(q, k, v, window_size, shift_size, heads,
-                                                                   bias_table, mask, scale)
-    batch, height, width, _ = q.shape
-    check_runnable(op, q.device)
-    if heads > MAX_GRID_YZ:
-        raise ValueError(f"{op}: heads = {heads}; the kernels take at most {MAX_GRID_YZ}")
-    if height * width > MAX_INDEX:
-        raise ValueError(f"{op}: a map of {height * width} tokens; the kernels handle at most {MAX_INDEX}")
-    swin_mask = mask is not False
-    mask = None if mask is False else mask
-    nwin = (height // window[0]) * (width // window[1])
-    # slices of the batch that start at mask slice 0 and keep each slice's tokens within the index limit
-    step = 1 if mask is None else mask.shape[0] // math.gcd(mask.shape[0], nwin)
-    most = max(step, min(MAX_GRID_YZ, MAX_INDEX // max(1, height * width)) // step * step)
-    if most > MAX_GRID_YZ:
-        raise ValueError(f"{op}: a mask of {mask.shape[0]} slices over maps of {nwin} windows repeats only every "
-                         f"{step} maps, more than the kernels' {MAX_GRID_YZ} per launch")
-    outs = [_window_op(q[i:i + most], k[i:i + most], v[i:i + most], bias_table, mask, list(window), list(shift),
-                       heads, float(scale), swin_mask)[0] for i in range(0, max(batch, 1), most)]
+    sig, call = _CALLS.lookup((q, k, v), (op, window_size, shift_size, heads, scale, _describe(bias_table),
+                                          _describe(mask)))
+    if call is None:
+        q, k, v, heads, window, shift, mask, scale = check_window_args(q, k, v, window_size, shift_size, heads,
+                                                                       bias_table, mask, scale)
+        batch, height, width, _ = q.shape
+        check_runnable(op, q.device)
+        if heads > MAX_GRID_YZ:
+            raise ValueError(f"{op}: heads = {heads}; the kernels take at most {MAX_GRID_YZ}")
+        if height * width > MAX_INDEX:
+            raise ValueError(f"{op}: a map of {height * width} tokens; the kernels handle at most {MAX_INDEX}")
+        nwin = (height // window[0]) * (width // window[1])
+        # slices of the batch that start at mask slice 0 and keep each slice's tokens within the index limit
+        given = mask is not None and mask is not False
+        step = 1 if not given else mask.shape[0] // math.gcd(mask.shape[0], nwin)
+        most = max(step, min(MAX_GRID_YZ, MAX_INDEX // max(1, height * width)) // step * step)
+        if most > MAX_GRID_YZ:
+            raise ValueError(f"{op}: a mask of {mask.shape[0]} slices over maps of {nwin} windows repeats only "
+                             f"every {step} maps, more than the kernels' {MAX_GRID_YZ} per launch")
+        call = _Call(window, shift, heads, float(scale), mask is not False, most)
+        _CALLS.remember(sig, call)
+    elif not q.is_cuda:
+        check_runnable(op, q.device)
+    if mask is False:
+        mask = None
+    elif mask is not None:
+        mask = mask.detach()
+    batch, most = q.shape[0], call.most
+    if batch <= most:
+        return _window_call(q, k, v, bias_table, mask, call)
+    outs = [_window_call(q[i:i + most], k[i:i + most], v[i:i + most], bias_table, mask, call)
+            for i in range(0, batch, most)]
     return outs[0] if len(outs) == 1 else torch.cat(outs)

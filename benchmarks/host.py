@@ -1,0 +1,187 @@
+"""Host cost per call: what an op costs before the GPU starts, beside PyTorch's SDPA in the same run.
+
+    python -m benchmarks.host [--rounds 7] [--calls 200] [--out PATH.json]
+
+How. On a machine without a GPU, Triton's JIT compiles each kernel for an sm_90 target (a stand-in
+driver, as the compile report does) and then takes the real launch path of every call: argument
+binding, specialisation key, cache lookup, launch metadata; only the final launcher call, which
+would hand the kernel to the CUDA driver, is replaced by a counter. So the time of one call is
+everything the op does on the host: validation, dispatch, autograd, allocation, the ATen ops
+around the kernels and the Triton launches, with tiny CPU tensors so that no ATen op costs more
+than its dispatch. SDPA's forward and backward run on CPU tensors of the same tiny shape (its
+host path plus a few microseconds of arithmetic: a conservative baseline).
+
+The providers of a case run round-robin: each round times ``calls`` back-to-back calls of every
+provider in turn, so neither runs with caches the other has not got, and a busy moment hits both;
+a provider's figure is the least-disturbed round (its minimum). Launches per call are counted;
+ATen ops per call are the profiler's top-level ATen events (not nested in another ATen op).
+
+On a GPU the same rows are measured as wall time per call with the kernels running, which is the
+host cost only where the GPU keeps up (tiny shapes).
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+LAUNCHES = [0]  # Triton launches since the counter was reset (bound, not run)
+
+
+def _noop_launch(*args, **kwargs):
+    LAUNCHES[0] += 1
+
+
+@contextlib.contextmanager
+def launches_bound_not_run(arch: int = 90):
+    """Inside the block, Triton kernels compile for sm_<arch> and every launch goes through the JIT's
+    run path up to the driver call, which only counts (``LAUNCHES``). CPU tensors are accepted."""
+    from triton.compiler.compiler import CompiledKernel
+
+    from attnsr.kernels import _runtime
+    from attnsr.kernels.compile_report import _StandInDriver
+    from triton.runtime import driver
+
+    if _runtime.interpreting():
+        raise RuntimeError("benchmarks.host: TRITON_INTERPRET is set; run it with TRITON_INTERPRET unset")
+    def bind_not_load(self):  # what loading the cubin would set, with a counting launcher
+        if self._run is None:
+            self._run, self.function, self.module, self._module_pid = _noop_launch, 0, None, None
+
+    previous = driver._active
+    init_handles = CompiledKernel._init_handles
+    driver.set_active(_StandInDriver(arch))
+    CompiledKernel._init_handles = bind_not_load
+    _runtime.BIND_ONLY[0] = True
+    try:
+        yield LAUNCHES
+    finally:
+        _runtime.BIND_ONLY[0] = False
+        CompiledKernel._init_handles = init_handles
+        driver._active = previous
+
+
+# ----------------------------------------------------------------------------------------------
+# Cases: each provider is () -> None, one forward and backward
+# ----------------------------------------------------------------------------------------------
+
+
+def _image_case(dtype, channels=32, size=8, heads=1):
+    """q, k, v split out of one fused qkv map (SelfAttention2d's layout), and SDPA on the same tokens."""
+    qkv = torch.randn(1, 3 * channels, size, size, dtype=dtype, requires_grad=True)
+    n, d = size * size, channels // heads
+    seq = [torch.randn(1, heads, n, d, dtype=dtype, requires_grad=True) for _ in range(3)]
+    from attnsr import kernels
+
+    def fused():
+        q, k, v = qkv.split(channels, 1)
+        kernels.image_attention(q, k, v, heads=heads).sum().backward()
+
+    def sdpa():
+        F.scaled_dot_product_attention(*seq).sum().backward()
+
+    return {"fused": fused, "sdpa": sdpa}, dict(op="image_attention", shape=f"1x{channels}x{size}x{size} h{heads}")
+
+
+def _window_case(dtype, channels=32, size=8, window=4, heads=2, shift=2):
+    """SwinIR's layout: (B, H·W, 3C) qkv viewed as (B, H, W, 3C) and split; bias table; shifted."""
+    qkv = torch.randn(1, size * size, 3 * channels, dtype=dtype, requires_grad=True)
+    table = torch.randn((2 * window - 1) ** 2, heads, dtype=torch.float32, requires_grad=True)
+    n = window * window
+    nw = (size // window) ** 2
+    seq = [torch.randn(nw, heads, n, channels // heads, dtype=dtype, requires_grad=True) for _ in range(3)]
+    bias = torch.randn(1, heads, n, n, dtype=dtype, requires_grad=True)
+    from attnsr import kernels
+
+    def fused():
+        q, k, v = qkv.view(1, size, size, 3 * channels).split(channels, -1)
+        kernels.window_attention(q, k, v, window_size=window, shift_size=shift, heads=heads,
+                                 bias_table=table).sum().backward()
+
+    def sdpa():
+        F.scaled_dot_product_attention(*seq, attn_mask=bias).sum().backward()
+
+    return ({"fused": fused, "sdpa": sdpa},
+            dict(op="window_attention", shape=f"1x{size}x{size}x{channels} w{window} s{shift} h{heads}"))
+
+
+CASES = {"image_attention": _image_case, "window_attention": _window_case}
+
+
+def _aten_ops(fn) -> int:
+    """ATen ops of one call: the profiler's aten:: events not nested in another aten:: event."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.name.startswith("aten::")), key=lambda e: e.time_range.start)
+    count, end = 0, -1
+    for e in events:  # top level: starts after the previous top-level event ended
+        if e.time_range.start >= end:
+            count += 1
+            end = e.time_range.end
+    return count
+
+
+def measure(case: str, dtype=torch.float32, rounds: int = 7, calls: int = 200) -> dict:
+    """Host µs per call of each provider of ``case`` (least-disturbed round), launches and ATen ops."""
+    providers, meta = CASES[case](dtype)
+    out = {"case": case, **meta, "dtype": str(dtype).replace("torch.", ""), "rounds": rounds, "calls": calls}
+    per_round = {name: [] for name in providers}
+    for fn in providers.values():  # warm-up: compile, caches
+        fn()
+        fn()
+    for _ in range(rounds):
+        for name, fn in providers.items():
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            per_round[name].append((time.perf_counter() - start) / calls * 1e6)
+    for name, fn in providers.items():
+        LAUNCHES[0] = 0
+        fn()
+        out[name] = {"host_us": min(per_round[name]), "median_us": statistics.median(per_round[name]),
+                     "launches": LAUNCHES[0], "aten_ops": _aten_ops(fn)}
+    out["ratio"] = out["fused"]["host_us"] / out["sdpa"]["host_us"]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--calls", type=int, default=200)
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    from attnsr.timing import device_info
+
+    rows = []
+    with launches_bound_not_run():
+        for case in args.cases.split(","):
+            row = measure(case, rounds=args.rounds, calls=args.calls)
+            rows.append(row)
+            print(f"{row['op']:<18} {row['shape']:<26} fused {row['fused']['host_us']:7.1f} µs "
+                  f"({row['fused']['launches']} launches, {row['fused']['aten_ops']} ATen ops)   "
+                  f"SDPA {row['sdpa']['host_us']:7.1f} µs ({row['sdpa']['aten_ops']} ATen ops)   "
+                  f"ratio {row['ratio']:.2f}×", flush=True)
+    if args.out:
+        info = device_info(torch.device("cpu"))
+        info["method"] = "launches bound for sm_90, not run; min over round-robin rounds"
+        with open(args.out, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
