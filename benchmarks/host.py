@@ -8,8 +8,11 @@ binding, specialisation key, cache lookup, launch metadata; only the final launc
 would hand the kernel to the CUDA driver, is replaced by a counter. So the time of one call is
 everything the op does on the host: validation, dispatch, autograd, allocation, the ATen ops
 around the kernels and the Triton launches, with tiny CPU tensors so that no ATen op costs more
-than its dispatch. SDPA's forward and backward run on CPU tensors of the same tiny shape (its
-host path plus a few microseconds of arithmetic: a conservative baseline).
+than its dispatch. SDPA's forward and backward run on CPU tensors of the same tiny shape, fed
+from one qkv projection as its users do (timm's reshape, permute, unbind), without bias or mask: its
+host path plus a few microseconds of arithmetic, a conservative baseline. The ``torch`` backend of
+attnsr (SDPA on 4-D tensors, window partition, bias and mask as a float mask) is timed beside it:
+what the fused op replaces.
 
 The providers of a case run round-robin: each round times ``calls`` back-to-back calls of every
 provider in turn, so neither runs with caches the other has not got, and a busy moment hits both;
@@ -75,42 +78,56 @@ def launches_bound_not_run(arch: int = 90):
 # ----------------------------------------------------------------------------------------------
 
 
+def _sdpa_from_fused(tokens: int, channels: int, heads: int, dtype, batch: int = 1):
+    """SDPA as its users feed it from one qkv projection (timm's Attention): (B, N, 3C) reshaped,
+    permuted and unbound into (B, heads, N, d) views."""
+    qkv = torch.randn(batch, tokens, 3 * channels, dtype=dtype, requires_grad=True)
+    d = channels // heads
+
+    def sdpa():
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        F.scaled_dot_product_attention(q, k, v).sum().backward()
+
+    return sdpa
+
+
 def _image_case(dtype, channels=32, size=8, heads=1):
-    """q, k, v split out of one fused qkv map (SelfAttention2d's layout), and SDPA on the same tokens."""
+    """q, k, v split out of one fused qkv map (SelfAttention2d's layout); SDPA on as many tokens."""
+    from attnsr import backends, kernels
+
     qkv = torch.randn(1, 3 * channels, size, size, dtype=dtype, requires_grad=True)
-    n, d = size * size, channels // heads
-    seq = [torch.randn(1, heads, n, d, dtype=dtype, requires_grad=True) for _ in range(3)]
-    from attnsr import kernels
 
     def fused():
         q, k, v = qkv.split(channels, 1)
         kernels.image_attention(q, k, v, heads=heads).sum().backward()
 
-    def sdpa():
-        F.scaled_dot_product_attention(*seq).sum().backward()
+    def torch_backend():
+        q, k, v = qkv.split(channels, 1)
+        backends.image_attention(q, k, v, heads=heads, backend="torch").sum().backward()
 
-    return {"fused": fused, "sdpa": sdpa}, dict(op="image_attention", shape=f"1x{channels}x{size}x{size} h{heads}")
+    return ({"fused": fused, "sdpa": _sdpa_from_fused(size * size, channels, heads, dtype), "torch": torch_backend},
+            dict(op="image_attention", shape=f"1x{channels}x{size}x{size} h{heads}"))
 
 
 def _window_case(dtype, channels=32, size=8, window=4, heads=2, shift=2):
-    """SwinIR's layout: (B, H·W, 3C) qkv viewed as (B, H, W, 3C) and split; bias table; shifted."""
+    """SwinIR's layout: (B, H·W, 3C) qkv viewed as (B, H, W, 3C) and split; bias table; shifted.
+    SDPA on the same windows (B·nW sequences of Wh·Ww tokens) without bias or mask."""
+    from attnsr import backends, kernels
+
     qkv = torch.randn(1, size * size, 3 * channels, dtype=dtype, requires_grad=True)
     table = torch.randn((2 * window - 1) ** 2, heads, dtype=torch.float32, requires_grad=True)
-    n = window * window
-    nw = (size // window) ** 2
-    seq = [torch.randn(nw, heads, n, channels // heads, dtype=dtype, requires_grad=True) for _ in range(3)]
-    bias = torch.randn(1, heads, n, n, dtype=dtype, requires_grad=True)
-    from attnsr import kernels
+    args = dict(window_size=window, shift_size=shift, heads=heads, bias_table=table)
 
     def fused():
         q, k, v = qkv.view(1, size, size, 3 * channels).split(channels, -1)
-        kernels.window_attention(q, k, v, window_size=window, shift_size=shift, heads=heads,
-                                 bias_table=table).sum().backward()
+        kernels.window_attention(q, k, v, **args).sum().backward()
 
-    def sdpa():
-        F.scaled_dot_product_attention(*seq, attn_mask=bias).sum().backward()
+    def torch_backend():
+        q, k, v = qkv.view(1, size, size, 3 * channels).split(channels, -1)
+        backends.window_attention(q, k, v, **args, backend="torch").sum().backward()
 
-    return ({"fused": fused, "sdpa": sdpa},
+    sdpa = _sdpa_from_fused(window * window, channels, heads, dtype, batch=(size // window) ** 2)
+    return ({"fused": fused, "sdpa": sdpa, "torch": torch_backend},
             dict(op="window_attention", shape=f"1x{size}x{size}x{channels} w{window} s{shift} h{heads}"))
 
 
@@ -152,7 +169,16 @@ def measure(case: str, dtype=torch.float32, rounds: int = 7, calls: int = 200) -
         out[name] = {"host_us": min(per_round[name]), "median_us": statistics.median(per_round[name]),
                      "launches": LAUNCHES[0], "aten_ops": _aten_ops(fn)}
     out["ratio"] = out["fused"]["host_us"] / out["sdpa"]["host_us"]
+    out["ratio_torch"] = out["fused"]["host_us"] / out["torch"]["host_us"]
     return out
+
+
+def format_row(row: dict) -> str:
+    f, sd, t = row["fused"], row["sdpa"], row["torch"]
+    return (f"{row['op']:<17} {row['shape']:<25} fused {f['host_us']:6.1f} µs ({f['launches']} launches, "
+            f"{f['aten_ops']} ATen ops)  SDPA {sd['host_us']:6.1f} µs ({sd['aten_ops']})  torch backend "
+            f"{t['host_us']:6.1f} µs ({t['aten_ops']})  fused/SDPA {row['ratio']:.2f}×  fused/torch "
+            f"{row['ratio_torch']:.2f}×")
 
 
 def main(argv=None) -> int:
@@ -171,10 +197,7 @@ def main(argv=None) -> int:
         for case in args.cases.split(","):
             row = measure(case, rounds=args.rounds, calls=args.calls)
             rows.append(row)
-            print(f"{row['op']:<18} {row['shape']:<26} fused {row['fused']['host_us']:7.1f} µs "
-                  f"({row['fused']['launches']} launches, {row['fused']['aten_ops']} ATen ops)   "
-                  f"SDPA {row['sdpa']['host_us']:7.1f} µs ({row['sdpa']['aten_ops']} ATen ops)   "
-                  f"ratio {row['ratio']:.2f}×", flush=True)
+            print(format_row(row), flush=True)
     if args.out:
         info = device_info(torch.device("cpu"))
         info["method"] = "launches bound for sm_90, not run; min over round-robin rounds"

@@ -619,12 +619,16 @@ def _offset_pairs(wh: int, ww: int, device: torch.device) -> torch.Tensor:
     return pairs.to(device)
 
 
-def _splits(geo: _Geometry, tiles: int) -> int:
-    """How many programs share the (batch, window) pairs of one bias tile: about two waves of a
-    132-SM GPU in all (one under the interpreter), never more than there are pairs."""
-    if interpreting():
-        return min(2, geo.batch * geo.nwin)
-    return max(1, min(geo.batch * geo.nwin, triton.cdiv(264, tiles * geo.heads)))
+@functools.lru_cache(maxsize=256)
+def _dbias_tiles(n: int, heads: int, pairs: int, block_m: int, block_n: int, interpreted: bool) -> tuple:
+    """(splits, tile rows, tile columns) of the bias-gradient kernel's grid: the N×N score matrix in
+    BLOCK_M × BLOCK_N tiles, and per tile and head ``splits`` programs sharing the (batch, window)
+    pairs: about two waves of a 132-SM GPU in all (two programs under the interpreter), never more
+    than there are pairs."""
+    rows, cols = -(-n // block_m), -(-n // block_n)
+    if interpreted:
+        return min(2, pairs), rows, cols
+    return max(1, min(pairs, -(-264 // (rows * cols * heads)))), rows, cols
 
 
 def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qkv: bool, need_table: bool,
@@ -650,9 +654,9 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
     if need_table:
         dtable = torch.empty(geo.table.shape, dtype=geo.table.dtype, device=q.device)
         dbias_blocks, dbias_settings = _config("dbias", geo.head_dim, q.dtype)
-        tile_rows, tile_cols = triton.cdiv(geo.n, dbias_blocks["BLOCK_M"]), triton.cdiv(geo.n, dbias_blocks["BLOCK_N"])
-        part = torch.empty((_splits(geo, tile_rows * tile_cols), geo.heads, geo.n, geo.n), dtype=stat_dtype(q.dtype),
-                           device=q.device)
+        splits, tile_rows, tile_cols = _dbias_tiles(geo.n, geo.heads, geo.batch * geo.nwin, dbias_blocks["BLOCK_M"],
+                                                    dbias_blocks["BLOCK_N"], interpreting())
+        part = torch.empty((splits, geo.heads, geo.n, geo.n), dtype=stat_dtype(q.dtype), device=q.device)
         pairs = _offset_pairs(geo.wh, geo.ww, q.device)
 
     def launch():
