@@ -5,8 +5,13 @@
 - ``torch``: the best pure PyTorch: SDPA on 4-D (B, heads, N, D) tensors with a contiguous last
   dim (so it can take its flash path), the functional eager gating of attnsr.kernels.reference.
 - ``triton``: the fused kernels of :mod:`kernels`.
-- ``auto``: ``triton`` for CUDA tensors, ``torch`` otherwise (CPU tensors would need Triton's slow
-  interpreter).
+- ``auto``: ``torch`` for CPU tensors (the fused kernels would need Triton's slow interpreter); for
+  CUDA tensors, per op and shape class, the faster of ``triton`` and ``torch`` as ``attnsr tune``
+  measured it on that device (kept in the user's cache directory, see ``attnsr.kernels._tuned``),
+  and until it is measured the shipped choice (``shipped_choice``: what the H200 run of
+  benchmarks/results/nvidia-h200-2026-11-30.json measured). A shape class: the op, the dtype class,
+  padded head dim, tokens and batch × heads rounded to powers of two, and whether the call trains
+  (an input requires grad) or only infers (``auto_key``).
 
 Autocast, one rule for every backend: inside ``torch.autocast`` an op casts its floating-point
 tensors other than float64 to the autocast dtype (as autocast does for matmuls and convolutions)
@@ -45,12 +50,84 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def resolve(backend: str, x: torch.Tensor) -> str:
-    """The concrete backend for a call on ``x``: ``auto`` becomes ``triton`` on CUDA, else ``torch``."""
+def resolve(backend: str, x: torch.Tensor, key=None) -> str:
+    """The concrete backend for a call on ``x``. ``auto``: ``torch`` on the CPU; on CUDA the
+    measured choice of the call's shape class ``key()`` (a callable, built only here), else the
+    shipped one."""
     check_backend(backend)
-    if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
-    return backend
+    if backend != "auto":
+        return backend
+    if not x.is_cuda:
+        return "torch"
+    if key is None:
+        return "triton"
+    from attnsr.kernels import _tuned
+
+    cls = key()
+    return _tuned.backend_choice(x.device, cls) or shipped_choice(cls)
+
+
+def _mode(*tensors) -> str:
+    """"train" when the call will be differentiated (grad mode on, an input requires grad), else "infer"."""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                return "train"
+    return "infer"
+
+
+def _dtype_class(t: torch.Tensor) -> str:
+    from attnsr.kernels import _runtime, _tuned
+
+    return _tuned.dtype_class(t.dtype, _runtime.dot_precision(t.dtype))
+
+
+def auto_key(op: str, x: torch.Tensor, *, head_dim: int = 0, tokens: int = 0, batch_heads: int = 0, patch: int = 1,
+             mode: str = "infer") -> str:
+    """The shape class of an op call that ``auto`` decides by (``attnsr tune`` records its choices
+    under these keys). ``op``: "attention", "window", "channel_gate", "spatial_gate", "cbam_gate" or
+    "layer_fusion"; tokens: the attention's sequence length, a window's tokens, or a map's pixels."""
+    from attnsr.kernels import _tuned
+
+    parts = [op, _dtype_class(x)]
+    if head_dim:
+        parts.append(f"d{max(16, 1 << (head_dim - 1).bit_length())}")
+    if op == "attention":
+        parts.append(f"p{min(patch, 2)}")
+    if op == "window":
+        parts.append(f"n{tokens}")
+    elif tokens:
+        parts.append(f"n{_tuned.tokens_class(tokens)}")
+    if batch_heads:
+        parts.append(f"bh{_tuned.programs_class(batch_heads)}")
+    parts.append(mode)
+    return "/".join(parts)
+
+
+def shipped_choice(key: str) -> str:
+    """``auto``'s choice where nothing was measured on the device, from the H200 run
+    (benchmarks/results/nvidia-h200-2026-11-30.json, fused time ÷ the ``torch`` path's):
+
+    - attention, fp32 (3×TF32) or tf32, inference, head dim ≤ 64, at least 4096 tokens: ``triton``
+      (fp32 forward 1.40–1.50× SDPA at D = 64; tf32 forward 3.5–3.9×). Everything else ``torch``:
+      16-bit attention (forward 0.54–0.85×, forward+backward 0.48–0.72× SDPA), fp32 training (0.96–1.01×
+      at D = 64, 0.49× at D = 128), head dim 128 (fp32 forward 0.86×), small maps (16×64×32², fp32
+      forward 0.57×), 2×2 patches (0.15–0.32×);
+    - window attention, 16-bit, training: ``triton`` (HAT's HAB block forward+backward 1.25× the
+      block on SDPA); fp32 windows ``torch`` (0.68×); inference not measured: ``torch``;
+    - the gates (CBAM: 0.60–0.68× eager) and layer fusion (not measured): ``torch``.
+    """
+    parts = key.split("/")
+    op, dtype, mode = parts[0], parts[1], parts[-1]
+    if op == "attention":
+        fields = {p[0]: p[1:] for p in parts[2:-1] if p[:1] in ("d", "p", "n")}
+        if (dtype in ("fp32", "tf32") and mode == "infer" and int(fields.get("d", 999)) <= 64
+                and fields.get("p") == "1" and int(fields.get("n", 0)) >= 4096):
+            return "triton"
+        return "torch"
+    if op == "window" and dtype == "16bit" and mode == "train":
+        return "triton"
+    return "torch"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,8 +140,15 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
 
     Same semantics as :func:`attnsr.kernels.image_attention` on every backend.
     """
-    backend = resolve(backend, q)
     q, k, v = autocast_inputs(q, k, v)
+
+    def key():
+        b, c, h, w = q.shape
+        return auto_key("attention", q, head_dim=c // max(1, heads) * patch_size * patch_size,
+                        tokens=(h // patch_size) * (w // patch_size), batch_heads=b * heads, patch=patch_size,
+                        mode=_mode(q, k, v))
+
+    backend = resolve(backend, q, key)
     if backend == "triton":
         return _kernels().image_attention(q, k, v, heads=heads, patch_size=patch_size, scale=scale)
     b, c, h, w = q.shape
@@ -104,7 +188,14 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
     mask even when shifted). ``naive``: SwinIR's maths as written (roll, partition, q·kᵀ + bias +
     mask, softmax, reverse); ``torch``: the same partition with SDPA and the bias and mask as its
     float mask (4-D, last dim contiguous; the index and Swin's mask built once per size and device)."""
-    backend = resolve(backend, q)
+    q, k, v = autocast_inputs(q, k, v)
+
+    def key():
+        return auto_key("window", q, head_dim=q.shape[-1] // max(1, heads),
+                        tokens=math.prod((window_size,) * 2 if isinstance(window_size, int) else window_size),
+                        mode=_mode(q, k, v, bias_table))
+
+    backend = resolve(backend, q, key)
     if backend == "triton":
         return _kernels().window_attention(q, k, v, window_size=window_size, shift_size=shift_size, heads=heads,
                                            bias_table=bias_table, mask=mask, scale=scale)
@@ -164,10 +255,15 @@ def _naive_spatial_gate(x, weight, bias):
     return x * torch.sigmoid(F.conv2d(torch.cat([avg, mx], dim=1), weight, bias, padding=weight.shape[-1] // 2))
 
 
+def _gate_key(op: str, x: torch.Tensor, *params) -> str:
+    """A gate's shape class: channels (as a head dim: padded to a power of two) and pixels per map."""
+    return auto_key(op, x, head_dim=x.shape[1], tokens=x.shape[2] * x.shape[3], mode=_mode(x, *params))
+
+
 def channel_gate(x, w1, b1, w2, b2, *, pool="avg", backend="auto"):
     """x · sigmoid(mlp(avg_hw x) [+ mlp(max_hw x)]): (B, C, H, W) -> (B, C, H, W)."""
     x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
-    backend = resolve(backend, x)
+    backend = resolve(backend, x, lambda: _gate_key("channel_gate", x, w1, b1, w2, b2))
     if backend == "triton":
         return _kernels().channel_gate(x, w1, b1, w2, b2, pool=pool)
     if backend == "naive":
@@ -178,7 +274,7 @@ def channel_gate(x, w1, b1, w2, b2, *, pool="avg", backend="auto"):
 def spatial_gate(x, weight, bias=None, *, backend="auto"):
     """x · sigmoid(conv_k×k([mean_c x, max_c x])): (B, C, H, W) -> (B, C, H, W)."""
     x, weight, bias = autocast_inputs(x, weight, bias)
-    backend = resolve(backend, x)
+    backend = resolve(backend, x, lambda: _gate_key("spatial_gate", x, weight, bias))
     if backend == "triton":
         return _kernels().spatial_gate(x, weight, bias)
     if backend == "naive":
@@ -189,7 +285,7 @@ def spatial_gate(x, weight, bias=None, *, backend="auto"):
 def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax", backend="auto"):
     """spatial_gate(channel_gate(x)): (B, C, H, W) -> (B, C, H, W)."""
     x, w1, b1, w2, b2, sweight, sbias = autocast_inputs(x, w1, b1, w2, b2, sweight, sbias)
-    backend = resolve(backend, x)
+    backend = resolve(backend, x, lambda: _gate_key("cbam_gate", x, w1, b1, w2, b2, sweight, sbias))
     if backend == "triton":
         return _kernels().cbam_gate(x, w1, b1, w2, b2, sweight, sbias, pool=pool)
     if backend == "naive":
@@ -200,7 +296,10 @@ def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax", backend="auto
 def layer_fusion(features, weights, *, backend="auto"):
     """Σ_l weights[:, l] · features[l] for L maps (B, C, H, W) (a sequence or an (L, B, ...) tensor)."""
     features, weights = autocast_inputs(features, weights)
-    backend = resolve(backend, weights)
+    backend = resolve(backend, weights,
+                      lambda: auto_key("layer_fusion", weights, tokens=features[0][0].numel(),
+                                       mode=_mode(weights, *(features if isinstance(features, (list, tuple))
+                                                             else (features,)))))
     if backend == "triton":
         return _kernels().layer_fusion(features, weights)
     if backend == "naive":  # the SR document's Σ_l w_l · f_l, one map at a time

@@ -7,6 +7,7 @@
     attnsr check                               kernel parity table on this device
     attnsr demo                                the main job: parity, a benchmark, a short SR training
     attnsr bench                               the benchmark suites (benchmarks.report)
+    attnsr tune [--quick]                      time launch settings and auto's choices on this GPU, keep them
 
 Bad input (a missing image, a mask of the wrong size, the wrong checkpoint) prints one line
 ``attnsr: error: ...`` and exits with status 2. Outputs are written atomically.
@@ -40,7 +41,9 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "naive"),
-                   help="attention implementation (default auto: triton on CUDA, torch on CPU)")
+                   help="attention implementation (default auto: on CUDA the faster of triton and torch per "
+                        "layer call, as `attnsr tune` measured it on this GPU, else the shipped choice; torch "
+                        "on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
 
 
@@ -142,9 +145,6 @@ def _run_device(args) -> str:
 def _prepare_published(net, args) -> None:
     """Check ``--tile`` against a published network's sizes, then swap attnsr's layers into it on the
     backend that ``--backend`` resolves to on the device it will run on; print what was swapped."""
-    import torch
-
-    from attnsr.backends import resolve
     from attnsr.infer import check_tiling
     from attnsr.published import swap_report
     from attnsr.swap import swap_attention
@@ -154,7 +154,9 @@ def _prepare_published(net, args) -> None:
             check_tiling(args.tile, args.overlap, net.multiple, net.minimum)
         except ValueError as e:
             raise InputError(f"--tile for {net.architecture}: {str(e).removeprefix('tiled_apply: ')}") from None
-    backend = resolve(args.backend, torch.empty(0, device=_run_device(args)))
+    backend = args.backend  # auto decides per layer call on a GPU; on the CPU it is the torch path
+    if backend == "auto" and not _run_device(args).startswith("cuda"):
+        backend = "torch"
     swap_attention(net.net, backend=backend)
     window = f", window {net.window}" if net.window else ""
     print(f"{args.checkpoint}: {net.architecture} ×{net.scale} (spandrel{window}), backend {backend}")
@@ -267,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     # listed here for --help only: main() hands everything after "bench" to benchmarks.report untouched
     sub.add_parser("bench", help="run the benchmark suites (arguments go to python -m benchmarks.report)",
                    add_help=False)
+    sub.add_parser("tune", help="time the kernels' launch settings and auto's choices on this GPU and keep them "
+                                "(attnsr tune --help)", add_help=False)
     return parser
 
 
@@ -296,6 +300,16 @@ def main(argv=None) -> int:
         except InputError as e:
             print(f"attnsr: error: {e}", file=sys.stderr)
             return EXIT_INPUT_ERROR
+    if argv[:1] == ["tune"]:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("attnsr: error: attnsr tune times the kernels on a GPU, and there is no CUDA device here; run it "
+                  "on the machine that trains", file=sys.stderr)
+            return EXIT_INPUT_ERROR
+        from attnsr import tune
+
+        return tune.main(argv[1:])
     args = build_parser().parse_args(argv)
     if getattr(args, "backend", None) == "triton" or args.command in ("check", "demo"):
         from attnsr.check import enable_interpreter_if_no_gpu

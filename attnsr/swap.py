@@ -330,7 +330,7 @@ def _looks_like_attention(module: nn.Module) -> str | None:
     return None
 
 
-def swap_attention(model: nn.Module, backend: str = "triton") -> nn.Module:
+def swap_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace, in place, the attention blocks of ``model`` by attnsr's layers on ``backend``.
 
     Returns ``model``. Each replacement (and each attnsr layer switched to ``backend``) is logged

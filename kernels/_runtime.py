@@ -323,7 +323,7 @@ def check_scale(op: str, scale, head_dim: int) -> float:
 # reach a launcher), so those always take the JIT's path.
 
 _RECORDING = threading.local()
-_RECORD_LOCK = threading.Lock()
+_RECORD_LOCK = threading.RLock()
 
 
 def _recording_run_property(original):
@@ -331,12 +331,13 @@ def _recording_run_property(original):
 
     def getter(self):
         launcher = original.__get__(self)
-        record = getattr(_RECORDING, "launches", None)
-        if record is None:
+        records = getattr(_RECORDING, "stack", None)
+        if not records:
             return launcher
 
         def run(*args):
-            record.append((self, args[:3], args[9:]))
+            for record in records:
+                record.append((self, args[:3], args[9:]))
             return launcher(*args)
 
         return run
@@ -346,21 +347,52 @@ def _recording_run_property(original):
 
 @contextlib.contextmanager
 def _recording(record: list):
+    """Inside the block, each kernel launch of this thread that reaches a compiled kernel's
+    launcher is appended to ``record`` as (compiled kernel, grid, bound arguments). Nests."""
     from triton.compiler.compiler import CompiledKernel
 
     with _RECORD_LOCK:
-        original = CompiledKernel.__dict__["run"]
-        CompiledKernel.run = _recording_run_property(original)
-        _RECORDING.launches = record
+        outermost = not getattr(_RECORDING, "stack", None)
+        if outermost:
+            original = CompiledKernel.__dict__["run"]
+            CompiledKernel.run = _recording_run_property(original)
+            _RECORDING.stack = []
+        _RECORDING.stack.append(record)
         try:
             yield
         finally:
-            _RECORDING.launches = None
-            CompiledKernel.run = original
+            _RECORDING.stack.remove(record)
+            if outermost:
+                CompiledKernel.run = original
+
+
+def recorded_launches():
+    """Context manager yielding a list that collects the compiled kernels this thread launches
+    inside the block (as (kernel, grid, arguments)); what ``attnsr tune`` reads spills from."""
+    record = []
+
+    @contextlib.contextmanager
+    def block():
+        with _recording(record):
+            yield record
+
+    return block()
+
+
+# [True] while ``attnsr tune`` checks a launch candidate: fresh outputs start as NaN, so an element
+# a kernel skips shows up instead of reading what the allocator's last tensor left there.
+POISON = [False]
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """``t``, filled with NaN while ``POISON`` is on (a fresh output buffer)."""
+    if POISON[0] and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t
 
 
 class _Plan:
-    __slots__ = ("launches", "device", "stream")
+    __slots__ = ("device", "launches", "stream")
 
     def __init__(self, launches, device, stream):
         self.launches = launches  # [(compiled kernel, grid, bound args, ((arg index, tensor index), ...))]
@@ -482,7 +514,7 @@ def fused_base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
 
 def grad_views(base: torch.Tensor, views) -> tuple:
     """A fresh gradient buffer laid out like ``base`` (``fused_base``) and, in it, the places of ``views``."""
-    grad = torch.empty_like(base, memory_format=torch.preserve_format)
+    grad = poison(torch.empty_like(base, memory_format=torch.preserve_format))
     origin = base.storage_offset()
     return grad, tuple(grad.as_strided(t.shape, t.stride(), t.storage_offset() - origin) for t in views)
 

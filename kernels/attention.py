@@ -48,12 +48,14 @@ operand is read again, 16 features at a time) and, for dK/dV, a split into a dV 
 """
 
 import contextlib
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _tuned
 from ._runtime import (
     MAX_GRID_YZ,
     MAX_INDEX,
@@ -79,6 +81,7 @@ from ._runtime import (
     LaunchPlans,
     SETTINGS_VERSION,
     ValidCalls,
+    poison,
     device_guard,
     fused_base,
     grad_views,
@@ -406,7 +409,7 @@ class _Tokens:
 
     def empty_like(self, t: torch.Tensor) -> torch.Tensor:
         """A fresh output for ``t``: maps keep channels_last when ``t`` has channels innermost."""
-        return empty_map_like(t) if self.kind == "map" else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+        return poison(empty_map_like(t) if self.kind == "map" else torch.empty(t.shape, dtype=t.dtype, device=t.device))
 
 
 class _Launch(NamedTuple):
@@ -695,18 +698,36 @@ def _launch_override(kernel: str, **cfg):
         SETTINGS_VERSION[0] += 1
 
 
-def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None):
+def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None, shape=None):
     """(block-size constexprs, launch settings) of ``kernel`` for a head dim, dtype, patch size and
-    fp32 precision (None: PyTorch's setting; see ``_dtype_class``).
+    fp32 precision (None: PyTorch's setting; see ``_dtype_class``). ``shape``: (device, tokens,
+    batch × heads) of the call, for the settings measured on that device (``attnsr tune``).
 
-    The tuner's override where one is set, else the ``_PATCH_LAUNCH`` entry for patches where
-    there is one, else the ``_LAUNCH`` entry on a GPU, or 32×32 tiles under the interpreter (where
-    num_warps and num_stages mean nothing).
+    The tuner's override where one is set, else the setting measured on the device for the call's
+    shape class (``_tuned``), else the ``_PATCH_LAUNCH`` entry for patches where there is one, else
+    the ``_LAUNCH`` entry on a GPU, or 32×32 tiles under the interpreter (where num_warps and
+    num_stages mean nothing).
     """
     block_d = _block_d(head_dim)
-    if interpreting():
+    tuned = None
+    if shape is not None and kernel not in _OVERRIDES:
+        device, tokens, batch_heads = shape
+        key = _tuned.attention_key(kernel, block_d, dtype, dot_precision(dtype, precision), patch, tokens,
+                                   batch_heads)
+        tuned = _tuned.launch_setting(device, key)
+    if tuned is not None:
+        try:
+            _check_launch(kernel, tuned)
+            if "BLOCK_M" not in tuned or ("BLOCK_N" not in tuned and kernel != "delta"):
+                raise ValueError("it lacks BLOCK_M or BLOCK_N")
+            cfg = dict(tuned)
+        except ValueError as why:
+            warnings.warn(f"attnsr: the tuned setting {key} is not usable ({why}); the shipped one applies",
+                          stacklevel=2)
+            tuned = None
+    if tuned is None and interpreting():
         cfg = dict(BLOCK_M=32, BLOCK_N=32)
-    else:
+    elif tuned is None:
         key = (kernel, block_d, _dtype_class(dtype, precision))
         entry = _PATCH_LAUNCH.get(key, _LAUNCH[key]) if patch > 1 else _LAUNCH[key]
         if dtype == torch.float32 and key[2] == "fp64" and patch == 1:  # exact fp32 on the FMA units
@@ -715,7 +736,7 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
                    num_stages=entry.num_stages, BLOCK_DC=entry.chunk, SPLIT=int(entry.split))
     cfg.update(_OVERRIDES.get(kernel, {}))
     if kernel == "delta":  # no key blocks, no loop to pipeline
-        cfg.pop("BLOCK_N")
+        cfg.pop("BLOCK_N", None)
         cfg.pop("num_stages", None)
     blocks = dict(BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_D=block_d)
     if "BLOCK_N" in cfg:
@@ -755,10 +776,11 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
     if out.numel() == 0:
         return out, lse
     precision = dot_precision(q.dtype, precision)
+    shape = (q.device, max(n_q, n_kv), batch * heads)
 
     def launch():
         lay = layout.for_tensors(q, k, v, out)
-        blocks, settings = _config("fwd", head_dim, q.dtype, lay.patch, precision)
+        blocks, settings = _config("fwd", head_dim, q.dtype, lay.patch, precision, shape)
         grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
@@ -791,11 +813,12 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
         return dq.zero_(), dk.zero_(), dv.zero_()
     precision = dot_precision(q.dtype, precision)
     delta = torch.empty_like(lse)
+    shape = (q.device, max(n_q, n_kv), batch * heads)
 
     def launch():
         lay = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
         dtypes = _dtypes(q.dtype, precision)
-        blocks, settings = _config("delta", head_dim, q.dtype, lay.patch, precision)
+        blocks, settings = _config("delta", head_dim, q.dtype, lay.patch, precision, shape)
         _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
             out, do, delta, *lay.strides(out), *lay.strides(do),
             n_q, head_dim, lay.tw, heads,
@@ -803,7 +826,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
         )
         strides_in = (*lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do))
         if need_dkdv:
-            blocks, settings = _config("dkdv", head_dim, q.dtype, lay.patch, precision)
+            blocks, settings = _config("dkdv", head_dim, q.dtype, lay.patch, precision, shape)
             for part in blocks.pop("PART"):  # (0,): dK and dV together; (1, 2): dV, then dK
                 _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
                     q, k, v, do, dk, dv, lse, delta,
@@ -812,7 +835,7 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
                     P=lay.patch, **dtypes, **blocks, PART=part, **settings,
                 )
         if need_dq:
-            blocks, settings = _config("dq", head_dim, q.dtype, lay.patch, precision)
+            blocks, settings = _config("dq", head_dim, q.dtype, lay.patch, precision, shape)
             _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
                 q, k, v, do, dq, lse, delta,
                 *strides_in, *lay.strides(dq),
@@ -903,7 +926,7 @@ class _Call:
     """What the checks of a call derived, kept per call signature (``ValidCalls``) with the launch
     plans of its forward and backward: a repeated call does no more than swap its tensors in."""
 
-    __slots__ = ("kind", "heads", "patch", "scale", "layout", "n_q", "n_kv", "head_dim", "plans")
+    __slots__ = ("head_dim", "heads", "kind", "layout", "n_kv", "n_q", "patch", "plans", "scale")
 
     def __init__(self, q, k, kind: str, heads: int, patch: int, scale: float):
         self.kind, self.heads, self.patch, self.scale = kind, heads, patch, scale

@@ -28,14 +28,17 @@ mask gets no gradient. fp32 inputs use tf32 when PyTorch allows it for CUDA matm
 fp32; fp16/bf16 accumulate in fp32; float64 computes in float64. Reverse mode only.
 """
 
+import contextlib
 import functools
 import math
 import numbers
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _tuned
 from ._runtime import (
     MAX_GRID_YZ,
     MAX_INDEX,
@@ -58,7 +61,9 @@ from ._runtime import (
     register_autocast,
     stat_dtype,
     LaunchPlans,
+    SETTINGS_VERSION,
     ValidCalls,
+    poison,
     device_guard,
     fused_base,
     grad_views,
@@ -517,21 +522,85 @@ _WIN_LAUNCH = {
 }
 
 
-def _config(kernel: str, head_dim: int, dtype: torch.dtype):
-    """(block constexprs, launch settings) of ``kernel``: the ``_WIN_LAUNCH`` entry on a GPU; 32×32
-    tiles under the interpreter, so that a window of 64 tokens spans two tiles in the tests."""
+_LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_DC")
+_KERNELS = ("fwd", "dkdv", "dq", "dbias")
+_OVERRIDES = {}  # kernel -> launch settings replacing its table entry (set by _launch_override only)
+
+
+def _check_launch(kernel: str, cfg: dict) -> None:
+    if kernel not in _KERNELS:
+        raise ValueError(f"window _launch_override: kernel {kernel!r}; expected one of {', '.join(_KERNELS)}")
+    for key, value in cfg.items():
+        if key not in _LAUNCH_KEYS:
+            raise ValueError(f"window _launch_override: setting {key!r}; expected some of {', '.join(_LAUNCH_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"window _launch_override: {key} = {value!r}; expected an int")
+        if key in ("BLOCK_M", "BLOCK_N") and (value < 16 or value & (value - 1)):
+            raise ValueError(f"window _launch_override: {key} = {value}; expected a power of two >= 16")
+        if key == "BLOCK_DC" and value and (value < 16 or value & (value - 1)):
+            raise ValueError(f"window _launch_override: BLOCK_DC = {value}; expected 0 or a power of two >= 16")
+        if key == "num_warps" and value not in (1, 2, 4, 8, 16):
+            raise ValueError(f"window _launch_override: num_warps = {value}; expected 1, 2, 4, 8 or 16")
+        if key == "num_stages" and value < 1:
+            raise ValueError(f"window _launch_override: num_stages = {value}; expected at least 1")
+
+
+@contextlib.contextmanager
+def _launch_override(kernel: str, **cfg):
+    """Inside the ``with`` block, launch ``kernel`` ("fwd", "dkdv", "dq" or "dbias") with ``cfg`` in
+    place of its table entry, for every head dim and dtype. For the tuner and the tests."""
+    _check_launch(kernel, cfg)
+    previous = _OVERRIDES.get(kernel)
+    _OVERRIDES[kernel] = {**(previous or {}), **cfg}
+    SETTINGS_VERSION[0] += 1
+    try:
+        yield
+    finally:
+        if previous is None:
+            _OVERRIDES.pop(kernel, None)
+        else:
+            _OVERRIDES[kernel] = previous
+        SETTINGS_VERSION[0] += 1
+
+
+def _config(kernel: str, head_dim: int, dtype: torch.dtype, tokens: int = 0, device=None):
+    """(block constexprs, launch settings) of ``kernel``: the tuner's override where one is set,
+    else the setting measured on ``device`` for windows of ``tokens`` tokens (``attnsr tune``),
+    else the ``_WIN_LAUNCH`` entry on a GPU; 32×32 tiles under the interpreter, so that a window
+    of 64 tokens spans two tiles in the tests."""
     block_d = max(16, next_pow2(head_dim))
-    if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d), {}
-    d = "d32" if block_d <= 32 else "d64" if block_d <= 64 else "d256"
-    c = {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
-    if block_d == 16 and (kernel, "d16", c) in _WIN_LAUNCH:  # fp32 only: its own entries
-        d = "d16"
-    bm, bn, warps, stages, *chunk = _WIN_LAUNCH[(kernel, d, c)]
-    blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d)
-    if chunk:  # S and dP over head-dim chunks (the backward kernels)
-        blocks["BLOCK_DC"] = min(chunk[0], block_d)
-    return blocks, dict(num_warps=warps, num_stages=stages)
+    tuned = None
+    if device is not None and kernel not in _OVERRIDES:
+        key = _tuned.window_key(kernel, block_d, dtype, dot_precision(dtype), tokens)
+        tuned = _tuned.launch_setting(device, key)
+        if tuned is not None:
+            try:
+                _check_launch(kernel, tuned)
+                if "BLOCK_M" not in tuned or "BLOCK_N" not in tuned:
+                    raise ValueError("it lacks BLOCK_M or BLOCK_N")
+            except ValueError as why:
+                warnings.warn(f"attnsr: the tuned setting {key} is not usable ({why}); the shipped one applies",
+                              stacklevel=2)
+                tuned = None
+    if tuned is not None:
+        cfg = dict(tuned)
+    elif interpreting():
+        cfg = dict(BLOCK_M=32, BLOCK_N=32)
+    else:
+        d = "d32" if block_d <= 32 else "d64" if block_d <= 64 else "d256"
+        c = {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
+        if block_d == 16 and (kernel, "d16", c) in _WIN_LAUNCH:  # fp32 only: its own entries
+            d = "d16"
+        bm, bn, warps, stages, *chunk = _WIN_LAUNCH[(kernel, d, c)]
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        if chunk:  # S and dP over head-dim chunks (the backward kernels)
+            cfg["BLOCK_DC"] = chunk[0]
+    cfg.update(_OVERRIDES.get(kernel, {}))
+    blocks = dict(BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"), BLOCK_D=block_d)
+    chunk = cfg.pop("BLOCK_DC", 0)
+    if chunk and kernel != "fwd":
+        blocks["BLOCK_DC"] = min(chunk, block_d)
+    return blocks, cfg
 
 
 class _Geometry:
@@ -582,13 +651,13 @@ def window_forward(q, k, v, geo: _Geometry, scale: float, plans=None):
     """Launch the forward kernel. Returns (out (B, H, W, C) contiguous, LSE (B, heads, H·W) base 2).
     ``plans``: the launch plans of the call's signature where the caller keeps them (a dict;
     ``LaunchPlans``), else the launcher's own, keyed by shapes and strides."""
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = poison(torch.empty(q.shape, dtype=q.dtype, device=q.device))
     lse = torch.empty((geo.batch, geo.heads, geo.height * geo.width), dtype=stat_dtype(q.dtype), device=q.device)
     if out.numel() == 0:
         return out, lse
 
     def launch():
-        blocks, settings = _config("fwd", geo.head_dim, q.dtype)
+        blocks, settings = _config("fwd", geo.head_dim, q.dtype, geo.n, q.device)
         nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
         _win_fwd_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
             q, k, v, out, lse, *geo.extras(),
@@ -642,7 +711,7 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
     if grads is not None:
         dq, dk, dv = grads
     else:
-        dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) if need_qkv else absent_output(q)
+        dq, dk, dv = (poison(torch.empty(q.shape, dtype=q.dtype, device=q.device)) if need_qkv else absent_output(q)
                       for _ in range(3))
     dtable = absent_output(q)
     if q.numel() == 0:
@@ -652,8 +721,8 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
     delta = torch.empty_like(lse)
     part = pairs = None
     if need_table:
-        dtable = torch.empty(geo.table.shape, dtype=geo.table.dtype, device=q.device)
-        dbias_blocks, dbias_settings = _config("dbias", geo.head_dim, q.dtype)
+        dtable = poison(torch.empty(geo.table.shape, dtype=geo.table.dtype, device=q.device))
+        dbias_blocks, dbias_settings = _config("dbias", geo.head_dim, q.dtype, geo.n, q.device)
         splits, tile_rows, tile_cols = _dbias_tiles(geo.n, geo.heads, geo.batch * geo.nwin, dbias_blocks["BLOCK_M"],
                                                     dbias_blocks["BLOCK_N"], interpreting())
         part = torch.empty((splits, geo.heads, geo.n, geo.n), dtype=stat_dtype(q.dtype), device=q.device)
@@ -661,7 +730,7 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
 
     def launch():
         constexprs = geo.constexprs(q.dtype)
-        blocks, settings = _config("fwd", geo.head_dim, q.dtype)
+        blocks, settings = _config("fwd", geo.head_dim, q.dtype, geo.n, q.device)
         _win_delta_kernel[(triton.cdiv(geo.height * geo.width, blocks["BLOCK_M"]), geo.heads, geo.batch)](
             out, do, delta, *out.stride(), *do.stride(), geo.height, geo.width, geo.head_dim, geo.heads,
             ACC=constexprs["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
@@ -670,14 +739,14 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
         strides_in = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
         sizes = (geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc)
         if need_qkv:
-            blocks, settings = _config("dkdv", geo.head_dim, q.dtype)
+            blocks, settings = _config("dkdv", geo.head_dim, q.dtype, geo.n, q.device)
             nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
             _win_bwd_dkdv_kernel[(geo.nwin * nkb, geo.heads, geo.batch)](
                 q, k, v, do, dk, dv, lse, delta, *geo.extras(),
                 *strides_in, *dk.stride(), *dv.stride(), *geo.extra_strides(),
                 *sizes, nkb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **settings,
             )
-            blocks, settings = _config("dq", geo.head_dim, q.dtype)
+            blocks, settings = _config("dq", geo.head_dim, q.dtype, geo.n, q.device)
             nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
             _win_bwd_dq_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
                 q, k, v, do, dq, lse, delta, *geo.extras(),
@@ -774,7 +843,7 @@ class _Call:
     """What the checks of a call derived, kept per call signature (``ValidCalls``) with the launch
     plans of its forward and backward."""
 
-    __slots__ = ("window", "shift", "heads", "scale", "swin_mask", "most", "plans")
+    __slots__ = ("heads", "most", "plans", "scale", "shift", "swin_mask", "window")
 
     def __init__(self, window, shift, heads, scale, swin_mask, most):
         self.window, self.shift, self.heads, self.scale = window, shift, heads, scale

@@ -192,8 +192,8 @@ def test_chunked_backward_matches_reference(mask, dtype, monkeypatch):
     module = importlib.import_module("attnsr.kernels.window_attention")
     plain, chunked = module._config, []
 
-    def with_chunks(kernel, head_dim, dt):
-        blocks, launch = plain(kernel, head_dim, dt)
+    def with_chunks(kernel, head_dim, dt, *shape):
+        blocks, launch = plain(kernel, head_dim, dt, *shape)
         if kernel in ("dkdv", "dq", "dbias"):
             blocks = dict(blocks, BLOCK_DC=16)
             chunked.append(kernel)
