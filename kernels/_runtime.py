@@ -583,3 +583,48 @@ class ValidCalls:
         if len(self.seen) >= self.maxsize:
             self.seen.pop(next(iter(self.seen)))
         self.seen[sig] = derived
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch settings set by the tuner and the tests (``_launch_override`` of the attention ops)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_launch_settings(where: str, kernel: str, cfg: dict, kernels, keys) -> None:
+    """The checks every op's launch settings share: a known kernel and setting names, ints,
+    tiles of a power of two ≥ 16, a head-dim chunk of 0 or such a power, 1-16 warps, ≥ 1 stage.
+    ``where`` starts the error message; SPLIT is left to the op (it means something there)."""
+    if kernel not in kernels:
+        raise ValueError(f"{where}: kernel {kernel!r}; expected one of {', '.join(kernels)}")
+    for key, value in cfg.items():
+        if key not in keys:
+            raise ValueError(f"{where}: setting {key!r}; expected some of {', '.join(keys)}")
+        if key == "SPLIT":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: {key} = {value!r}; expected an int")
+        if key in ("BLOCK_M", "BLOCK_N") and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{where}: {key} = {value}; expected a power of two >= 16")
+        if key == "BLOCK_DC" and value and (value < 16 or value & (value - 1)):
+            raise ValueError(f"{where}: BLOCK_DC = {value}; expected 0 (no chunks) or a power of two >= 16")
+        if key == "num_warps" and value not in (1, 2, 4, 8, 16):
+            raise ValueError(f"{where}: num_warps = {value}; expected 1, 2, 4, 8 or 16")
+        if key == "num_stages" and value < 1:
+            raise ValueError(f"{where}: num_stages = {value}; expected at least 1")
+
+
+@contextlib.contextmanager
+def overriding(overrides: dict, kernel: str, cfg: dict):
+    """``overrides[kernel]`` updated with ``cfg`` inside the block (nests); recorded launch plans
+    are not replayed across the change (``SETTINGS_VERSION``)."""
+    previous = overrides.get(kernel)
+    overrides[kernel] = {**(previous or {}), **cfg}
+    SETTINGS_VERSION[0] += 1
+    try:
+        yield
+    finally:
+        if previous is None:
+            overrides.pop(kernel, None)
+        else:
+            overrides[kernel] = previous
+        SETTINGS_VERSION[0] += 1

@@ -79,8 +79,9 @@ from ._runtime import (
     register_autocast,
     stat_dtype,
     LaunchPlans,
-    SETTINGS_VERSION,
     ValidCalls,
+    check_launch_settings,
+    overriding,
     poison,
     device_guard,
     fused_base,
@@ -649,31 +650,17 @@ _OVERRIDES = {}  # kernel -> launch settings replacing its table entry (set by _
 
 
 def _check_launch(kernel: str, cfg: dict) -> None:
-    if kernel not in _KERNELS:
-        raise ValueError(f"_launch_override: kernel {kernel!r}; expected one of {', '.join(_KERNELS)}")
+    where = "_launch_override"
+    check_launch_settings(where, kernel, cfg, _KERNELS, _LAUNCH_KEYS)
     for key, value in cfg.items():
-        if key not in _LAUNCH_KEYS:
-            raise ValueError(f"_launch_override: setting {key!r}; expected some of {', '.join(_LAUNCH_KEYS)}")
         if kernel == "delta" and key in ("BLOCK_N", "num_stages", "BLOCK_DC", "SPLIT"):
-            raise ValueError(f"_launch_override: {key} for the Δ kernel, which has no key blocks and no loop; "
+            raise ValueError(f"{where}: {key} for the Δ kernel, which has no key blocks and no loop; "
                              "expected BLOCK_M and num_warps only")
         if kernel in ("fwd", "dq") and key == "SPLIT":
-            raise ValueError(f"_launch_override: SPLIT for the {kernel} kernel, which has one accumulator; "
+            raise ValueError(f"{where}: SPLIT for the {kernel} kernel, which has one accumulator; "
                              "expected it for dkdv only")
-        if key == "SPLIT":
-            if value not in (0, 1):
-                raise ValueError(f"_launch_override: SPLIT = {value!r}; expected 0 or 1 (or a bool)")
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"_launch_override: {key} = {value!r}; expected an int")
-        if key in ("BLOCK_M", "BLOCK_N") and (value < 16 or value & (value - 1)):
-            raise ValueError(f"_launch_override: {key} = {value}; expected a power of two >= 16")
-        if key == "BLOCK_DC" and value and (value < 16 or value & (value - 1)):
-            raise ValueError(f"_launch_override: BLOCK_DC = {value}; expected 0 (no chunks) or a power of two >= 16")
-        if key == "num_warps" and value not in (1, 2, 4, 8, 16):
-            raise ValueError(f"_launch_override: num_warps = {value}; expected 1, 2, 4, 8 or 16")
-        if key == "num_stages" and value < 1:
-            raise ValueError(f"_launch_override: num_stages = {value}; expected at least 1")
+        if key == "SPLIT" and value not in (0, 1):
+            raise ValueError(f"{where}: SPLIT = {value!r}; expected 0 or 1 (or a bool)")
 
 
 @contextlib.contextmanager
@@ -682,20 +669,11 @@ def _launch_override(kernel: str, **cfg):
     (any of BLOCK_M, BLOCK_N, num_warps, num_stages) in place of its ``_LAUNCH`` entry, for every
     head dim and dtype (and under the interpreter too). Nests; not thread-safe.
 
-    For the tuner (``benchmarks/tune.py``) and the tests; the public functions never set it.
+    For the tuners (``attnsr tune``, ``benchmarks/tune.py``) and the tests; the public functions never set it.
     """
     _check_launch(kernel, cfg)
-    previous = _OVERRIDES.get(kernel)
-    _OVERRIDES[kernel] = {**(previous or {}), **cfg}
-    SETTINGS_VERSION[0] += 1
-    try:
+    with overriding(_OVERRIDES, kernel, cfg):
         yield
-    finally:
-        if previous is None:
-            _OVERRIDES.pop(kernel, None)
-        else:
-            _OVERRIDES[kernel] = previous
-        SETTINGS_VERSION[0] += 1
 
 
 def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None, shape=None):

@@ -61,8 +61,9 @@ from ._runtime import (
     register_autocast,
     stat_dtype,
     LaunchPlans,
-    SETTINGS_VERSION,
     ValidCalls,
+    check_launch_settings,
+    overriding,
     poison,
     device_guard,
     fused_base,
@@ -528,21 +529,7 @@ _OVERRIDES = {}  # kernel -> launch settings replacing its table entry (set by _
 
 
 def _check_launch(kernel: str, cfg: dict) -> None:
-    if kernel not in _KERNELS:
-        raise ValueError(f"window _launch_override: kernel {kernel!r}; expected one of {', '.join(_KERNELS)}")
-    for key, value in cfg.items():
-        if key not in _LAUNCH_KEYS:
-            raise ValueError(f"window _launch_override: setting {key!r}; expected some of {', '.join(_LAUNCH_KEYS)}")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"window _launch_override: {key} = {value!r}; expected an int")
-        if key in ("BLOCK_M", "BLOCK_N") and (value < 16 or value & (value - 1)):
-            raise ValueError(f"window _launch_override: {key} = {value}; expected a power of two >= 16")
-        if key == "BLOCK_DC" and value and (value < 16 or value & (value - 1)):
-            raise ValueError(f"window _launch_override: BLOCK_DC = {value}; expected 0 or a power of two >= 16")
-        if key == "num_warps" and value not in (1, 2, 4, 8, 16):
-            raise ValueError(f"window _launch_override: num_warps = {value}; expected 1, 2, 4, 8 or 16")
-        if key == "num_stages" and value < 1:
-            raise ValueError(f"window _launch_override: num_stages = {value}; expected at least 1")
+    check_launch_settings("window _launch_override", kernel, cfg, _KERNELS, _LAUNCH_KEYS)
 
 
 @contextlib.contextmanager
@@ -550,17 +537,8 @@ def _launch_override(kernel: str, **cfg):
     """Inside the ``with`` block, launch ``kernel`` ("fwd", "dkdv", "dq" or "dbias") with ``cfg`` in
     place of its table entry, for every head dim and dtype. For the tuner and the tests."""
     _check_launch(kernel, cfg)
-    previous = _OVERRIDES.get(kernel)
-    _OVERRIDES[kernel] = {**(previous or {}), **cfg}
-    SETTINGS_VERSION[0] += 1
-    try:
+    with overriding(_OVERRIDES, kernel, cfg):
         yield
-    finally:
-        if previous is None:
-            _OVERRIDES.pop(kernel, None)
-        else:
-            _OVERRIDES[kernel] = previous
-        SETTINGS_VERSION[0] += 1
 
 
 def _config(kernel: str, head_dim: int, dtype: torch.dtype, tokens: int = 0, device=None):
