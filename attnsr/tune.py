@@ -513,7 +513,11 @@ def main(argv=None, prog: str = "attnsr tune") -> int:
     wanted = {op for o in ops for op in OPS[o]}
     cases = [c for c in (QUICK_CASES if args.quick else CASES) if c.op in wanted]
     budget = args.budget_s if args.budget_s is not None else (240 if args.quick else 600)
-    table = run(cases, device=args.device, budget_s=budget, most=6 if args.quick else 24, out=args.out)
+    try:
+        table = run(cases, device=args.device, budget_s=budget, most=6 if args.quick else 24, out=args.out)
+    except RuntimeError as e:
+        print(f"{prog}: error: {str(e).removeprefix('attnsr tune: ')}", file=sys.stderr)
+        return 2
     print(format_table(table))
     return 0
 

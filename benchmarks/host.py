@@ -37,17 +37,14 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 
-LAUNCHES = [0]  # Triton launches since the counter was reset (bound, not run)
-
-
 def _noop_launch(*args, **kwargs):
-    LAUNCHES[0] += 1
+    """What a launch does when bound and not run: nothing."""
 
 
 @contextlib.contextmanager
 def launches_bound_not_run(arch: int = 90):
     """Inside the block, Triton kernels compile for sm_<arch> and every launch goes through the JIT's
-    run path up to the driver call, which only counts (``LAUNCHES``). CPU tensors are accepted."""
+    run path up to the driver call, which does nothing. CPU tensors are accepted."""
     from triton.compiler.compiler import CompiledKernel
 
     from attnsr.kernels import _runtime
@@ -66,7 +63,7 @@ def launches_bound_not_run(arch: int = 90):
     CompiledKernel._init_handles = bind_not_load
     _runtime.BIND_ONLY[0] = True
     try:
-        yield LAUNCHES
+        yield
     finally:
         _runtime.BIND_ONLY[0] = False
         CompiledKernel._init_handles = init_handles
@@ -78,10 +75,10 @@ def launches_bound_not_run(arch: int = 90):
 # ----------------------------------------------------------------------------------------------
 
 
-def _sdpa_from_fused(tokens: int, channels: int, heads: int, dtype, batch: int = 1):
+def _sdpa_from_fused(tokens: int, channels: int, heads: int, dtype, device, batch: int = 1):
     """SDPA as its users feed it from one qkv projection (timm's Attention): (B, N, 3C) reshaped,
     permuted and unbound into (B, heads, N, d) views."""
-    qkv = torch.randn(batch, tokens, 3 * channels, dtype=dtype, requires_grad=True)
+    qkv = torch.randn(batch, tokens, 3 * channels, dtype=dtype, device=device, requires_grad=True)
     d = channels // heads
 
     def sdpa():
@@ -91,11 +88,11 @@ def _sdpa_from_fused(tokens: int, channels: int, heads: int, dtype, batch: int =
     return sdpa
 
 
-def _image_case(dtype, channels=32, size=8, heads=1):
+def _image_case(dtype, device, channels=32, size=8, heads=1):
     """q, k, v split out of one fused qkv map (SelfAttention2d's layout); SDPA on as many tokens."""
     from attnsr import backends, kernels
 
-    qkv = torch.randn(1, 3 * channels, size, size, dtype=dtype, requires_grad=True)
+    qkv = torch.randn(1, 3 * channels, size, size, dtype=dtype, device=device, requires_grad=True)
 
     def fused():
         q, k, v = qkv.split(channels, 1)
@@ -105,17 +102,18 @@ def _image_case(dtype, channels=32, size=8, heads=1):
         q, k, v = qkv.split(channels, 1)
         backends.image_attention(q, k, v, heads=heads, backend="torch").sum().backward()
 
-    return ({"fused": fused, "sdpa": _sdpa_from_fused(size * size, channels, heads, dtype), "torch": torch_backend},
+    return ({"fused": fused, "sdpa": _sdpa_from_fused(size * size, channels, heads, dtype, device),
+             "torch": torch_backend},
             dict(op="image_attention", shape=f"1x{channels}x{size}x{size} h{heads}"))
 
 
-def _window_case(dtype, channels=32, size=8, window=4, heads=2, shift=2):
+def _window_case(dtype, device, channels=32, size=8, window=4, heads=2, shift=2):
     """SwinIR's layout: (B, H·W, 3C) qkv viewed as (B, H, W, 3C) and split; bias table; shifted.
     SDPA on the same windows (B·nW sequences of Wh·Ww tokens) without bias or mask."""
     from attnsr import backends, kernels
 
-    qkv = torch.randn(1, size * size, 3 * channels, dtype=dtype, requires_grad=True)
-    table = torch.randn((2 * window - 1) ** 2, heads, dtype=torch.float32, requires_grad=True)
+    qkv = torch.randn(1, size * size, 3 * channels, dtype=dtype, device=device, requires_grad=True)
+    table = torch.randn((2 * window - 1) ** 2, heads, dtype=torch.float32, device=device, requires_grad=True)
     args = dict(window_size=window, shift_size=shift, heads=heads, bias_table=table)
 
     def fused():
@@ -126,7 +124,7 @@ def _window_case(dtype, channels=32, size=8, window=4, heads=2, shift=2):
         q, k, v = qkv.view(1, size, size, 3 * channels).split(channels, -1)
         backends.window_attention(q, k, v, **args, backend="torch").sum().backward()
 
-    sdpa = _sdpa_from_fused(window * window, channels, heads, dtype, batch=(size // window) ** 2)
+    sdpa = _sdpa_from_fused(window * window, channels, heads, dtype, device, batch=(size // window) ** 2)
     return ({"fused": fused, "sdpa": sdpa, "torch": torch_backend},
             dict(op="window_attention", shape=f"1x{size}x{size}x{channels} w{window} s{shift} h{heads}"))
 
@@ -149,9 +147,21 @@ def _aten_ops(fn) -> int:
     return count
 
 
-def measure(case: str, dtype=torch.float32, rounds: int = 7, calls: int = 200) -> dict:
-    """Host µs per call of each provider of ``case`` (least-disturbed round), launches and ATen ops."""
-    providers, meta = CASES[case](dtype)
+def _launches(fn) -> int:
+    """Triton launches of one call (those that reach a compiled kernel's launcher)."""
+    from attnsr.kernels import _runtime
+
+    with _runtime.recorded_launches() as record:
+        fn()
+    return len(record)
+
+
+def measure(case: str, dtype=torch.float32, rounds: int = 7, calls: int = 200, device=None) -> dict:
+    """Host µs per call of each provider of ``case`` (least-disturbed round), launches and ATen ops.
+    On a GPU: wall µs per call, the GPU synchronised at the end of each round."""
+    device = torch.device(device or "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    providers, meta = CASES[case](dtype, device)
     out = {"case": case, **meta, "dtype": str(dtype).replace("torch.", ""), "rounds": rounds, "calls": calls}
     per_round = {name: [] for name in providers}
     for fn in providers.values():  # warm-up: compile, caches
@@ -159,15 +169,15 @@ def measure(case: str, dtype=torch.float32, rounds: int = 7, calls: int = 200) -
         fn()
     for _ in range(rounds):
         for name, fn in providers.items():
+            sync()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
+            sync()
             per_round[name].append((time.perf_counter() - start) / calls * 1e6)
     for name, fn in providers.items():
-        LAUNCHES[0] = 0
-        fn()
         out[name] = {"host_us": min(per_round[name]), "median_us": statistics.median(per_round[name]),
-                     "launches": LAUNCHES[0], "aten_ops": _aten_ops(fn)}
+                     "launches": _launches(fn), "aten_ops": _aten_ops(fn)}
     out["ratio"] = out["fused"]["host_us"] / out["sdpa"]["host_us"]
     out["ratio_torch"] = out["fused"]["host_us"] / out["torch"]["host_us"]
     return out
@@ -193,14 +203,17 @@ def main(argv=None) -> int:
     from attnsr.timing import device_info
 
     rows = []
-    with launches_bound_not_run():
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    with contextlib.nullcontext() if on_gpu else launches_bound_not_run():
         for case in args.cases.split(","):
-            row = measure(case, rounds=args.rounds, calls=args.calls)
+            row = measure(case, rounds=args.rounds, calls=args.calls, device=device)
             rows.append(row)
             print(format_row(row), flush=True)
     if args.out:
-        info = device_info(torch.device("cpu"))
-        info["method"] = "launches bound for sm_90, not run; min over round-robin rounds"
+        info = device_info(device)
+        info["method"] = ("wall time per call on the GPU, synchronised per round" if on_gpu else
+                          "launches bound for sm_90, not run") + "; min over round-robin rounds"
         with open(args.out, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
     return 0

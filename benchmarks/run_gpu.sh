@@ -13,13 +13,22 @@
 #          and the JSON is rewritten after every case; then the plots; BENCH_ARGS (default none)
 #          adds report options, e.g. "--suite window" for the rows no earlier run reached;
 #   tune   python -m benchmarks.tune on what is left of the deadline (skipped under 90 s), TUNE_ARGS
-#          (default: bf16 only) choosing the groups; the proposed _LAUNCH entries in its table.
+#          (default: bf16 only) choosing the groups; the proposed _LAUNCH entries in its table;
+#   attnsr-tune  `attnsr tune --quick` (python -m attnsr.tune) within ATTNSR_TUNE_S seconds: launch
+#          settings and auto's choices measured on this GPU, the table written to $OUT (as
+#          ATTNSR_CACHE_DIR), so the later steps run with it;
+#   profile  python -m benchmarks.profile: GPU time per kernel of one forward+backward of each
+#          headline case, fused and torch path (and auto for the networks), within PROFILE_S seconds;
+#   host   python -m benchmarks.host: wall µs per call of tiny attention calls, fused beside SDPA.
+# QUICK=1: the run that fits 6 minutes on an H200 (DEADLINE_S 360): launch check (45 s), the headline
+# benchmark cases (110 s), attnsr tune --quick, the per-kernel profile (60 s) and the host rows.
 # No step starts or runs past the deadline. Results go to $OUT (default benchmarks/results):
 # <device>-<date>.json and its PNG plots, tune-<device>-<date>.json, and
 # logs-<device>-<date>.tar.gz (every log and table, rewritten after each step, so a run killed
 # from outside keeps what was done): at most 8 files, for a machine that returns only a few.
 # Printed last: the start of the benchmark table (headline groups first), the tuner's table and
 # the test outcome, the part a caller that sees only the tail of the output needs most.
+#   QUICK=1 bash benchmarks/run_gpu.sh
 #   OUT=/some/dir bash benchmarks/run_gpu.sh
 #   STEPS=bench BENCH_S=480 bash benchmarks/run_gpu.sh
 #   STEPS="launch bench" BENCH_ARGS="--suite window" bash benchmarks/run_gpu.sh
@@ -29,11 +38,21 @@ set -u
 cd "$(dirname "$0")/.."
 START=$SECONDS
 OUT=${OUT:-benchmarks/results}
+if [ "${QUICK:-0}" = 1 ]; then
+  STEPS=${STEPS:-launch bench attnsr-tune profile host}
+  DEADLINE_S=${DEADLINE_S:-360}
+  LAUNCH_S=${LAUNCH_S:-45}
+  BENCH_S=${BENCH_S:-110}
+  ATTNSR_TUNE_S=${ATTNSR_TUNE_S:-90}
+  PROFILE_S=${PROFILE_S:-60}
+fi
 STEPS=${STEPS:-launch tests bench tune}
 LAUNCH_S=${LAUNCH_S:-90}
 DEADLINE_S=${DEADLINE_S:-540}
 TESTS_S=${TESTS_S:-210}
 BENCH_S=${BENCH_S:-240}
+ATTNSR_TUNE_S=${ATTNSR_TUNE_S:-180}
+PROFILE_S=${PROFILE_S:-90}
 TEST_WORKERS=${TEST_WORKERS:-14}  # Triton's compiles are CPU-bound: most of the 16 cores
 TUNE_ARGS=${TUNE_ARGS:---dtypes bfloat16}
 BENCH_ARGS=${BENCH_ARGS:-}
@@ -61,6 +80,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 name=$("$PY" -c "import torch,re,datetime;print(re.sub(r'[^a-z0-9]+','-',torch.cuda.get_device_name().lower()).strip('-')+'-'+datetime.date.today().isoformat())")
 pack() { tar -czf "$OUT/logs-$name.tar.gz.tmp" -C "$LOGS" . && mv "$OUT/logs-$name.tar.gz.tmp" "$OUT/logs-$name.tar.gz"; }
 : >"$LOGS/launch.txt"; : >"$LOGS/tests.txt"; : >"$LOGS/bench.txt"; : >"$LOGS/tune.txt"
+: >"$LOGS/attnsr-tune.txt"; : >"$LOGS/profile.txt"; : >"$LOGS/host.txt"
 
 for step in $STEPS; do
   case $step in
@@ -109,6 +129,8 @@ for step in $STEPS; do
       rc=$?
       # the table again from the JSON: it holds every case that finished, even if the report was stopped
       "$PY" -m benchmarks.report --table "$OUT/$name.json" >"$LOGS/bench-rows.txt" 2>&1
+      # a quick run returns few files: its plots go into the logs archive
+      [ "${QUICK:-0}" = 1 ] && mv "$OUT/$name"-*.png "$LOGS"/ 2>/dev/null
       { echo "== benchmarks (exit $rc$(stopped $rc))"; tail -n 1 "$LOGS/bench-rows.txt"
         head -c 5000 "$LOGS/bench-rows.txt"; echo; } >"$LOGS/bench.txt" ;;
     tune)
@@ -119,13 +141,39 @@ for step in $STEPS; do
         --out "$OUT/tune-$name.json" >"$LOGS/tune-table.txt" 2>"$LOGS/tune-progress.log"
       rc=$?
       { echo "== tune (exit $rc$(stopped $rc), budget $t s)"; tail -c 3000 "$LOGS/tune-table.txt"; } >"$LOGS/tune.txt" ;;
+    attnsr-tune)
+      t=$(cap "$ATTNSR_TUNE_S")
+      if [ "$t" -lt 30 ]; then echo "== attnsr tune: skipped, $(left) s left" >"$LOGS/attnsr-tune.txt"; continue; fi
+      # the table lands in $OUT (the cache directory of this run); the steps after it read it
+      case $OUT in /*) ATTNSR_CACHE_DIR=$OUT ;; *) ATTNSR_CACHE_DIR=$PWD/$OUT ;; esac
+      export ATTNSR_CACHE_DIR
+      timeout -k 5 $((t + 20)) "$PY" -m attnsr.tune --quick --budget-s $((t - 10)) \
+        >"$LOGS/attnsr-tune-table.txt" 2>"$LOGS/attnsr-tune-progress.log"
+      rc=$?
+      { echo "== attnsr tune --quick (exit $rc$(stopped $rc), budget $((t - 10)) s)"; tail -c 2500 "$LOGS/attnsr-tune-progress.log"
+        cat "$LOGS/attnsr-tune-table.txt"; } >"$LOGS/attnsr-tune.txt" ;;
+    profile)
+      t=$(cap "$PROFILE_S")
+      if [ "$t" -lt 20 ]; then echo "== profile: skipped, $(left) s left" >"$LOGS/profile.txt"; continue; fi
+      timeout -k 5 "$t" "$PY" -m benchmarks.profile --budget-s $((t * 2 / 3)) --out "$OUT/profile-$name.json" \
+        --table "$LOGS/profile-table.txt" >/dev/null 2>"$LOGS/profile-progress.log"
+      rc=$?
+      { echo "== profile (exit $rc$(stopped $rc), limit $t s)"; head -c 6000 "$LOGS/profile-table.txt"; } >"$LOGS/profile.txt" ;;
+    host)
+      t=$(cap 40)
+      if [ "$t" -lt 10 ]; then echo "== host: skipped, $(left) s left" >"$LOGS/host.txt"; continue; fi
+      timeout -k 5 "$t" "$PY" -m benchmarks.host --rounds 5 --calls 100 --out "$OUT/host-$name.json" \
+        >"$LOGS/host-table.txt" 2>"$LOGS/host-progress.log"
+      rc=$?
+      { echo "== host cost per call (exit $rc$(stopped $rc))"; cat "$LOGS/host-table.txt"; } >"$LOGS/host.txt" ;;
     *)
-      echo "run_gpu.sh: unknown step '$step'; expected launch, tests, bench or tune" >&2 ;;
+      echo "run_gpu.sh: unknown step '$step'; expected launch, tests, bench, tune, attnsr-tune, profile or host" >&2 ;;
   esac
   pack
 done
 echo "== done in $((SECONDS - START)) s" >>"$LOGS/tests.txt"
-cat "$LOGS/bench.txt" "$LOGS/tune.txt" "$LOGS/launch.txt" "$LOGS/tests.txt" >"$LOGS/summary.txt"
+cat "$LOGS/bench.txt" "$LOGS/attnsr-tune.txt" "$LOGS/profile.txt" "$LOGS/host.txt" "$LOGS/tune.txt" "$LOGS/launch.txt" \
+  "$LOGS/tests.txt" >"$LOGS/summary.txt"
 pack
 ls -l "$OUT"
 cat "$LOGS/summary.txt"

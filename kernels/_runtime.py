@@ -361,7 +361,7 @@ def _recording(record: list):
         try:
             yield
         finally:
-            _RECORDING.stack.remove(record)
+            _RECORDING.stack.pop()  # blocks nest: the innermost is last
             if outermost:
                 CompiledKernel.run = original
 
