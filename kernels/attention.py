@@ -958,8 +958,9 @@ _apply = super(torch.autograd.Function, _AttentionFunction).apply  # Function.ap
 
 
 def _attention(q, k, v, call: _Call, precision):
-    """One attention call: the custom op under torch.compile, else the eager Function."""
-    if torch.compiler.is_compiling():
+    """One attention call: the custom op under torch.compile and torch.func transforms (as before
+    the eager path existed), else the eager Function."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         # None travels as "auto" and is resolved inside the op (PyTorch's setting is read at run
         # time, which torch.compile cannot trace)
         return _attention_op(q, k, v, call.kind, call.heads, call.patch, call.scale,

@@ -872,9 +872,9 @@ _apply = super(torch.autograd.Function, _WindowFunction).apply  # Function.apply
 
 
 def _window_call(q, k, v, table, mask, call: _Call):
-    """One window attention call (one batch slice): the custom op under torch.compile, else the
-    eager Function."""
-    if torch.compiler.is_compiling():
+    """One window attention call (one batch slice): the custom op under torch.compile and torch.func
+    transforms (as before the eager path existed), else the eager Function."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _window_op(q, k, v, table, mask, list(call.window), list(call.shift), call.heads, float(call.scale),
                           call.swin_mask)[0]
     base = fused_base(q, k, v) if torch.is_grad_enabled() else None
