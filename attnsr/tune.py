@@ -255,7 +255,7 @@ def shipped_setting(case: Case, kernel: str, device: torch.device) -> dict:
     dtype = torch.float32 if case.dtype == "tf32" else getattr(torch, case.dtype)
     head_dim, tokens, _, patch = _geometry(case)
     saved = _tuned._TABLES.get(_tuned._key(device))
-    _tuned._TABLES[_tuned._key(device)] = {}  # as shipped
+    _tuned.use(device, {})  # as shipped
     try:
         with _Precision(case.dtype):
             if case.op == "attention":
@@ -263,10 +263,7 @@ def shipped_setting(case: Case, kernel: str, device: torch.device) -> dict:
             else:
                 blocks, launch = module._config(kernel, head_dim, dtype, tokens, None)
     finally:
-        if saved is None:
-            _tuned._TABLES.pop(_tuned._key(device), None)
-        else:
-            _tuned._TABLES[_tuned._key(device)] = saved
+        _tuned.use(device, saved)
     cfg = {"BLOCK_M": blocks["BLOCK_M"], "BLOCK_N": blocks["BLOCK_N"]}
     cfg.update({k: v for k, v in launch.items() if k in ("num_warps", "num_stages")})
     cfg["BLOCK_DC"] = blocks.get("BLOCK_DC", 0)
@@ -481,8 +478,7 @@ def _apply(table: dict, device: torch.device) -> None:
     """Make the table in progress the device's current one (plans recorded before are dropped)."""
     from attnsr.kernels import _tuned
 
-    _tuned.forget()
-    _tuned._TABLES[_tuned._key(device)] = dict(table, format=_tuned.FORMAT)
+    _tuned.use(device, dict(table, format=_tuned.FORMAT))
 
 
 def _info(device: torch.device, seconds: float) -> dict:

@@ -29,7 +29,8 @@ import torch
 from . import _runtime
 
 FORMAT = 1
-_TABLES = {}  # device string -> the loaded table ({} when there is no file)
+_TABLES = {}  # device string ("cuda:0", "cpu") -> the loaded table ({} when there is no file)
+_BY_DEVICE = {}  # torch.device -> the same tables, so that a launch builds no string to find its own
 
 
 def cache_dir() -> str:
@@ -64,11 +65,25 @@ def _key(device: torch.device) -> str:
 
 def table(device: torch.device) -> dict:
     """The tuned table of ``device`` (loaded once; {} when none was written)."""
-    key = _key(device)
-    found = _TABLES.get(key)
+    found = _BY_DEVICE.get(device)
     if found is None:
-        found = _TABLES[key] = _read(cache_file(device))
+        key = _key(device)
+        found = _TABLES.get(key)
+        if found is None:
+            found = _TABLES[key] = _read(cache_file(device))
+        _BY_DEVICE[device] = found
     return found
+
+
+def use(device: torch.device, data) -> None:
+    """Make ``data`` the device's table in this process (None: read the file again at the next
+    launch); recorded launch plans are dropped. For ``attnsr tune``, which applies what it found."""
+    if data is None:
+        _TABLES.pop(_key(device), None)
+    else:
+        _TABLES[_key(device)] = data
+    _BY_DEVICE.clear()
+    _runtime.SETTINGS_VERSION[0] += 1
 
 
 def _read(path: str) -> dict:
@@ -90,6 +105,7 @@ def _read(path: str) -> dict:
 def forget() -> None:
     """Drop the loaded tables (the next launch reads the files again) and every recorded launch plan."""
     _TABLES.clear()
+    _BY_DEVICE.clear()
     _runtime.SETTINGS_VERSION[0] += 1
 
 
@@ -137,13 +153,16 @@ def window_key(kernel: str, block_d: int, dtype: torch.dtype, precision: str, to
     return f"window/{kernel}/d{block_d}/{dtype_class(dtype, precision)}/n{tokens}"
 
 
-def launch_setting(device: torch.device, key: str):
-    """The measured launch settings of ``key`` on ``device`` (a dict), or None."""
+def launch_setting(device: torch.device, key):
+    """The measured launch settings of ``key`` on ``device`` (a dict), or None. ``key``: the key, or
+    a callable building it (only called where the device has a tuned table)."""
     found = table(device)
-    return found.get("launch", {}).get(key) if found else None
+    if not found:
+        return None
+    return found.get("launch", {}).get(key() if callable(key) else key)
 
 
-def backend_choice(device: torch.device, key: str):
+def backend_choice(device: torch.device, key):
     """The measured backend ("triton" or "torch") of an op's shape class on ``device``, or None."""
     found = table(device)
     return found.get("backend", {}).get(key) if found else None

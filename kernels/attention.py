@@ -691,8 +691,8 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
     if shape is not None and kernel not in _OVERRIDES:
         device, tokens, batch_heads = shape
         key = _tuned.attention_key(kernel, block_d, dtype, dot_precision(dtype, precision), patch, tokens,
-                                   batch_heads)
-        tuned = _tuned.launch_setting(device, key)
+                                   batch_heads) if _tuned.table(device) else None
+        tuned = _tuned.launch_setting(device, key) if key else None
     if tuned is not None:
         try:
             _check_launch(kernel, tuned)

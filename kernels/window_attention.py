@@ -548,7 +548,7 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, tokens: int = 0, dev
     of 64 tokens spans two tiles in the tests."""
     block_d = max(16, next_pow2(head_dim))
     tuned = None
-    if device is not None and kernel not in _OVERRIDES:
+    if device is not None and kernel not in _OVERRIDES and _tuned.table(device):
         key = _tuned.window_key(kernel, block_d, dtype, dot_precision(dtype), tokens)
         tuned = _tuned.launch_setting(device, key)
         if tuned is not None:
