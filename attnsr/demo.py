@@ -2,7 +2,8 @@
 
 1. The parity table of every kernel against its float64 reference on this device.
 2. A small benchmark: SelfAttention2d(64) forward+backward on a 64×64 map, fused vs the naive
-   attention of the source documents — median time and peak memory, measured in this run.
+   attention of the source documents — median time (the backends timed interleaved, round-robin)
+   and peak memory, measured in this run.
 3. A short training of AttentionSRNet (×2) on the photographs bundled with scikit-image, then the
    held-out photo upscaled and compared with bicubic (PSNR/SSIM on Y, border crop 2), saved as a
    side-by-side PNG: bicubic | attnsr | original.
@@ -42,17 +43,21 @@ def build_layer_case(case: dict, device: torch.device) -> SimpleNamespace:
 
 
 def _bench_table(device: torch.device) -> None:
-    from attnsr.timing import cpu_peak_mib, cuda_peak_mib, device_info, time_ms
+    from attnsr.timing import cpu_peak_mib, cuda_peak_mib, device_info, threads_on_free_cores, time_interleaved
 
     providers = ("naive", "torch", "triton") if device.type == "cuda" else ("naive", "auto")
     size, channels = 64, 64
+    cases = {p: {"provider": p, "size": size, "channels": channels} for p in providers}
+    benches = {p: build_layer_case(case, device) for p, case in cases.items()}
+    # round-robin: a job starting halfway slows every backend alike, so the ratios hold; on the
+    # cores other jobs leave free: threads waiting on a busy core slow one backend more than another
+    with threads_on_free_cores(device) as (threads, busy):
+        times = time_interleaved({p: bench.fn for p, bench in benches.items()}, device, cpu_repeats=5)
     rows = []
-    for provider in providers:
-        case = {"provider": provider, "size": size, "channels": channels}
-        bench = build_layer_case(case, device)
-        ms = time_ms(bench.fn, device, cpu_repeats=5)
+    for provider, case in cases.items():
+        bench = benches.pop(provider)
         mib = cuda_peak_mib(bench.fn) if device.type == "cuda" else cpu_peak_mib(case, "attnsr.demo:build_layer_case")
-        rows.append((provider, ms, mib))
+        rows.append((provider, times[provider], mib))
         del bench
     _, naive_ms, naive_mib = rows[0]
     where = device_info(device)["device"]
@@ -64,6 +69,9 @@ def _bench_table(device: torch.device) -> None:
         print(f"{provider:<8} {ms:10.1f} {mib:9.1f} {ms / naive_ms:12.2f}× {mib / naive_mib:14.3f}×")
     if device.type == "cpu":
         print("(on CPU `auto` is PyTorch SDPA; the Triton kernels run on CPU only in the interpreter, a test tool)")
+        if threads < torch.get_num_threads():
+            print(f"(timed with {threads} of PyTorch's {torch.get_num_threads()} CPU threads: other processes kept "
+                  f"{busy:.1f} cores busy)")
 
 
 def _side_by_side(panels, captions, path) -> None:

@@ -1,7 +1,12 @@
 """Timing and memory measurement shared by ``attnsr demo`` and the benchmark suites of the source tree.
 
-Timing: CUDA uses ``triton.testing.do_bench`` (warm-up, then the median of many runs, L2 flushed
-between runs); CPU runs the function a few times after one warm-up and takes the median.
+Timing: the functions compared in one table (the providers of one case) are timed *interleaved*:
+after each one's warm-up, every round calls each of them once in turn, and each one's median over
+the rounds is its figure (:func:`time_interleaved`). A machine that gets busier or quieter during
+the measurement then slows every provider alike, and their ratio holds; timed one after the other,
+a job starting halfway flips it (``make demo``'s table read ``auto`` at 1.81× the naive layer's
+time with another job running, 0.23–0.32× on an idle machine). CUDA times each call with CUDA
+events, L2 flushed before it, as ``triton.testing.do_bench`` does; CPU with ``time.perf_counter``.
 Memory: CUDA reports the peak allocated bytes above what was allocated before the call; CPU
 reports the peak RSS growth of one call in a fresh subprocess (the only honest host figure).
 
@@ -10,6 +15,7 @@ A measured *case* is a JSON-able dict, rebuilt in that subprocess by a *builder*
 call) and ``setup`` (None, or run once before timing).
 """
 
+import contextlib
 import datetime
 import gc
 import importlib
@@ -25,8 +31,33 @@ import time
 import torch
 
 
+def source_commit(root: str | None = None) -> dict:
+    """The git commit of the source tree this package is imported from (or of ``root``): ``{"commit":
+    sha, "dirty": bool}``, dirty when ``git status`` shows changes to tracked files (untracked files
+    do not count); ``{"commit": None, "dirty": None}`` when that tree is not the top of a git
+    checkout (an installed wheel, even in a virtual environment inside some checkout; or no git)."""
+    root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        # a wheel in a virtual environment that lives inside some checkout is not that checkout's
+        if top.returncode != 0 or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
+            return {"commit": None, "dirty": None}
+        head = git("rev-parse", "HEAD")
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0 or status.returncode != 0:  # e.g. a repository with no commit yet
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
 def device_info(device: torch.device) -> dict:
-    """Device name and the versions a result depends on, for a JSON row or a printed table."""
+    """Device name, the versions a result depends on and the source commit measured (see
+    :func:`source_commit`), for a JSON row or a printed table."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -57,6 +88,8 @@ def device_info(device: torch.device) -> dict:
         "attnsr": attnsr_version,
         "date": datetime.date.today().isoformat(),
         "python": platform.python_version(),
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,  # PyTorch's intra-op threads
+        **source_commit(),
     }
     try:  # the published blocks some suites measure come from spandrel when it is installed
         info["spandrel"] = version("spandrel")
@@ -65,19 +98,138 @@ def device_info(device: torch.device) -> dict:
     return info
 
 
-def time_ms(fn, device: torch.device, cpu_repeats: int = 3) -> float:
-    """Median milliseconds of one call of ``fn`` after warm-up."""
-    if device.type == "cuda":
-        import triton.testing
+def busy_cores(interval: float = 0.25) -> float | None:
+    """How many cores other processes keep busy: the CPU time /proc/stat counts over ``interval``
+    seconds, less this process's own (it sleeps, but threads of its own may still spin), in cores;
+    None where there is no /proc/stat."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        own = os.times()
+        return sum(ticks), ticks[3] + ticks[4], own.user + own.system, time.monotonic()
 
-        return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    fn()  # warm-up
-    times = []
-    for _ in range(cpu_repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    try:
+        total0, idle0, own0, wall0 = sample()
+        time.sleep(interval)
+        total1, idle1, own1, wall1 = sample()
+    except (OSError, ValueError):
+        return None
+    everyone = (1 - (idle1 - idle0) / max(1, total1 - total0)) * (os.cpu_count() or 1)
+    return max(0.0, everyone - (own1 - own0) / (wall1 - wall0))
+
+
+@contextlib.contextmanager
+def threads_on_free_cores(device: torch.device):
+    """On a CPU, PyTorch's intra-op threads limited to the cores other processes leave free, for the
+    block (restored after); yields ``(threads, busy cores)``, ``(None, None)`` on a GPU.
+
+    Timed beside another job, PyTorch's threads wait on each other in every parallel region, and
+    the code with the most regions loses most: on 2 cores with one kept busy, SDPA's forward +
+    backward of a 64×64 map took 5.9× the naive layer's time with 2 threads and 0.30× with one
+    (0.23–0.32× on an idle machine); timing the providers interleaved does not undo that.
+    """
+    if device.type != "cpu":
+        yield None, None
+        return
+    before = torch.get_num_threads()
+    busy = busy_cores()
+    threads = before if busy is None else max(1, min(before, (os.cpu_count() or 1) - round(busy)))
+    torch.set_num_threads(threads)
+    try:
+        yield threads, busy
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_ms(fn, device: torch.device, cpu_repeats: int = 3) -> float:
+    """Median milliseconds of one call of ``fn`` after warm-up (:func:`time_interleaved` of one)."""
+    return time_interleaved({"fn": fn}, device, cpu_repeats)["fn"]
+
+
+def _rotated(names: list, r: int) -> list:
+    """Round ``r``'s order: the names starting at the r-th (no function always follows the same one)."""
+    k = r % len(names)
+    return names[k:] + names[:k]
+
+
+def time_interleaved(fns: dict, device: torch.device, cpu_repeats: int = 3, *, warmup_ms: float = 25.0,
+                     rep_ms: float = 200.0, min_rounds: int = 5, max_rounds: int = 1000,
+                     errors: dict | None = None) -> dict:
+    """Median milliseconds of one call of each of ``fns`` (name -> ``() -> None``), timed round-robin.
+
+    Each function is warmed up on its own first; then each round calls every function once, in
+    turn, round r starting at the r-th function (rotated, so that none always runs after the same
+    neighbour), and each function's median over the rounds is returned, by name.
+
+    - CUDA: a call is timed by CUDA events recorded around it, with L2 flushed before it (a 256 MiB
+      buffer zeroed, outside the events); warm-up: one call, one or five to estimate its time, then
+      about ``warmup_ms`` of calls; rounds: enough for all functions together to take about ``rep_ms`` per
+      function, at least ``min_rounds``, at most ``max_rounds`` (a slow provider means fewer rounds).
+    - CPU: one warm-up call each, then ``cpu_repeats`` rounds timed with ``time.perf_counter``.
+
+    ``errors``: None, an exception propagates; a dict, a function that raises is left out of the
+    remaining rounds and of the result, and its exception is stored there under its name.
+    """
+    fns = dict(fns)
+    cuda = device.type == "cuda"
+
+    def call(name, fn=None) -> bool:  # False: the function raised and was dropped
+        try:
+            (fn or fns[name])()
+            return True
+        except Exception as error:
+            if errors is None:
+                raise
+            errors[name] = error
+            del fns[name]
+            return False
+
+    if cuda:
+        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+        estimate = {}
+        for name, fn in list(fns.items()):
+            def warm(fn=fn, name=name):
+                fn()  # first call: compiles, autotunes, allocates
+                for calls in (1, 5):  # a slow call is estimated from one, a fast one from five
+                    torch.cuda.synchronize(device)
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(calls):
+                        flush.zero_()
+                        fn()
+                    end.record()
+                    torch.cuda.synchronize(device)
+                    estimate[name] = max(start.elapsed_time(end) / calls, 1e-4)
+                    if estimate[name] > 10:
+                        break
+                for _ in range(int(warmup_ms / estimate[name])):
+                    fn()
+
+            call(name, warm)
+        if not fns:
+            return {}
+        total = sum(estimate[name] for name in fns)
+        rounds = min(max_rounds, max(min_rounds, int(rep_ms * len(fns) / total)))
+        times = {name: [] for name in fns}
+        for r in range(rounds):
+            for name in _rotated(list(fns), r):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                flush.zero_()
+                start.record()
+                if call(name):
+                    end.record()
+                    times[name].append((start, end))
+        torch.cuda.synchronize(device)
+        return {name: statistics.median(s.elapsed_time(e) for s, e in times[name]) for name in fns}
+    for name in list(fns):
+        call(name)
+    times = {name: [] for name in fns}
+    for r in range(cpu_repeats if fns else 0):
+        for name in _rotated(list(fns), r):
+            start = time.perf_counter()
+            if call(name):
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(times[name]) for name in fns}
 
 
 def cuda_peak_mib(fn) -> float:

@@ -10,12 +10,13 @@ and one layer-level group: SelfAttention2d(64) with backend ``naive`` vs ``auto`
 q, k, v are split views of one (B, 3C, S, S) tensor, as a fused QKV convolution produces them.
 Dtypes: float32 (PyTorch's default exact fp32), on a GPU also "tf32" (float32 tensors with
 ``torch.backends.cuda.matmul.allow_tf32`` on for the call) and bfloat16.
-FLOPs: 4·B·heads·N·M·D forward, 2.5× that for forward + backward.
+FLOPs: 4·B·heads·N·M·D forward, 3.5× that for forward + backward (the backward counted as 2.5× the
+forward, as FlashAttention and the Triton tutorial count: TFLOP/s compare with theirs).
 """
 
 import torch
 
-from benchmarks.harness import Skip, gib, memory_budget
+from benchmarks.harness import FWD_BWD_FLOPS, Skip, gib, memory_budget
 
 SIZES = (32, 64, 128, 256)
 CPU_MAX_FLOPS = 4e11  # a case above this takes minutes per call on a 2-core CPU: not run there
@@ -95,7 +96,7 @@ def flops(case: dict) -> float:
     n = (case["size"] // case["patch"]) ** 2
     d = case["channels"] // case["heads"] * case["patch"] ** 2
     fwd = 4.0 * case["batch"] * case["heads"] * n * n * d
-    return fwd * (2.5 if case["mode"] == "fwd+bwd" else 1.0)
+    return fwd * (FWD_BWD_FLOPS if case["mode"] == "fwd+bwd" else 1.0)
 
 
 def naive_bytes(case: dict) -> float:

@@ -2,11 +2,20 @@
 
 A *case* is a JSON-able dict (suite, op, provider, shape, dtype, mode, ...) so that it can be
 rebuilt in a fresh subprocess to measure host memory. Each suite module (``attention``,
-``gating``, ``networks``, ``window``) provides ``cases(device, quick)`` and ``build(case, device)``; ``build``
-returns a :class:`Bench` (the function to time plus its counted work) or raises :class:`Skip`.
+``gating``, ``networks``, ``window``, ``models``) provides ``cases(device, quick)`` and
+``build(case, device)``; ``build`` returns a :class:`Bench` (the function to time plus its counted
+work) or raises :class:`Skip`.
 
 Timing and memory are measured by :mod:`attnsr.timing` (shared with ``attnsr demo``, which must
-run from an installed wheel where this folder is absent).
+run from an installed wheel where this folder is absent). The providers of one group (one shape,
+dtype and mode) are timed interleaved, round-robin (:func:`interleaved`), so that a machine whose
+load changes during the run cannot flip their ratios, and on a CPU with PyTorch's threads limited
+to the cores other processes leave free (:func:`attnsr.timing.threads_on_free_cores`; the rows
+say so when it limited them); memory is measured per case, on its own.
+
+FLOPs of forward + backward are counted as :data:`FWD_BWD_FLOPS` × the forward's: the backward is
+2.5× the forward (dQ, dK, dV and the recomputed scores: five matrix products to the forward's two),
+as FlashAttention and the Triton tutorial count, so TFLOP/s figures compare with theirs.
 
 A case with ``"interpret": True`` runs Triton kernels on a CPU, which only Triton's interpreter can
 do: it is not built or timed in this process (the interpreter's time says nothing about a GPU and
@@ -14,17 +23,21 @@ triton is already imported here without it), only its peak memory is measured, i
 with ``TRITON_INTERPRET=1``.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
+import sys
+import traceback
 
 import torch
 
 from attnsr import timing
 from attnsr.timing import cuda_peak_mib, device_info, time_ms  # noqa: F401  (the suites use harness.*)
 
-SUITES = ("attention", "gating", "networks", "window")
+SUITES = ("attention", "gating", "networks", "window", "models")
+FWD_BWD_FLOPS = 3.5  # forward + backward FLOPs ÷ forward FLOPs (backward = 2.5 × forward)
 INTERPRETED = "memory only: Triton's interpreter on CPU (its time says nothing about a GPU)"
 
 
@@ -38,6 +51,7 @@ class Bench:
     flops: float = 0.0  # counted floating-point operations of one call (0: not a flop-bound op)
     bytes: float = 0.0  # counted minimum bytes moved by one call (0: not a bandwidth-bound op)
     setup: object = None  # () -> None, run once before timing (e.g. allocate, warm caches)
+    note: str = None  # what a reader of the row must know (e.g. which layers a swap replaced)
 
 
 @dataclasses.dataclass
@@ -83,6 +97,79 @@ def case_row(case: dict, status: str = "ok") -> Row:
     return Row(**{k: case[k] for k in ("suite", "group", "op", "provider", "shape", "dtype", "mode")}, status=status)
 
 
+class _Group:
+    """The providers of one group: built together and timed round-robin when the first of them is
+    run (:func:`run_case`), then handed out one by one (each bench freed after its row)."""
+
+    def __init__(self, cases: list, device: torch.device, cpu_repeats: int):
+        self.cases = {c["provider"]: c for c in cases if not c.get("interpret")}  # interpreted: memory only
+        self.device, self.cpu_repeats = device, cpu_repeats
+        self.outcomes = None  # provider -> (Bench, median ms, note) or the exception its build or timing raised
+
+    def holds(self, case: dict) -> bool:
+        return self.cases.get(case["provider"]) is case
+
+    def take(self, case: dict):
+        """(bench, median ms, a note on the timing or None) of ``case``; raises what its build or
+        timing raised (:class:`Skip` too)."""
+        if self.outcomes is None:
+            self.outcomes = self._measure()
+        outcome = self.outcomes.pop(case["provider"])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _measure(self) -> dict:
+        outcomes, benches = {}, {}
+        for provider, case in self.cases.items():
+            try:
+                benches[provider] = suite_module(case["suite"]).build(case, self.device)
+                if benches[provider].setup is not None:
+                    benches[provider].setup()
+            except Exception as error:
+                outcomes[provider] = _kept(error, case)
+                benches.pop(provider, None)
+        errors = {}
+        with timing.threads_on_free_cores(self.device) as (threads, busy):
+            times = timing.time_interleaved({p: b.fn for p, b in benches.items()}, self.device, self.cpu_repeats,
+                                            errors=errors)
+        note = None
+        if threads is not None and threads < torch.get_num_threads():
+            note = (f"timed with {threads} of {torch.get_num_threads()} threads: other processes kept {busy:.1f} "
+                    "cores busy")
+        for provider, error in errors.items():
+            outcomes[provider] = _kept(error, self.cases[provider])
+        for provider, bench in benches.items():
+            if provider in times:
+                outcomes[provider] = (bench, times[provider], note)
+        return outcomes
+
+
+def _kept(error: BaseException, case: dict) -> BaseException:
+    """``error`` to be raised again later: its traceback printed now (a :class:`Skip` has none worth
+    printing) and dropped, so that its frames do not hold the case's tensors while the others run."""
+    if not isinstance(error, Skip):
+        print(f"{case['group']} :: {case['provider']}:", file=sys.stderr)
+        traceback.print_exception(error)
+    return error.with_traceback(None)
+
+
+_group = None  # the group being run (see interleaved)
+
+
+@contextlib.contextmanager
+def interleaved(cases: list, device: torch.device, cpu_repeats: int = 3):
+    """Within this block, :func:`run_case` times the providers of one group (``cases``) together,
+    round-robin: the first call builds them all and times them interleaved; each call then measures
+    its own case's memory and returns its row. Outside it, a case is timed alone."""
+    global _group
+    _group = _Group(cases, device, cpu_repeats)
+    try:
+        yield
+    finally:
+        _group = None
+
+
 def run_case(case: dict, device: torch.device, measure_memory: bool = True, cpu_repeats: int = 3) -> Row:
     row = case_row(case)
     if case.get("interpret"):  # memory only, in a subprocess (see the module docstring)
@@ -92,14 +179,20 @@ def run_case(case: dict, device: torch.device, measure_memory: bool = True, cpu_
             return row
         row.peak_mib = cpu_peak_mib(case)
         return row
+    timing_note = None
     try:
-        bench = suite_module(case["suite"]).build(case, device)
+        if _group is not None and _group.holds(case):
+            bench, row.median_ms, timing_note = _group.take(case)
+        else:
+            bench = suite_module(case["suite"]).build(case, device)
     except Skip as why:
         row.status = f"skipped: {why}"
         return row
-    if bench.setup is not None:
-        bench.setup()
-    row.median_ms = time_ms(bench.fn, device, cpu_repeats)
+    row.note = "; ".join(n for n in (bench.note, timing_note) if n) or None
+    if row.median_ms is None:
+        if bench.setup is not None:
+            bench.setup()
+        row.median_ms = time_ms(bench.fn, device, cpu_repeats)
     if bench.flops:
         row.tflops = bench.flops / (row.median_ms * 1e-3) / 1e12
     if bench.bytes:

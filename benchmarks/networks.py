@@ -6,12 +6,13 @@ gates with pooling modules and 1×1 convolutions), ``torch`` (SDPA, functional e
 ``triton`` (fused kernels, GPU only). What the backends change: in ImageInpaintingModel its
 self-attention layers; in AttentionSRNet only the channel attention (its spatial attention
 is the document's conv mode, the same PyTorch code on every backend). FLOPs count the self-attention
-only (4·B·N²·D forward, 2.5× with backward), so AttentionSRNet rows have none.
+only (4·B·N²·D forward, 3.5× with backward: the backward is 2.5× the forward), so AttentionSRNet rows
+have none.
 """
 
 import torch
 
-from benchmarks.harness import Bench, Skip, gib, memory_budget
+from benchmarks.harness import FWD_BWD_FLOPS, Bench, Skip, gib, memory_budget
 
 SIZES = (64, 128, 256)
 CPU_MAX_ATTENTION_FLOPS = 1e12
@@ -53,7 +54,7 @@ def _attention_layers(case: dict):
 
 
 def flops(case: dict) -> float:
-    return sum(4.0 * case["batch"] * n * n * d * 2.5 for n, d in _attention_layers(case))
+    return sum(4.0 * case["batch"] * n * n * d * FWD_BWD_FLOPS for n, d in _attention_layers(case))
 
 
 def naive_bytes(case: dict) -> float:

@@ -24,8 +24,11 @@ import torch
 from benchmarks import harness
 
 BASELINES = {"attention": ("naive", "sdpa"), "gating": ("eager", "compile"), "networks": ("naive", "torch"),
-             "window": ("naive", "sdpa", "flex")}
-MEMORY_RATIOS = ("window",)  # suites whose rows also carry peak memory ÷ each baseline's (its headline is memory)
+             "window": ("naive", "sdpa", "flex"), "models": ("eager",)}
+# suites whose rows also carry peak memory ÷ each baseline's (the window blocks' headline is memory; a
+# CPU's models rows are for memory)
+MEMORY_RATIOS = ("window", "models")
+KEPT_INFO = ("commit", "dirty", "date", "torch", "triton", "fwd_bwd_flops", "kept")  # of an earlier run's rows
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
 
@@ -59,8 +62,8 @@ def print_table(rows, file=None) -> None:
 
 # headline cases run in this order of suites: the attention targets, then the network step, the
 # window blocks' training-step memory, then the gating (whose torch.compile baseline takes longest
-# to build)
-HEADLINE_ORDER = ("attention", "networks", "window", "gating")
+# to build), then the whole published models (their compiled baseline takes minutes)
+HEADLINE_ORDER = ("attention", "networks", "window", "gating", "models")
 
 
 def _todo(suites, device, quick: bool, headline_first: bool) -> list:
@@ -88,45 +91,61 @@ def _free_device_memory(device: torch.device) -> None:
 def run(suites, quick: bool, memory: bool, out=None, cpu_repeats: int = 3, budget_s=None,
         headline_first: bool = False) -> str:
     """Run the cases of ``suites``; write the JSON after every case, so an interrupted run keeps
-    what it measured. A case that raises becomes a ``failed: ...`` row (traceback on stderr). With
+    what it measured. The providers of a group are timed interleaved (:func:`harness.interleaved`).
+    A case that raises becomes a ``failed: ...`` row (traceback on stderr). With
     ``budget_s``, no group of cases (the providers compared on one shape) starts once that many
     seconds have passed; a group already started is finished, and the rest are recorded as
     skipped. ``headline_first`` runs the cases behind the README's headline figures first."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    info = harness.device_info(device)
+    info = dict(harness.device_info(device), fwd_bwd_flops=harness.FWD_BWD_FLOPS)
     path = out or os.path.join(RESULTS, f"{_slug(info['device'])}-{info['date']}.json")
     kept = []
     if os.path.exists(path):
         with open(path) as f:
-            kept = [harness.Row(**r) for r in json.load(f)["rows"] if r["suite"] not in suites]
+            old = json.load(f)
+        kept = [harness.Row(**r) for r in old["rows"] if r["suite"] not in suites]
+        if kept:  # those rows were measured by an earlier run: say which
+            info["kept"] = {"suites": sorted({r.suite for r in kept}),
+                            **{k: old["info"].get(k) for k in KEPT_INFO if k in old["info"]}}
     todo = _todo(suites, device, quick, headline_first)
+    groups = []  # the cases of each group, in order (a group's providers are adjacent in todo)
+    for case in todo:
+        if not groups or groups[-1][0]["group"] != case["group"]:
+            groups.append([])
+        groups[-1].append(case)
     rows = []
     start = time.monotonic()
-    group, spent = None, False
-    for i, case in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {case['group']} :: {case['provider']}", file=sys.stderr, flush=True)
-        if case["group"] != group:
-            group = case["group"]
-            spent = budget_s is not None and time.monotonic() - start >= budget_s
-        if spent:
-            row = harness.case_row(case, f"skipped: the run's time budget of {budget_s:g} s was spent")
-        else:
-            failure = None
-            try:
-                row = harness.run_case(case, device, measure_memory=memory, cpu_repeats=cpu_repeats)
-            except Exception as error:  # one broken case must not lose the others' figures
-                traceback.print_exc()
-                first = (str(error).strip().splitlines() or [""])[0][:200]
-                failure = f"failed: {type(error).__name__}: {first}"
-            if failure is not None:  # outside the handler: the traceback no longer holds the case's tensors
-                row = harness.case_row(case, failure)
-                _free_device_memory(device)
-        rows.append(row)
-        harness.add_speedups(rows, BASELINES, MEMORY_RATIOS)
-        harness.write_json(kept + rows, info, path)
+    i = 0
+    for members in groups:
+        spent = budget_s is not None and time.monotonic() - start >= budget_s
+        with harness.interleaved(members, device, cpu_repeats):  # the group's providers timed round-robin
+            for case in members:
+                i += 1
+                print(f"[{i}/{len(todo)}] {case['group']} :: {case['provider']}", file=sys.stderr, flush=True)
+                if spent:
+                    row = harness.case_row(case, f"skipped: the run's time budget of {budget_s:g} s was spent")
+                else:
+                    row = _run_one(case, device, memory, cpu_repeats)
+                rows.append(row)
+                harness.add_speedups(rows, BASELINES, MEMORY_RATIOS)
+                harness.write_json(kept + rows, info, path)
     print_results(info, rows)
     print(f"rows written to {path}")
     return path
+
+
+def _run_one(case: dict, device: torch.device, memory: bool, cpu_repeats: int):
+    """One case's row; a case that raises becomes a ``failed: ...`` row (traceback on stderr)."""
+    failure = None
+    try:
+        return harness.run_case(case, device, measure_memory=memory, cpu_repeats=cpu_repeats)
+    except Exception as error:  # one broken case must not lose the others' figures
+        traceback.print_exc()
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        failure = f"failed: {type(error).__name__}: {first}"
+    # outside the handler: the traceback no longer holds the case's tensors
+    _free_device_memory(device)
+    return harness.case_row(case, failure)
 
 
 def print_results(info: dict, rows: list, ran_only: bool = False) -> None:

@@ -1,6 +1,10 @@
 """Every case of every suite as a pytest-benchmark, grouped so that a group compares providers on
-one shape, dtype and mode. `python -m benchmarks.report` runs the same cases and adds peak memory,
-ratios, JSON and plots."""
+one shape, dtype and mode. pytest-benchmark times each case on its own; `python -m benchmarks.report`
+runs the same cases with a group's providers timed interleaved (round-robin, so that a machine whose
+load changes cannot flip a ratio) and adds peak memory, ratios, JSON and plots.
+
+The unit tests of the harness (round-robin timing, FLOP counts, the recorded commit, the models
+suite's cases) are in tests/test_bench_timing.py, which `make test` runs."""
 
 import sys
 
