@@ -31,7 +31,8 @@ Configurations:
   55 GB of N×N matrices for backward in fp32 (``networks.naive_bytes``; at 256² it would be 880 GB,
   so the stock network has no row there). fp32 as the papers train, and bf16 autocast.
 - CPU (``small``): the same blocks, shallower and narrower, on small patches, batch 1, so that the
-  interpreted ``triton`` step takes seconds and the whole suite a few minutes on 2 cores:
+  interpreted ``triton`` step takes seconds (each up to about 35 s on 2 cores; the whole suite
+  took 9 min 48 s with other jobs on the machine, mostly compiling and interpreting):
   AttentionSRNet as published on 32²; ImageInpaintingModel as published on 32²; SwinIR with
   SwinIR-light's head dim 10 (embed 20, 2 heads) and window 8, one RSTB of 2 blocks, on 16²; HAT at
   its window 16 (embed 12, 2 heads, compress 3, squeeze 3), one group of 2 blocks, on 16²; RCAN
