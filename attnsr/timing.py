@@ -146,6 +146,12 @@ def time_ms(fn, device: torch.device, cpu_repeats: int = 3) -> float:
     return time_interleaved({"fn": fn}, device, cpu_repeats)["fn"]
 
 
+def _l2_flush_buffer(device: torch.device) -> torch.Tensor:
+    """A buffer larger than any GPU's L2 (256 MiB, as triton.testing.do_bench's): zeroing it evicts
+    the previous call's data."""
+    return torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+
+
 def _rotated(names: list, r: int) -> list:
     """Round ``r``'s order: the names starting at the r-th (no function always follows the same one)."""
     k = r % len(names)
@@ -185,7 +191,7 @@ def time_interleaved(fns: dict, device: torch.device, cpu_repeats: int = 3, *, w
             return False
 
     if cuda:
-        flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
+        flush = _l2_flush_buffer(device)
         estimate = {}
         for name, fn in list(fns.items()):
             def warm(fn=fn, name=name):

@@ -235,3 +235,40 @@ def test_cpu_timing_uses_the_cores_other_processes_leave_free(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert timing.busy_cores(0.05) >= 0.0
+
+
+def test_cuda_timing_warms_up_then_times_rounds_with_events(clock, monkeypatch):
+    """The CUDA path with CUDA stood in for (events read the fake clock): a slow call is estimated
+    from one call, a fast one from five; warm-up fills ``warmup_ms``; the rounds give each provider
+    about ``rep_ms``, alternate, and every call has its own pair of events and an L2 flush before it."""
+    flushes = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.at = None
+
+        def record(self):
+            self.at = clock.now
+
+        def elapsed_time(self, end):
+            return (end.at - self.at) * 1e3
+
+    class Buffer:
+        def zero_(self):
+            flushes.append(len(clock.calls))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(timing, "_l2_flush_buffer", lambda device: Buffer())
+    fns = {"slow": clock.stub("slow", 20.0), "fast": clock.stub("fast", 2.0)}
+    times = timing.time_interleaved(fns, torch.device("cuda"), warmup_ms=25.0, rep_ms=100.0)
+    assert times == pytest.approx({"slow": 20.0, "fast": 2.0})
+    # slow: first call, one to estimate (20 ms > 10), 25 // 20 = 1 warm-up call;
+    # fast: first call, one then five to estimate, 25 // 2 = 12 warm-up calls
+    warm = ["slow"] * 3 + ["fast"] * (1 + 1 + 5 + 12)
+    assert clock.calls[:len(warm)] == warm
+    rounds = clock.calls[len(warm):]
+    assert len(rounds) == 2 * int(100.0 * 2 / 22.0)  # 9 rounds of two
+    assert rounds[:4] == ["slow", "fast", "fast", "slow"]
+    assert flushes[-len(rounds):] == list(range(len(warm), len(clock.calls)))  # one flush before each timed call
