@@ -11,7 +11,7 @@ TORCH_PIN ?= torch==2.13.0
 MODELS_VENV ?= .venv-models
 MPY := $(MODELS_VENV)/bin/python
 MODELS_PINS ?= torch==2.14.1 torchvision==0.29.1
-MODELS_TESTS ?= tests/test_spandrel.py tests/test_upscale_published.py tests/test_readme.py
+MODELS_TESTS ?= tests/test_spandrel.py tests/test_upscale_published.py tests/test_readme.py tests/test_bench_timing.py
 
 .PHONY: venv models-venv test test-models demo lint clean
 

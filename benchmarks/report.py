@@ -1,10 +1,10 @@
-"""Run benchmark suites, print one table with ratios, write JSON, draw plots, update the README.
+"""Run benchmark suites, print one table with ratios, write JSON, draw plots, update docs/benchmarks.md.
 
     python -m benchmarks.report                       # every suite on this device
     python -m benchmarks.report --suite attention --quick
     python -m benchmarks.report --plot benchmarks/results/<file>.json
     python -m benchmarks.report --table benchmarks/results/<file>.json    # print its table again
-    python -m benchmarks.report --readme benchmarks/results/<file>.json [...]   # regenerate README tables
+    python -m benchmarks.report --readme benchmarks/results/<file>.json [...]   # regenerate docs/benchmarks.md tables
 
 Rows go to ``benchmarks/results/<device>-<date>.json`` (rows of suites not run now are kept when
 the file exists), plots next to it as ``<device>-<date>-<suite>-<what>.png``.
@@ -30,7 +30,7 @@ BASELINES = {"attention": ("naive", "sdpa"), "gating": ("eager", "compile"), "ne
 MEMORY_RATIOS = ("window", "models")
 KEPT_INFO = ("commit", "dirty", "date", "torch", "triton", "fwd_bwd_flops", "kept")  # of an earlier run's rows
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-README = os.path.join(os.path.dirname(RESULTS), "..", "README.md")
+README = os.path.join(os.path.dirname(RESULTS), "..", "docs", "benchmarks.md")  # the page holding the tables
 
 
 def _slug(text: str) -> str:
