@@ -135,10 +135,11 @@ def shipped_choice(key: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto"):
+def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto", packed=None):
     """Self-attention over the pixels or patches of q, k, v: (B, C, H, W) -> (B, C, H, W).
 
-    Same semantics as :func:`attnsr.kernels.image_attention` on every backend.
+    Same semantics as :func:`attnsr.kernels.image_attention` on every backend. ``packed``: used by
+    :func:`image_attention_qkv` (the qkv map q, k, v were split from).
     """
     q, k, v = autocast_inputs(q, k, v)
 
@@ -149,6 +150,8 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
                         mode=_mode(q, k, v))
 
     backend = resolve(backend, q, key)
+    if backend == "triton" and packed is not None:
+        return _kernels().image_attention_qkv(packed, heads=heads, patch_size=patch_size, scale=scale)
     if backend == "triton":
         return _kernels().image_attention(q, k, v, heads=heads, patch_size=patch_size, scale=scale)
     b, c, h, w = q.shape
@@ -169,6 +172,14 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, backend="auto
     return _kernels().reference.tokens_to_image(out, c, h, w, patch_size)
 
 
+def image_attention_qkv(qkv, *, heads=1, patch_size=1, scale=None, backend="auto"):
+    """``image_attention`` of q, k, v = qkv.split(C, 1) of a (B, 3C, H, W) map -> (B, C, H, W); on
+    the fused kernels the gradient of qkv is written as one buffer (no ``cat`` of three)."""
+    (qkv,) = autocast_inputs(qkv)
+    q, k, v = qkv.split(qkv.shape[1] // 3, 1)
+    return image_attention(q, k, v, heads=heads, patch_size=patch_size, scale=scale, backend=backend, packed=qkv)
+
+
 @functools.lru_cache(maxsize=64)
 def _window_index(window: tuple, device: torch.device) -> torch.Tensor:
     """Swin's relative position index of a window, flattened, on ``device`` (built once)."""
@@ -182,12 +193,13 @@ def _shift_mask(height: int, width: int, window: tuple, shift: tuple, device: to
 
 
 def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None,
-                     backend="auto"):
+                     backend="auto", packed=None):
     """Swin window attention of (B, H, W, C) maps -> (B, H, W, C); the semantics of
     :func:`attnsr.kernels.window_attention` on every backend (the same checks, ``mask=False`` for no
     mask even when shifted). ``naive``: SwinIR's maths as written (roll, partition, q·kᵀ + bias +
     mask, softmax, reverse); ``torch``: the same partition with SDPA and the bias and mask as its
-    float mask (4-D, last dim contiguous; the index and Swin's mask built once per size and device)."""
+    float mask (4-D, last dim contiguous; the index and Swin's mask built once per size and device).
+    ``packed``: used by :func:`window_attention_qkv` (the qkv map q, k, v were split from)."""
     q, k, v = autocast_inputs(q, k, v)
 
     def key():
@@ -196,6 +208,9 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
                         mode=_mode(q, k, v, bias_table))
 
     backend = resolve(backend, q, key)
+    if backend == "triton" and packed is not None:
+        return _kernels().window_attention_qkv(packed, window_size=window_size, shift_size=shift_size, heads=heads,
+                                               bias_table=bias_table, mask=mask, scale=scale)
     if backend == "triton":
         return _kernels().window_attention(q, k, v, window_size=window_size, shift_size=shift_size, heads=heads,
                                            bias_table=bias_table, mask=mask, scale=scale)
@@ -223,6 +238,16 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
     qw, kw, vw = (ref.window_partition(t, (wh, ww), (sh, sw), heads) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=extra, scale=scale)
     return ref.window_reverse(out, h, w, (wh, ww), (sh, sw))
+
+
+def window_attention_qkv(qkv, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None,
+                         backend="auto"):
+    """``window_attention`` of q, k, v = qkv.split(C, -1) of a (B, H, W, 3C) map -> (B, H, W, C); on
+    the fused kernels the gradient of qkv is written as one buffer (no ``cat`` of three)."""
+    (qkv,) = autocast_inputs(qkv)
+    q, k, v = qkv.split(qkv.shape[-1] // 3, -1)
+    return window_attention(q, k, v, window_size=window_size, shift_size=shift_size, heads=heads,
+                            bias_table=bias_table, mask=mask, scale=scale, backend=backend, packed=qkv)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,9 +117,8 @@ class SelfAttention2d(_AttnsrLayer):
     def forward(self, x):
         weight, bias = self.qkv_conv()
         qkv = F.conv2d(x, weight, bias, padding=self.kernel_size // 2)
-        q, k, v = qkv.split(self.out_channels, dim=1)
-        a = backends.image_attention(q, k, v, heads=self.heads, patch_size=self.patch_size, scale=self.scale,
-                                     backend=self.backend)
+        a = backends.image_attention_qkv(qkv, heads=self.heads, patch_size=self.patch_size, scale=self.scale,
+                                         backend=self.backend)
         out = self.out if "out" in self._modules else self.conv_out
         return x + out(a)
 

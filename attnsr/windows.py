@@ -103,10 +103,9 @@ class WindowAttention(_AttnsrLayer):
     def attend(self, qkv, shift_size=0, mask=None):
         """Attention of a (B, H, W, 3C) qkv map, windows of ``window_size`` shifted by ``shift_size``
         (Swin's −100 mask when shifted and ``mask`` is None) -> (B, H, W, C), before ``proj``."""
-        q, k, v = qkv.split(self.dim, dim=-1)
-        return backends.window_attention(q, k, v, window_size=self.window_size, shift_size=shift_size,
-                                         heads=self.num_heads, bias_table=self.relative_position_bias_table,
-                                         mask=mask, scale=self.scale, backend=self.backend)
+        return backends.window_attention_qkv(qkv, window_size=self.window_size, shift_size=shift_size,
+                                             heads=self.num_heads, bias_table=self.relative_position_bias_table,
+                                             mask=mask, scale=self.scale, backend=self.backend)
 
     def project(self, x):
         return self.proj_drop(self.proj(x)) if "proj_drop" in self._modules else self.proj(x)

@@ -5,19 +5,21 @@ fake kernels and an autograd formula, so they work under autograd, autocast and 
 On CPU tensors the kernels need ``TRITON_INTERPRET=1`` (set before triton is imported).
 """
 
-from .attention import flash_attention, image_attention
+from .attention import flash_attention, image_attention, image_attention_qkv
 from .cbam import cbam_gate
 from .channel_gate import channel_gate
 from .layer_fusion import layer_fusion
 from .spatial_gate import spatial_gate
-from .window_attention import window_attention
+from .window_attention import window_attention, window_attention_qkv
 
 __all__ = [
     "cbam_gate",
     "channel_gate",
     "flash_attention",
     "image_attention",
+    "image_attention_qkv",
     "layer_fusion",
     "spatial_gate",
     "window_attention",
+    "window_attention_qkv",
 ]

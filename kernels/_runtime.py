@@ -470,7 +470,7 @@ def _replay(plan: "_Plan", tensors: tuple) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager autograd helpers: one gradient buffer for a fused qkv projection, refusing double backward
+# Eager autograd helpers: one gradient buffer for a packed qkv projection, refusing double backward
 # ----------------------------------------------------------------------------------------------
 
 
@@ -484,36 +484,18 @@ def _dense_strides(sizes, strides) -> bool:
     return True
 
 
-def fused_base(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """The tensor that q, k and v are views of, when they tile it exactly once, else None.
-
-    That is how one qkv projection is split in three: ``qkv.split(C, 1)`` of an NCHW or
-    channels_last map, ``qkv.view(B, H, W, 3C).split(C, -1)``, SwinIR's
-    ``reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)`` indexed by 0, 1, 2. Then the backward
-    writes the three gradients straight into one buffer laid out like that tensor and hands it to
-    autograd whole: no ``cat`` of the pieces, no zero-filled gap. Only for tensors that need a
-    gradient (the base requires grad).
-    """
-    base = q._base
-    if base is None or k._base is not base or v._base is not base or not base.requires_grad:
+def packed_base(qkv: torch.Tensor):
+    """``qkv`` when the packed ops (``image_attention_qkv``, ``window_attention_qkv``) can write
+    the gradients of its q, k and v parts into one buffer laid out like it and hand that to
+    autograd whole (no ``cat`` of three gradients): a gradient is wanted and its elements lie
+    densely, none twice. Else None (the parts then take the plain path, as three views)."""
+    if not (torch.is_grad_enabled() and qkv.requires_grad) or not _dense_strides(qkv.shape, qkv.stride()):
         return None
-    if q.dtype != base.dtype or k.shape != q.shape or v.shape != q.shape:
-        return None
-    stride = q.stride()
-    if k.stride() != stride or v.stride() != stride:
-        return None
-    step = k.storage_offset() - q.storage_offset()
-    if step <= 0 or v.storage_offset() - k.storage_offset() != step or q.storage_offset() != base.storage_offset():
-        return None
-    if 3 * q.numel() != base.numel() or not _dense_strides((*q.shape, 3), (*stride, step)):
-        return None
-    if not _dense_strides(base.shape, base.stride()):
-        return None
-    return base
+    return qkv
 
 
 def grad_views(base: torch.Tensor, views) -> tuple:
-    """A fresh gradient buffer laid out like ``base`` (``fused_base``) and, in it, the places of ``views``."""
+    """A fresh gradient buffer laid out like ``base`` (``packed_base``) and, in it, the places of ``views``."""
     grad = poison(torch.empty_like(base, memory_format=torch.preserve_format))
     origin = base.storage_offset()
     return grad, tuple(grad.as_strided(t.shape, t.stride(), t.storage_offset() - origin) for t in views)

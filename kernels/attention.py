@@ -84,8 +84,8 @@ from ._runtime import (
     overriding,
     poison,
     device_guard,
-    fused_base,
     grad_views,
+    packed_base,
     refuse_twice,
 )
 
@@ -917,8 +917,8 @@ class _AttentionFunction(torch.autograd.Function):
 
     The custom ops above serve torch.compile (they carry the fake kernels and the compile-time
     autocast rule); in eager mode their dispatch costs more host time than the launches. Inputs:
-    q, k, v, and ``base``, the fused qkv tensor they are views of (``fused_base``) or None. With a
-    base, q, k, v come detached and the backward returns one gradient for the base.
+    q, k, v, and ``base``: None, or the packed qkv tensor they are views of (``image_attention_qkv``);
+    with a base, q, k, v come detached and the backward returns one gradient for the base.
     """
 
     @staticmethod
@@ -957,16 +957,17 @@ class _AttentionFunction(torch.autograd.Function):
 _apply = super(torch.autograd.Function, _AttentionFunction).apply  # Function.apply less its Python wrapper
 
 
-def _attention(q, k, v, call: _Call, precision):
+def _attention(q, k, v, call: _Call, precision, packed=None):
     """One attention call: the custom op under torch.compile and torch.func transforms (as before
-    the eager path existed), else the eager Function."""
+    the eager path existed), else the eager Function. ``packed``: the qkv tensor q, k, v were split
+    from by ``image_attention_qkv`` (its gradient is then written as one buffer), or None."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         # None travels as "auto" and is resolved inside the op (PyTorch's setting is read at run
         # time, which torch.compile cannot trace)
         return _attention_op(q, k, v, call.kind, call.heads, call.patch, call.scale,
                              "auto" if precision is None else precision)[0]
     precision = dot_precision(q.dtype, precision)  # once per call: the backward runs as the forward did
-    base = fused_base(q, k, v) if torch.is_grad_enabled() else None
+    base = None if packed is None else packed_base(packed)
     if base is not None:
         q, k, v = q.detach(), k.detach(), v.detach()
     return _apply(q, k, v, base, call, precision)
@@ -1047,12 +1048,37 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, precision=Non
     D = C/heads·p², N = (H/p)·(W/p). scale defaults to 1/sqrt(D). Returns (B, C, H, W), channels_last
     when q has channels innermost, else contiguous. precision: as in ``flash_attention``.
     """
+    return _image_attention(q, k, v, heads, patch_size, scale, precision, None)
+
+
+def image_attention_qkv(qkv, *, heads=1, patch_size=1, scale=None, precision=None):
+    """``image_attention`` of the three parts of one packed map, q, k, v = qkv.split(C, 1).
+
+    qkv: (B, 3C, H, W), any strides (the output of one fused qkv convolution: NCHW or
+    channels_last); the arguments as in ``image_attention``. Returns (B, C, H, W). Where qkv needs
+    a gradient, the backward writes dq, dk and dv into one buffer laid out like qkv and hands it to
+    autograd whole: no ``cat`` of three gradients, one launch less. (``image_attention`` of its
+    split views computes the same, with autograd concatenating the three gradients.)
+    """
+    op = "image_attention_qkv"
+    check_tensor(op, "qkv", qkv)
+    check_rank(op, "qkv", qkv, 4, "(B, 3C, H, W)")
+    if qkv.shape[1] % 3:
+        raise ValueError(f"{op}: qkv is {tuple(qkv.shape)}; expected (B, 3C, H, W), 3C channels in all")
+    (qkv,) = autocast_inputs(qkv)
+    q, k, v = qkv.split(qkv.shape[1] // 3, 1)
+    return _image_attention(q, k, v, heads, patch_size, scale, precision, qkv)
+
+
+def _image_attention(q, k, v, heads, patch_size, scale, precision, packed):
+    """``image_attention``, and ``image_attention_qkv`` with ``packed``: the qkv map q, k, v are
+    the parts of."""
     op = "image_attention"
     sig, call = _CALLS.lookup((q, k, v), (op, heads, patch_size, scale, precision))
     if call is not None:
         if not q.is_cuda:
             check_runnable(op, q.device)
-        return _attention(q, k, v, call, precision)
+        return _attention(q, k, v, call, precision, packed)
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t)
         check_rank(op, name, t, 4, "(B, C, H, W)")
@@ -1082,4 +1108,4 @@ def image_attention(q, k, v, *, heads=1, patch_size=1, scale=None, precision=Non
     _check_grid(op, batch, heads, tokens, tokens)
     call = _Call(q, k, "map", heads, patch_size, scale)
     _CALLS.remember(sig, call)
-    return _attention(q, k, v, call, precision)
+    return _attention(q, k, v, call, precision, packed)

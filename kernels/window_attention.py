@@ -66,8 +66,8 @@ from ._runtime import (
     overriding,
     poison,
     device_guard,
-    fused_base,
     grad_views,
+    packed_base,
     refuse_twice,
 )
 
@@ -831,8 +831,8 @@ class _Call:
 
 class _WindowFunction(torch.autograd.Function):
     """The eager path of ``window_attention``: the launchers called directly (the custom ops above
-    serve torch.compile). With ``base`` (the fused qkv projection q, k, v are views of, see
-    ``fused_base``), q, k, v come detached and the backward returns one gradient for the base."""
+    serve torch.compile). With ``base`` (the packed qkv map q, k, v are views of, from
+    ``window_attention_qkv``), q, k, v come detached and the backward returns one gradient for it."""
 
     @staticmethod
     def forward(ctx, q, k, v, table, mask, base, call):
@@ -871,13 +871,14 @@ class _WindowFunction(torch.autograd.Function):
 _apply = super(torch.autograd.Function, _WindowFunction).apply  # Function.apply less its Python wrapper
 
 
-def _window_call(q, k, v, table, mask, call: _Call):
+def _window_call(q, k, v, table, mask, call: _Call, packed=None):
     """One window attention call (one batch slice): the custom op under torch.compile and torch.func
-    transforms (as before the eager path existed), else the eager Function."""
+    transforms (as before the eager path existed), else the eager Function. ``packed``: the qkv map
+    q, k, v were split from by ``window_attention_qkv``, or None."""
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _window_op(q, k, v, table, mask, list(call.window), list(call.shift), call.heads, float(call.scale),
                           call.swin_mask)[0]
-    base = fused_base(q, k, v) if torch.is_grad_enabled() else None
+    base = None if packed is None else packed_base(packed)
     if base is not None:
         q, k, v = q.detach(), k.detach(), v.detach()
     return _apply(q, k, v, table, mask, base, call)
@@ -982,6 +983,30 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
     scale defaults to (C/heads)^−½. Returns (B, H, W, C), contiguous. A batch larger than the GPU's
     grid allows (65535) runs in slices, each starting at mask slice 0.
     """
+    return _window_attention(q, k, v, window_size, shift_size, heads, bias_table, mask, scale, None)
+
+
+def window_attention_qkv(qkv, *, window_size, shift_size=0, heads=1, bias_table=None, mask=None, scale=None):
+    """``window_attention`` of the three parts of one packed map, q, k, v = qkv.split(C, -1).
+
+    qkv: (B, H, W, 3C), any strides (the (B, H·W, 3C) output of one qkv Linear viewed as a map, as
+    SwinIR and HAT compute it); the other arguments as in ``window_attention``. Returns
+    (B, H, W, C). Where qkv needs a gradient, the backward writes dq, dk and dv into one buffer laid
+    out like qkv and hands it to autograd whole: no ``cat`` of three gradients.
+    """
+    op = "window_attention_qkv"
+    check_tensor(op, "qkv", qkv)
+    check_rank(op, "qkv", qkv, 4, "(B, H, W, 3C)")
+    if qkv.shape[-1] % 3:
+        raise ValueError(f"{op}: qkv is {tuple(qkv.shape)}; expected (B, H, W, 3C), 3C channels in all")
+    (qkv,) = autocast_inputs(qkv)
+    q, k, v = qkv.split(qkv.shape[-1] // 3, -1)
+    return _window_attention(q, k, v, window_size, shift_size, heads, bias_table, mask, scale, qkv)
+
+
+def _window_attention(q, k, v, window_size, shift_size, heads, bias_table, mask, scale, packed):
+    """``window_attention``, and ``window_attention_qkv`` with ``packed``: the qkv map q, k, v are
+    the parts of."""
     op = "window_attention"
     sig, call = _CALLS.lookup((q, k, v), (op, window_size, shift_size, heads, scale, _describe(bias_table),
                                           _describe(mask)))
@@ -1012,7 +1037,7 @@ def window_attention(q, k, v, *, window_size, shift_size=0, heads=1, bias_table=
         mask = mask.detach()
     batch, most = q.shape[0], call.most
     if batch <= most:
-        return _window_call(q, k, v, bias_table, mask, call)
+        return _window_call(q, k, v, bias_table, mask, call, packed)
     outs = [_window_call(q[i:i + most], k[i:i + most], v[i:i + most], bias_table, mask, call)
             for i in range(0, batch, most)]
     return outs[0] if len(outs) == 1 else torch.cat(outs)

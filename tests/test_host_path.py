@@ -1,5 +1,5 @@
-"""The host path of the attention ops: one gradient buffer for a fused qkv projection, checks skipped
-for a call seen before (and only then), launch plans recorded once and replayed.
+"""The host path of the attention ops: one gradient buffer for a packed qkv map, checks skipped for
+a call seen before (and only then), launch plans recorded once and replayed.
 
 The launch plans only exist where kernels reach a compiled kernel's launcher, which the interpreter
 never does: those tests run ``benchmarks.host`` in a child process without TRITON_INTERPRET, where
@@ -13,70 +13,87 @@ import sys
 import pytest
 import torch
 
-from attnsr.kernels import flash_attention, image_attention, window_attention
-from attnsr.kernels._runtime import fused_base
-from attnsr.kernels.reference import image_attention_ref
+from attnsr.kernels import (flash_attention, image_attention, image_attention_qkv, window_attention,
+                            window_attention_qkv)
+from attnsr.kernels.reference import image_attention_ref, window_attention_ref
 from conftest import DEVICE, ON_GPU
 from tolerances import assert_close_rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _split_views():
-    """(name, base, (q, k, v)) for the ways one qkv projection is split in three."""
-    b, c, h, w = 2, 6, 3, 5
-    nchw = torch.randn(b, 3 * c, h, w, requires_grad=True)
-    channels_last = torch.randn(b, 3 * c, h, w).to(memory_format=torch.channels_last).requires_grad_()
-    swinir = torch.randn(b, h * w, 3 * c, requires_grad=True)
-    timm = torch.randn(b, h * w, 3 * c, requires_grad=True)  # reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)
-    return [
-        ("nchw split", nchw, nchw.split(c, 1)),
-        ("channels_last split", channels_last, channels_last.split(c, 1)),
-        ("swinir view split", swinir, swinir.view(b, h, w, 3 * c).split(c, -1)),
-        ("timm unbind", timm, timm.reshape(b, h * w, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)),
-    ]
-
-
-@pytest.mark.parametrize("index", range(4), ids=[v[0] for v in _split_views()])
-def test_fused_base_recognises_a_split_projection(index):
-    _, base, (q, k, v) = _split_views()[index]
-    assert fused_base(q, k, v) is base
-
-
-def test_fused_base_refuses_what_does_not_tile_one_tensor():
-    x = torch.randn(2, 24, 4, 4, requires_grad=True)
-    q, k, v, _ = x.split(6, 1)  # a fourth part: q, k, v do not cover x
-    assert fused_base(q, k, v) is None
-    a, b, c = torch.randn(3, 2, 6, 4, 4, requires_grad=True).unbind(0)
-    assert fused_base(a, b, c) is not None  # stacked on a leading axis: one buffer too
-    assert fused_base(a, a, a) is None  # the same view three times
-    y = torch.randn(2, 18, 4, 4)  # no gradient wanted
-    assert fused_base(*y.split(6, 1)) is None
-    z = torch.randn(2, 18, 4, 4, requires_grad=True)
-    assert fused_base(*z.split(6, 1)[::-1]) is None  # out of order: q is not first in memory
-    assert fused_base(*(t.clone() for t in z.split(6, 1))) is None  # copies, not views
-
-
-def test_the_backward_writes_one_gradient_for_the_fused_map():
+def test_the_packed_op_writes_one_gradient_for_the_qkv_map():
     """No SplitBackward between the op and the projection: the gradient goes to it whole, and it
-    equals the float64 reference's, also where q is used elsewhere too."""
+    equals the float64 reference's, also where a part is used elsewhere too."""
     qkv = torch.randn(2, 48, 5, 7, device=DEVICE, requires_grad=True)
-    q, k, v = qkv.split(16, 1)
-    out = image_attention(q, k, v, heads=2)
+    out = image_attention_qkv(qkv, heads=2)
     names = {type(fn).__name__ for fn, _ in out.grad_fn.next_functions if fn is not None}
     assert names == {"AccumulateGrad"}, names
-    loss = out.square().sum() + 3 * q.sum()
+    loss = out.square().sum() + 3 * qkv[:, :16].sum()
     ref_q, ref_k, ref_v = qkv.double().split(16, 1)
     ref = image_attention_ref(ref_q, ref_k, ref_v, heads=2)
     ref_loss = ref.square().sum() + 3 * ref_q.sum()
     (got,) = torch.autograd.grad(loss, qkv)
     (want,) = torch.autograd.grad(ref_loss, qkv)
-    assert_close_rel(got, want, torch.float32, "dqkv through the fused buffer and q's other use")
+    assert_close_rel(got, want, torch.float32, "dqkv through the packed op and a part's other use")
 
 
-def test_double_backward_through_the_fused_buffer_raises():
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_packed_and_split_views_agree(layout):
+    qkv = torch.randn(2, 36, 4, 6, device=DEVICE, dtype=torch.float64)
+    if layout == "channels_last":
+        qkv = qkv.to(memory_format=torch.channels_last)
+    qkv.requires_grad_()
+    grad = torch.randn(2, 12, 4, 6, device=DEVICE, dtype=torch.float64)
+    packed = torch.autograd.grad(image_attention_qkv(qkv, heads=3), qkv, grad)[0]
+    views = torch.autograd.grad(image_attention(*qkv.split(12, 1), heads=3), qkv, grad)[0]
+    assert packed.stride() == qkv.stride()  # laid out like the map it belongs to
+    assert_close_rel(packed, views, torch.float64, "packed dqkv against the views'")
+
+
+def test_gradients_of_the_views_themselves_and_their_hooks():
+    """image_attention on three views keeps them in the graph: a gradient with respect to a view,
+    and a hook on one, work as for any op."""
+    qkv = torch.randn(1, 24, 3, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    q, k, v = qkv.split(8, 1)
+    out = image_attention(q, k, v, heads=2)
+    got = torch.autograd.grad(out.sum(), (q, v), retain_graph=True)
+    want = torch.autograd.grad(image_attention_ref(q, k, v, heads=2, upcast=True).sum(), (q, v))
+    for g, w, name in zip(got, want, "qv"):
+        assert_close_rel(g, w, torch.float64, f"d{name} of a view")
+    seen = []
+    k.register_hook(lambda g: seen.append(g.shape))
+    out.sum().backward()
+    assert seen == [torch.Size([1, 8, 3, 5])]
+
+
+def test_the_packed_window_op_writes_one_gradient():
+    qkv = torch.randn(1, 64, 48, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(49, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    args = dict(window_size=4, shift_size=2, heads=2, bias_table=table)
+    out = window_attention_qkv(qkv.view(1, 8, 8, 48), **args)
+    names = {type(fn).__name__ for fn, _ in out.grad_fn.next_functions if fn is not None}
+    assert "SplitWithSizesBackward0" not in names, names
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (qkv, table), grad)
+    ref = window_attention_ref(*qkv.view(1, 8, 8, 48).split(16, -1), **args, upcast=True)
+    want = torch.autograd.grad(ref, (qkv, table), grad)
+    assert_close_rel(got[0], want[0], torch.float64, "dqkv")
+    assert_close_rel(got[1], want[1], torch.float64, "d table")
+
+
+def test_packed_ops_refuse_a_map_that_is_not_three_parts():
+    with pytest.raises(ValueError, match=r"image_attention_qkv: qkv is \(1, 8, 4, 4\); expected \(B, 3C, H, W\)"):
+        image_attention_qkv(torch.randn(1, 8, 4, 4, device=DEVICE))
+    with pytest.raises(ValueError, match=r"window_attention_qkv: qkv is \(1, 4, 4, 8\)"):
+        window_attention_qkv(torch.randn(1, 4, 4, 8, device=DEVICE), window_size=2)
+    with pytest.raises(TypeError, match=r"image_attention_qkv: qkv must be a torch.Tensor"):
+        image_attention_qkv([1, 2, 3])
+
+
+def test_double_backward_through_the_packed_buffer_raises():
     qkv = torch.randn(1, 12, 3, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(image_attention(*qkv.split(4, 1)).sum(), qkv, create_graph=True)
+    (g,) = torch.autograd.grad(image_attention_qkv(qkv).sum(), qkv, create_graph=True)
     with pytest.raises(RuntimeError, match=r"image_attention does not support double backward"):
         g.sum().backward()
 
@@ -116,15 +133,14 @@ def test_window_mask_and_table_arguments_are_part_of_the_signature():
 _PLAN_SCRIPT = r"""
 import json, torch
 from benchmarks import host
-from attnsr.kernels import image_attention
-from attnsr.kernels import attention as _  # noqa
+from attnsr.kernels import image_attention_qkv
 import importlib
 attn = importlib.import_module("attnsr.kernels.attention")
 report = {}
 with host.launches_bound_not_run():
     qkv = torch.randn(1, 96, 8, 8, requires_grad=True)
     def step(x):
-        return host._launches(lambda: image_attention(*x.split(32, 1)).sum().backward())
+        return host._launches(lambda: image_attention_qkv(x).sum().backward())
     report["launches"] = [step(qkv), step(qkv)]
     call = next(iter(attn._CALLS.seen.values()))
     report["plans_after_two"] = len(call.plans)
