@@ -93,7 +93,7 @@ def auto_key(op: str, x: torch.Tensor, *, head_dim: int = 0, tokens: int = 0, ba
     if head_dim:
         parts.append(f"d{max(16, 1 << (head_dim - 1).bit_length())}")
     if op == "attention":
-        parts.append(f"p{min(patch, 2)}")
+        parts.append(f"p{patch}")
     if op == "window":
         parts.append(f"n{tokens}")
     elif tokens:
@@ -125,7 +125,7 @@ def shipped_choice(key: str) -> str:
                 and fields.get("p") == "1" and int(fields.get("n", 0)) >= 4096):
             return "triton"
         return "torch"
-    if op == "window" and dtype == "16bit" and mode == "train":
+    if op == "window" and dtype in ("bf16", "fp16") and mode == "train":
         return "triton"
     return "torch"
 

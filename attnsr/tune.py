@@ -336,8 +336,12 @@ def _refuse_where_timing_lies() -> None:
         raise RuntimeError("attnsr tune: called inside a CUDA-graph capture; run it outside")
 
 
+_NOT_MEASURED = object()
+
+
 def _tune_kernel(calls: _Calls, kernel: str, device, timer, gate_fn, smem_limit, most, deadline, rows, log):
-    """The fastest correct setting of one kernel for the case, or None (the shipped one stays)."""
+    """The fastest correct setting of one kernel for the case, None (the shipped one is best), or
+    ``_NOT_MEASURED`` (the budget ran out before the shipped setting was timed)."""
     from attnsr.kernels import _runtime
 
     case = calls.case
@@ -377,15 +381,16 @@ def _tune_kernel(calls: _Calls, kernel: str, device, timer, gate_fn, smem_limit,
         if cfg is shipped:
             if row.get("status") != "ok":
                 log(f"  {case.name} {kernel}: the shipped setting fails here ({row['status']}); not tuned")
-                return None
+                return _NOT_MEASURED
             shipped_ms = row["ms"]
         elif row.get("status") == "ok" and (best is None or row["ms"] < best[1]):
             best = (cfg, row["ms"])
     if best is not None and best[1] * MARGIN < shipped_ms:
         log(f"  {case.name} {kernel}: {_fmt(best[0])} {best[1]:.3f} ms, shipped {_fmt(shipped)} {shipped_ms:.3f} ms")
         return best[0]
-    if shipped_ms is not None:
-        log(f"  {case.name} {kernel}: the shipped setting {_fmt(shipped)} stays ({shipped_ms:.3f} ms)")
+    if shipped_ms is None:
+        return _NOT_MEASURED
+    log(f"  {case.name} {kernel}: the shipped setting {_fmt(shipped)} stays ({shipped_ms:.3f} ms)")
     return None
 
 
@@ -427,6 +432,8 @@ def run(cases=CASES, device=None, timer=None, gate_fn=gate, budget_s: float = 60
     _refuse_where_timing_lies()
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:  # the current GPU, named by its index
+        device = torch.device("cuda", torch.cuda.current_device())
     if timer is None:
         if device.type != "cuda":
             raise RuntimeError("attnsr tune: there is no GPU to time on this machine; run it where the model trains")
@@ -457,9 +464,11 @@ def run(cases=CASES, device=None, timer=None, gate_fn=gate, budget_s: float = 60
             share = start + (deadline - start) * 0.8 * (n + 1) / len(tunable)  # 80% of the budget, case by case
             best = _tune_kernel(calls, kernel, device, timer, gate_fn, smem_limit, most, min(share, deadline), rows,
                                 log)
+            if best is _NOT_MEASURED:  # what an earlier run measured for this class stays
+                continue
             if best is not None:
                 table["launch"][key] = best
-            else:
+            else:  # the shipped setting was measured fastest (or alone correct): an older entry goes
                 table["launch"].pop(key, None)
         _apply(table, device)  # the next cases and the auto timing run with what was found
     for case in cases:
@@ -511,7 +520,7 @@ def main(argv=None, prog: str = "attnsr tune") -> int:
     budget = args.budget_s if args.budget_s is not None else (240 if args.quick else 600)
     try:
         table = run(cases, device=args.device, budget_s=budget, most=6 if args.quick else 24, out=args.out)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError) as e:
         print(f"{prog}: error: {str(e).removeprefix('attnsr tune: ')}", file=sys.stderr)
         return 2
     print(format_table(table))

@@ -322,22 +322,28 @@ def check_scale(op: str, scale, head_dim: int) -> float:
 # settings' version. Nothing is recorded under the interpreter or the compile report (which never
 # reach a launcher), so those always take the JIT's path.
 
-_RECORDING = threading.local()
-_RECORD_LOCK = threading.RLock()
+# The records open now, as (list, thread id or None): a launch on any thread is appended to every
+# record opened by that thread or for all threads. A CUDA backward runs on autograd's device
+# thread, not the caller's: a record that must see it (``recorded_launches``) takes all threads;
+# a launch plan takes only its own thread's launches (another thread may launch meanwhile).
+_RECORDS = []
+_RECORD_LOCK = threading.Lock()  # held only to open or close a record, never across one
+_PATCH = [None, 0]  # CompiledKernel.run as Triton defines it, and how many records are open
 
 
 def _recording_run_property(original):
-    """``CompiledKernel.run``, recording each launch of the recording thread (see ``LaunchPlans``)."""
+    """``CompiledKernel.run``, recording each launch into the open records that want it."""
 
     def getter(self):
         launcher = original.__get__(self)
-        records = getattr(_RECORDING, "stack", None)
-        if not records:
+        if not _RECORDS:
             return launcher
 
         def run(*args):
-            for record in records:
-                record.append((self, args[:3], args[9:]))
+            me = threading.get_ident()
+            for record, thread in list(_RECORDS):
+                if thread is None or thread == me:
+                    record.append((self, args[:3], args[9:]))
             return launcher(*args)
 
         return run
@@ -346,34 +352,39 @@ def _recording_run_property(original):
 
 
 @contextlib.contextmanager
-def _recording(record: list):
-    """Inside the block, each kernel launch of this thread that reaches a compiled kernel's
-    launcher is appended to ``record`` as (compiled kernel, grid, bound arguments). Nests."""
+def _recording(record: list, all_threads: bool = False):
+    """Inside the block, each kernel launch that reaches a compiled kernel's launcher (of this
+    thread, or of any with ``all_threads``) is appended to ``record`` as (compiled kernel, grid,
+    bound arguments). Blocks nest and may be open on several threads at once."""
     from triton.compiler.compiler import CompiledKernel
 
+    entry = (record, None if all_threads else threading.get_ident())
     with _RECORD_LOCK:
-        outermost = not getattr(_RECORDING, "stack", None)
-        if outermost:
-            original = CompiledKernel.__dict__["run"]
-            CompiledKernel.run = _recording_run_property(original)
-            _RECORDING.stack = []
-        _RECORDING.stack.append(record)
-        try:
-            yield
-        finally:
-            _RECORDING.stack.pop()  # blocks nest: the innermost is last
-            if outermost:
-                CompiledKernel.run = original
+        if _PATCH[1] == 0:
+            _PATCH[0] = CompiledKernel.__dict__["run"]
+            CompiledKernel.run = _recording_run_property(_PATCH[0])
+        _PATCH[1] += 1
+        _RECORDS.append(entry)
+    try:
+        yield
+    finally:
+        with _RECORD_LOCK:
+            # by identity: two open records may hold equal launches, and list.remove compares values
+            del _RECORDS[next(i for i, e in enumerate(_RECORDS) if e is entry)]
+            _PATCH[1] -= 1
+            if _PATCH[1] == 0:
+                CompiledKernel.run = _PATCH[0]
 
 
 def recorded_launches():
-    """Context manager yielding a list that collects the compiled kernels this thread launches
-    inside the block (as (kernel, grid, arguments)); what ``attnsr tune`` reads spills from."""
+    """Context manager yielding a list that collects the compiled kernels launched inside the
+    block on any thread (a CUDA backward runs on autograd's device thread), as (kernel, grid,
+    arguments): what ``attnsr tune`` reads spills from."""
     record = []
 
     @contextlib.contextmanager
     def block():
-        with _recording(record):
+        with _recording(record, all_threads=True):
             yield record
 
     return block()
@@ -443,7 +454,8 @@ class LaunchPlans:
                     if id(a) not in where:  # a tensor the key does not account for: never replay
                         return
                     slots.append((pos, where[id(a)]))
-            launches.append((kernel, grid, list(args), tuple(slots)))
+            args = [None if isinstance(a, torch.Tensor) else a for a in args]  # swapped in at replay: keep none alive
+            launches.append((kernel, grid, args, tuple(slots)))
         if len(plans) >= self.maxsize:
             plans.pop(next(iter(plans)))
         from triton.runtime import driver
@@ -494,11 +506,19 @@ def packed_base(qkv: torch.Tensor):
     return qkv
 
 
-def grad_views(base: torch.Tensor, views) -> tuple:
-    """A fresh gradient buffer laid out like ``base`` (``packed_base``) and, in it, the places of ``views``."""
-    grad = poison(torch.empty_like(base, memory_format=torch.preserve_format))
+def grad_layout(base: torch.Tensor, views) -> tuple:
+    """Where ``views`` lie in ``base`` (``packed_base``), as plain ints taken at forward time: a
+    saved-tensor hook (``save_on_cpu``) may hand the backward copies with other strides."""
     origin = base.storage_offset()
-    return grad, tuple(grad.as_strided(t.shape, t.stride(), t.storage_offset() - origin) for t in views)
+    return (tuple(base.shape), base.stride(), base.dtype, base.device,
+            tuple((tuple(t.shape), t.stride(), t.storage_offset() - origin) for t in views))
+
+
+def grad_views(layout: tuple) -> tuple:
+    """A fresh gradient buffer laid out as ``grad_layout`` recorded, and in it the views' places."""
+    shape, stride, dtype, device, views = layout
+    grad = poison(torch.empty_strided(shape, stride, dtype=dtype, device=device))
+    return grad, tuple(grad.as_strided(*v) for v in views)
 
 
 class _RefuseGrad(torch.autograd.Function):
@@ -518,12 +538,14 @@ class _RefuseGrad(torch.autograd.Function):
         )
 
 
-def refuse_twice(name: str, anchor: torch.Tensor, grads: tuple) -> tuple:
+def refuse_twice(name: str, inputs: tuple, grads: tuple) -> tuple:
     """``grads`` as they are, or, inside a backward that builds a graph (``create_graph=True``),
-    tied to ``anchor`` (an input that requires grad) through a node that raises if differentiated."""
+    tied to the first of ``inputs`` that requires grad through a node that raises if differentiated
+    (so a second-order term is never silently dropped, whichever input needs it)."""
     if not torch.is_grad_enabled():
         return grads
-    return _RefuseGrad.apply(name, anchor, *grads)
+    anchor = next((t for t in inputs if t is not None and t.requires_grad), None)
+    return grads if anchor is None else _RefuseGrad.apply(name, anchor, *grads)
 
 
 def device_guard(t: torch.Tensor):
@@ -536,8 +558,9 @@ def device_guard(t: torch.Tensor):
 class ValidCalls:
     """Signatures of calls that passed an op's checks, each with what the checks derived (the
     geometry, defaults resolved), so a repeated call skips them. A signature holds every shape,
-    stride, dtype and device and the non-tensor arguments, all that the checks read; calls under
-    autocast (which casts first) and inside a forward-AD level are always checked in full."""
+    stride, dtype and device and the non-tensor arguments with their types, all that the checks
+    read (the ops look calls up after autocast's cast, so the cast dtype is what counts); calls
+    inside a forward-AD level or a torch.compile trace are always checked in full."""
 
     def __init__(self, maxsize: int = 4096):
         self.maxsize = maxsize
@@ -550,11 +573,8 @@ class ValidCalls:
         if torch.autograd.forward_ad._current_level >= 0 or torch.compiler.is_compiling():
             return None, None
         try:
-            first = tensors[0]
-            if torch.is_autocast_enabled(first.device.type):
-                return None, None
             sig = (*(t.shape for t in tensors), *(t.stride() for t in tensors), *(t.dtype for t in tensors),
-                   *(t.device for t in tensors), *args)
+                   *(t.device for t in tensors), *args, *map(type, args))  # True == 1 == 1.0: the types too
             return sig, self.seen.get(sig)
         except Exception:  # not tensors, tensors without strides, unhashable arguments: checked in full
             return None, None

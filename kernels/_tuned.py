@@ -9,9 +9,10 @@ shipped table (``_LAUNCH``, ``_WIN_LAUNCH``) and the shipped backend choice appl
 
 A *shape class* rounds what a launch's speed depends on to buckets, so that one measurement serves
 neighbouring sizes: tokens to a power of two (64 to 65536), head dim to its padded BLOCK_D, batch
-× heads (the programs a launch has beside its token blocks) to a power of two up to 64, the dtype
-to its class (16-bit, fp32 as 3×TF32, tf32, fp64). Keys are strings so the file reads as it is:
-``attention/fwd/d64/16bit/p1/n4096/bh8``.
+× heads (the programs a launch has beside its token blocks) to a power of two up to 64. What
+compiles to other code is kept apart: the dtype (bf16, fp16, fp32 as 3×TF32, tf32, exact fp32,
+fp64) and the patch size. Keys are strings so the file reads as it is:
+``attention/fwd/d64/bf16/p1/n4096/bh8``.
 
 File format (``FORMAT`` = 1): ``{"format": 1, "info": {device, capability, triton, torch, date},
 "launch": {key: {"BLOCK_M": ..., "BLOCK_N": ..., "num_warps": ..., "num_stages": ...,
@@ -135,9 +136,10 @@ def programs_class(batch_heads: int) -> int:
 
 
 def dtype_class(dtype: torch.dtype, precision: str = "ieee") -> str:
-    """16bit, fp32 (3×TF32), tf32, ieee (exact fp32) or fp64."""
+    """bf16, fp16, fp32 (3×TF32), tf32, ieee (exact fp32) or fp64: each compiles its own code, so a
+    setting measured (and gated) for one is never applied to another."""
     if dtype in (torch.float16, torch.bfloat16):
-        return "16bit"
+        return "bf16" if dtype == torch.bfloat16 else "fp16"
     if dtype == torch.float64:
         return "fp64"
     return {"tf32x3": "fp32", "tf32": "tf32", "ieee": "ieee"}[precision]
@@ -145,7 +147,7 @@ def dtype_class(dtype: torch.dtype, precision: str = "ieee") -> str:
 
 def attention_key(kernel: str, block_d: int, dtype: torch.dtype, precision: str, patch: int, n: int,
                   batch_heads: int) -> str:
-    return (f"attention/{kernel}/d{block_d}/{dtype_class(dtype, precision)}/p{min(patch, 2)}/n{tokens_class(n)}"
+    return (f"attention/{kernel}/d{block_d}/{dtype_class(dtype, precision)}/p{patch}/n{tokens_class(n)}"
             f"/bh{programs_class(batch_heads)}")
 
 

@@ -84,6 +84,7 @@ from ._runtime import (
     overriding,
     poison,
     device_guard,
+    grad_layout,
     grad_views,
     packed_base,
     refuse_twice,
@@ -821,10 +822,13 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
                 P=lay.patch, **dtypes, **blocks, **settings,
             )
 
-    key = (_call_key(layout, q, k, v, scale, precision) if plans is None else ("bwd", precision), do.stride(),
-           dq.stride(), dk.stride(), dv.stride(), need_dq, need_dkdv)
+    # the saved q, k, v and out may come back from a saved-tensor hook with other strides than the
+    # call's signature says: theirs are in the key
+    key = (_call_key(layout, q, k, v, scale, precision) if plans is None else ("bwd", precision, q.stride(),
+                                                                              k.stride(), v.stride()),
+           out.stride(), do.stride(), dq.stride(), dk.stride(), dv.stride(), need_dq, need_dkdv)
     # dq, dk, dv may be views of the caller's buffer: their alignment is looked at too
-    _BACKWARD_PLANS.launch(key, (do, q, k, v, dq, dk, dv, out, lse, delta), launch, plans, given=7)
+    _BACKWARD_PLANS.launch(key, (do, q, k, v, out, dq, dk, dv, lse, delta), launch, plans, given=8)
     return dq, dk, dv
 
 
@@ -929,6 +933,7 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, base)
         ctx.call, ctx.precision = call, precision
+        ctx.grad_layout = None if base is None else grad_layout(base, (q, k, v))
         return out
 
     @staticmethod
@@ -939,18 +944,17 @@ class _AttentionFunction(torch.autograd.Function):
         call = ctx.call
         geometry = (call.layout, call.n_q, call.n_kv, call.head_dim, call.scale)
         if base is not None:
-            dbase, grads = grad_views(base, (q, k, v))
+            dbase, grads = grad_views(ctx.grad_layout)
             with device_guard(q):
                 attention_backward(do, q, k, v, out, lse, *geometry, True, True, ctx.precision, grads, call.plans)
-            (dbase,) = refuse_twice("flash_attention / image_attention", base, (dbase,))
+            (dbase,) = refuse_twice("flash_attention / image_attention", (base,), (dbase,))
             return None, None, None, dbase, None, None
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         with device_guard(q):
             dq, dk, dv = attention_backward(do, q, k, v, out, lse, *geometry, need_q, need_k or need_v,
                                             ctx.precision, None, call.plans)
-        dq, dk, dv = refuse_twice("flash_attention / image_attention", q, (dq if need_q else None,
-                                                                          dk if need_k else None,
-                                                                          dv if need_v else None))
+        dq, dk, dv = refuse_twice("flash_attention / image_attention", (q, k, v),
+                                  (dq if need_q else None, dk if need_k else None, dv if need_v else None))
         return dq, dk, dv, None, None, None
 
 
@@ -1007,6 +1011,7 @@ def flash_attention(q, k, v, *, scale=None, precision=None):
     (exact fp32, no tensor cores); None: "tf32" where PyTorch allows tf32 for CUDA matmuls, else "tf32x3".
     """
     op = "flash_attention"
+    q, k, v = autocast_inputs(q, k, v)  # first: a call under autocast is looked up by the dtype it runs in
     sig, call = _CALLS.lookup((q, k, v), (op, scale, precision))
     if call is not None:
         if not q.is_cuda:
@@ -1074,6 +1079,7 @@ def _image_attention(q, k, v, heads, patch_size, scale, precision, packed):
     """``image_attention``, and ``image_attention_qkv`` with ``packed``: the qkv map q, k, v are
     the parts of."""
     op = "image_attention"
+    q, k, v = autocast_inputs(q, k, v)  # first: a call under autocast is looked up by the dtype it runs in
     sig, call = _CALLS.lookup((q, k, v), (op, heads, patch_size, scale, precision))
     if call is not None:
         if not q.is_cuda:

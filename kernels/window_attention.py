@@ -66,6 +66,7 @@ from ._runtime import (
     overriding,
     poison,
     device_guard,
+    grad_layout,
     grad_views,
     packed_base,
     refuse_twice,
@@ -622,7 +623,8 @@ def _call_key(geo: "_Geometry", q, k, v, scale: float) -> tuple:
     """What a call's launches depend on besides the tensors' addresses (see ``LaunchPlans``)."""
     return (q.dtype, q.device, q.shape, q.stride(), k.stride(), v.stride(), geo.wh, geo.ww, geo.sh, geo.sw,
             geo.heads, geo.has_bias, geo.mask_mode, geo.table_strides, geo.mask_strides,
-            None if geo.mask_mode != MASK_GIVEN else geo.mask.dtype, scale)
+            geo.table.dtype if geo.has_bias else None, geo.mask.dtype if geo.mask_mode == MASK_GIVEN else None,
+            scale)
 
 
 def window_forward(q, k, v, geo: _Geometry, scale: float, plans=None):
@@ -644,7 +646,8 @@ def window_forward(q, k, v, geo: _Geometry, scale: float, plans=None):
             LOG2E, **geo.constexprs(q.dtype), **blocks, **settings,
         )
 
-    key = _call_key(geo, q, k, v, scale) if plans is None else ("fwd", dot_precision(q.dtype))
+    # a call record serves every batch slice of its call (``window_attention``): the batch is in the key
+    key = _call_key(geo, q, k, v, scale) if plans is None else ("fwd", dot_precision(q.dtype), geo.batch)
     _FORWARD_PLANS.launch(key, (q, k, v, *geo.extras(), out, lse), launch, plans, given=5)
     return out, lse
 
@@ -743,13 +746,17 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
                 BLOCK_P=next_pow2(geo.n), BLOCK_H=next_pow2(geo.heads),
             )
 
-    key = (_call_key(geo, q, k, v, scale) if plans is None else ("bwd", dot_precision(q.dtype)), do.stride(),
-           dq.stride(), dk.stride(), dv.stride(), need_qkv, need_table)
+    # the batch (see window_forward) and the saved q, k, v and out's strides (a saved-tensor hook may
+    # hand them back with others than the call's signature says) are in the key
+    key = (_call_key(geo, q, k, v, scale) if plans is None else ("bwd", dot_precision(q.dtype), geo.batch,
+                                                                q.stride(), k.stride(), v.stride(),
+                                                                geo.table_strides, geo.mask_strides),
+           out.stride(), do.stride(), dq.stride(), dk.stride(), dv.stride(), need_qkv, need_table)
     # dq, dk, dv may be views of the caller's buffer: their alignment is looked at too
-    tensors = (do, q, k, v, dq, dk, dv, *geo.extras(), out, lse, delta, dtable)
+    tensors = (do, q, k, v, out, dq, dk, dv, *geo.extras(), lse, delta, dtable)
     if need_table:
         tensors = (*tensors, part, pairs)
-    _BACKWARD_PLANS.launch(key, tensors, launch, plans, given=9)
+    _BACKWARD_PLANS.launch(key, tensors, launch, plans, given=10)
     return dq, dk, dv, dtable
 
 
@@ -842,6 +849,7 @@ class _WindowFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, table, mask, base)
         ctx.call = call
+        ctx.grad_layout = None if base is None else grad_layout(base, (q, k, v))
         return out
 
     @staticmethod
@@ -853,18 +861,17 @@ class _WindowFunction(torch.autograd.Function):
         need_q, need_k, need_v, need_table = ctx.needs_input_grad[:4]
         need_table = bool(need_table and table is not None)
         geo = _Geometry(q, table, mask, call.window, call.shift, call.heads, call.swin_mask)
-        dbase, grads = grad_views(base, (q, k, v)) if base is not None else (None, None)
+        dbase, grads = grad_views(ctx.grad_layout) if base is not None else (None, None)
         need_qkv = base is not None or need_q or need_k or need_v
         with device_guard(q):
             dq, dk, dv, dtable = window_backward(do, q, k, v, out, lse, geo, call.scale, need_qkv, need_table,
                                                  grads, call.plans)
-        anchor = base if base is not None else q
         if base is not None:
-            dbase, dtable = refuse_twice("window_attention", anchor, (dbase, dtable if need_table else None))
+            dbase, dtable = refuse_twice("window_attention", (base, table), (dbase, dtable if need_table else None))
             return None, None, None, dtable, None, dbase, None
-        dq, dk, dv, dtable = refuse_twice("window_attention", anchor, (dq if need_q else None, dk if need_k else None,
-                                                                      dv if need_v else None,
-                                                                      dtable if need_table else None))
+        dq, dk, dv, dtable = refuse_twice("window_attention", (q, k, v, table),
+                                          (dq if need_q else None, dk if need_k else None, dv if need_v else None,
+                                           dtable if need_table else None))
         return dq, dk, dv, dtable, None, None, None
 
 
@@ -1008,6 +1015,7 @@ def _window_attention(q, k, v, window_size, shift_size, heads, bias_table, mask,
     """``window_attention``, and ``window_attention_qkv`` with ``packed``: the qkv map q, k, v are
     the parts of."""
     op = "window_attention"
+    q, k, v = autocast_inputs(q, k, v)  # first: a call under autocast is looked up by the dtype it runs in
     sig, call = _CALLS.lookup((q, k, v), (op, window_size, shift_size, heads, scale, _describe(bias_table),
                                           _describe(mask)))
     if call is None:

@@ -82,6 +82,48 @@ def test_the_packed_window_op_writes_one_gradient():
     assert_close_rel(got[1], want[1], torch.float64, "d table")
 
 
+def _copies_on_unpack():
+    """Saved tensors handed back as contiguous copies at offset 0 (what ``save_on_cpu`` does on a GPU)."""
+    return torch.autograd.graph.saved_tensors_hooks(lambda t: t,
+                                                    lambda t: t.clone(memory_format=torch.contiguous_format))
+
+
+def test_gradients_survive_saved_tensor_hooks_that_copy():
+    qkv = torch.randn(2, 36, 4, 6, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(2, 12, 4, 6, device=DEVICE, dtype=torch.float64)
+    want = torch.autograd.grad(image_attention_ref(*qkv.split(12, 1), heads=3), qkv, grad)[0]
+    with _copies_on_unpack():
+        packed = image_attention_qkv(qkv, heads=3)
+        views = image_attention(*qkv.split(12, 1), heads=3)
+    assert_close_rel(torch.autograd.grad(packed, qkv, grad)[0], want, torch.float64, "packed dqkv, copied saves")
+    assert_close_rel(torch.autograd.grad(views, qkv, grad)[0], want, torch.float64, "dqkv of views, copied saves")
+    wqkv = torch.randn(1, 8, 8, 48, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(49, 2, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    args = dict(window_size=4, shift_size=2, heads=2, bias_table=table)
+    with _copies_on_unpack():
+        out = window_attention_qkv(wqkv, **args)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (wqkv, table), g)
+    want = torch.autograd.grad(window_attention_ref(*wqkv.split(16, -1), **args, upcast=True), (wqkv, table), g)
+    assert_close_rel(got[0], want[0], torch.float64, "window dqkv, copied saves")
+    assert_close_rel(got[1], want[1], torch.float64, "window d table, copied saves")
+
+
+def test_double_backward_raises_whichever_input_needs_it():
+    q = torch.randn(1, 8, 3, 3, device=DEVICE, dtype=torch.float64)
+    k = torch.randn(1, 8, 3, 3, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(image_attention(q, k, k).sum(), k, create_graph=True)
+    with pytest.raises(RuntimeError, match=r"does not support double backward"):
+        g.sum().backward()
+
+
+def test_a_signature_seen_with_an_int_does_not_admit_a_bool():
+    q = torch.randn(1, 8, 4, 4, device=DEVICE)
+    image_attention(q, q, q, heads=1)
+    with pytest.raises(TypeError, match=r"heads must be a positive int, got True"):
+        image_attention(q, q, q, heads=True)
+
+
 def test_packed_ops_refuse_a_map_that_is_not_three_parts():
     with pytest.raises(ValueError, match=r"image_attention_qkv: qkv is \(1, 8, 4, 4\); expected \(B, 3C, H, W\)"):
         image_attention_qkv(torch.randn(1, 8, 4, 4, device=DEVICE))
@@ -154,6 +196,32 @@ with host.launches_bound_not_run():
     with attn._launch_override("fwd", BLOCK_M=16):  # new settings: recorded again
         step(qkv)
     report["plans_after_override"] = len(call.plans)
+    # a record open on this thread sees another thread's launches (a CUDA backward runs on one),
+    # and that thread records its own plan meanwhile without waiting for this block to close
+    import threading
+    from attnsr.kernels import _runtime
+    other = torch.randn(2, 96, 8, 8, requires_grad=True)
+    with _runtime.recorded_launches() as record:
+        t = threading.Thread(target=lambda: image_attention_qkv(other).sum().backward())
+        t.start()
+        t.join(timeout=300)
+    report["thread_done"] = not t.is_alive()
+    report["thread_launches"] = len(record)
+    # plans keep no tensor alive
+    import gc, weakref
+    lone = torch.randn(3, 96, 8, 8)
+    ref = weakref.ref(lone)
+    image_attention_qkv(lone)
+    del lone
+    gc.collect()
+    report["tensor_freed"] = ref() is None
+    # window attention over more (batch, window) pairs than one launch takes: each slice its own grid
+    from attnsr.kernels import window_attention
+    win = torch.randn(65537, 1, 1, 16)
+    with _runtime.recorded_launches() as record:
+        window_attention(win, win, win, window_size=1)
+        window_attention(win, win, win, window_size=1)
+    report["slice_grids"] = [grid[2] for _, grid, _ in record]
 print("REPORT " + json.dumps(report))
 """
 
@@ -175,6 +243,9 @@ def test_launch_plans_are_recorded_once_and_replayed():
     assert report["plans_after_three"] == 2
     assert report["odd_launches"] == 4 and report["plans_with_odd"] == 4  # misaligned inputs: new plans
     assert report["plans_after_override"] == 6
+    assert report["thread_done"] and report["thread_launches"] == 4
+    assert report["tensor_freed"]
+    assert report["slice_grids"] == [65535, 2, 65535, 2]  # recorded, then replayed, per slice
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU host-cost benchmark (launches bound for sm_90, not run)")

@@ -160,7 +160,7 @@ class _OnCuda:
 
 
 def test_auto_takes_the_measured_choice_else_the_shipped_one():
-    key = "attention/16bit/d64/p1/n4096/bh4/train"
+    key = "attention/bf16/d64/p1/n4096/bh4/train"
     assert backends.resolve("auto", _OnCuda(), lambda: key) == "torch"  # shipped: SDPA was faster on the H200
     _tuned.write(_tuned.cache_file(torch.device("cpu")), {"format": 1, "backend": {key: "triton"}})
     assert backends.resolve("auto", _OnCuda(), lambda: key) == "triton"
@@ -175,10 +175,12 @@ def test_auto_takes_the_measured_choice_else_the_shipped_one():
     ("attention/fp32/d128/p1/n16384/bh1/infer", "torch"),  # 0.86x
     ("attention/fp32/d64/p1/n1024/bh16/infer", "torch"),  # small maps 0.57x
     ("attention/fp32/d256/p2/n1024/bh4/infer", "torch"),  # 2x2 patches 0.15-0.32x
-    ("attention/16bit/d64/p1/n16384/bh1/infer", "torch"),
-    ("window/16bit/d32/n256/train", "triton"),  # HAB bf16 fwd+bwd 1.25x
+    ("attention/bf16/d64/p1/n16384/bh1/infer", "torch"),
+    ("attention/fp16/d64/p1/n16384/bh1/infer", "torch"),
+    ("window/bf16/d32/n256/train", "triton"),  # HAB bf16 fwd+bwd 1.25x
+    ("window/fp16/d32/n256/train", "triton"),
     ("window/fp32/d32/n256/train", "torch"),
-    ("cbam_gate/16bit/d128/n65536/train", "torch"),
+    ("cbam_gate/bf16/d128/n65536/train", "torch"),
     ("layer_fusion/fp32/n65536/train", "torch"),
 ])
 def test_shipped_choices_follow_the_h200_run(key, want):
