@@ -23,8 +23,10 @@ small, contiguous and in the accumulator dtype: fp32, or float64 for float64 inp
 
 torch.library plumbing shared by the gating ops' custom ops (each op file registers its own
 ``attnsr::<op>`` forward and ``attnsr::<op>_backward`` ops) is at the end of this file: the
-autocast guard of the op bodies and the handling of autocast and forward-mode AD in the public
-functions (the refusal of double backward, shared with the attention op, is in _runtime.py).
+handling of autocast and forward-mode AD in the public functions (the refusal of double backward,
+shared with the attention op, is in _runtime.py). The op bodies run no PyTorch op: the spatial
+gate's convolution is the output pass's prologue (``_conv_gate``), and the merges of per-program
+partials run in the last program to finish (``_last_program``, ``counters``).
 """
 
 import torch
@@ -116,29 +118,91 @@ def _through_spatial_gate(g, c, p, p_in, b, HW, S, DPOOL, SARG):
 
 
 @triton.jit
+def _conv_gate(STATS, WT, BIAS, b, p, H, W, HW, sw_c, sw_i, sw_j,
+               HAS_BIAS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, ACC: tl.constexpr):
+    """The spatial gate s = sigmoid(pre) of flat pixels p (int32, any 1-D block), with
+    pre = Σ_{ch, i, j} weight[0, ch, i, j] · stat_ch[h + i − K//2, w + j − K//2] + bias (zero padding).
+
+    STATS: (B, 2, H·W) contiguous ACC [mean, max]; WT: the (1, 2, K, K) weight with strides
+    (sw_c, sw_i, sw_j), in its own dtype; BIAS: (1,). One kernel row i per loop iteration: a
+    [len(p), KP] tile (KP = next power of two ≥ K), not all K² taps at once."""
+    j = tl.arange(0, KP)
+    ww = (p % W)[:, None] + (j - K // 2)[None, :]
+    cols = (p < HW)[:, None] & (j < K)[None, :] & (ww >= 0) & (ww < W)
+    h0 = p // W
+    stats = STATS + (2 * b) * HW
+    pre = tl.zeros(p.shape, dtype=ACC)
+    for i in range(K):
+        hh = h0[:, None] + (i - K // 2)
+        inside = cols & (hh >= 0) & (hh < H)
+        offs = hh * W + ww
+        mean = tl.load(stats + offs, mask=inside, other=0.0)
+        mx = tl.load(stats + HW + offs, mask=inside, other=0.0)
+        w_mean = tl.load(WT + i * sw_i + j * sw_j, mask=j < K, other=0.0).to(ACC)
+        w_max = tl.load(WT + sw_c + i * sw_i + j * sw_j, mask=j < K, other=0.0).to(ACC)
+        pre += tl.sum(mean * w_mean[None, :] + mx * w_max[None, :], 1)
+    if HAS_BIAS:
+        pre += tl.load(BIAS).to(ACC)
+    return 1.0 / (1.0 + tl.exp(-pre))
+
+
+@triton.jit
+def _last_program(COUNT, slot, programs):
+    """True in the last of ``programs`` programs to arrive here that share counter ``slot``; that
+    program resets the counter to 0 for the next launch. Every program must call it once, after
+    storing what the last one reads (which that one loads with ``cache_modifier=".cg"``): the
+    barrier orders the program's stores before its arrival, the atomic (acq_rel, device scope)
+    makes them visible to the last program. Deterministic: the last program merges in a fixed
+    order, whichever program it is."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(COUNT + slot, 1)
+    last = arrived == programs - 1
+    if last:
+        tl.atomic_xchg(COUNT + slot, 0)
+    return last
+
+
+@triton.jit
 def _gate_apply_kernel(
     X, Y,  # input and output maps (B, C, H, W), any strides, x dtype
     CA,  # (B, C) contiguous ACC: channel gate (read when CHANNEL)
-    S,  # (B, H·W) contiguous ACC: spatial gate (read when SPATIAL)
+    STATS,  # (B, 2, H·W) contiguous ACC: [mean, max] over channels (SPATIAL: the convolution's input)
+    WT, BIAS,  # (1, 2, K, K) spatial weight (strides sw_*) and (1,) bias (HAS_BIAS), their own dtype
+    S,  # (B, H·W) contiguous ACC, out: the spatial gate s (SPATIAL)
     sx_b, sx_c, sx_h, sx_w,  # x strides (elements)
     sy_b, sy_c, sy_h, sy_w,  # y strides
-    C, HW, W,  # channels, pixels per map, map width
+    sw_c, sw_i, sw_j,  # weight strides along its input map, rows, columns
+    C, HW, W,  # channels, pixels per map, map width as the addressing sees it (PixelRun)
+    MH, MW,  # the map's true height and width (the convolution's geometry)
     CHANNEL: tl.constexpr, SPATIAL: tl.constexpr,  # which gates to apply
+    HAS_BIAS: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,  # spatial convolution: bias, size, pow2 ≥ K
     ACC: tl.constexpr,  # arithmetic dtype: fp32 (fp64 for fp64 inputs)
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
+    """y = x · ca · s. With SPATIAL a program owns a block of pixels and all channels (grid axis 1
+    has one program): it computes s of its pixels once (the convolution and sigmoid as a prologue),
+    stores it for backward, and loops over the channels; without, it owns one tile."""
     b = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (c[:, None] < C) & (p[None, :] < HW)
-    x = tl.load(X + b * sx_b + _tile_offsets(c, p, W, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC)
-    if CHANNEL:
-        ca = tl.load(CA + b * C + c, mask=c < C, other=0.0)
-        x = x * ca[:, None]
+    p_in = p < HW
     if SPATIAL:
-        s = tl.load(S + b * HW + p, mask=p < HW, other=0.0)
-        x = x * s[None, :]
-    tl.store(Y + b * sy_b + _tile_offsets(c, p, W, sy_c, sy_h, sy_w), x.to(Y.dtype.element_ty), mask=mask)
+        s = _conv_gate(STATS, WT, BIAS, b, p, MH, MW, HW, sw_c, sw_i, sw_j, HAS_BIAS, K, KP, ACC)
+        tl.store(S + b * HW + p, s, mask=p_in)
+        c_lo = 0
+        c_hi = C
+    else:
+        c_lo = tl.program_id(1) * BLOCK_C
+        c_hi = tl.minimum(c_lo + BLOCK_C, C)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        mask = (c[:, None] < C) & p_in[None, :]
+        x = tl.load(X + b * sx_b + _tile_offsets(c, p, W, sx_c, sx_h, sx_w), mask=mask, other=0.0).to(ACC)
+        if CHANNEL:
+            ca = tl.load(CA + b * C + c, mask=c < C, other=0.0)
+            x = x * ca[:, None]
+        if SPATIAL:
+            x = x * s[None, :]
+        tl.store(Y + b * sy_b + _tile_offsets(c, p, W, sy_c, sy_h, sy_w), x.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -247,23 +311,51 @@ def check_map_limits(op: str, x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{op}: {name} has H·W = {height * width} pixels; at most {MAX_PIXELS} are supported")
 
 
-def gate_apply(x: torch.Tensor, ca=None, s=None) -> torch.Tensor:
-    """y = x · ca[b, c] · s[b, p] in one pass over x (ca: (B, C), s: (B, H·W), contiguous, fp32/fp64)."""
+def gate_apply(x: torch.Tensor, ca=None, conv=None):
+    """y = x · ca[b, c] · s[b, p] in one pass over x (ca: (B, C), contiguous, fp32/fp64).
+
+    ``conv``: (stats, weight, bias) of the spatial gate (stats (B, 2, H·W) [mean, max]); s is then
+    computed in the kernel and returned with y: (y, s (B, H·W)). Without it, y alone."""
     y = empty_map_like(x)
     batch, channels, height, width = x.shape
-    if y.numel() == 0:
-        return y
-    block_c, block_p, launch = tile_config(x)
-    grid = (triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c), batch)
-    dummy = ca if ca is not None else s
+    hw = height * width
     run = PixelRun(width, x, y)
-    _gate_apply_kernel[grid](
-        x, y, dummy if ca is None else ca, dummy if s is None else s,
-        *run.strides(x), *run.strides(y), channels, height * width, run.width,
-        CHANNEL=ca is not None, SPATIAL=s is not None, ACC=acc_dtype(x.dtype),
-        BLOCK_C=block_c, BLOCK_P=block_p, **launch,
-    )
-    return y
+    if conv is None:
+        block_c, block_p, launch = tile_config(x)
+        if batch > 0:
+            grid = (triton.cdiv(hw, block_p), triton.cdiv(channels, block_c), batch)
+            _gate_apply_kernel[grid](
+                x, y, ca, ca, ca, ca, ca, *run.strides(x), *run.strides(y), 0, 0, 0, channels, hw, run.width,
+                height, width, CHANNEL=True, SPATIAL=False, HAS_BIAS=False, K=1, KP=1, ACC=acc_dtype(x.dtype),
+                BLOCK_C=block_c, BLOCK_P=block_p, **launch,
+            )
+        return y
+    stats, weight, bias = conv
+    s = torch.empty((batch, hw), dtype=stats.dtype, device=x.device)
+    if batch > 0:
+        k = weight.shape[-1]
+        block_c, block_p, launch = tile_config(x, loop_over_channels=True)
+        _gate_apply_kernel[(triton.cdiv(hw, block_p), 1, batch)](
+            x, y, s if ca is None else ca, stats, weight, weight if bias is None else bias, s,
+            *run.strides(x), *run.strides(y), *weight.stride()[1:], channels, hw, run.width, height, width,
+            CHANNEL=ca is not None, SPATIAL=True, HAS_BIAS=bias is not None, K=k, KP=next_pow2(k),
+            ACC=acc_dtype(x.dtype), BLOCK_C=block_c, BLOCK_P=block_p, **launch,
+        )
+    return y, s
+
+
+_COUNTERS = {}
+
+
+def counters(device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters (one per batch element at most) for the kernels' last-program
+    epilogues (``_last_program``), one buffer per device and stream: allocated on a stream's first
+    call, reset by the kernels themselves, so no call fills them."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else device
+    buf = _COUNTERS.get(key)
+    if buf is None:
+        buf = _COUNTERS[key] = torch.zeros(MAX_GRID_YZ + 1, dtype=torch.int32, device=device)
+    return buf
 
 
 def gate_dx(dy: torch.Tensor, like: torch.Tensor, *, ca=None, gpool=None, carg=None, s=None, dpool=None, sarg=None):
@@ -290,13 +382,6 @@ def gate_dx(dy: torch.Tensor, like: torch.Tensor, *, ca=None, gpool=None, carg=N
 # ----------------------------------------------------------------------------------------------
 # torch.library plumbing shared by the gating ops
 # ----------------------------------------------------------------------------------------------
-
-
-def no_autocast(t: torch.Tensor):
-    """Context for the body of a custom op: autocast off, so that the statistics and the small
-    PyTorch MLP stay in fp32 (the dispatcher runs a custom op's body with the caller's autocast
-    state, which would round the MLP's matmuls to fp16 / bf16)."""
-    return torch.autocast(device_type=t.device.type, enabled=False)
 
 
 def prepare_inputs(op: str, *tensors):

@@ -24,9 +24,10 @@ Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one
     statistics ([mean, max] and s: fp32; sarg: int32). Not x · ca.
 Eager PyTorch (channel gate, then spatial gate) reads x or x · ca five times (six with
 pool="avgmax") and writes x · ca and y in the forward, and keeps x · ca for backward.
-The MLP runs in PyTorch on the pooled (B, C) statistics and the small convolution kernels on
-(B, 2, H, W) maps, as in channel_gate.py and spatial_gate.py; all passes over maps are Triton
-kernels, and nothing uses atomics.
+Launches: forward 3, backward 5 (spatial dot, convolution backward, channel dot with the MLP's
+backward, the MLP's weight gradients, dx), no PyTorch op: the MLP runs in the channel statistics'
+and channel dot's epilogues, the convolution in the output pass's prologue and a small kernel on
+(B, 2, H, W) maps, as in channel_gate.py and spatial_gate.py. No float atomics.
 
 Registration: ``attnsr::cbam_gate`` (the three forward passes; returns y and both gates'
 statistics) and ``attnsr::cbam_gate_backward`` (the three backward passes), torch.library custom
@@ -45,7 +46,6 @@ from ._gating import (
     empty_map_like,
     gate_apply,
     gate_dx,
-    no_autocast,
     prepare_inputs,
 )
 from ._runtime import (
@@ -58,7 +58,6 @@ from ._runtime import (
 )
 from .channel_gate import (
     ChannelState,
-    channel_dot,
     channel_gate_backward,
     channel_gate_state,
     check_channel_mlp,
@@ -70,7 +69,6 @@ from .spatial_gate import (
     check_spatial_conv,
     fake_conv_grads,
     fake_spatial_state,
-    spatial_conv,
     spatial_conv_backward,
     spatial_dot,
     spatial_stats,
@@ -90,12 +88,9 @@ def _cbam_gate_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
     """Forward passes 1 to 3: y, the channel statistics (ca, avg, max, carg) and the spatial ones (stats, sarg, s)."""
-    height, width = x.shape[2:]
-    with no_autocast(x):
-        state = channel_gate_state(x, w1, b1, w2, b2, pool)  # pass 1 over x
-        stats, sarg = spatial_stats(x, ca=state.ca)  # pass 2
-        s = spatial_conv(stats, sweight, sbias, height, width)
-        y = gate_apply(x, ca=state.ca, s=s)  # pass 3
+    state = channel_gate_state(x, w1, b1, w2, b2, pool)  # pass 1 over x, the MLP in its epilogue
+    stats, sarg = spatial_stats(x, ca=state.ca)  # pass 2
+    y, s = gate_apply(x, ca=state.ca, conv=(stats, sweight, sbias))  # pass 3, the convolution in its prologue
     return (y, *state.outputs(), stats, sarg, s)
 
 
@@ -110,27 +105,26 @@ def _cbam_gate_backward_op(
     dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
     b2: Optional[torch.Tensor], sweight: torch.Tensor, sbias: Optional[torch.Tensor], ca: torch.Tensor,
     avg: torch.Tensor, mx: torch.Tensor, carg: torch.Tensor, stats: torch.Tensor, sarg: torch.Tensor,
-    s: torch.Tensor, pool: str, need_dx: bool,
+    s: torch.Tensor, pool: str, need_dx: bool, need_w: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward passes 1 to 3: (dx, dw1, db1, dw2, db2, dsweight, dsbias); dx and absent biases' gradients
-    are empty (0,)."""
+    """Backward passes 1 to 3: (dx, dw1, db1, dw2, db2, dsweight, dsbias); dx, the MLP's gradients
+    (unless ``need_w``) and absent biases' gradients are empty (0,)."""
     channels, height, width = x.shape[1:]
     state = ChannelState.from_outputs(ca, avg, mx, carg, pool)
-    with no_autocast(x):
-        dpre = spatial_dot(dy, x, s, ca=ca)  # pass 1 over dy and x
-        dpool, dsweight, dsbias = spatial_conv_backward(dpre, stats, sweight, sbias, channels, height, width)
-        dca = channel_dot(dy, x, s=s, dpool=dpool, sarg=sarg)  # pass 2 over dy and x
-        gpool, wgrads = channel_gate_backward(dca, state, w1, b1, w2, b2, height * width)
-        dx = absent_output(x)
-        if need_dx:  # pass 3: dy -> dx
-            dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg, s=s, dpool=dpool, sarg=sarg)
+    dpre = spatial_dot(dy, x, s, ca=ca)  # pass 1 over dy and x
+    dpool, dsweight, dsbias = spatial_conv_backward(dpre, stats, sweight, sbias, channels, height, width)
+    # pass 2 over dy and x, the MLP's backward in its epilogue; the MLP's weight gradients
+    gpool, wgrads = channel_gate_backward(dy, x, state, w1, b1, w2, b2, need_w, s=s, dpool=dpool, sarg=sarg)
+    dx = absent_output(x)
+    if need_dx:  # pass 3: dy -> dx
+        dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg, s=s, dpool=dpool, sarg=sarg)
     return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2), dsweight,
             absent_output(sweight) if dsbias is None else dsbias)
 
 
 @_cbam_gate_backward_op.register_fake
-def _(dy, x, w1, b1, w2, b2, sweight, sbias, ca, avg, mx, carg, stats, sarg, s, pool, need_dx):
-    return (empty_map_like(x) if need_dx else absent_output(x), *fake_weight_grads(w1, b1, w2, b2),
+def _(dy, x, w1, b1, w2, b2, sweight, sbias, ca, avg, mx, carg, stats, sarg, s, pool, need_dx, need_w=True):
+    return (empty_map_like(x) if need_dx else absent_output(x), *fake_weight_grads(w1, b1, w2, b2, need_w),
             *fake_conv_grads(sweight, sbias))
 
 
@@ -138,13 +132,16 @@ def _setup_context(ctx, inputs, output):
     *tensors, pool = inputs
     saved = output[1:]
     ctx.mark_non_differentiable(*saved)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics (or an unused y)
     ctx.save_for_backward(*tensors, *saved)
     ctx.pool = pool
 
 
 def _backward(ctx, dy, *_stat_grads):
     need = ctx.needs_input_grad[:7]
-    grads = _cbam_gate_backward_op(dy, *ctx.saved_tensors, ctx.pool, need[0])
+    if dy is None:
+        return (None,) * 8
+    grads = _cbam_gate_backward_op(dy, *ctx.saved_tensors, ctx.pool, need[0], any(need[1:5]))
     return (*(g if n else None for g, n in zip(grads, need)), None)
 
 

@@ -7,7 +7,8 @@ of an MLP of pooled features; this op takes w as given):
 The sum over l runs in one program per tile of the output, accumulating in fp32, so each map is
 read once and the output written once. The backward reads dout once and each map once per tile,
 writes each map's gradient, and reduces the weight gradient as per-program partials
-(B, programs, L), summed in PyTorch in a fixed order (no atomics: bitwise reproducible).
+(B, programs, L), which the last program of each batch element to finish sums in a fixed order
+(no float atomics: bitwise reproducible; one launch, no PyTorch op).
 
 Passes over map-sized tensors (each read or write of a (B, C, H, W) map counts one):
     forward   L reads, 1 write
@@ -41,8 +42,10 @@ import triton.language as tl
 
 from ._gating import (
     PixelRun,
+    _last_program,
     _tile_offsets,
     check_map_limits,
+    counters,
     empty_map_like,
     prepare_inputs,
     tile_config,
@@ -54,6 +57,7 @@ from ._runtime import (
     check_runnable,
     check_same,
     check_tensor,
+    next_pow2,
     on_tensor_device,
     refuse_double_backward,
     register_autocast,
@@ -119,6 +123,19 @@ def _fusion_bwd_map(F, FS, G, GS, l, b, c, p, W, mask, wt, dout, part,
         tl.store(ptrs, (wt * dout).to(ptrs.dtype.element_ty), mask=mask)
 
 
+@triton.jit(noinline=True)  # its registers apart from the map loop's (inlined, triton 3.6 spilled 8 B)
+def _fusion_dw(PART, DW, b, NPB, L, ACC: tl.constexpr, BLOCK_N: tl.constexpr, LP: tl.constexpr):
+    """dw[b, l] = the partials of batch element b summed in program order (the last program of b)."""
+    ls = tl.arange(0, LP)
+    dw = tl.zeros([LP], dtype=ACC)
+    for n0 in range(0, NPB, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        m = (n < NPB)[:, None] & (ls < L)[None, :]
+        dw += tl.sum(tl.load(PART + (b * NPB + n)[:, None] * L + ls[None, :], mask=m, other=0.0,
+                             cache_modifier=".cg"), 0)
+    tl.store(DW + b * L + ls, dw.to(DW.dtype.element_ty), mask=ls < L)
+
+
 @triton.jit
 def _layer_fusion_bwd_kernel(
     F, FS,  # the maps and their strides, as in the forward kernel
@@ -126,6 +143,8 @@ def _layer_fusion_bwd_kernel(
     WTS,  # (B, L) weights, any strides
     DOUT,  # (B, C, H, W) upstream gradient, any strides (stride 0 included)
     PART,  # (B, NPB, L) contiguous ACC, out: this program's partial Σ dout · f_l
+    DW,  # (B, L) contiguous, w's dtype, out: the weight gradient (NEED_DW)
+    COUNT,  # int32 counters, zero (``_last_program``: the last program of b sums its partials)
     sw_b, sw_l,  # weight strides
     sd_b, sd_c, sd_h, sd_w,  # dout strides
     L, C, HW, W,  # maps, channels, pixels per map, map width
@@ -134,6 +153,7 @@ def _layer_fusion_bwd_kernel(
     NEED_DF: tl.constexpr, NEED_DW: tl.constexpr,  # which gradients to compute
     ACC: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr, LP: tl.constexpr,  # the last program's tile: BLOCK_N partials × LP ≥ L maps
 ):
     b = tl.program_id(2).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -149,6 +169,9 @@ def _layer_fusion_bwd_kernel(
         for l in tl.static_range(NMAPS):
             wt = tl.load(WTS + b * sw_b + l * sw_l).to(ACC)
             _fusion_bwd_map(F, FS, G, GS, l, b, c, p, W, mask, wt, dout, part, STACKED, NEED_DF, NEED_DW, ACC)
+    if NEED_DW:
+        if _last_program(COUNT, b, NPB):
+            _fusion_dw(PART, DW, b, NPB, L, ACC, BLOCK_N, LP)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,18 +244,21 @@ def layer_fusion_backward(dout, maps: _MapSet, weights: torch.Tensor, need_df: b
     block_c, block_p, launch = tile_config(first)
     grid = (triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c), batch)
     npb = grid[0] * grid[1]
-    part = torch.zeros((batch, npb, n_maps), dtype=stat_dtype(first.dtype), device=first.device)
+    part = torch.empty((batch, npb, n_maps), dtype=stat_dtype(first.dtype), device=first.device)
+    dweights = torch.empty((batch, n_maps), dtype=weights.dtype, device=weights.device) if need_dw else None
     if first.numel() > 0 and (need_df or need_dw):
         gset = _MapSet(grads, maps.stacked) if need_df else maps
         run = PixelRun(width, *maps.tensors(), *gset.tensors(), dout)
         _layer_fusion_bwd_kernel[grid](
-            *maps.args(run), *gset.args(run), weights, dout, part,
-            *weights.stride(), *run.strides(dout),
+            *maps.args(run), *gset.args(run), weights, dout, part, part if dweights is None else dweights,
+            counters(first.device), *weights.stride(), *run.strides(dout),
             n_maps, channels, height * width, run.width, npb,
             **maps.constexprs(), NEED_DF=need_df, NEED_DW=need_dw, ACC=acc_dtype(first.dtype),
-            BLOCK_C=block_c, BLOCK_P=block_p, **launch,
+            BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_N=min(next_pow2(npb), max(1, 1024 // next_pow2(n_maps))),
+            LP=next_pow2(n_maps), **launch,
         )
-    dweights = part.sum(1).to(weights.dtype) if need_dw else None
+    elif need_dw:
+        dweights.zero_()  # maps with no elements (B, C, H or W of 0): nothing to sum
     return grads, dweights
 
 

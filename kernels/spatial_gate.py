@@ -16,16 +16,18 @@ Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one
     forward   2 reads, 1 write: (1) x → per-pixel mean, max, arg-max channel;  (2) x → y = x · s
     backward  3 reads, 1 write: (1) dy, x → Σ_c dy·x per pixel;  (2) dy → dx
     saved for backward: x and per-(b, h, w) statistics only: [mean, max] and s (fp32), sarg (int32).
-Between the passes, two small kernels work on (B, 2, H, W) and (B, H, W) maps (2/C and 1/C of x):
-the convolution + sigmoid forward, and in backward the transposed convolution together with
-per-program partial sums of the weight and bias gradients. The partials, (B, NPB, 2, KK) for the
-weight (NPB programs per batch element, KK = k² rounded up to a power of two, the taps past k²
-zero) and (B, NPB) for the bias, of about CONV_PROGRAMS programs in all (at least one per batch
-element) each looping over its blocks of pixels, are summed in PyTorch in a fixed order: no
-atomics, bitwise reproducible. Eager PyTorch reads x three times (mean, max, multiply) and writes
-the (B, 2, H, W) concatenation besides y.
+Launches: forward 2, backward 3, no PyTorch op. The convolution + sigmoid forward is the prologue
+of the output pass (_gating.py: a program owns a block of pixels and all channels, computes s of
+its pixels once and stores it for backward). In backward one small kernel on the (B, 2, H, W)
+statistics (2/C of x) computes the transposed convolution together with per-program partial sums
+of the weight and bias gradients. The partials, (B, NPB, 2, KK) for the weight (NPB programs per
+batch element, KK = k² rounded up to a power of two, the taps past k² zero) and (B, NPB) for the
+bias, of about CONV_PROGRAMS programs in all (at least one per batch element) each looping over
+its blocks of pixels, are summed in a fixed order by the last program to finish
+(``_last_program``): no float atomics, bitwise reproducible. Eager PyTorch reads x three times
+(mean, max, multiply) and writes the (B, 2, H, W) concatenation besides y.
 
-Registration: ``attnsr::spatial_gate`` (forward passes and the convolution kernel; returns y and
+Registration: ``attnsr::spatial_gate`` (forward passes with the convolution; returns y and
 [mean, max], sarg, s) and ``attnsr::spatial_gate_backward``, torch.library custom ops with fake
 kernels, autocast and reverse-mode-only rules as in channel_gate.py.
 
@@ -44,14 +46,15 @@ import triton.language as tl
 
 from ._gating import (
     _block_max,
+    _last_program,
     _merge_max,
     _tile_offsets,
     check_map_limits,
+    counters,
     empty_map_like,
     gate_apply,
     gate_dx,
     PixelRun,
-    no_autocast,
     prepare_inputs,
     tile_config,
 )
@@ -161,35 +164,6 @@ def _taps(p, H, W, HW, K: tl.constexpr, KK: tl.constexpr, SIGN: tl.constexpr):
 
 
 @triton.jit
-def _spatial_conv_fwd_kernel(
-    STATS,  # (B, 2, H·W) contiguous ACC: [mean, max] maps
-    WT,  # (2, K, K) contiguous ACC: the convolution weight
-    BIAS,  # (1,) ACC: the convolution bias (HAS_BIAS)
-    S,  # (B, H·W) contiguous ACC, out: s = sigmoid(conv)
-    H, W, HW,  # map height, width, pixels
-    HAS_BIAS: tl.constexpr,
-    K: tl.constexpr,  # kernel size (odd)
-    KK: tl.constexpr,  # next power of two ≥ K·K: the taps axis of the tile
-    ACC: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    b = tl.program_id(1).to(tl.int64)
-    t = tl.arange(0, KK)
-    offs, inside = _taps(p, H, W, HW, K, KK, 1)
-    stats = STATS + (2 * b) * HW
-    mean = tl.load(stats + offs, mask=inside, other=0.0)
-    mx = tl.load(stats + HW + offs, mask=inside, other=0.0)
-    w_mean = tl.load(WT + t, mask=t < K * K, other=0.0)
-    w_max = tl.load(WT + K * K + t, mask=t < K * K, other=0.0)
-    pre = tl.sum(mean * w_mean[None, :] + mx * w_max[None, :], 1)
-    if HAS_BIAS:
-        pre += tl.load(BIAS)
-    s = 1.0 / (1.0 + tl.exp(-pre))
-    tl.store(S + b * HW + p, s, mask=p < HW)
-
-
-@triton.jit
 def _conv_block(pid, i, ITERS, n_blocks):
     """Pixel block of iteration i of program pid in the convolution's backward: pid·ITERS + i, or
     n_blocks (one past the last block: every pixel masked) for the iterations past the map. The
@@ -207,17 +181,22 @@ def _spatial_conv_bwd_kernel(
     DPOOL,  # (B, 2, H·W) contiguous ACC, out: [0] d_mean / C (per element of x), [1] d_max
     PW,  # (B, NPB, 2, KK) contiguous ACC, out: this program's partial weight gradient
     PB,  # (B, NPB) contiguous ACC, out: this program's partial bias gradient
+    DW, DB,  # out: dweight (1, 2, K, K) contiguous and dbias (1,) (HAS_BIAS), the weight's dtype
+    COUNT,  # int32 counters, zero (``_last_program``: the last program sums the partials)
     H, W, HW, C,  # map height, width, pixels; channels (the mean's divisor)
     NPB,  # programs per batch element
     ITERS,  # blocks of BLOCK_P pixels per program: program i takes blocks i·ITERS ... i·ITERS + ITERS − 1
-    K: tl.constexpr, KK: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+    sw_c, sw_i, sw_j,  # weight strides along its input map, rows, columns
+    HAS_BIAS: tl.constexpr, K: tl.constexpr, KK: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # partials summed BLOCK_N at a time by the last program
 ):
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     t = tl.arange(0, KK)
     t_in = t < K * K
-    w_mean = tl.load(WT + t, mask=t_in, other=0.0)
-    w_max = tl.load(WT + K * K + t, mask=t_in, other=0.0)
+    w_off = (t // K) * sw_i + (t % K) * sw_j
+    w_mean = tl.load(WT + w_off, mask=t_in, other=0.0).to(ACC)
+    w_max = tl.load(WT + sw_c + w_off, mask=t_in, other=0.0).to(ACC)
     dpre = DPRE + b * HW
     stats = STATS + (2 * b) * HW
     pw_mean = tl.zeros([KK], dtype=ACC)
@@ -246,6 +225,22 @@ def _spatial_conv_bwd_kernel(
     tl.store(PW + (2 * part) * KK + t, pw_mean)
     tl.store(PW + (2 * part + 1) * KK + t, pw_max)
     tl.store(PB + part, tl.sum(pb, 0))
+    parts = NPB * tl.num_programs(1)
+    if _last_program(COUNT, 0, parts):  # the weight and bias gradients: partials summed in order
+        dw_mean = tl.zeros([KK], dtype=ACC)
+        dw_max = tl.zeros([KK], dtype=ACC)
+        db = tl.zeros([BLOCK_N], dtype=ACC)
+        for n0 in range(0, parts, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_in = n < parts
+            offs = (2 * n)[:, None] * KK + t[None, :]
+            dw_mean += tl.sum(tl.load(PW + offs, mask=n_in[:, None], other=0.0, cache_modifier=".cg"), 0)
+            dw_max += tl.sum(tl.load(PW + KK + offs, mask=n_in[:, None], other=0.0, cache_modifier=".cg"), 0)
+            db += tl.load(PB + n, mask=n_in, other=0.0, cache_modifier=".cg")
+        tl.store(DW + t, dw_mean.to(DW.dtype.element_ty), mask=t_in)
+        tl.store(DW + K * K + t, dw_max.to(DW.dtype.element_ty), mask=t_in)
+        if HAS_BIAS:
+            tl.store(DB, tl.sum(db, 0).to(DB.dtype.element_ty))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,22 +275,6 @@ def spatial_stats(x: torch.Tensor, ca=None):
     return stats, sarg
 
 
-def spatial_conv(stats: torch.Tensor, weight: torch.Tensor, bias, height: int, width: int) -> torch.Tensor:
-    """s = sigmoid(conv2d(stats, weight, bias, padding k//2)) as a (B, H·W) map."""
-    batch, hw = stats.shape[0], height * width
-    k = weight.shape[-1]
-    wt = weight.to(stats.dtype).contiguous()
-    bt = wt if bias is None else bias.to(stats.dtype).contiguous()
-    s = torch.empty((batch, hw), dtype=stats.dtype, device=stats.device)
-    if batch > 0:
-        kk, block_p, launch = _conv_config(k)
-        _spatial_conv_fwd_kernel[(triton.cdiv(hw, block_p), batch)](
-            stats, wt, bt, s, height, width, hw,
-            HAS_BIAS=bias is not None, K=k, KK=kk, ACC=acc_dtype(stats.dtype), BLOCK_P=block_p, **launch,
-        )
-    return s
-
-
 def spatial_dot(dy: torch.Tensor, x: torch.Tensor, s: torch.Tensor, ca=None) -> torch.Tensor:
     """One pass over dy and x: dpre = (Σ_c dy · x · ca) · s · (1 − s), (B, H·W)."""
     batch, channels, height, width = x.shape
@@ -320,22 +299,27 @@ def conv_programs(batch: int, hw: int, block_p: int):
 
 
 def spatial_conv_backward(dpre, stats, weight, bias, channels: int, height: int, width: int):
-    """Back through the convolution: dpool (B, 2, H·W), dweight (1, 2, k, k), dbias (1,) or None."""
+    """Back through the convolution, one launch: dpool (B, 2, H·W), dweight (1, 2, k, k), dbias (1,) or None."""
     batch, hw = stats.shape[0], height * width
     k = weight.shape[-1]
-    wt = weight.to(stats.dtype).contiguous()
     kk, block_p, launch = _conv_config(k)
     iters, npb = conv_programs(batch, hw, block_p)
     dpool = torch.empty((batch, 2, hw), dtype=stats.dtype, device=stats.device)
     pw = torch.empty((batch, npb, 2, kk), dtype=stats.dtype, device=stats.device)
     pb = torch.empty((batch, npb), dtype=stats.dtype, device=stats.device)
+    dweight = weight.new_empty(weight.shape)
+    dbias = None if bias is None else bias.new_empty((1,))
     if batch > 0:
         _spatial_conv_bwd_kernel[(npb, batch)](
-            dpre, stats, wt, dpool, pw, pb, height, width, hw, channels, npb, iters,
-            K=k, KK=kk, ACC=acc_dtype(stats.dtype), BLOCK_P=block_p, **launch,
+            dpre, stats, weight, dpool, pw, pb, dweight, dweight if dbias is None else dbias, counters(stats.device),
+            height, width, hw, channels, npb, iters, *weight.stride()[1:],
+            HAS_BIAS=bias is not None, K=k, KK=kk, ACC=acc_dtype(stats.dtype), BLOCK_P=block_p,
+            BLOCK_N=min(64, next_pow2(batch * npb)), **launch,
         )
-    dweight = pw.sum((0, 1))[:, : k * k].contiguous().reshape(1, 2, k, k).to(weight.dtype)
-    dbias = None if bias is None else pb.sum().reshape(1).to(bias.dtype)
+    else:
+        dweight.zero_()
+        if dbias is not None:
+            dbias.zero_()
     return dpool, dweight, dbias
 
 
@@ -363,11 +347,8 @@ def _spatial_gate_op(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward passes 1 and 2 (and the small convolution between them): y, stats, sarg, s."""
-    height, width = x.shape[2:]
-    with no_autocast(x):
-        stats, sarg = spatial_stats(x)
-        s = spatial_conv(stats, weight, bias, height, width)
-        y = gate_apply(x, s=s)
+    stats, sarg = spatial_stats(x)
+    y, s = gate_apply(x, conv=(stats, weight, bias))
     return y, stats, sarg, s
 
 
@@ -384,10 +365,9 @@ def _spatial_gate_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward passes 1 and 2: (dx, dweight, dbias); dx and an absent bias's gradient are empty (0,)."""
     channels, height, width = x.shape[1:]
-    with no_autocast(x):
-        dpre = spatial_dot(dy, x, s)
-        dpool, dweight, dbias = spatial_conv_backward(dpre, stats, weight, bias, channels, height, width)
-        dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if need_dx else absent_output(x)
+    dpre = spatial_dot(dy, x, s)
+    dpool, dweight, dbias = spatial_conv_backward(dpre, stats, weight, bias, channels, height, width)
+    dx = gate_dx(dy, x, s=s, dpool=dpool, sarg=sarg) if need_dx else absent_output(x)
     return dx, dweight, absent_output(weight) if dbias is None else dbias
 
 
@@ -400,11 +380,14 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias = inputs
     stats = output[1:]
     ctx.mark_non_differentiable(*stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics (or an unused y)
     ctx.save_for_backward(x, weight, bias, *stats)
 
 
 def _backward(ctx, dy, *_stat_grads):
     need = ctx.needs_input_grad
+    if dy is None:
+        return None, None, None
     grads = _spatial_gate_backward_op(dy, *ctx.saved_tensors, need[0])
     return tuple(g if n else None for g, n in zip(grads, need))
 

@@ -71,22 +71,26 @@ def _detached(tensors):
     return [t.detach() if isinstance(t, torch.Tensor) else t for t in tensors]
 
 
-def _opcheck_pair(fwd, bwd, tensors, extra):
-    """opcheck fwd(*tensors, *extra) (inputs requiring grad), then bwd(dy, *tensors, *saved, *extra, need_dx)
-    on detached inputs (the backward op has no derivative) for need_dx True and False."""
+def _opcheck_pair(fwd, bwd, tensors, extra, needs=((True,), (False,))):
+    """opcheck fwd(*tensors, *extra) (inputs requiring grad), then bwd(dy, *tensors, *saved, *extra, *need)
+    on detached inputs (the backward op has no derivative) for each ``need`` of ``needs`` (need_dx,
+    and for the ops with an MLP need_w)."""
     _assert_opcheck(fwd, (*tensors, *extra))
     plain = _detached(tensors)
     y, *saved = fwd(*plain, *extra)
     dy = torch.randn_like(y)
-    for need_dx in (True, False):
-        _assert_opcheck(bwd, (dy, *plain, *saved, *extra, need_dx))
+    for need in needs:
+        _assert_opcheck(bwd, (dy, *plain, *saved, *extra, *need))
+
+
+MLP_NEEDS = ((True, True), (False, True), (True, False))  # (need_dx, need_w)
 
 
 @pytest.mark.parametrize(("pool", "biases", "channels_last"), [("avg", True, False), ("avgmax", False, True)])
 def test_channel_gate_opcheck(pool, biases, channels_last):
     x = feature_map((2, 6, 5, 7), torch.float32, channels_last=channels_last)
     tensors = [x, *mlp_weights(6, 2, torch.float32, biases=biases)]
-    _opcheck_pair(cg._channel_gate_op, cg._channel_gate_backward_op, tensors, (pool,))
+    _opcheck_pair(cg._channel_gate_op, cg._channel_gate_backward_op, tensors, (pool,), MLP_NEEDS)
 
 
 @pytest.mark.parametrize(("k", "bias", "channels_last"), [(3, True, False), (5, False, True)])
@@ -100,7 +104,7 @@ def test_spatial_gate_opcheck(k, bias, channels_last):
 def test_cbam_gate_opcheck(pool, biases, channels_last):
     x = feature_map((2, 6, 5, 7), torch.float32, channels_last=channels_last)
     tensors = [x, *mlp_weights(6, 2, torch.float32, biases=biases), *conv_weights(3, torch.float32, bias=biases)]
-    _opcheck_pair(cb._cbam_gate_op, cb._cbam_gate_backward_op, tensors, (pool,))
+    _opcheck_pair(cb._cbam_gate_op, cb._cbam_gate_backward_op, tensors, (pool,), MLP_NEEDS)
 
 
 def test_layer_fusion_opcheck():
