@@ -40,9 +40,12 @@ from ._runtime import (
     autocast_inputs,
     channels_innermost,
     check_no_forward_ad,
+    check_runnable,
+    device_guard,
     empty_map_like,
     interpreting,
     next_pow2,
+    refuse_twice,
 )
 
 MAX_PIXELS = MAX_INDEX
@@ -390,3 +393,73 @@ def prepare_inputs(op: str, *tensors):
     that validation will reject) pass through unchanged."""
     check_no_forward_ad(op, *tensors)
     return autocast_inputs(*tensors)
+
+
+# ----------------------------------------------------------------------------------------------
+# The eager path: the op bodies called from a plain autograd.Function (custom ops under torch.compile)
+# ----------------------------------------------------------------------------------------------
+
+
+class EagerOp:
+    """A gating op's bodies for the eager path: ``forward(*tensors, *extra)`` returns (y, *saved)
+    as the custom op does; ``backward(dy, tensors_and_saved, extra, need)`` returns one gradient
+    per input tensor (``need``: ``needs_input_grad`` of the tensors)."""
+
+    __slots__ = ("backward", "custom_op", "forward", "name")
+
+    def __init__(self, name: str, forward, backward, custom_op):
+        self.name, self.forward, self.backward, self.custom_op = name, forward, backward, custom_op
+
+
+class _GateFunction(torch.autograd.Function):
+    """The eager path of channel_gate, spatial_gate and cbam_gate: the op bodies called directly.
+
+    The custom ops serve torch.compile and torch.func (they carry the fake kernels and the
+    compile-time autocast rule); in eager mode their dispatch costs more host time than the
+    launches. Gradients of what nobody differentiates are neither computed nor zero-filled."""
+
+    @staticmethod
+    def forward(ctx, op: EagerOp, extra: tuple, *tensors):
+        with device_guard(tensors[0]):
+            y, *saved = op.forward(*tensors, *extra)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*tensors, *saved)
+        ctx.op, ctx.extra = op, extra
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        need = ctx.needs_input_grad[2:]
+        if dy is None or not any(need):
+            return (None,) * (2 + len(need))
+        saved = ctx.saved_tensors
+        with device_guard(dy):
+            grads = ctx.op.backward(dy, saved, ctx.extra, need)
+        anchor = next(t for t, n in zip(saved, need) if n)
+        grads = refuse_twice(ctx.op.name, anchor, tuple(g if n else None for g, n in zip(grads, need)))
+        return (None, None, *grads)
+
+
+_apply = super(torch.autograd.Function, _GateFunction).apply  # Function.apply less its Python wrapper
+
+
+def call_gate(op: EagerOp, tensors: tuple, extra: tuple) -> torch.Tensor:
+    """One call of a checked gating op: the custom op under torch.compile and torch.func
+    transforms, else the eager Function."""
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return op.custom_op(*tensors, *extra)[0]
+    return _apply(op, extra, *tensors)
+
+
+def repeat_call(calls, op: str, tensors: tuple, extra: tuple):
+    """(tensors, signature, seen) of a call in ``calls`` (a ``_runtime.ValidCalls``): the tensors
+    after the autocast rule (first: a call under autocast is looked up by the dtype it runs in), and
+    seen True when the same signature (shapes, strides, dtypes, devices, which optional tensors are
+    None, ``extra``) passed the checks before, so they can be skipped. Calls inside a forward-AD
+    level are never seen (``ValidCalls.lookup``)."""
+    tensors = autocast_inputs(*tensors)
+    present = tuple(t for t in tensors if t is not None)
+    sig, seen = calls.lookup(present, (op, *extra, *(t is None for t in tensors)))
+    if seen is not None and present[0].device.type != "cuda":
+        check_runnable(op, present[0].device)
+    return tensors, sig, seen is not None

@@ -42,11 +42,14 @@ from typing import Optional
 import torch
 
 from ._gating import (
+    EagerOp,
+    call_gate,
     check_map_limits,
     empty_map_like,
     gate_apply,
     gate_dx,
     prepare_inputs,
+    repeat_call,
 )
 from ._runtime import (
     absent_output,
@@ -55,6 +58,7 @@ from ._runtime import (
     on_tensor_device,
     refuse_double_backward,
     register_autocast,
+    ValidCalls,
 )
 from .channel_gate import (
     ChannelState,
@@ -80,9 +84,7 @@ from .spatial_gate import (
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("attnsr::cbam_gate", mutates_args=())
-@on_tensor_device
-def _cbam_gate_op(
+def _cbam_gate_forward(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
     sweight: torch.Tensor, sbias: Optional[torch.Tensor], pool: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
@@ -94,14 +96,15 @@ def _cbam_gate_op(
     return (y, *state.outputs(), stats, sarg, s)
 
 
+_cbam_gate_op = torch.library.custom_op("attnsr::cbam_gate", mutates_args=())(on_tensor_device(_cbam_gate_forward))
+
+
 @_cbam_gate_op.register_fake
 def _(x, w1, b1, w2, b2, sweight, sbias, pool):
     return (empty_map_like(x), *ChannelState.fake_outputs(x, pool), *fake_spatial_state(x))
 
 
-@torch.library.custom_op("attnsr::cbam_gate_backward", mutates_args=())
-@on_tensor_device
-def _cbam_gate_backward_op(
+def _cbam_gate_backward(
     dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
     b2: Optional[torch.Tensor], sweight: torch.Tensor, sbias: Optional[torch.Tensor], ca: torch.Tensor,
     avg: torch.Tensor, mx: torch.Tensor, carg: torch.Tensor, stats: torch.Tensor, sarg: torch.Tensor,
@@ -120,6 +123,10 @@ def _cbam_gate_backward_op(
         dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg, s=s, dpool=dpool, sarg=sarg)
     return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2), dsweight,
             absent_output(sweight) if dsbias is None else dsbias)
+
+
+_cbam_gate_backward_op = torch.library.custom_op("attnsr::cbam_gate_backward", mutates_args=())(
+    on_tensor_device(_cbam_gate_backward))
 
 
 @_cbam_gate_backward_op.register_fake
@@ -150,6 +157,14 @@ register_autocast(_cbam_gate_op, "cbam_gate")
 refuse_double_backward(_cbam_gate_backward_op, "cbam_gate")
 
 
+def _eager_backward(dy, saved, extra, need):
+    return _cbam_gate_backward(dy, *saved, *extra, need[0], any(need[1:5]))
+
+
+_EAGER = EagerOp("cbam_gate", _cbam_gate_forward, _eager_backward, _cbam_gate_op)
+_CALLS = ValidCalls()
+
+
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
@@ -164,11 +179,15 @@ def cbam_gate(x, w1, b1, w2, b2, sweight, sbias, *, pool="avgmax"):
     channels_last when x has channels innermost.
     """
     op = "cbam_gate"
-    check_pool(op, pool)
-    x, w1, b1, w2, b2, sweight, sbias = prepare_inputs(op, x, w1, b1, w2, b2, sweight, sbias)
-    tensors = check_channel_mlp(op, x, w1, b1, w2, b2)
-    tensors.update(check_spatial_conv(op, x, sweight, sbias, names=("sweight", "sbias")))
-    check_same(op, tensors)
-    check_map_limits(op, x)
-    check_runnable(op, x.device)
-    return _cbam_gate_op(x, w1, b1, w2, b2, sweight, sbias, pool)[0]
+    (x, w1, b1, w2, b2, sweight, sbias), sig, seen = repeat_call(_CALLS, op, (x, w1, b1, w2, b2, sweight, sbias),
+                                                                 (pool,))
+    if not seen:
+        check_pool(op, pool)
+        x, w1, b1, w2, b2, sweight, sbias = prepare_inputs(op, x, w1, b1, w2, b2, sweight, sbias)
+        tensors = check_channel_mlp(op, x, w1, b1, w2, b2)
+        tensors.update(check_spatial_conv(op, x, sweight, sbias, names=("sweight", "sbias")))
+        check_same(op, tensors)
+        check_map_limits(op, x)
+        check_runnable(op, x.device)
+        _CALLS.remember(sig, True)
+    return call_gate(_EAGER, (x, w1, b1, w2, b2, sweight, sbias), (pool,))

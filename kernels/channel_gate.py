@@ -39,6 +39,9 @@ registered autograd formula calls (gradients of the statistics outputs are not m
 torch.autocast, the floating-point inputs (float64 excepted) are cast to the autocast dtype, by the
 public function and by the op's autocast rule (``_runtime.autocast_inputs``, the rule of every
 attnsr op and backend); the kernels compute the statistics and the MLP in fp32 whatever the dtype.
+In eager mode the public function calls the op bodies from a plain autograd.Function instead
+(``_gating.call_gate``: the custom ops' dispatch costs more host time than the launches) and skips
+the checks for a call signature seen before (``_gating.repeat_call``).
 Reverse mode only: forward-mode AD and double backward raise.
 
 Limits and precision. x: (B, C, H, W) with any strides (NCHW, channels_last, views); y and dx are
@@ -61,6 +64,8 @@ from ._gating import (
     _merge_max,
     _through_spatial_gate,
     _tile_offsets,
+    EagerOp,
+    call_gate,
     check_map_limits,
     counters,
     empty_map_like,
@@ -68,6 +73,7 @@ from ._gating import (
     gate_dx,
     PixelRun,
     prepare_inputs,
+    repeat_call,
     tile_config,
 )
 from ._runtime import (
@@ -83,6 +89,7 @@ from ._runtime import (
     refuse_double_backward,
     register_autocast,
     stat_dtype,
+    ValidCalls,
 )
 
 POOLS = ("avg", "avgmax")
@@ -537,9 +544,7 @@ def fake_weight_grads(w1, b1, w2, b2, need_w: bool = True):
             w2.new_empty(w2.shape), absent_output(w2) if b2 is None else b2.new_empty(b2.shape))
 
 
-@torch.library.custom_op("attnsr::channel_gate", mutates_args=())
-@on_tensor_device
-def _channel_gate_op(
+def _channel_gate_forward(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
     pool: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -548,14 +553,16 @@ def _channel_gate_op(
     return (gate_apply(x, ca=state.ca), *state.outputs())
 
 
+_channel_gate_op = torch.library.custom_op("attnsr::channel_gate", mutates_args=())(
+    on_tensor_device(_channel_gate_forward))
+
+
 @_channel_gate_op.register_fake
 def _(x, w1, b1, w2, b2, pool):
     return (empty_map_like(x), *ChannelState.fake_outputs(x, pool))
 
 
-@torch.library.custom_op("attnsr::channel_gate_backward", mutates_args=())
-@on_tensor_device
-def _channel_gate_backward_op(
+def _channel_gate_backward(
     dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
     b2: Optional[torch.Tensor], ca: torch.Tensor, avg: torch.Tensor, mx: torch.Tensor, arg: torch.Tensor,
     pool: str, need_dx: bool, need_w: bool = True,
@@ -566,6 +573,10 @@ def _channel_gate_backward_op(
     gpool, wgrads = channel_gate_backward(dy, x, state, w1, b1, w2, b2, need_w)
     dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg) if need_dx else absent_output(x)
     return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2))
+
+
+_channel_gate_backward_op = torch.library.custom_op("attnsr::channel_gate_backward", mutates_args=())(
+    on_tensor_device(_channel_gate_backward))
 
 
 @_channel_gate_backward_op.register_fake
@@ -593,6 +604,14 @@ def _backward(ctx, dy, *_stat_grads):
 _channel_gate_op.register_autograd(_backward, setup_context=_setup_context)
 register_autocast(_channel_gate_op, "channel_gate")
 refuse_double_backward(_channel_gate_backward_op, "channel_gate")
+
+
+def _eager_backward(dy, saved, extra, need):
+    return _channel_gate_backward(dy, *saved, *extra, need[0], any(need[1:]))
+
+
+_EAGER = EagerOp("channel_gate", _channel_gate_forward, _eager_backward, _channel_gate_op)
+_CALLS = ValidCalls()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -645,9 +664,12 @@ def channel_gate(x, w1, b1, w2, b2, *, pool="avg"):
     Returns (B, C, H, W) in x's dtype, channels_last when x has channels innermost.
     """
     op = "channel_gate"
-    check_pool(op, pool)
-    x, w1, b1, w2, b2 = prepare_inputs(op, x, w1, b1, w2, b2)
-    check_channel_mlp(op, x, w1, b1, w2, b2)
-    check_map_limits(op, x)
-    check_runnable(op, x.device)
-    return _channel_gate_op(x, w1, b1, w2, b2, pool)[0]
+    (x, w1, b1, w2, b2), sig, seen = repeat_call(_CALLS, op, (x, w1, b1, w2, b2), (pool,))
+    if not seen:
+        check_pool(op, pool)
+        x, w1, b1, w2, b2 = prepare_inputs(op, x, w1, b1, w2, b2)
+        check_channel_mlp(op, x, w1, b1, w2, b2)
+        check_map_limits(op, x)
+        check_runnable(op, x.device)
+        _CALLS.remember(sig, True)
+    return call_gate(_EAGER, (x, w1, b1, w2, b2), (pool,))

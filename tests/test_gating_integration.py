@@ -175,6 +175,18 @@ def test_autocast_float16(name):
     check_op(autocast_fn, ref, make(torch.float32), torch.float16, f"{name} under autocast")
 
 
+@pytest.mark.parametrize("name", ["channel_gate", "spatial_gate", "cbam_gate"])
+def test_repeated_call_follows_autocast(name):
+    """The eager path skips the checks of a call signature seen before, after autocast's cast: an
+    fp32 call seen outside autocast still runs in fp16 inside it, and in fp32 after it."""
+    fn, _, make = CASES[name]
+    inputs = [None if t is None else t.detach() for t in make(torch.float32)]
+    assert fn(*inputs).dtype == torch.float32
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        assert fn(*inputs).dtype == torch.float16
+    assert fn(*inputs).dtype == torch.float32
+
+
 @pytest.mark.parametrize(
     ("op", "make"),
     [(cg._channel_gate_op, _channel_inputs), (sg._spatial_gate_op, _spatial_inputs), (cb._cbam_gate_op, _cbam_inputs)],
