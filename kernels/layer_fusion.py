@@ -58,8 +58,10 @@ from ._runtime import (
     check_same,
     check_tensor,
     next_pow2,
+    device_guard,
     on_tensor_device,
     refuse_double_backward,
+    refuse_twice,
     register_autocast,
     stat_dtype,
 )
@@ -326,6 +328,42 @@ register_autocast(_layer_fusion_op, "layer_fusion")
 refuse_double_backward(_layer_fusion_backward_op, "layer_fusion")
 
 
+class _LayerFusionFunction(torch.autograd.Function):
+    """The eager path of ``layer_fusion``: the launchers called directly (the custom ops above serve
+    torch.compile and torch.func). Inputs: the weights, whether the maps are one stacked tensor,
+    then the maps."""
+
+    @staticmethod
+    def forward(ctx, weights, stacked, *maps):
+        with device_guard(weights):
+            out = layer_fusion_forward(_MapSet(maps[0] if stacked else list(maps), stacked), weights)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(weights, *maps)
+        ctx.stacked = stacked
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        weights, *maps = ctx.saved_tensors
+        if dout is None:
+            return (None, None, *[None] * len(maps))
+        need_dw = ctx.needs_input_grad[0]
+        need_maps = ctx.needs_input_grad[2:]
+        need_df = any(need_maps)
+        stacked = ctx.stacked
+        with device_guard(weights):
+            grads, dweights = layer_fusion_backward(dout, _MapSet(maps[0] if stacked else maps, stacked), weights,
+                                                    need_df, need_dw)
+        grads = ([grads] if stacked else list(grads)) if need_df else [None] * len(maps)
+        grads = [g if need else None for g, need in zip(grads, need_maps)]
+        dweights, *grads = refuse_twice("layer_fusion", (weights, *maps),
+                                        (dweights if need_dw else None, *grads))
+        return (dweights, None, *grads)
+
+
+_apply = super(torch.autograd.Function, _LayerFusionFunction).apply  # Function.apply less its Python wrapper
+
+
 # ----------------------------------------------------------------------------------------------
 # Public function
 # ----------------------------------------------------------------------------------------------
@@ -386,4 +424,7 @@ def layer_fusion(features, weights):
     check_same(op, tensors)
     check_map_limits(op, features[0], "each map (B, C, H, W)")
     check_runnable(op, weights.device)
-    return _layer_fusion_op([features] if stacked else list(features), weights)
+    maps = [features] if stacked else list(features)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _layer_fusion_op(maps, weights)
+    return _apply(weights, stacked, *maps)
