@@ -35,6 +35,7 @@ On a machine without a GPU there is nothing to time: ``run`` takes a ``timer`` (
 stub, with Triton's interpreter running the kernels) and the command refuses.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -100,22 +101,21 @@ KERNELS = {"attention": ("fwd", "dkdv", "dq"), "window": ("fwd", "dkdv", "dq", "
 # ----------------------------------------------------------------------------------------------
 
 
-class _Precision:
-    """fp32 dot products in tf32 for the "tf32" cases (as ``allow_tf32 = True`` would), else as is."""
-
-    def __init__(self, dtype_name: str):
-        self.on = dtype_name == "tf32"
-
-    def __enter__(self):
-        if self.on:
-            matmul = torch.backends.cuda.matmul
-            self.attr = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-            self.before = getattr(matmul, self.attr)
-            setattr(matmul, self.attr, "tf32" if self.attr == "fp32_precision" else True)
-
-    def __exit__(self, *exc):
-        if self.on:
-            setattr(torch.backends.cuda.matmul, self.attr, self.before)
+@contextlib.contextmanager
+def precision(dtype_name: str):
+    """fp32 dot products in tf32 for the "tf32" cases (as ``allow_tf32 = True`` would), else as is
+    (also the developers' tuner's, benchmarks/tune.py)."""
+    if dtype_name != "tf32":
+        yield
+        return
+    matmul = torch.backends.cuda.matmul
+    attr = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
+    before = getattr(matmul, attr)
+    setattr(matmul, attr, "tf32" if attr == "fp32_precision" else True)
+    try:
+        yield
+    finally:
+        setattr(matmul, attr, before)
 
 
 class _Calls:
@@ -176,7 +176,7 @@ class _Calls:
         self.grad_out = None
 
     def run(self, backend: str):
-        with _Precision(self.case.dtype):
+        with precision(self.case.dtype):
             if self.case.mode == "infer":
                 with torch.no_grad():
                     return (self.fn(backend),)
@@ -188,7 +188,7 @@ class _Calls:
             return (out.detach(), *(g for g in grads if g is not None))
 
     def forward_only(self, backend: str):
-        with _Precision(self.case.dtype), torch.no_grad():
+        with precision(self.case.dtype), torch.no_grad():
             return (self.fn(backend),)
 
     def key(self) -> str:
@@ -196,7 +196,7 @@ class _Calls:
         from attnsr import backends
 
         c, s = self.case, self.case.shape
-        with _Precision(c.dtype):
+        with precision(c.dtype):
             x = self.inputs[0]
             if c.op == "attention":
                 b, ch, h, w, heads, p = s
@@ -238,13 +238,13 @@ def launch_key(case: Case, kernel: str) -> str:
     from attnsr.kernels import _runtime, _tuned
 
     dtype = torch.float32 if case.dtype == "tf32" else getattr(torch, case.dtype)
-    with _Precision(case.dtype):
-        precision = _runtime.dot_precision(dtype)
+    with precision(case.dtype):
+        dots = _runtime.dot_precision(dtype)
     head_dim, tokens, batch_heads, patch = _geometry(case)
     block_d = max(16, _runtime.next_pow2(head_dim))
     if case.op == "attention":
-        return _tuned.attention_key(kernel, block_d, dtype, precision, patch, tokens, batch_heads)
-    return _tuned.window_key(kernel, block_d, dtype, precision, tokens)
+        return _tuned.attention_key(kernel, block_d, dtype, dots, patch, tokens, batch_heads)
+    return _tuned.window_key(kernel, block_d, dtype, dots, tokens)
 
 
 def shipped_setting(case: Case, kernel: str, device: torch.device) -> dict:
@@ -257,7 +257,7 @@ def shipped_setting(case: Case, kernel: str, device: torch.device) -> dict:
     saved = _tuned._TABLES.get(_tuned._key(device))
     _tuned.use(device, {})  # as shipped
     try:
-        with _Precision(case.dtype):
+        with precision(case.dtype):
             if case.op == "attention":
                 blocks, launch = module._config(kernel, head_dim, dtype, patch, None, None)
             else:

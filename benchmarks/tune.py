@@ -71,6 +71,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
 import attnsr.kernels.attention as attn
+from attnsr.tolerances import TUNE_AGREE
+from attnsr.tune import precision as _precision
 from benchmarks import harness
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,7 +88,7 @@ GRID = dict(BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128), num_warps=(4, 8), num_
 QUICK_CANDIDATES = (dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
                     dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=2))
 # a correct candidate differs from the default only by summation order and roundings to the dtype
-AGREE = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4, "tf32": 5e-3}
+AGREE = TUNE_AGREE  # the package tuner's bounds (attnsr.tolerances)
 HOPPER_SMEM = 227 * 1024  # per-block shared memory of H100/H200, for the interpreter (no limit of its own)
 MAX_REGISTERS = 255
 FLOPS_PER_PAIR = {"fwd": 4, "dkdv": 8, "dq": 6}  # × N·M·D per (batch, head)
@@ -107,22 +109,6 @@ def _cfg_name(cfg: dict) -> str:
     warps = "-" if cfg.get("num_warps") is None else cfg["num_warps"]
     stages = "-" if cfg.get("num_stages") is None else cfg["num_stages"]
     return f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{warps} s{stages}"
-
-
-@contextlib.contextmanager
-def _precision(dtype_name: str):
-    """fp32 dot products in tf32 for the "tf32" groups (as ``allow_tf32 = True`` would), else as is."""
-    if dtype_name != "tf32":
-        yield
-        return
-    matmul = torch.backends.cuda.matmul
-    attr = "fp32_precision" if hasattr(matmul, "fp32_precision") else "allow_tf32"
-    before = getattr(matmul, attr)
-    setattr(matmul, attr, "tf32" if attr == "fp32_precision" else True)
-    try:
-        yield
-    finally:
-        setattr(matmul, attr, before)
 
 
 @contextlib.contextmanager
