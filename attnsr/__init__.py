@@ -13,8 +13,10 @@ from attnsr.windows import (
     SwinBlock,
     SwinV2Block,
     WindowAttention,
+    WindowAttentionMap,
     WindowAttentionQKV,
     WindowAttentionRPI,
+    WindowAttentionToQKV,
     WindowAttentionV2,
 )
 
@@ -28,8 +30,10 @@ __all__ = [
     "SwinBlock",
     "SwinV2Block",
     "WindowAttention",
+    "WindowAttentionMap",
     "WindowAttentionQKV",
     "WindowAttentionRPI",
+    "WindowAttentionToQKV",
     "WindowAttentionV2",
     "models",
     "swap_attention",

@@ -13,7 +13,9 @@ reproduce is left untouched. Recognised:
   forward x · gate -> :class:`ChannelAttention`;
 - a Swin window attention (SwinIR's, HAT's, DRCT's, ATD's) -> :class:`~attnsr.windows.WindowAttention`
   or its RPI / QKV variants by the forward's arity; Swin V2's (Swin2SR's) ->
-  :class:`~attnsr.windows.WindowAttentionV2`;
+  :class:`~attnsr.windows.WindowAttentionV2`; SCUNet's WMSA (whole-map windows, a head-first bias
+  table, −inf shift mask) -> :class:`~attnsr.windows.WindowAttentionMap`; Uformer's (``to_q`` and
+  ``to_kv`` projections) -> :class:`~attnsr.windows.WindowAttentionToQKV`;
 - the blocks around them: SwinIR's / DRCT's SwinTransformerBlock -> :class:`~attnsr.windows.SwinBlock`,
   Swin2SR's -> :class:`~attnsr.windows.SwinV2Block`, HAT's HAB ->
   :class:`~attnsr.windows.HybridAttentionBlock` (roll, partition and reverse gone);
@@ -46,8 +48,10 @@ from attnsr.windows import (
     SwinBlock,
     SwinV2Block,
     WindowAttention,
+    WindowAttentionMap,
     WindowAttentionQKV,
     WindowAttentionRPI,
+    WindowAttentionToQKV,
     WindowAttentionV2,
     is_standard_index,
     standard_index,
@@ -236,6 +240,53 @@ def _as_window_attention_v2(module: nn.Module, backend: str):
     return WindowAttentionV2.from_module(module, backend=backend)
 
 
+def _as_split_window_attention(module: nn.Module, backend: str):
+    """Uformer's window attention: int ``dim`` and ``num_heads``, a pair ``win_size``, Swin's table
+    and index, ``qkv`` holding only ``to_q`` Linear C → C and ``to_kv`` Linear C → 2C, ``proj`` Linear
+    C → C, attention dropout 0, a float ``scale``, nothing else with parameters, forward(x, attn_kv, mask)."""
+    dim, heads, window = (getattr(module, a, None) for a in ("dim", "num_heads", "win_size"))
+    if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0 and not dim % heads):
+        return None
+    try:
+        wh, ww = (window, window) if isinstance(window, int) else tuple(window)
+    except (TypeError, ValueError):
+        return None
+    table, qkv, proj = (getattr(module, a, None) for a in ("relative_position_bias_table", "qkv", "proj"))
+    if not (isinstance(wh, int) and isinstance(ww, int) and isinstance(table, nn.Parameter)
+            and table.shape == ((2 * wh - 1) * (2 * ww - 1), heads) and _linear(proj, dim, dim)):
+        return None
+    to_q, to_kv = getattr(qkv, "to_q", None), getattr(qkv, "to_kv", None)
+    if not (_linear(to_q, dim, dim) and _linear(to_kv, dim, 2 * dim)) or getattr(qkv, "heads", None) != heads:
+        return None
+    if _param_count(qkv) != _param_count(to_q) + _param_count(to_kv) or not _fusable_attention(module, wh, ww, True):
+        return None
+    if _param_count(module) != table.numel() + _param_count(qkv) + _param_count(proj):
+        return None
+    if not isinstance(getattr(module, "scale", None), float) or _forward_arity(module) != 3:
+        return None
+    return WindowAttentionToQKV.from_module(module, backend=backend)
+
+
+def _as_map_window_attention(module: nn.Module, backend: str):
+    """SCUNet's WMSA: ``embedding_layer`` Linear C → 3C, ``linear`` Linear C → C_out,
+    ``relative_position_params`` (heads, 2W−1, 2W−1), int ``window_size``, ``n_heads`` × ``head_dim``
+    = C, ``type`` "W" or "SW", a float ``scale``, nothing else with parameters, forward(x)."""
+    dim, heads, head_dim, window = (getattr(module, a, None) for a in ("input_dim", "n_heads", "head_dim",
+                                                                         "window_size"))
+    if not all(isinstance(v, int) and v > 0 for v in (dim, heads, head_dim, window)) or heads * head_dim != dim:
+        return None
+    embed, out, params = (getattr(module, a, None) for a in ("embedding_layer", "linear", "relative_position_params"))
+    if not (_linear(embed, dim, 3 * dim) and isinstance(out, nn.Linear) and out.in_features == dim):
+        return None
+    if not (isinstance(params, nn.Parameter) and params.shape == (heads, 2 * window - 1, 2 * window - 1)):
+        return None
+    if getattr(module, "type", None) not in ("W", "SW") or not isinstance(getattr(module, "scale", None), float):
+        return None
+    if _param_count(module) != params.numel() + _param_count(embed) + _param_count(out) or _forward_arity(module) != 1:
+        return None
+    return WindowAttentionMap.from_module(module, backend=backend)
+
+
 def _as_swin_block(module: nn.Module, backend: str):
     """SwinIR's / DRCT's SwinTransformerBlock (norm1, attn, drop_path, norm2, mlp; forward(x, x_size))
     or HAT's HAB (the same and a conv_block, conv_scale; forward(x, x_size, rpi_sa, attn_mask))."""
@@ -273,6 +324,15 @@ def _probe_call(new: nn.Module):
         return lambda m: m(_probe((2, new.in_channels, 6, 5)))
     if isinstance(new, ChannelAttention):
         return lambda m: m(_probe((2, new.channels, 6, 5)))
+    if isinstance(new, WindowAttentionToQKV):
+        (wh, ww), c = new.window_size, new.dim
+        n = wh * ww
+        x, mask, kv = _probe((6, n, c)), _probe((3, n, n), 1) * 4, _probe((n, c), 2)
+        return lambda m: torch.cat([m(x), m(x, None, mask), m(x, kv)])
+    if isinstance(new, WindowAttentionMap):  # two windows a side: the shifted mask has all its regions
+        (wh, ww), c = new.window_size, new.dim
+        x = _probe((2, 2 * wh, 2 * ww, c))
+        return lambda m: m(x)
     if isinstance(new, WindowAttention):
         (wh, ww), c = new.window_size, new.dim
         n = wh * ww
@@ -311,8 +371,8 @@ def _same_function(old: nn.Module, new: nn.Module) -> bool:
     return expect.shape == got.shape and torch.allclose(expect, got, rtol=1e-9, atol=1e-9)
 
 
-_BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_self_attention,
-             _as_channel_attention)
+_BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_map_window_attention,
+             _as_split_window_attention, _as_self_attention, _as_channel_attention)
 
 
 def _looks_like_attention(module: nn.Module) -> str | None:

@@ -210,6 +210,98 @@ class WindowAttentionV2(WindowAttention):
         return self._windows(self._project_qkv(x), mask)
 
 
+class WindowAttentionToQKV(WindowAttention):
+    """Uformer's window attention, ``forward(x, attn_kv=None, mask=None)`` on windows already cut,
+    (nW·B, N, C): queries from ``qkv.to_q`` (Linear C → C), keys and values from ``qkv.to_kv``
+    (Linear C → 2C) of x, or of ``attn_kv`` (N, C) shared by every window when given; Swin's bias
+    table and index; ``mask`` (nW, N, N) additive as in :class:`WindowAttention`. The three
+    projections are read where they lie (k and v as views of one (nW·B, N, 2C) tensor): no ``cat``.
+    Built by :func:`attnsr.swap_attention` from the module, whose children and parameters it adopts.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("WindowAttentionToQKV is built from Uformer's WindowAttention: "
+                        "WindowAttentionToQKV.from_module(module)")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto"):
+        layer = cls._blank(backend)
+        layer._configure(module.dim, _pair(module.win_size), module.num_heads, module.scale)
+        return adopt(layer, module)
+
+    def forward(self, x, attn_kv=None, mask=None):
+        b_, n, c = x.shape
+        wh, ww = self.window_size
+        if n != wh * ww:
+            raise ValueError(f"{type(self).__name__}: got windows of {n} tokens; expected Wh·Ww = {wh * ww}")
+        if attn_kv is not None and tuple(attn_kv.shape) != (n, c):
+            raise ValueError(f"{type(self).__name__}: attn_kv is {tuple(attn_kv.shape)}; the fused kernel takes "
+                             f"keys from windows of the queries' size, expected ({n}, {c})")
+        kv = self.qkv.to_kv(x if attn_kv is None else attn_kv.expand(b_, n, c))
+        q, (k, v) = self.qkv.to_q(x), kv.split(c, dim=-1)
+        out = backends.window_attention(*(t.view(b_, wh, ww, c) for t in (q, k, v)), window_size=self.window_size,
+                                        heads=self.num_heads, bias_table=self.relative_position_bias_table, mask=mask,
+                                        scale=self.scale, backend=self.backend)
+        return self.project(out.view(b_, n, c))
+
+
+class WindowAttentionMap(WindowAttention):
+    """SCUNet's ``WMSA``, ``forward(x)`` on a whole (B, H, W, C) map -> (B, H, W, C_out): q, k, v from
+    one Linear C → 3C (``embedding_layer``), windows of ``window_size`` tokens on a side, shifted by
+    half a window when ``type`` is "SW", a relative position bias (``relative_position_params``,
+    (heads, 2W−1, 2W−1): the Swin table laid out head-first), −inf between tokens of a shifted
+    window that came from different regions, and the output Linear C → C_out (``linear``).
+
+    Fused as window attention with the table read through a (2W−1)², heads view of the module's
+    parameter (its gradient flows back through the view) and SCUNet's −inf mask passed as an
+    explicit (nW, N, N) mask, built once per map size and device. Built by
+    :func:`attnsr.swap_attention` from the module, whose children and parameter it adopts.
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("WindowAttentionMap is built from SCUNet's WMSA: WindowAttentionMap.from_module(module)")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto"):
+        layer = cls._blank(backend)
+        layer._configure(module.input_dim, _pair(module.window_size), module.n_heads, module.scale)
+        layer._masks = {}
+        return adopt(layer, module)
+
+    @property
+    def shift(self) -> int:
+        return self.window_size[0] // 2 if self.type != "W" else 0
+
+    def table(self):
+        """The bias as Swin's ((2Wh−1)(2Ww−1), heads) table: a view of ``relative_position_params``."""
+        return self.relative_position_params.permute(1, 2, 0).reshape(-1, self.num_heads)
+
+    def _mask(self, height: int, width: int, x: torch.Tensor):
+        """SCUNet's shifted-window mask, (nW, N, N): −inf between regions, 0 elsewhere; None unshifted."""
+        if not self.shift:
+            return False  # no mask at all (not Swin's −100)
+        key = (height, width, x.device, x.dtype)
+        if key not in self._masks:
+            from attnsr.kernels.reference import swin_shift_mask
+
+            regions = swin_shift_mask(height, width, self.window_size, self.shift, device=x.device)
+            self._masks = {key: torch.where(regions != 0, float("-inf"), 0.0).to(x.dtype)}  # the last size only
+        return self._masks[key]
+
+    def attend(self, qkv, shift_size=0, mask=None):
+        return backends.window_attention_qkv(qkv, window_size=self.window_size, shift_size=shift_size,
+                                             heads=self.num_heads, bias_table=self.table(), mask=mask,
+                                             scale=self.scale, backend=self.backend)
+
+    def forward(self, x):
+        _, height, width, _ = x.shape
+        return self.linear(self.attend(self.embedding_layer(x), self.shift, self._mask(height, width, x)))
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, type={self.type!r}, "
+                f"backend={self.backend!r}")
+
+
 class SwinBlock(_AttnsrLayer):
     """SwinIR's ``SwinTransformerBlock`` on the un-partitioned map: x (B, H·W, C), x_size (H, W).
 
