@@ -18,6 +18,7 @@ from attnsr.windows import (
     WindowAttentionRPI,
     WindowAttentionToQKV,
     WindowAttentionV2,
+    WindowAttentionV2Map,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "WindowAttentionRPI",
     "WindowAttentionToQKV",
     "WindowAttentionV2",
+    "WindowAttentionV2Map",
     "models",
     "swap_attention",
 ]

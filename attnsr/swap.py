@@ -15,7 +15,9 @@ reproduce is left untouched. Recognised:
   or its RPI / QKV variants by the forward's arity; Swin V2's (Swin2SR's) ->
   :class:`~attnsr.windows.WindowAttentionV2`; SCUNet's WMSA (whole-map windows, a head-first bias
   table, −inf shift mask) -> :class:`~attnsr.windows.WindowAttentionMap`; Uformer's (``to_q`` and
-  ``to_kv`` projections) -> :class:`~attnsr.windows.WindowAttentionToQKV`;
+  ``to_kv`` projections) -> :class:`~attnsr.windows.WindowAttentionToQKV`; GRL's (Swin V2 cosine
+  attention on a whole qkv map, table, index and mask passed in) ->
+  :class:`~attnsr.windows.WindowAttentionV2Map`;
 - the blocks around them: SwinIR's / DRCT's SwinTransformerBlock -> :class:`~attnsr.windows.SwinBlock`,
   Swin2SR's -> :class:`~attnsr.windows.SwinV2Block`, HAT's HAB ->
   :class:`~attnsr.windows.HybridAttentionBlock` (roll, partition and reverse gone);
@@ -53,6 +55,7 @@ from attnsr.windows import (
     WindowAttentionRPI,
     WindowAttentionToQKV,
     WindowAttentionV2,
+    WindowAttentionV2Map,
     is_standard_index,
     standard_index,
 )
@@ -219,9 +222,7 @@ def _as_window_attention_v2(module: nn.Module, backend: str):
     if geometry is None:
         return None
     dim, heads, wh, ww = geometry
-    if not (isinstance(logit, nn.Parameter) and logit.shape == (heads, 1, 1) and isinstance(mlp, nn.Sequential)
-            and len(mlp) == 3 and isinstance(mlp[0], nn.Linear) and _acts_like(mlp[1], torch.relu)
-            and mlp[0].in_features == 2 and _linear(mlp[2], mlp[0].out_features, heads) and mlp[2].bias is None):
+    if not (isinstance(logit, nn.Parameter) and logit.shape == (heads, 1, 1) and _is_cpb_mlp(mlp, heads)):
         return None
     qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
     if not (_linear(qkv, dim, 3 * dim) and qkv.bias is None and _linear(proj, dim, dim)):
@@ -238,6 +239,40 @@ def _as_window_attention_v2(module: nn.Module, backend: str):
     if _param_count(module) != expected or _forward_arity(module) != 2:
         return None
     return WindowAttentionV2.from_module(module, backend=backend)
+
+
+def _is_cpb_mlp(mlp, heads: int) -> bool:
+    """Swin V2's continuous position bias MLP: Sequential[Linear(2, h), ReLU, Linear(h, heads, no bias)]."""
+    return (isinstance(mlp, nn.Sequential) and len(mlp) == 3 and isinstance(mlp[0], nn.Linear)
+            and _acts_like(mlp[1], torch.relu) and mlp[0].in_features == 2
+            and _linear(mlp[2], mlp[0].out_features, heads) and mlp[2].bias is None)
+
+
+def _as_v2_map_window_attention(module: nn.Module, backend: str):
+    """GRL's window attention: int ``num_heads`` and ``shift_size``, a pair ``window_size``, cosine
+    similarity (``euclidean_dist`` off), a child ``attn_transform`` holding only ``logit_scale``
+    (heads, 1, 1) and a Swin V2 ``cpb_mlp``, attention dropout 0, forward(qkv, x_size, table, index, mask)."""
+    heads, shift, window = (getattr(module, a, None) for a in ("num_heads", "shift_size", "window_size"))
+    if not (isinstance(heads, int) and heads > 0 and isinstance(shift, int) and shift >= 0):
+        return None
+    try:
+        wh, ww = (window, window) if isinstance(window, int) else tuple(window)
+    except (TypeError, ValueError):
+        return None
+    transform = getattr(module, "attn_transform", None)
+    logit = getattr(transform, "logit_scale", None)
+    if not (isinstance(wh, int) and isinstance(ww, int) and shift < min(wh, ww) and module.euclidean_dist is False
+            if hasattr(module, "euclidean_dist") else False):
+        return None
+    if not (isinstance(logit, nn.Parameter) and logit.shape == (heads, 1, 1)
+            and _is_cpb_mlp(getattr(transform, "cpb_mlp", None), heads)):
+        return None
+    if _param_count(module) != _param_count(transform) or _param_count(transform) != logit.numel() + \
+            _param_count(transform.cpb_mlp) or not _fusable_attention(module, wh, ww, False):
+        return None
+    if _forward_arity(module) != 5:
+        return None
+    return WindowAttentionV2Map.from_module(module, backend=backend)
 
 
 def _as_split_window_attention(module: nn.Module, backend: str):
@@ -324,6 +359,12 @@ def _probe_call(new: nn.Module):
         return lambda m: m(_probe((2, new.in_channels, 6, 5)))
     if isinstance(new, ChannelAttention):
         return lambda m: m(_probe((2, new.channels, 6, 5)))
+    if isinstance(new, WindowAttentionV2Map):  # two windows a side, with and without a mask
+        (wh, ww), heads = new.window_size, new.num_heads
+        h, w, c, n = 2 * wh, 2 * ww, 4 * heads, wh * ww
+        qkv, table = _probe((2, h * w, 3 * c)), _probe((1, 2 * wh - 1, 2 * ww - 1, 2), 1)
+        index, mask = standard_index((wh, ww)), _probe((4, n, n), 2) * 4
+        return lambda m: torch.cat([m(qkv, (h, w), table, index, None), m(qkv, (h, w), table, index, mask)])
     if isinstance(new, WindowAttentionToQKV):
         (wh, ww), c = new.window_size, new.dim
         n = wh * ww
@@ -342,8 +383,10 @@ def _probe_call(new: nn.Module):
         rpi = standard_index((wh, ww))
         x = _probe((6, n, 3 * c)) if type(new) is WindowAttentionQKV else x
         return lambda m: torch.cat([m(x, rpi), m(x, rpi, mask)])
-    if isinstance(new, SwinBlock):
-        h, w = new.input_resolution or (2 * new.window_size, 2 * new.window_size)
+    if isinstance(new, SwinBlock):  # its training resolution, or two windows a side where that is not whole windows
+        h, w = new.input_resolution or (0, 1)
+        if not h or h % new.window_size or w % new.window_size:
+            h, w = 2 * new.window_size, 2 * new.window_size
         x = _probe((1, h * w, new.attn.dim))
         if type(new) in (SwinBlock, SwinV2Block):
             return lambda m: m(x, (h, w))
@@ -372,13 +415,21 @@ def _same_function(old: nn.Module, new: nn.Module) -> bool:
 
 
 _BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_map_window_attention,
-             _as_split_window_attention, _as_self_attention, _as_channel_attention)
+             _as_split_window_attention, _as_v2_map_window_attention, _as_self_attention, _as_channel_attention)
 
 
 def _looks_like_attention(module: nn.Module) -> str | None:
     """Why a module that was not swapped still looks like an attention layer, or None."""
     if hasattr(module, "logit_scale") and hasattr(module, "cpb_mlp"):
+        if not hasattr(module, "qkv") and _forward_arity(module) == 4:  # GRL's AffineTransform(attn, table, ...)
+            return None  # the logit scale and position bias applied inside an attention: not one itself
         return "a Swin V2 window attention this version does not fuse (structure or function differs)"
+    if hasattr(module, "stripe_size") and hasattr(module, "anchor_window_down_factor"):
+        return ("anchor stripe attention (GRL's: stripes attend to a down-sampled anchor map and back, two "
+                "chained attentions of different shapes): not fused")
+    if hasattr(module, "offset_range_factor") and hasattr(module, "proj_q") and hasattr(module, "k_u"):
+        return ("a deformable-attention upsampler (queries attend to keys sampled at learned offsets, "
+                "FDAT's LDA-AQU): not a window attention, not fused")
     if hasattr(module, "overlap_win_size"):
         return "overlapping cross-attention (keys from larger windows than the queries): not fused"
     if hasattr(module, "num_tokens") and hasattr(module, "category_size"):
@@ -387,7 +438,30 @@ def _looks_like_attention(module: nn.Module) -> str | None:
         return "token-dictionary cross-attention (queries against a learned dictionary, ATD's): not fused"
     if isinstance(getattr(module, "relative_position_bias_table", None), torch.Tensor):
         return "a window attention this version does not fuse (structure or function differs)"
+    heads = [p.shape[0] for n, p in module.named_parameters(recurse=False)
+             if n in ("temperature", "temp", "rescale") and p.dim() == 3 and p.shape[1:] == (1, 1)]
+    if heads and _softmax_in_forward(module):
+        return ("transposed (channel) attention: a softmax over a d×d map per head, tokens L2-normalised "
+                "(Restormer's MDTA form): not fused in this version")
+    if _softmax_in_forward(module):
+        return (f"attention-like (a softmax in its forward) in a form this version does not recognise "
+                f"({type(module).__name__}): not fused")
     return None
+
+
+def _softmax_in_forward(module: nn.Module) -> bool:
+    """Whether the module's own forward (not its children's) takes a softmax: an nn.Softmax child,
+    or ``softmax`` called in the source of its class's forward."""
+    if any(isinstance(m, nn.Softmax) for m in module.children()):
+        return True
+    forward = type(module).forward
+    if forward is nn.Module.forward or type(module).__module__.startswith(("torch.", "attnsr.")):
+        return False
+    try:
+        source = inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+    return "softmax(" in source
 
 
 def swap_attention(model: nn.Module, backend: str = "auto") -> nn.Module:

@@ -21,6 +21,8 @@ Attention dropout is not fused: these layers exist only with ``attn_drop`` = 0 (
 and DRCT's default); output dropout (``proj_drop``) and stochastic depth are kept as modules.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -208,6 +210,50 @@ class WindowAttentionV2(WindowAttention):
 
     def forward(self, x, mask=None):
         return self._windows(self._project_qkv(x), mask)
+
+
+class WindowAttentionV2Map(WindowAttention):
+    """GRL's window attention, ``forward(qkv, x_size, table, index, mask)``: Swin V2's cosine
+    attention (as :class:`WindowAttentionV2`) on a whole (B, H·W, 3C) qkv map, windows shifted by
+    ``shift_size``, the continuous position bias's coordinates ``table``, Swin's ``index`` and the
+    (nW, N, N) ``mask`` (or None: no mask, even when shifted) passed in by the caller; the logit scale
+    and the bias MLP live in the child ``attn_transform`` -> (B, H·W, C). Roll, partition and reverse
+    are index arithmetic in the kernel. Built by :func:`attnsr.swap_attention` from the module, whose
+    children it adopts.
+    """
+
+    LOGIT_MAX = math.log(1.0 / 0.01)  # GRL's clamp of the logit scale
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("WindowAttentionV2Map is built from GRL's WindowAttention: "
+                        "WindowAttentionV2Map.from_module(module)")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto"):
+        layer = cls._blank(backend)
+        layer._configure(module.num_heads, _pair(module.window_size), module.num_heads, 1.0)
+        layer.shift_size = module.shift_size
+        return adopt(layer, module)
+
+    def forward(self, qkv, x_size, table, index, mask):
+        height, width = x_size
+        b, length, c3 = qkv.shape
+        heads, c = self.num_heads, c3 // 3
+        check_index(self, index)
+        q, k, v = qkv.view(b, height, width, c3).split(c, dim=-1)
+        transform = self.attn_transform
+        tau = torch.clamp(transform.logit_scale, max=self.LOGIT_MAX).exp().view(heads, 1)
+        q = (F.normalize(q.unflatten(-1, (heads, c // heads)), dim=-1) * tau).flatten(-2)
+        k = F.normalize(k.unflatten(-1, (heads, c // heads)), dim=-1).flatten(-2)
+        bias = 16 * torch.sigmoid(transform.cpb_mlp(table).view(-1, heads))
+        out = backends.window_attention(q, k, v, window_size=self.window_size, shift_size=self.shift_size,
+                                        heads=heads, bias_table=bias.to(q.dtype),
+                                        mask=False if mask is None else mask, scale=1.0, backend=self.backend)
+        return out.view(b, length, c)
+
+    def extra_repr(self):
+        return (f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}, "
+                f"backend={self.backend!r}")
 
 
 class WindowAttentionToQKV(WindowAttention):

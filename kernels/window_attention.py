@@ -213,8 +213,11 @@ def _win_fwd_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC) * qk_scale + extra * log2e
         s = tl.where(offs_n[None, :] < N, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # a row whose keys so far are all masked out (−inf: a caller's mask) keeps m = −inf; subtract 0
+        # there, not −inf (−inf − −inf is NaN): its p and the rescale of its empty sums are then 0
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(_tile_ptrs(V + b * sv_b + h * D * sv_c, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k,
                     other=0.0).to(DOT)

@@ -12,10 +12,13 @@ RCAN's rgb_range (255) and res_scale (1) are its defaults, which spandrel assume
 import torch
 from spandrel.architectures.ATD import ATD
 from spandrel.architectures.DRCT import DRCT
+from spandrel.architectures.GRL import GRL
 from spandrel.architectures.HAT import HAT
 from spandrel.architectures.RCAN import RCAN
+from spandrel.architectures.SCUNet import SCUNet
 from spandrel.architectures.Swin2SR import Swin2SR
 from spandrel.architectures.SwinIR import SwinIR
+from spandrel.architectures.Uformer import Uformer
 
 SWIN = dict(img_size=16, depths=[2], num_heads=[2], mlp_ratio=2.0, upscale=2)
 
@@ -36,7 +39,19 @@ ARCHS = {
     "ATD": lambda: ATD(**SWIN, embed_dim=12, window_size=4, category_size=32, num_tokens=8, reducted_dim=4,
                        upsampler="pixelshuffledirect"),
     "RCAN": lambda: RCAN(scale=2, n_resgroups=1, n_resblocks=2, n_feats=16, reduction=4),
+    # SCUNet (denoising, scale 1): its head dim is 32 and its convolution and transformer halves
+    # split the channels, so 64 is its smallest width; two blocks (plain, shifted) in the first stage only
+    "SCUNet": lambda: SCUNet(in_nc=3, config=[2, 0, 0, 0, 0, 0, 0], dim=64, input_resolution=64),
+    # GRL: its Swin V2 window attention (table, index and mask passed in) and anchor stripe attention
+    "GRL": lambda: GRL(img_size=16, embed_dim=16, depths=[2], num_heads_window=[2], num_heads_stripe=[2], window_size=4,
+                       stripe_size=[4, 4], mlp_ratio=2.0, drop_path_rate=0.0, upscale=2,
+                       upsampler="pixelshuffledirect"),
+    # Uformer (restoration, scale 1): a plain and a shifted block in the first and last stages
+    "Uformer": lambda: Uformer(img_size=16, embed_dim=8, depths=[2, 1, 1, 1, 1, 1, 1, 1, 2], num_heads=[1] * 9,
+                               win_size=4, drop_path_rate=0.0),
 }
+# the image side each architecture is tested on (SCUNet pads its input to a multiple of 64 by reflection)
+IMAGE_SIZE = {"SCUNet": 64}
 
 
 def build(arch: str, dtype=torch.float32, device="cpu"):

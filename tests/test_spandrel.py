@@ -19,7 +19,7 @@ import attnsr
 
 spandrel = pytest.importorskip("spandrel", reason="spandrel is not installed (`make test` runs this file in "
                                                   ".venv-models)")
-from published_models import ARCHS, build  # noqa: E402
+from published_models import ARCHS, IMAGE_SIZE, build  # noqa: E402
 
 # What each architecture keeps unswapped, and why (the table of docs/layers.md says the same).
 LEFT = {
@@ -30,7 +30,14 @@ LEFT = {
     "Swin2SR": set(),
     "ATD": {"ATD_CA", "AC_MSA"},  # token-dictionary and category attention: listed, not fused
     "RCAN": set(),
+    "SCUNet": set(),
+    "GRL": {"AnchorStripeAttention"},  # stripes attending to a down-sampled anchor map: listed, not fused
+    "Uformer": set(),
 }
+
+
+# relative position bias tables: Swin's (rows, heads), SCUNet's (heads, 2W−1, 2W−1)
+TABLES = ("relative_position_bias_table", "relative_position_params")
 
 
 def _build(arch, dtype):
@@ -45,17 +52,24 @@ def _outputs_and_grads(model, x):
     return y, x.grad, torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-def _image(dtype):
-    return torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE, dtype)
+def _image(dtype, arch=None):
+    size = IMAGE_SIZE.get(arch, 16)
+    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    return image.to(DEVICE, dtype)
 
 
 def _covered(model):
     """Names of the window attentions and channel attentions left in their published classes."""
-    names = []
+    names, inside = [], []  # inside: the swapped layers and the modules listed as left, whose parts are theirs
     for name, m in model.named_modules():
-        if isinstance(m, attnsr.windows.WindowAttention) or isinstance(m, attnsr.ChannelAttention):
+        if any(name.startswith(p + ".") for p in inside):
+            continue
+        if isinstance(m, (attnsr.windows.WindowAttention, attnsr.ChannelAttention)) or \
+                name in {n for n, _, _ in getattr(model, "attnsr_left", ())}:
+            inside.append(name)
             continue
         if hasattr(m, "relative_position_bias_table") or hasattr(m, "cpb_mlp") or \
+                hasattr(m, "relative_position_params") or \
                 type(m).__name__ in ("CALayer", "ChannelAttention"):
             names.append((name, type(m).__name__))
     return names
@@ -64,9 +78,9 @@ def _covered(model):
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch, caplog):
     model = _build(arch, torch.float64)
-    x = _image(torch.float64)
+    x = _image(torch.float64, arch)
     before = _outputs_and_grads(model, x)
-    tables = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}
+    tables = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(TABLES)}
     checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
     keys = list(checkpoint)
     with caplog.at_level(logging.INFO, logger="attnsr.swap"):
@@ -88,8 +102,8 @@ def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch, caplo
             assert_close_rel(p.grad, tables.pop(name), torch.float64, f"{arch}: d {name}")
     assert not tables, f"{arch}: bias tables renamed by the swap: {list(tables)}"
     # (the check above must have had tables to check: every architecture here but these has them)
-    assert any(n.endswith("relative_position_bias_table") for n, _ in model.named_parameters()) == \
-        (arch not in ("Swin2SR", "RCAN")), arch
+    assert any(n.endswith(TABLES) for n, _ in model.named_parameters()) == \
+        (arch not in ("Swin2SR", "RCAN", "GRL")), arch
     # the window attention layers and blocks keep their keys (a channel attention's MLP becomes
     # fc1/fc2, its old keys accepted as aliases): a checkpoint saved before the swap loads after it
     assert [k for k in model.state_dict() if ".attn." in k or "attn_mask" in k] == \
@@ -115,11 +129,14 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
                   "Swin2SR": {"SwinV2Block", "WindowAttentionV2"},
                   "DRCT": {"SwinBlock", "WindowAttention"},
                   "ATD": {"WindowAttentionQKV"},
-                  "RCAN": {"ChannelAttention"}}[arch]
+                  "RCAN": {"ChannelAttention"},
+                  "SCUNet": {"WindowAttentionMap"},
+                  "GRL": {"WindowAttentionV2Map"},
+                  "Uformer": {"WindowAttentionToQKV"}}[arch]
     assert kinds == want_kinds, kinds
-    want = _outputs_and_grads(reference, _image(torch.float64))
-    plain = _outputs_and_grads(published, _image(torch.float32))
-    got = _outputs_and_grads(model, _image(torch.float32))
+    want = _outputs_and_grads(reference, _image(torch.float64, arch))
+    plain = _outputs_and_grads(published, _image(torch.float32, arch))
+    got = _outputs_and_grads(model, _image(torch.float32, arch))
     names = [n for n, _ in reference.named_parameters()]  # the swapped model's are in the same order
     assert len(names) == len(list(model.parameters()))
     for g, p, w, what in zip(got, plain, want, ("output", "d(image)", "parameter gradients")):
@@ -129,7 +146,7 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
     grads = dict(zip(names, (p.grad for p in model.parameters())))
     plain_grads = dict(zip(names, (p.grad for p in published.parameters())))
     for name, p in reference.named_parameters():
-        if name.endswith("relative_position_bias_table") and "overlap" not in name:
+        if name.endswith(TABLES) and "overlap" not in name:
             bound = max(2 * rel_error(plain_grads[name], p.grad), REL_TOL[torch.float32])
             assert_close_rel(grads[name], p.grad, torch.float32, f"{arch}: d {name}", tol=bound)
 
@@ -221,3 +238,36 @@ def test_hats_shifted_block_given_no_mask_applies_none():
         fused.attn.backend = backend
         assert_close_rel(fused(x, (16, 16), rpi, None), original(x, (16, 16), rpi, None), torch.float64,
                          f"{backend}: shifted, no mask")
+
+
+def test_attention_like_modules_that_are_left_say_what_they_are():
+    """Nothing attention-like passes silently, and the reason given is true: FDAT's transposed channel
+    attention, its window attention with a per-pair bias (not a relative table), and its LDA-AQU
+    upsampler (deformable attention, not a window attention)."""
+    from spandrel.architectures.FDAT import FDAT
+
+    model = FDAT(embed_dim=16, num_groups=1, depth_per_group=2, num_heads=2, window_size=4, mid_dim=16, scale=2,
+                 upsampler_type="lda")
+    attnsr.swap_attention(model, backend="torch")
+    reasons = {cls: why for _, cls, why in model.attnsr_left}
+    assert set(reasons) == {"FastChannelAttention", "FastSpatialWindowAttention", "LDA_AQU"}, reasons
+    assert reasons["FastChannelAttention"].startswith("transposed (channel) attention")
+    assert reasons["FastSpatialWindowAttention"].startswith("attention-like (a softmax in its forward)")
+    assert "deformable-attention upsampler" in reasons["LDA_AQU"] and "not a window attention" in reasons["LDA_AQU"]
+
+
+def test_grl_affine_transform_is_part_of_its_attention_not_an_attention():
+    model = _build("GRL", torch.float64)
+    attnsr.swap_attention(model, backend="torch")
+    assert all(cls != "AffineTransform" for _, cls, _ in model.attnsr_left), model.attnsr_left
+    assert {new for _, _, new in model.attnsr_swapped} == {"WindowAttentionV2Map"}
+
+
+def test_a_training_resolution_that_is_not_whole_windows_does_not_stop_the_swap():
+    """HAT's defaults (img_size 64, window 7): the probe runs on two windows a side instead."""
+    from spandrel.architectures.HAT import HAT
+
+    model = HAT(img_size=64, window_size=7, embed_dim=12, depths=[2], num_heads=[2], compress_ratio=3,
+                squeeze_factor=3, upscale=2, upsampler="pixelshuffle").double().eval()
+    attnsr.swap_attention(model, backend="torch")
+    assert {new for _, _, new in model.attnsr_swapped} >= {"HybridAttentionBlock", "WindowAttentionRPI"}

@@ -128,6 +128,23 @@ def test_explicit_mask_is_broadcast_over_the_batch_and_gets_no_gradient():
     assert mask.grad is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_a_minus_inf_mask_that_hides_a_whole_key_block_from_a_row(dtype):
+    """SCUNet's shifted-window mask is −inf, not −100: in the windows of the last row and column,
+    the first 32-key block of an 8×8 window holds no key of some query rows' region. The running
+    max of those rows is still −inf after that block; the output and gradients must stay finite."""
+    q, k, v, leaf = _qkv("swinir", 1, 16, 16, 16, dtype)
+    table = _table((8, 8), 2, dtype)
+    regions = swin_shift_mask(16, 16, 8, 4, device=DEVICE)
+    mask = torch.where(regions != 0, float("-inf"), 0.0).to(dtype)
+    out = window_attention(q, k, v, window_size=8, shift_size=4, heads=2, bias_table=table, mask=mask)
+    ref = window_attention_ref(q, k, v, window_size=8, shift_size=4, heads=2, bias_table=table, mask=mask,
+                               upcast=True)
+    assert torch.isfinite(out).all(), f"{(~torch.isfinite(out)).sum().item()} non-finite outputs"
+    assert_close_rel(out, ref, dtype, "output")
+    _check_grads(out, ref, leaf, table, dtype)
+
+
 def test_partitioned_windows_cycle_through_the_mask_as_swinir_broadcasts_it():
     """SwinIR's WindowAttention gets the windows already cut, (B·nW, N, C), and a (nW, N, N) mask
     that window i takes slice i mod nW of: a batch of one-window maps does the same in the kernel."""
