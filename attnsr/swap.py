@@ -10,6 +10,7 @@ reproduce is left untouched. Recognised:
 - a channel attention (RCAN's CALayer, HAT's, torchvision's SqueezeExcitation, timm's SE modules):
   at most one AdaptiveAvgPool2d(1), 1×1 Conv2d or Linear C → h and h → C, a ReLU and a sigmoid
   (recognised by what they compute), a Sequential child opened up, nothing else with parameters;
+  or (Real-CUGAN's SEBlock) the two layers alone, the mean, ReLU and sigmoid called in forward;
   forward x · gate -> :class:`ChannelAttention`;
 - a Swin window attention (SwinIR's, HAT's, DRCT's, ATD's) -> :class:`~attnsr.windows.WindowAttention`
   or its RPI / QKV variants by the forward's arity; Swin V2's (Swin2SR's) ->
@@ -134,11 +135,15 @@ def _as_channel_attention(module: nn.Module, backend: str):
     parts = _channel_parts(module)
     pools = [m for _, m in parts if _is_global_avg_pool(m)]
     rest = [(n, m) for n, m in parts if not _is_global_avg_pool(m)]
-    if len(pools) > 1 or len(rest) != 4:
-        return None
     mlps = [(n, m) for n, m in rest if _mlp_layer(m) is not None]
     acts = [m for _, m in rest if _mlp_layer(m) is None]
-    if len(mlps) != 2 or len(acts) != 2 or not (_acts_like(acts[0], torch.relu) and _acts_like(acts[1], torch.sigmoid)):
+    if len(pools) > 1 or len(mlps) != 2:
+        return None
+    # the activations as modules, or (RealCUGAN's SEBlock: two 1×1 convs, the mean, ReLU, sigmoid
+    # and product written as calls in forward) none at all: the float64 probe checks the function
+    if acts and (len(acts) != 2 or not (_acts_like(acts[0], torch.relu) and _acts_like(acts[1], torch.sigmoid))):
+        return None
+    if not acts and (pools or _forward_arity(module) != 1):
         return None
     (name1, fc1), (name2, fc2) = mlps
     dims1, dims2 = _mlp_layer(fc1), _mlp_layer(fc2)
@@ -424,6 +429,18 @@ def _looks_like_attention(module: nn.Module) -> str | None:
         if not hasattr(module, "qkv") and _forward_arity(module) == 4:  # GRL's AffineTransform(attn, table, ...)
             return None  # the logit scale and position bias applied inside an attention: not one itself
         return "a Swin V2 window attention this version does not fuse (structure or function differs)"
+    parts = [m for _, m in _channel_parts(module)]
+    mlps, acts = [m for m in parts if _mlp_layer(m) is not None], [m for m in parts if _mlp_layer(m) is None
+                                                                     and not _is_global_avg_pool(m)]
+    if len(mlps) == 2 and len(acts) == 2 and any(_is_global_avg_pool(m) for m in parts) and \
+            _mlp_layer(mlps[0]) == _mlp_layer(mlps[1])[::-1]:
+        return (f"a squeeze-excitation channel attention with {type(acts[0]).__name__} and {type(acts[1]).__name__} "
+                "(the fused gate computes ReLU then sigmoid): not fused")
+    children = list(module.children())
+    if len(children) == 2 and _is_global_avg_pool(children[0]) and _mlp_layer(children[1]) is not None and \
+            isinstance(module, nn.Sequential) and _mlp_layer(children[1])[0] == _mlp_layer(children[1])[1]:
+        return ("simplified channel attention (NAFNet's SCA: average pool and one 1×1 conv, no sigmoid; the "
+                "product with x is taken by the block around it): not fused")
     if hasattr(module, "stripe_size") and hasattr(module, "anchor_window_down_factor"):
         return ("anchor stripe attention (GRL's: stripes attend to a down-sampled anchor map and back, two "
                 "chained attentions of different shapes): not fused")

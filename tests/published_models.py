@@ -15,6 +15,7 @@ from spandrel.architectures.DRCT import DRCT
 from spandrel.architectures.GRL import GRL
 from spandrel.architectures.HAT import HAT
 from spandrel.architectures.RCAN import RCAN
+from spandrel.architectures.RealCUGAN import UpCunet2x
 from spandrel.architectures.SCUNet import SCUNet
 from spandrel.architectures.Swin2SR import Swin2SR
 from spandrel.architectures.SwinIR import SwinIR
@@ -46,12 +47,14 @@ ARCHS = {
     "GRL": lambda: GRL(img_size=16, embed_dim=16, depths=[2], num_heads_window=[2], num_heads_stripe=[2], window_size=4,
                        stripe_size=[4, 4], mlp_ratio=2.0, drop_path_rate=0.0, upscale=2,
                        upsampler="pixelshuffledirect"),
+    # Real-CUGAN 2×: SE blocks written as calls (mean, 1×1 convs, ReLU, sigmoid in forward); fixed widths
+    "RealCUGAN": lambda: UpCunet2x(),
     # Uformer (restoration, scale 1): a plain and a shifted block in the first and last stages
     "Uformer": lambda: Uformer(img_size=16, embed_dim=8, depths=[2, 1, 1, 1, 1, 1, 1, 1, 2], num_heads=[1] * 9,
                                win_size=4, drop_path_rate=0.0),
 }
 # the image side each architecture is tested on (SCUNet pads its input to a multiple of 64 by reflection)
-IMAGE_SIZE = {"SCUNet": 64}
+IMAGE_SIZE = {"SCUNet": 64, "RealCUGAN": 24}  # Real-CUGAN's U-Nets crop their borders
 
 
 def build(arch: str, dtype=torch.float32, device="cpu"):

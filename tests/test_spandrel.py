@@ -33,6 +33,7 @@ LEFT = {
     "SCUNet": set(),
     "GRL": {"AnchorStripeAttention"},  # stripes attending to a down-sampled anchor map: listed, not fused
     "Uformer": set(),
+    "RealCUGAN": set(),
 }
 
 
@@ -70,7 +71,7 @@ def _covered(model):
             continue
         if hasattr(m, "relative_position_bias_table") or hasattr(m, "cpb_mlp") or \
                 hasattr(m, "relative_position_params") or \
-                type(m).__name__ in ("CALayer", "ChannelAttention"):
+                type(m).__name__ in ("CALayer", "ChannelAttention", "SEBlock"):
             names.append((name, type(m).__name__))
     return names
 
@@ -103,7 +104,7 @@ def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch, caplo
     assert not tables, f"{arch}: bias tables renamed by the swap: {list(tables)}"
     # (the check above must have had tables to check: every architecture here but these has them)
     assert any(n.endswith(TABLES) for n, _ in model.named_parameters()) == \
-        (arch not in ("Swin2SR", "RCAN", "GRL")), arch
+        (arch not in ("Swin2SR", "RCAN", "GRL", "RealCUGAN")), arch
     # the window attention layers and blocks keep their keys (a channel attention's MLP becomes
     # fc1/fc2, its old keys accepted as aliases): a checkpoint saved before the swap loads after it
     assert [k for k in model.state_dict() if ".attn." in k or "attn_mask" in k] == \
@@ -132,7 +133,8 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
                   "RCAN": {"ChannelAttention"},
                   "SCUNet": {"WindowAttentionMap"},
                   "GRL": {"WindowAttentionV2Map"},
-                  "Uformer": {"WindowAttentionToQKV"}}[arch]
+                  "Uformer": {"WindowAttentionToQKV"},
+                  "RealCUGAN": {"ChannelAttention"}}[arch]
     assert kinds == want_kinds, kinds
     want = _outputs_and_grads(reference, _image(torch.float64, arch))
     plain = _outputs_and_grads(published, _image(torch.float32, arch))
@@ -271,3 +273,18 @@ def test_a_training_resolution_that_is_not_whole_windows_does_not_stop_the_swap(
                 squeeze_factor=3, upscale=2, upsampler="pixelshuffle").double().eval()
     attnsr.swap_attention(model, backend="torch")
     assert {new for _, _, new in model.attnsr_swapped} >= {"HybridAttentionBlock", "WindowAttentionRPI"}
+
+
+def test_channel_gates_in_other_forms_are_named():
+    """NAFNet's simplified channel attention (pool, one 1×1 conv, no sigmoid, the product taken by its
+    block) and an SE gate with GELU (MixDehazeNet's) are listed with what they are, not passed over."""
+    c = 8
+    sca = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, c, 1))
+    se_gelu = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, 2, 1), torch.nn.GELU(),
+                                  torch.nn.Conv2d(2, c, 1), torch.nn.Sigmoid())
+    model = torch.nn.Sequential(torch.nn.ModuleDict({"sca": sca}), torch.nn.ModuleDict({"se": se_gelu}))
+    attnsr.swap_attention(model, backend="torch")
+    assert model.attnsr_swapped == []
+    reasons = {name: why for name, _, why in model.attnsr_left}
+    assert reasons["0.sca"].startswith("simplified channel attention (NAFNet's SCA"), reasons
+    assert reasons["1.se"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid"), reasons
