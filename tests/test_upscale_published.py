@@ -249,3 +249,25 @@ def test_a_network_that_pads_itself_its_own_way_equals_spandrel(tmp_path):
     image = _image(21, 30)
     got = infer.upscale(published, image, scale=2, multiple=published.pad_multiple, minimum=published.minimum)
     assert_close_rel(got, _spandrel_output(path, image), torch.float32, "ATD 21×30")
+
+
+def test_a_restoration_checkpoint_at_scale_one(tmp_path, capsys):
+    """SCUNet (denoising, ×1; spandrel's minimum 40, it pads itself to 64): `attnsr upscale` writes
+    an image of the input's size equal to spandrel's, whole and in tiles on its window grid (8)."""
+    path = str(tmp_path / "SCUNet.pth")
+    torch.save(build("SCUNet").state_dict(), path)
+    net = load_published(path)
+    assert (net.architecture, net.scale, net.multiple, net.minimum) == ("SCUNet", 1, 8, 40)
+    src, image = _png(tmp_path / "in.png", 45, 50)
+    out = tmp_path / "out.png"
+    assert cli.main(["upscale", src, "-o", str(out), "--checkpoint", path, "--backend", "torch"]) == 0
+    _assert_png_matches(out, _spandrel_output(path, image), "SCUNet whole")
+    lines = capsys.readouterr().out.splitlines()
+    assert "WindowAttentionMap" in lines[1] and lines[-1] == f"wrote {out} (50×45, ×1)", lines
+    swap_attention(net.net, backend="torch")
+    sizes = []
+    hook = net.net.register_forward_pre_hook(lambda module, args: sizes.append(tuple(args[0].shape[-2:])))
+    tiled = infer.upscale(net, image, scale=1, tile=40, overlap=8, multiple=net.multiple, minimum=net.minimum)
+    hook.remove()
+    assert tiled.shape == image.shape and len(sizes) > 1, (tiled.shape, sizes)
+    assert all(s % 8 == 0 and s >= 40 for size in sizes for s in size), sizes
