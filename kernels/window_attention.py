@@ -26,10 +26,11 @@ two, plus one small reduction when the bias table needs a gradient:
     dtable[r, h] = Σ over batch, windows and pairs (i, j) with offset r of dS[i, j] starts here:
     dSᵀ is summed into fp32 (N, N) tiles per head, in one of two ways.
     Fast (``torch.are_deterministic_algorithms_enabled()`` false): a program per (batch, window),
-    fp32 atomics into zeroed slots, pair p into slot p mod S (S as many as PART_BYTES allow, so
-    few programs add into one address).
+    atomics (fp32; float64 for float64) into zeroed slots, pair p into slot p mod S (S as many
+    as PART_BYTES allow, so few programs add into one address).
     Deterministic: S splits of the (batch, window) pairs, a program taking pairs s, s + S, ... and
-    adding its key rows of dS into its split's slot by plain loads and stores, in pair order.
+    adding its key rows of dS into its split's slot, rows no other program touches, with a
+    barrier between pairs: each element's sum runs in pair order, whatever the timing.
   - dQ pass (windows wider than a key block): a program per query block, Δ formed once, looping
     over the window's key blocks.
   - reduction: one program per table row sums, in a fixed order, over the slots and over the pairs
@@ -264,7 +265,7 @@ def _win_bwd_dkdv_kernel(
     DQ, DK, DV,  # (B, H, W, C) gradients, any strides (DQ: written here when WITH_DQ)
     LSE,  # (B, NH, H·W) contiguous, ACC: the forward's log2-sum-exp2
     TABLE, MASK,  # as in the forward
-    PART,  # (S, NH, N, N) contiguous, ACC: dS summed per slot, [key j, query i] (DBIAS 1 and 2)
+    PART,  # (S, NH, N, N) contiguous, zeroed, ACC: dS summed per slot, [key j, query i] (DBIAS 1 and 2)
     sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, so_b, so_y, so_x, so_c,
     sdo_b, sdo_y, sdo_x, sdo_c, sdq_b, sdq_y, sdq_x, sdq_c, sdk_b, sdk_y, sdk_x, sdk_c, sdv_b, sdv_y, sdv_x, sdv_c,
     st_r, st_h, sm_w, sm_i, sm_j, NMW,
@@ -278,7 +279,7 @@ def _win_bwd_dkdv_kernel(
     BLOCK_DC: tl.constexpr = 0,  # 0: hold K and V; else Sᵀ and dPᵀ over head-dim chunks this wide
     NEED_QKV: tl.constexpr = True,  # write dK, dV (and dQ with WITH_DQ); False: the table's gradient only
     WITH_DQ: tl.constexpr = False,  # one key block covers the window (NKB = 1): dQ = dS K here, whole
-    DBIAS: tl.constexpr = 0,  # 0: no table gradient; 1: dS added into PART by atomics; 2: PART[split] own rows
+    DBIAS: tl.constexpr = 0,  # 0: no table gradient; 1: dS into PART[pair mod SLOTS]; 2: into PART[split]
 ):
     """Program (split, key block) of a (splits · NKB, heads) grid: for the (batch, window) pairs
     split, split + S, split + 2S, ... (S = grid width / NKB), dK and dV of the block's keys, dQ of
@@ -363,17 +364,16 @@ def _win_bwd_dkdv_kernel(
                          dq.to(DQ.dtype.element_ty), mask=mask_q)
             if DBIAS == 1:  # contention: TOTAL / SLOTS pairs add into each element
                 tl.atomic_add(part + (pair % SLOTS).to(tl.int64) * NH * N * N + offs_m[None, :], ds_t, mask=valid)
-            if DBIAS == 2:  # this program's own rows of its split's slot, summed in pair order
-                prev = tl.load(part + offs_m[None, :], mask=valid, other=0.0)
-                tl.store(part + offs_m[None, :], tl.where(pair == split, ds_t, prev + ds_t), mask=valid)
+            if DBIAS == 2:  # this program's own rows of its split's slot: no other program adds there
+                tl.atomic_add(part + offs_m[None, :], ds_t, mask=valid)
         if NEED_QKV:
             dk = dk * scale
             tl.store(_tile_ptrs(DK + b * sdk_b + h * D * sdk_c, rok, cok, offs_d, sdk_y, sdk_x, sdk_c),
                      dk.to(DK.dtype.element_ty), mask=mask_k)
             tl.store(_tile_ptrs(DV + b * sdv_b + h * D * sdv_c, rok, cok, offs_d, sdv_y, sdv_x, sdv_c),
                      dv.to(DV.dtype.element_ty), mask=mask_k)
-        if DBIAS == 2:
-            tl.debug_barrier()  # the slot's rows, stored by this program, are read back for the next pair
+        if DBIAS == 2:  # this pair's adds are performed before the next pair's: each sum runs in pair order
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -511,9 +511,10 @@ _WIN_LAUNCH = {
     # windows of ≤ 64 tokens, D ≤ 32: one program per 8×8 window does dK, dV, dQ and dS (64×64/8/2,
     # 240-254 / 243-254 registers, 16-20 HGMMA); at D = 64 the same spilled 160 B (deterministic)
     ("dkdv1", "d32", "16bit"): (64, 64, 8, 2, 0, 1),
-    # fp32 (3×TF32), D ≤ 32: fwd and dq 64×32/8/2 no spills, HGMMA; dkdv 32×64/8/1 (s2 spilled 80-160
-    # B). dQ in the dK/dV pass does not fit: on wgmma it needs 64 queries a block, and 64×64 spilled
-    # 648-888 B (32 queries put its product on mma.sync)
+    # fp32 (3×TF32), D ≤ 32: fwd and dq 64×32/8/2 no spills, HGMMA; dkdv 32×64/8/1, 242-254 /
+    # 249-255 registers, no spills in either mode (s2 spilled 80-160 B; with 16-wide chunks 72-152
+    # B). dQ in the dK/dV pass does not fit: on wgmma it needs 64 queries a block, and 64×64
+    # spilled 648-888 B (32 queries: mma.sync)
     ("fwd", "d32", "fp32"): (64, 32, 8, 2),
     ("dkdv", "d32", "fp32"): (32, 64, 8, 1, 0, 0),
     ("dq", "d32", "fp32"): (64, 32, 8, 2),
@@ -525,9 +526,9 @@ _WIN_LAUNCH = {
     ("dkdv", "d16", "fp32"): (32, 64, 4, 1, 0, 0),
     ("dq", "d16", "fp32"): (64, 32, 4, 2),
     # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA. The backward on wgmma with S and dP over
-    # 16-wide head-dim chunks (the 5th element: BLOCK_DC): dq 64×32/8/2; dkdv 16×64/4/1, 246-255
-    # registers under 3.6 with no spills, under 3.9 8-24 B in deterministic mode and 8 B at window 16
-    # (16×64/4/2 spilled 56-160 B in both)
+    # 16-wide head-dim chunks (the 5th element: BLOCK_DC): dq 64×32/8/2; dkdv 16×64/4/1, 244-255
+    # registers, no spills but 8 B at window 16 in the fast mode under 3.9 (16×64/4/2 spilled
+    # 56-160 B in both versions)
     ("fwd", "d64", "fp32"): (64, 32, 8, 2),
     ("dkdv", "d64", "fp32"): (16, 64, 4, 1, 16, 0),
     ("dq", "d64", "fp32"): (64, 32, 8, 2, 16),
@@ -743,7 +744,7 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
             if deterministic else 1
         slots = _dbias_slots(geo.n, geo.heads, total, nkb, deterministic, interpreting())
         shape = (slots, geo.heads, geo.n, geo.n)
-        part = (torch.empty if deterministic else torch.zeros)(shape, dtype=stat_dtype(q.dtype), device=q.device)
+        part = torch.zeros(shape, dtype=stat_dtype(q.dtype), device=q.device)
         pairs = _offset_pairs(geo.wh, geo.ww, q.device)
 
     def launch():
