@@ -6,7 +6,8 @@ Two things are measured, per *case* (an op, a dtype, a shape, and a mode: "train
 backward, "infer" = forward alone):
 
 1. **Launch settings** of the fused attention and window kernels (attention: fwd, dkdv, dq; window:
-   fwd, dkdv, dq, dbias). Candidates: BLOCK_M, BLOCK_N ∈ {16, 32, 64, 128}, num_warps ∈ {4, 8},
+   fwd, dkdv (which also sums the bias table's gradient and, where one key block covers the window,
+   forms dQ), dq). Candidates: BLOCK_M, BLOCK_N ∈ {16, 32, 64, 128}, num_warps ∈ {4, 8},
    num_stages ∈ {1, 2, 3}, and for the backward kernels at a padded head dim of 64 or more the
    head dim read in 16-wide chunks or held whole; less those whose streamed tiles overflow the
    device's shared memory or whose fp32 accumulators alone take more than half of a thread's 255
@@ -93,7 +94,7 @@ OPS = {"attention": ("attention",), "window": ("window",),
        "gates": ("cbam_gate", "channel_gate", "spatial_gate", "layer_fusion")}
 
 GRID = dict(BLOCK_M=(16, 32, 64, 128), BLOCK_N=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
-KERNELS = {"attention": ("fwd", "dkdv", "dq"), "window": ("fwd", "dkdv", "dq", "dbias")}
+KERNELS = {"attention": ("fwd", "dkdv", "dq"), "window": ("fwd", "dkdv", "dq")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +270,8 @@ def shipped_setting(case: Case, kernel: str, device: torch.device) -> dict:
     cfg["BLOCK_DC"] = blocks.get("BLOCK_DC", 0)
     if kernel == "dkdv" and case.op == "attention":
         cfg["SPLIT"] = int(blocks.get("PART", (0,)) != (0,))
+    if "DQ" in blocks:  # window dK/dV: whether it also forms dQ where one key block covers the window
+        cfg["DQ"] = blocks["DQ"]
     return cfg
 
 
@@ -294,6 +297,8 @@ def candidates(case: Case, kernel: str, shipped: dict, smem_limit: int, most: in
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, BLOCK_DC=chunk)
         if "SPLIT" in shipped:
             cfg["SPLIT"] = shipped["SPLIT"] if chunk else 0
+        if "DQ" in shipped:
+            cfg["DQ"] = shipped["DQ"]
         if cfg != shipped:
             found.append(cfg)
     found.sort(key=lambda c: (sum(c[k] != shipped.get(k) for k in c), c["BLOCK_M"], c["BLOCK_N"], c["num_warps"],
@@ -400,6 +405,8 @@ def _fmt(cfg: dict) -> str:
         text += f"/c{cfg['BLOCK_DC']}"
     if cfg.get("SPLIT"):
         text += "/split"
+    if cfg.get("DQ") == 0:
+        text += "/dq-pass"
     return text
 
 

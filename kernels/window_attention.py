@@ -15,12 +15,27 @@ of the input maps, whatever their strides (a (B, H, W, 3C) qkv projection split 
 or NCHW maps seen through a permuted view).
 
 Forward: online softmax over key blocks with fp32 running max and sum (the attention kernels'
-scheme); saves LSE per query token. Backward: Δ = rowsum(dO ∘ O); dK, dV per key block and dQ per
-query block of each window, recomputing P from LSE; the bias-table gradient
-dtable[r, h] = Σ over batch, windows and pairs (i, j) with offset r of dS[i, j] is formed without
-atomics: a kernel sums dS over a fixed, strided set of (batch, window) per program into fp32
-partial (N, N) tiles per head; a second small kernel sums, in a fixed order, over the partials and
-over the pairs of each offset (a padded gather). Two runs give bitwise-equal gradients.
+scheme); saves LSE per query token. One launch.
+Backward, one launch where a key block covers the window (its dK/dV entry's DQ flag set: 16-bit
+windows of up to 64 tokens, and every window of up to BLOCK_N tokens under the interpreter), else
+two, plus one small reduction when the bias table needs a gradient:
+  - dK/dV pass, a program per key block of a window and head: for each query block it forms
+    Δ = rowsum(dO ∘ O) from O and dO (no Δ pass), recomputes P from LSE, adds Pᵀ dO to dV and
+    dSᵀ Q to dK, and where its key block is the whole window, writes dQ = dS K of the query block
+    (complete: no other program adds to it). The bias-table gradient
+    dtable[r, h] = Σ over batch, windows and pairs (i, j) with offset r of dS[i, j] starts here:
+    dSᵀ is summed into fp32 (N, N) tiles per head, in one of two ways.
+    Fast (``torch.are_deterministic_algorithms_enabled()`` false): a program per (batch, window),
+    atomics (fp32; float64 for float64) into zeroed slots, pair p into slot p mod S (S as many
+    as PART_BYTES allow, so few programs add into one address).
+    Deterministic: S splits of the (batch, window) pairs, a program taking pairs s, s + S, ... and
+    adding its key rows of dS into its split's slot, rows no other program touches, with a
+    barrier between pairs: each element's sum runs in pair order, whatever the timing.
+  - dQ pass (windows wider than a key block): a program per query block, Δ formed once, looping
+    over the window's key blocks.
+  - reduction: one program per table row sums, in a fixed order, over the slots and over the pairs
+    of its offset (a padded gather). Deterministic mode: two runs give bitwise-equal gradients;
+    dQ, dK and dV are deterministic in both modes (each written once, in a fixed order).
 
 Limits. Window sides ≥ 1 and dividing the map; 0 ≤ shift < window side; head dim D = C/heads ≤ 256
 (the query block and accumulators live in registers); windows of at most 2^31 tokens in all. The
@@ -232,114 +247,150 @@ def _win_fwd_kernel(
 
 
 @triton.jit
-def _win_delta_kernel(
-    O, DO,  # (B, H, W, C) forward output and its upstream gradient, any strides (stride 0 too)
-    DELTA,  # (B, NH, H·W) contiguous, ACC: rowsum(dO ∘ O) per token and head
-    so_b, so_y, so_x, so_c, sdo_b, sdo_y, sdo_x, sdo_c,
-    H, W, D, NH,
-    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # token index y·W + x
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    y = pos // W
-    x = pos % W
-    mask = (pos[:, None] < H * W) & (offs_d[None, :] < D)
-    o = tl.load(_tile_ptrs(O + b * so_b + h * D * so_c, y, x, offs_d, so_y, so_x, so_c), mask=mask, other=0.0)
-    do = tl.load(_tile_ptrs(DO + b * sdo_b + h * D * sdo_c, y, x, offs_d, sdo_y, sdo_x, sdo_c), mask=mask, other=0.0)
-    delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
-    tl.store(DELTA + (b * NH + h) * H * W + pos, delta, mask=pos < H * W)
+def _delta_rows(O, DO, ro, co, rows, so_y, so_x, so_c, sdo_y, sdo_x, sdo_c, D,
+                ACC: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr):
+    """Δ = rowsum(dO ∘ O) of the tokens at map rows ro, columns co (``rows``: which exist), over
+    head-dim chunks of BLOCK_DC features (the whole BLOCK_D when 0). O and DO point at the head."""
+    CH: tl.constexpr = BLOCK_DC if BLOCK_DC > 0 else BLOCK_D
+    delta = tl.zeros([ro.shape[0]], dtype=ACC)
+    for dc in range(0, BLOCK_D, CH):
+        offs_c = dc + tl.arange(0, CH)
+        m = rows[:, None] & (offs_c[None, :] < D)
+        o = tl.load(_tile_ptrs(O, ro, co, offs_c, so_y, so_x, so_c), mask=m, other=0.0)
+        do = tl.load(_tile_ptrs(DO, ro, co, offs_c, sdo_y, sdo_x, sdo_c), mask=m, other=0.0)
+        delta += tl.sum(o.to(ACC) * do.to(ACC), 1)
+    return delta
 
 
 @triton.jit
 def _win_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV,  # (B, H, W, C) token maps, any strides
-    LSE, DELTA,  # (B, NH, H·W) contiguous statistics
-    TABLE, MASK,
-    sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
-    sdk_b, sdk_y, sdk_x, sdk_c, sdv_b, sdv_y, sdv_x, sdv_c,
+    Q, K, V, O, DO,  # (B, H, W, C) token maps, any strides (DO: stride 0 too)
+    DQ, DK, DV,  # (B, H, W, C) gradients, any strides (DQ: written here when WITH_DQ)
+    LSE,  # (B, NH, H·W) contiguous, ACC: the forward's log2-sum-exp2
+    TABLE, MASK,  # as in the forward
+    PART,  # (S, NH, N, N) contiguous, zeroed, ACC: dS summed per slot, [key j, query i] (DBIAS 1 and 2)
+    sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, so_b, so_y, so_x, so_c,
+    sdo_b, sdo_y, sdo_x, sdo_c, sdq_b, sdq_y, sdq_x, sdq_c, sdk_b, sdk_y, sdk_x, sdk_c, sdv_b, sdv_y, sdv_x, sdv_c,
     st_r, st_h, sm_w, sm_i, sm_j, NMW,
     H, W, D, NH, NWC, NKB,  # NKB: key blocks per window
+    NWIN, TOTAL,  # windows per image; batch · NWIN (batch, window) pairs, numbered b·NWIN + w
+    SLOTS,  # DBIAS 1: PART's slots, pair p adding into slot p mod SLOTS
     SH, SW, scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # shift; scalars as in the forward
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DC: tl.constexpr = 0,  # 0: hold K and V; else Sᵀ and dPᵀ over head-dim chunks this wide
+    NEED_QKV: tl.constexpr = True,  # write dK, dV (and dQ with WITH_DQ); False: the table's gradient only
+    WITH_DQ: tl.constexpr = False,  # one key block covers the window (NKB = 1): dQ = dS K here, whole
+    DBIAS: tl.constexpr = 0,  # 0: no table gradient; 1: dS into PART[pair mod SLOTS]; 2: into PART[split]
 ):
+    """Program (split, key block) of a (splits · NKB, heads) grid: for the (batch, window) pairs
+    split, split + S, split + 2S, ... (S = grid width / NKB), dK and dV of the block's keys, dQ of
+    the window's queries (WITH_DQ), Δ of each query block on the fly, and dS summed for the table."""
     N: tl.constexpr = WH * WW
     if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
         scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
-    wid, h, b, offs_n, mwid = _window_program(NKB, BLOCK_N, H, NWC, NMW, WH, MASK_MODE)
+    split = tl.program_id(0) // NKB
+    splits = tl.num_programs(0) // NKB
+    offs_n = (tl.program_id(0) % NKB) * BLOCK_N + tl.arange(0, BLOCK_N)
+    h = tl.program_id(1).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
-    stats = LSE + (b * NH + h) * H * W
-    dstats = DELTA + (b * NH + h) * H * W
-    yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
     mask_k = (offs_n[:, None] < N) & (offs_d[None, :] < D)
-    K += b * sk_b + h * D * sk_c
-    V += b * sv_b + h * D * sv_c
-    Q += b * sq_b + h * D * sq_c
-    DO += b * sdo_b + h * D * sdo_c
-    if BLOCK_DC == 0:
-        k = tl.load(_tile_ptrs(K, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
-        v = tl.load(_tile_ptrs(V, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k, other=0.0).to(DOT)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
-        mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
-        if BLOCK_DC == 0:
-            q = tl.load(_tile_ptrs(Q, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q, other=0.0).to(DOT)
-            do = tl.load(_tile_ptrs(DO, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q, other=0.0).to(DOT)
+    if DBIAS == 1:
+        part = PART + h * N * N + offs_n[:, None] * N
+    else:
+        part = PART + (split.to(tl.int64) * NH + h) * N * N + offs_n[:, None] * N
+    for pair in range(split, TOTAL, splits):
+        b = (pair // NWIN).to(tl.int64)
+        wid = pair % NWIN
+        if MASK_MODE == 2:
+            mwid = pair % NMW
         else:
-            s_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
-            dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
-            for dc in range(0, BLOCK_D, BLOCK_DC):
-                offs_c = dc + tl.arange(0, BLOCK_DC)
-                s_t = _dot_chunk(s_t, K, rok, cok, offs_n < N, sk_y, sk_x, sk_c, Q, roq, coq, offs_m < N, sq_y, sq_x,
-                                 sq_c, offs_c, D, DOT, PRECISION, ACC)
-                dp_t = _dot_chunk(dp_t, V, rok, cok, offs_n < N, sv_y, sv_x, sv_c, DO, roq, coq, offs_m < N, sdo_y,
-                                  sdo_x, sdo_c, offs_c, D, DOT, PRECISION, ACC)
-            q = tl.load(_tile_ptrs(Q, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q, other=0.0).to(DOT)
-            do = tl.load(_tile_ptrs(DO, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q, other=0.0).to(DOT)
-        pos = roq.to(tl.int64) * W + coq
-        # query rows past N get LSE = +inf, hence P = 0: they add nothing
-        lse = tl.load(stats + pos, mask=offs_m < N, other=float("inf"))
-        delta = tl.load(dstats + pos, mask=offs_m < N, other=0.0)
-        valid = (offs_n[:, None] < N) & (offs_m[None, :] < N)
-        extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, mwid,
-                           offs_m[None, :], yq[None, :], xq[None, :], rq[None, :], cq[None, :],
-                           offs_n[:, None], yk[:, None], xk[:, None], rk[:, None], ck[:, None],
-                           valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
+            mwid = wid
+        stats = LSE + (b * NH + h) * H * W
+        yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+        Kb = K + b * sk_b + h * D * sk_c
+        Vb = V + b * sv_b + h * D * sv_c
+        Qb = Q + b * sq_b + h * D * sq_c
+        Ob = O + b * so_b + h * D * so_c
+        DOb = DO + b * sdo_b + h * D * sdo_c
         if BLOCK_DC == 0:
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
-        s_t = s_t * qk_scale + extra * log2e
-        p_t = tl.exp2(s_t - lse[None, :])
-        dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT), do, input_precision=PRECISION, out_dtype=ACC)
-        if BLOCK_DC == 0:
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION, out_dtype=ACC)
-    dk = dk * scale
-    tl.store(_tile_ptrs(DK + b * sdk_b + h * D * sdk_c, rok, cok, offs_d, sdk_y, sdk_x, sdk_c),
-             dk.to(DK.dtype.element_ty), mask=mask_k)
-    tl.store(_tile_ptrs(DV + b * sdv_b + h * D * sdv_c, rok, cok, offs_d, sdv_y, sdv_x, sdv_c),
-             dv.to(DV.dtype.element_ty), mask=mask_k)
+            k = tl.load(_tile_ptrs(Kb, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
+            v = tl.load(_tile_ptrs(Vb, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k, other=0.0).to(DOT)
+        elif WITH_DQ and NEED_QKV:
+            k = tl.load(_tile_ptrs(Kb, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
+        for start_m in range(0, N, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+            mask_q = (offs_m[:, None] < N) & (offs_d[None, :] < D)
+            if BLOCK_DC != 0:
+                s_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+                dp_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=ACC)
+                for dc in range(0, BLOCK_D, BLOCK_DC):
+                    offs_c = dc + tl.arange(0, BLOCK_DC)
+                    s_t = _dot_chunk(s_t, Kb, rok, cok, offs_n < N, sk_y, sk_x, sk_c, Qb, roq, coq, offs_m < N,
+                                     sq_y, sq_x, sq_c, offs_c, D, DOT, PRECISION, ACC)
+                    dp_t = _dot_chunk(dp_t, Vb, rok, cok, offs_n < N, sv_y, sv_x, sv_c, DOb, roq, coq, offs_m < N,
+                                      sdo_y, sdo_x, sdo_c, offs_c, D, DOT, PRECISION, ACC)
+            q = tl.load(_tile_ptrs(Qb, roq, coq, offs_d, sq_y, sq_x, sq_c), mask=mask_q, other=0.0).to(DOT)
+            do = tl.load(_tile_ptrs(DOb, roq, coq, offs_d, sdo_y, sdo_x, sdo_c), mask=mask_q, other=0.0).to(DOT)
+            pos = roq.to(tl.int64) * W + coq
+            # query rows past N get LSE = +inf, hence P = 0: they add nothing
+            lse = tl.load(stats + pos, mask=offs_m < N, other=float("inf"))
+            if BLOCK_DC == 0:  # dO is in registers already (in its own dtype, or widened exactly)
+                o = tl.load(_tile_ptrs(Ob, roq, coq, offs_d, so_y, so_x, so_c), mask=mask_q, other=0.0)
+                delta = tl.sum(o.to(ACC) * do.to(ACC), 1)
+            else:
+                delta = _delta_rows(Ob, DOb, roq, coq, offs_m < N, so_y, so_x, so_c, sdo_y, sdo_x, sdo_c, D,
+                                    ACC, BLOCK_D, BLOCK_DC)
+            valid = (offs_n[:, None] < N) & (offs_m[None, :] < N)
+            extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, mwid,
+                               offs_m[None, :], yq[None, :], xq[None, :], rq[None, :], cq[None, :],
+                               offs_n[:, None], yk[:, None], xk[:, None], rk[:, None], ck[:, None],
+                               valid, H, W, SH, SW, WH, WW, HAS_BIAS, MASK_MODE, ACC)
+            if BLOCK_DC == 0:
+                s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION, out_dtype=ACC)
+            s_t = s_t * qk_scale + extra * log2e
+            p_t = tl.exp2(s_t - lse[None, :])
+            dv += tl.dot(p_t.to(DO.dtype.element_ty).to(DOT), do, input_precision=PRECISION, out_dtype=ACC)
+            if BLOCK_DC == 0:
+                dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION, out_dtype=ACC)
+            if WITH_DQ and NEED_QKV:  # every key of the window is in this block: dQ of the query block, whole
+                # key rows past N hold K = 0: they add nothing
+                dq = tl.dot(tl.trans(ds_t.to(K.dtype.element_ty).to(DOT)), k, input_precision=PRECISION,
+                            out_dtype=ACC) * scale
+                tl.store(_tile_ptrs(DQ + b * sdq_b + h * D * sdq_c, roq, coq, offs_d, sdq_y, sdq_x, sdq_c),
+                         dq.to(DQ.dtype.element_ty), mask=mask_q)
+            if DBIAS == 1:  # contention: TOTAL / SLOTS pairs add into each element
+                tl.atomic_add(part + (pair % SLOTS).to(tl.int64) * NH * N * N + offs_m[None, :], ds_t, mask=valid)
+            if DBIAS == 2:  # this program's own rows of its split's slot: no other program adds there
+                tl.atomic_add(part + offs_m[None, :], ds_t, mask=valid)
+        if NEED_QKV:
+            dk = dk * scale
+            tl.store(_tile_ptrs(DK + b * sdk_b + h * D * sdk_c, rok, cok, offs_d, sdk_y, sdk_x, sdk_c),
+                     dk.to(DK.dtype.element_ty), mask=mask_k)
+            tl.store(_tile_ptrs(DV + b * sdv_b + h * D * sdv_c, rok, cok, offs_d, sdv_y, sdv_x, sdv_c),
+                     dv.to(DV.dtype.element_ty), mask=mask_k)
+        if DBIAS == 2:  # this pair's adds are performed before the next pair's: each sum runs in pair order
+            tl.debug_barrier()
 
 
 @triton.jit
 def _win_scores_grad(
-    Q, K, V, DO, LSE, DELTA, TABLE, MASK,
+    Q, K, V, DO, LSE, TABLE, MASK,
     sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c,
     st_r, st_h, sm_w, sm_i, sm_j,
-    wid, mwid, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,  # mwid: the mask's window
+    wid, mwid, h, offs_m, offs_n, offs_d, delta, H, W, D, NWC, SH, SW, qk_scale, log2e,  # mwid: the mask's window
     WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
     ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
     """dS = P ∘ (dO Vᵀ − Δ) of a (query block, key block) tile of one window and head, with the key
-    tile K (to form dQ = dS K). Q, K, V, DO, LSE, DELTA point at this batch element (and head).
-    BLOCK_DC > 0: S and dP over head-dim chunks of that width (see the dK/dV kernel)."""
+    tile K (to form dQ = dS K). Q, K, V, DO, LSE point at this batch element (and head); ``delta``:
+    Δ of the query block. BLOCK_DC > 0: S and dP over head-dim chunks of that width."""
     N: tl.constexpr = WH * WW
     yq, xq, rq, cq, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
     yk, xk, rk, ck, rok, cok = _window_tokens(wid, offs_n, NWC, WH, WW, SH, SW, H, W, SHIFTED)
@@ -362,7 +413,6 @@ def _win_scores_grad(
         k = tl.load(_tile_ptrs(K, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
     pos = roq.to(tl.int64) * W + coq
     lse = tl.load(LSE + pos, mask=offs_m < N, other=float("inf"))
-    delta = tl.load(DELTA + pos, mask=offs_m < N, other=0.0)
     valid = (offs_m[:, None] < N) & (offs_n[None, :] < N)
     extra = _bias_mask(TABLE, st_r, st_h, h, MASK, sm_w, sm_i, sm_j, mwid,
                        offs_m[:, None], yq[:, None], xq[:, None], rq[:, None], cq[:, None],
@@ -379,10 +429,10 @@ def _win_scores_grad(
 
 @triton.jit
 def _win_bwd_dq_kernel(
-    Q, K, V, DO, DQ,  # (B, H, W, C) token maps, any strides
-    LSE, DELTA, TABLE, MASK,
-    sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
-    sdq_b, sdq_y, sdq_x, sdq_c,
+    Q, K, V, O, DO, DQ,  # (B, H, W, C) token maps, any strides
+    LSE, TABLE, MASK,
+    sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, so_b, so_y, so_x, so_c,
+    sdo_b, sdo_y, sdo_x, sdo_c, sdq_b, sdq_y, sdq_x, sdq_c,
     st_r, st_h, sm_w, sm_i, sm_j, NMW,
     H, W, D, NH, NWC, NQB,
     SH, SW, scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # shift; scalars as in the forward
@@ -391,73 +441,37 @@ def _win_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DC: tl.constexpr = 0,  # as in the dK/dV kernel
 ):
+    """dQ of a query block of a window (windows wider than one dK/dV key block); Δ formed here."""
     N: tl.constexpr = WH * WW
     if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
         scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
     wid, h, b, offs_m, mwid = _window_program(NQB, BLOCK_M, H, NWC, NMW, WH, MASK_MODE)
     offs_d = tl.arange(0, BLOCK_D)
+    _, _, _, _, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
+    DO += b * sdo_b + h * D * sdo_c
+    delta = _delta_rows(O + b * so_b + h * D * so_c, DO, roq, coq, offs_m < N, so_y, so_x, so_c, sdo_y, sdo_x,
+                        sdo_c, D, ACC, BLOCK_D, BLOCK_DC)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     for start_n in range(0, N, BLOCK_N):
         ds, k = _win_scores_grad(
             Q + b * sq_b + h * D * sq_c, K + b * sk_b + h * D * sk_c, V + b * sv_b + h * D * sv_c,
-            DO + b * sdo_b + h * D * sdo_c, LSE + (b * NH + h) * H * W, DELTA + (b * NH + h) * H * W, TABLE, MASK,
+            DO, LSE + (b * NH + h) * H * W, TABLE, MASK,
             sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c, st_r, st_h, sm_w, sm_i, sm_j,
-            wid, mwid, h, offs_m, start_n + tl.arange(0, BLOCK_N), offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
-            WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT, BLOCK_DC,
+            wid, mwid, h, offs_m, start_n + tl.arange(0, BLOCK_N), offs_d, delta, H, W, D, NWC, SH, SW, qk_scale,
+            log2e, WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT, BLOCK_DC,
         )
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * scale
-    _, _, _, _, roq, coq = _window_tokens(wid, offs_m, NWC, WH, WW, SH, SW, H, W, SHIFTED)
     tl.store(_tile_ptrs(DQ + b * sdq_b + h * D * sdq_c, roq, coq, offs_d, sdq_y, sdq_x, sdq_c),
              dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < N) & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _win_bwd_dbias_kernel(
-    Q, K, V, DO,  # (B, H, W, C) token maps, any strides
-    LSE, DELTA, TABLE, MASK,
-    PART,  # (S, NH, N, N) contiguous, ACC: dS summed over the (batch, window) pairs of each split
-    sq_b, sq_y, sq_x, sq_c, sk_b, sk_y, sk_x, sk_c, sv_b, sv_y, sv_x, sv_c, sdo_b, sdo_y, sdo_x, sdo_c,
-    st_r, st_h, sm_w, sm_i, sm_j, NMW,
-    H, W, D, NH, NWC, NKB,
-    NWIN,  # windows per image
-    TOTAL,  # batch · NWIN: the (batch, window) pairs, split i taking i, i + S, i + 2S, ...
-    SH, SW, scale: tl.float64, qk_scale: tl.float64, log2e: tl.float64,  # shift; scalars as in the forward
-    WH: tl.constexpr, WW: tl.constexpr, SHIFTED: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_MODE: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DC: tl.constexpr = 0,  # as in the dK/dV kernel
-):
-    N: tl.constexpr = WH * WW
-    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
-        scale, qk_scale, log2e = tl.cast(scale, ACC), tl.cast(qk_scale, ACC), tl.cast(log2e, ACC)
-    offs_m = (tl.program_id(0) // NKB) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = (tl.program_id(0) % NKB) * BLOCK_N + tl.arange(0, BLOCK_N)
-    h = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2)
-    offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-    for pair in range(split, TOTAL, tl.num_programs(2)):
-        b = (pair // NWIN).to(tl.int64)
-        wid = pair % NWIN
-        ds, _ = _win_scores_grad(
-            Q + b * sq_b + h * D * sq_c, K + b * sk_b + h * D * sk_c, V + b * sv_b + h * D * sv_c,
-            DO + b * sdo_b + h * D * sdo_c, LSE + (b * NH + h) * H * W, DELTA + (b * NH + h) * H * W, TABLE, MASK,
-            sq_y, sq_x, sq_c, sk_y, sk_x, sk_c, sv_y, sv_x, sv_c, sdo_y, sdo_x, sdo_c, st_r, st_h, sm_w, sm_i, sm_j,
-            wid, pair % NMW, h, offs_m, offs_n, offs_d, H, W, D, NWC, SH, SW, qk_scale, log2e,
-            WH, WW, SHIFTED, HAS_BIAS, MASK_MODE, ACC, PRECISION, DOT, BLOCK_DC,
-        )
-        acc += ds
-    out = PART + (split.to(tl.int64) * NH + h) * N * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc, mask=(offs_m[:, None] < N) & (offs_n[None, :] < N))
-
-
-@triton.jit
 def _win_dbias_reduce_kernel(
-    PART,  # (S, NH, N·N) contiguous, ACC: the dbias kernel's partial sums of dS per split
-    PAIRS,  # (R, N) int64 contiguous: flat indices i·N + j of the pairs of each offset r, padded with N·N
+    PART,  # (S, NH, N·N) contiguous, ACC: the dK/dV kernel's sums of dS per slot, flat index j·N + i
+    PAIRS,  # (R, N) int64 contiguous: flat j·N + i of the (query i, key j) pairs of offset r, padded with N·N
     DTABLE,  # (R, NH) contiguous, the table's dtype: the table's gradient
-    S, NH,  # splits, heads
+    S, NH,  # slots, heads
     N: tl.constexpr,  # tokens per window (the most pairs an offset has)
     ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -479,56 +493,63 @@ def _win_dbias_reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-# (kernel, padded head dim class, dtype class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, BLOCK_DC])
-# on a GPU; BLOCK_DC (backward kernels): S and dP summed over head-dim chunks of that width.
-#   kernel: "fwd", "dkdv" (a program per BLOCK_N keys of a window, looping over BLOCK_M queries),
-#     "dq", "dbias" (a program per BLOCK_M × BLOCK_N tile of the window's score matrix); the Δ kernel
-#     takes the "fwd" BLOCK_M and num_warps;
+# (kernel, padded head dim class, dtype class) -> (BLOCK_M, BLOCK_N, num_warps, num_stages[, BLOCK_DC[, DQ]])
+# on a GPU; BLOCK_DC (backward kernels): S and dP summed over head-dim chunks of that width; DQ (dK/dV):
+# 1 = where one key block covers the window, the dK/dV program also writes dQ (no dQ launch).
+#   kernel: "fwd", "dkdv" (a program per BLOCK_N keys of a window, looping over BLOCK_M queries; it
+#     also forms Δ and sums dS for the table), "dkdv1" (the dK/dV entry for windows of ≤ 64 tokens
+#     where one exists), "dq" (a program per BLOCK_M queries, looping over BLOCK_N keys);
 #   head dim class: "d32" (BLOCK_D ≤ 32: SwinIR-light's 10, SwinIR's and HAT's 30), "d64", "d256";
 #     fp32 has "d16" entries of its own for BLOCK_D = 16;
 #   dtype class: "16bit", "fp32" (3×TF32 by default: more registers than one tf32 product), "fp64".
-# Chosen from `python -m attnsr.kernels.compile_report --cases window` (triton 3.9, sm_90, a shifted
-# window of 8 and of 16 with the bias table): the first setting tried with no spills and, for
-# 16-bit and fp32, every dot on wgmma. The comment gives what was seen; "d256" entries are the
-# small-tile rule, not checked (head dims above 64 are not what window transformers use).
+# Chosen by compiling for sm_90 (compile_report.run_case, a shifted window of 8 and of 16 with the
+# bias table, head dims 10, 30, 64, 128, both backward modes) under triton 3.9 and 3.6: the first
+# setting tried with no spills and, for 16-bit and fp32, every dot on wgmma. Registers: 3.9 / 3.6.
 _WIN_LAUNCH = {
-    # 16-bit: 64×64/4/2 spills 40-72 B at window 16; 64×64/8/2: no spills, all HGMMA, D = 10, 30, 64
-    # (dkdv: 64×64/8/2 spills 32 B at window 16 under triton 3.6; 32×64/8/2 is clean in both)
-    **{(k, d, "16bit"): (64, 64, 8, 2) for k in ("fwd", "dq", "dbias") for d in ("d32", "d64")},
-    **{("dkdv", d, "16bit"): (32, 64, 8, 2) for d in ("d32", "d64")},
-    # fp32 (3×TF32), D ≤ 32: 64×32/8/2 no spills, HGMMA (dkdv spills 224-1176 B and runs HMMA there,
-    # so it takes 32×64/8/2: no spills, 64-88 HGMMA)
+    # 16-bit: fwd and dq 64×64/8/2: no spills, all HGMMA, D = 10, 30, 64 (64×64/4/2 spilled 40-72 B)
+    **{(k, d, "16bit"): (64, 64, 8, 2) for k in ("fwd", "dq") for d in ("d32", "d64")},
+    # dK/dV at windows of 16 (and D = 64 at 8): 32×64/8/1, 173-246 / 175-246 registers (32×64/8/2
+    # spilled 16 B in deterministic mode at D = 30 under 3.6); dQ its own launch
+    **{("dkdv", d, "16bit"): (32, 64, 8, 1, 0, 0) for d in ("d32", "d64")},
+    # windows of ≤ 64 tokens, D ≤ 32: one program per 8×8 window does dK, dV, dQ and dS (64×64/8/2,
+    # 240-254 / 243-254 registers, 16-20 HGMMA); at D = 64 the same spilled 160 B (deterministic)
+    ("dkdv1", "d32", "16bit"): (64, 64, 8, 2, 0, 1),
+    # fp32 (3×TF32), D ≤ 32: fwd and dq 64×32/8/2 no spills, HGMMA; dkdv 32×64/8/1, 242-254 /
+    # 249-255 registers, no spills in either mode (s2 spilled 80-160 B; with 16-wide chunks 72-152
+    # B). dQ in the dK/dV pass does not fit: on wgmma it needs 64 queries a block, and 64×64
+    # spilled 648-888 B (32 queries: mma.sync)
     ("fwd", "d32", "fp32"): (64, 32, 8, 2),
-    ("dkdv", "d32", "fp32"): (32, 64, 8, 2),
+    ("dkdv", "d32", "fp32"): (32, 64, 8, 1, 0, 0),
     ("dq", "d32", "fp32"): (64, 32, 8, 2),
-    ("dbias", "d32", "fp32"): (64, 32, 8, 2),
     # fp32, BLOCK_D = 16 (SwinIR-light's D = 10): as "d32" with 4 warps. With 8 the two warp groups
     # split the 16-wide head dim into tf32 wgmma with N = 8, which read past their shared memory
     # (triton-lang/triton#10629; the same split in the fp32 attention dK/dV kernel gave an illegal
-    # memory access on an H200)
+    # memory access on an H200). dkdv 32×64/4/1: 227-240 / 217-240 registers (s2 spilled 24-88 B)
     ("fwd", "d16", "fp32"): (64, 32, 4, 2),
-    ("dkdv", "d16", "fp32"): (32, 64, 4, 2),
+    ("dkdv", "d16", "fp32"): (32, 64, 4, 1, 0, 0),
     ("dq", "d16", "fp32"): (64, 32, 4, 2),
-    ("dbias", "d16", "fp32"): (64, 32, 4, 2),
-    # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA. The backward, holding its tiles, spilled on
-    # every wgmma setting tried (dkdv 32×64/8/2 128 B, dq 64×32/8/2 344 B, dbias 64×32/8/2 328 B)
-    # and ran mma.sync; with S and dP over 16-wide head-dim chunks (the 5th element: BLOCK_DC) it
-    # is on wgmma, spill-free in triton 3.9 and 3.6 at windows 8 and 16: dkdv 16×64/4/2 235-247
-    # registers (32×64/8/2 spills 64-112 B under 3.9), dq 64×32/8/2 186-198, dbias 64×32/8/2 178-188
+    # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA. The backward on wgmma with S and dP over
+    # 16-wide head-dim chunks (the 5th element: BLOCK_DC): dq 64×32/8/2; dkdv 16×64/4/1, 244-255
+    # registers, no spills but 8 B at window 16 in the fast mode under 3.9 (16×64/4/2 spilled
+    # 56-160 B in both versions)
     ("fwd", "d64", "fp32"): (64, 32, 8, 2),
-    ("dkdv", "d64", "fp32"): (16, 64, 4, 2, 16),
+    ("dkdv", "d64", "fp32"): (16, 64, 4, 1, 16, 0),
     ("dq", "d64", "fp32"): (64, 32, 8, 2, 16),
-    ("dbias", "d64", "fp32"): (64, 32, 8, 2, 16),
-    # fp64 (FMA units): 16×32/4/1 no spills (32×32/4/1 spills 88-104 B); dkdv 16×16/4/1 (16×32/4/1
-    # spills 8 B at D = 10, window 16, and 16-24 B at D = 64 under triton 3.6)
-    **{(k, d, "fp64"): (16, 32, 4, 1) for k in ("fwd", "dq", "dbias") for d in ("d32", "d64")},
-    **{("dkdv", d, "fp64"): (16, 16, 4, 1) for d in ("d32", "d64")},
-    **{(k, "d256", c): (16, 16, 4, 1) for k in ("fwd", "dkdv", "dq", "dbias") for c in ("16bit", "fp32", "fp64")},
+    # fp64 (FMA units): 16×32/4/1 no spills (32×32/4/1 spills 88-104 B); dkdv 16×16/8/1: 174-186 /
+    # 213-254 registers (16×16/4/1 spilled 8-72 B)
+    **{(k, d, "fp64"): (16, 32, 4, 1) for k in ("fwd", "dq") for d in ("d32", "d64")},
+    **{("dkdv", d, "fp64"): (16, 16, 8, 1) for d in ("d32", "d64")},
+    # D = 128 and 256: the small-tile rule; at D = 128 16-bit is clean with it, fp32 and fp64 sum S
+    # and dP over 16-wide chunks (16×16/4/1 whole spilled 8-40 B in fp32, 384 B in fp64's dK/dV):
+    # fp32 clean, fp64 dkdv clean but 8 B at window 16 under 3.6
+    **{(k, "d256", c): (16, 16, 4, 1) for k in ("fwd", "dkdv", "dq") for c in ("16bit", "fp32", "fp64")},
+    **{("dkdv", "d256", c): (16, 16, 8, 1, 16) for c in ("fp32", "fp64")},
+    **{("dq", "d256", c): (16, 16, 4, 1, 16) for c in ("fp32", "fp64")},
 }
 
 
-_LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_DC")
-_KERNELS = ("fwd", "dkdv", "dq", "dbias")
+_LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_DC", "DQ")
+_KERNELS = ("fwd", "dkdv", "dq")
 _OVERRIDES = {}  # kernel -> launch settings replacing its table entry (set by _launch_override only)
 
 
@@ -538,7 +559,7 @@ def _check_launch(kernel: str, cfg: dict) -> None:
 
 @contextlib.contextmanager
 def _launch_override(kernel: str, **cfg):
-    """Inside the ``with`` block, launch ``kernel`` ("fwd", "dkdv", "dq" or "dbias") with ``cfg`` in
+    """Inside the ``with`` block, launch ``kernel`` ("fwd", "dkdv" or "dq") with ``cfg`` in
     place of its table entry, for every head dim and dtype. For the tuner and the tests."""
     _check_launch(kernel, cfg)
     with overriding(_OVERRIDES, kernel, cfg):
@@ -573,15 +594,21 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, tokens: int = 0, dev
         c = {torch.float16: "16bit", torch.bfloat16: "16bit", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
         if block_d == 16 and (kernel, "d16", c) in _WIN_LAUNCH:  # fp32 only: its own entries
             d = "d16"
-        bm, bn, warps, stages, *chunk = _WIN_LAUNCH[(kernel, d, c)]
+        name = "dkdv1" if kernel == "dkdv" and 0 < tokens <= 64 and ("dkdv1", d, c) in _WIN_LAUNCH else kernel
+        bm, bn, warps, stages, *more = _WIN_LAUNCH[(name, d, c)]
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-        if chunk:  # S and dP over head-dim chunks (the backward kernels)
-            cfg["BLOCK_DC"] = chunk[0]
+        if more and more[0]:  # S and dP over head-dim chunks (the backward kernels)
+            cfg["BLOCK_DC"] = more[0]
+        if len(more) > 1:
+            cfg["DQ"] = more[1]
     cfg.update(_OVERRIDES.get(kernel, {}))
     blocks = dict(BLOCK_M=cfg.pop("BLOCK_M"), BLOCK_N=cfg.pop("BLOCK_N"), BLOCK_D=block_d)
     chunk = cfg.pop("BLOCK_DC", 0)
     if chunk and kernel != "fwd":
         blocks["BLOCK_DC"] = min(chunk, block_d)
+    fuse = cfg.pop("DQ", 1)
+    if kernel == "dkdv":  # not a kernel argument: the launcher takes it out
+        blocks["DQ"] = fuse
     return blocks, cfg
 
 
@@ -657,8 +684,8 @@ def window_forward(q, k, v, geo: _Geometry, scale: float, plans=None):
 
 @functools.lru_cache(maxsize=32)
 def _offset_pairs(wh: int, ww: int, device: torch.device) -> torch.Tensor:
-    """(R, wh·ww) flat indices i·N + j of the (query, key) pairs of each relative offset r of the
-    bias table, padded with N·N (past the end): dtable[r] = Σ over row r of dS's gathered pairs."""
+    """(R, wh·ww) flat indices j·N + i of the (query i, key j) pairs of each relative offset r of the
+    bias table, padded with N·N (past the end): dtable[r] = Σ over row r of dSᵀ's gathered pairs."""
     n = wh * ww
     t = torch.arange(n)
     y, x = t // ww, t % ww
@@ -668,20 +695,25 @@ def _offset_pairs(wh: int, ww: int, device: torch.device) -> torch.Tensor:
     starts = torch.cumsum(counts, 0) - counts
     slot = torch.arange(n * n) - starts[idx[order]]
     pairs = torch.full((counts.numel(), n), n * n, dtype=torch.int64)
-    pairs[idx[order], slot] = order
+    pairs[idx[order], slot] = (order % n) * n + order // n  # query i, key j -> the dK/dV kernel's j·N + i
     return pairs.to(device)
 
 
+PART_BYTES = 4 << 20  # the most the fast path's atomic slots of dS take
+
+
 @functools.lru_cache(maxsize=256)
-def _dbias_tiles(n: int, heads: int, pairs: int, block_m: int, block_n: int, interpreted: bool) -> tuple:
-    """(splits, tile rows, tile columns) of the bias-gradient kernel's grid: the N×N score matrix in
-    BLOCK_M × BLOCK_N tiles, and per tile and head ``splits`` programs sharing the (batch, window)
-    pairs: about two waves of a 132-SM GPU in all (two programs under the interpreter), never more
-    than there are pairs."""
-    rows, cols = -(-n // block_m), -(-n // block_n)
-    if interpreted:
-        return min(2, pairs), rows, cols
-    return max(1, min(pairs, -(-264 // (rows * cols * heads)))), rows, cols
+def _dbias_slots(n: int, heads: int, pairs: int, key_blocks: int, deterministic: bool, interpreted: bool) -> int:
+    """How many (heads, N, N) slots of summed dS the table's gradient goes through. Deterministic:
+    splits of the (batch, window) pairs, each program of the dK/dV launch owning its rows of its
+    split's slot: about two waves of a 132-SM GPU (two splits under the interpreter), never more
+    than there are pairs. Fast: one program per pair, atomics into pair mod slots; slots as many as
+    PART_BYTES allow, to spread the pairs that add into one address."""
+    if deterministic:
+        if interpreted:
+            return min(2, pairs)
+        return max(1, min(pairs, -(-264 // (key_blocks * heads))))
+    return max(1, min(pairs, PART_BYTES // (4 * heads * n * n)))
 
 
 def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qkv: bool, need_table: bool,
@@ -690,7 +722,10 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
 
     Returns (dq, dk, dv, dtable); what is not needed comes back as an empty (0,) tensor. ``grads``:
     (dq, dk, dv) to write into (views of one buffer laid out like the fused qkv projection, say)
-    instead of fresh tensors. ``plans``: as in ``window_forward``.
+    instead of fresh tensors. ``plans``: as in ``window_forward``. With
+    ``torch.are_deterministic_algorithms_enabled()``, the table's gradient is summed in a fixed
+    order (two runs give bitwise-equal gradients); else with fp32 atomics (dQ, dK, dV are
+    deterministic in both).
     """
     if grads is not None:
         dq, dk, dv = grads
@@ -702,50 +737,46 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
         if need_table:
             dtable = torch.zeros_like(geo.table)
         return dq.zero_(), dk.zero_(), dv.zero_(), dtable
-    delta = torch.empty_like(lse)
-    part = pairs = None
+    total = geo.batch * geo.nwin
+    deterministic = need_table and torch.are_deterministic_algorithms_enabled()
+    slots = 1
+    part = pairs = q  # any pointer: unused without the table
     if need_table:
         dtable = poison(torch.empty(geo.table.shape, dtype=geo.table.dtype, device=q.device))
-        dbias_blocks, dbias_settings = _config("dbias", geo.head_dim, q.dtype, geo.n, q.device)
-        splits, tile_rows, tile_cols = _dbias_tiles(geo.n, geo.heads, geo.batch * geo.nwin, dbias_blocks["BLOCK_M"],
-                                                    dbias_blocks["BLOCK_N"], interpreting())
-        part = torch.empty((splits, geo.heads, geo.n, geo.n), dtype=stat_dtype(q.dtype), device=q.device)
+        nkb = triton.cdiv(geo.n, _config("dkdv", geo.head_dim, q.dtype, geo.n, q.device)[0]["BLOCK_N"]) \
+            if deterministic else 1
+        slots = _dbias_slots(geo.n, geo.heads, total, nkb, deterministic, interpreting())
+        shape = (slots, geo.heads, geo.n, geo.n)
+        part = torch.zeros(shape, dtype=stat_dtype(q.dtype), device=q.device)
         pairs = _offset_pairs(geo.wh, geo.ww, q.device)
 
     def launch():
         constexprs = geo.constexprs(q.dtype)
-        blocks, settings = _config("fwd", geo.head_dim, q.dtype, geo.n, q.device)
-        _win_delta_kernel[(triton.cdiv(geo.height * geo.width, blocks["BLOCK_M"]), geo.heads, geo.batch)](
-            out, do, delta, *out.stride(), *do.stride(), geo.height, geo.width, geo.head_dim, geo.heads,
-            ACC=constexprs["ACC"], BLOCK_M=blocks["BLOCK_M"], BLOCK_D=blocks["BLOCK_D"],
-            num_warps=settings.get("num_warps", 4),
-        )
-        strides_in = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+        blocks, settings = _config("dkdv", geo.head_dim, q.dtype, geo.n, q.device)
+        nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
+        splits = slots if deterministic else total
+        fuse = bool(blocks.pop("DQ"))
+        with_dq = need_qkv and nkb == 1 and fuse
+        dbias = 0 if not need_table else 2 if deterministic else 1
+        strides_in = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride())
         sizes = (geo.height, geo.width, geo.head_dim, geo.heads, geo.nwc)
-        if need_qkv:
-            blocks, settings = _config("dkdv", geo.head_dim, q.dtype, geo.n, q.device)
-            nkb = triton.cdiv(geo.n, blocks["BLOCK_N"])
-            _win_bwd_dkdv_kernel[(geo.nwin * nkb, geo.heads, geo.batch)](
-                q, k, v, do, dk, dv, lse, delta, *geo.extras(),
-                *strides_in, *dk.stride(), *dv.stride(), *geo.extra_strides(),
-                *sizes, nkb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **settings,
-            )
-            blocks, settings = _config("dq", geo.head_dim, q.dtype, geo.n, q.device)
-            nqb = triton.cdiv(geo.n, blocks["BLOCK_M"])
+        _win_bwd_dkdv_kernel[(splits * nkb, geo.heads)](
+            q, k, v, out, do, dq, dk, dv, lse, *geo.extras(), part,
+            *strides_in, *((*dq.stride(), *dk.stride(), *dv.stride()) if need_qkv else (0,) * 12), *geo.extra_strides(),
+            *sizes, nkb, geo.nwin, total, slots, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
+            **constexprs, **blocks, **settings, NEED_QKV=need_qkv, WITH_DQ=with_dq, DBIAS=dbias,
+        )
+        if need_qkv and not with_dq:
+            dq_blocks, dq_settings = _config("dq", geo.head_dim, q.dtype, geo.n, q.device)
+            nqb = triton.cdiv(geo.n, dq_blocks["BLOCK_M"])
             _win_bwd_dq_kernel[(geo.nwin * nqb, geo.heads, geo.batch)](
-                q, k, v, do, dq, lse, delta, *geo.extras(),
+                q, k, v, out, do, dq, lse, *geo.extras(),
                 *strides_in, *dq.stride(), *geo.extra_strides(),
-                *sizes, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **blocks, **settings,
+                *sizes, nqb, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E, **constexprs, **dq_blocks, **dq_settings,
             )
         if need_table:
-            _win_bwd_dbias_kernel[(tile_rows * tile_cols, geo.heads, part.shape[0])](
-                q, k, v, do, lse, delta, *geo.extras(), part,
-                *strides_in, *geo.extra_strides(),
-                *sizes, tile_cols, geo.nwin, geo.batch * geo.nwin, geo.sh, geo.sw, scale, scale * LOG2E, LOG2E,
-                **constexprs, **dbias_blocks, **dbias_settings,
-            )
-            _win_dbias_reduce_kernel[(pairs.shape[0],)](  # fixed-order sums over the splits and each offset's pairs
-                part, pairs, dtable, part.shape[0], geo.heads, N=geo.n, ACC=constexprs["ACC"],
+            _win_dbias_reduce_kernel[(pairs.shape[0],)](  # fixed-order sums over the slots and each offset's pairs
+                part, pairs, dtable, slots, geo.heads, N=geo.n, ACC=constexprs["ACC"],
                 BLOCK_P=next_pow2(geo.n), BLOCK_H=next_pow2(geo.heads),
             )
 
@@ -754,11 +785,9 @@ def window_backward(do, q, k, v, out, lse, geo: _Geometry, scale: float, need_qk
     key = (_call_key(geo, q, k, v, scale) if plans is None else ("bwd", dot_precision(q.dtype), geo.batch,
                                                                 q.stride(), k.stride(), v.stride(),
                                                                 geo.table_strides, geo.mask_strides),
-           out.stride(), do.stride(), dq.stride(), dk.stride(), dv.stride(), need_qkv, need_table)
+           out.stride(), do.stride(), dq.stride(), dk.stride(), dv.stride(), need_qkv, need_table, deterministic)
     # dq, dk, dv may be views of the caller's buffer: their alignment is looked at too
-    tensors = (do, q, k, v, out, dq, dk, dv, *geo.extras(), lse, delta, dtable)
-    if need_table:
-        tensors = (*tensors, part, pairs)
+    tensors = (do, q, k, v, out, dq, dk, dv, *geo.extras(), lse, dtable, part, pairs)
     _BACKWARD_PLANS.launch(key, tensors, launch, plans, given=10)
     return dq, dk, dv, dtable
 
@@ -1052,3 +1081,4 @@ def _window_attention(q, k, v, window_size, shift_size, heads, bias_table, mask,
     outs = [_window_call(q[i:i + most], k[i:i + most], v[i:i + most], bias_table, mask, call)
             for i in range(0, batch, most)]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+

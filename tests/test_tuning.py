@@ -60,7 +60,7 @@ def test_tune_end_to_end_with_a_stub_timer(tmp_path):
         written = json.load(f)
     assert written["format"] == _tuned.FORMAT and written["launch"] == table["launch"]
     want = {tune.launch_key(ATTENTION, k) for k in ("fwd", "dkdv", "dq")}
-    want |= {tune.launch_key(WINDOW, k) for k in ("fwd", "dkdv", "dq", "dbias")}
+    want |= {tune.launch_key(WINDOW, k) for k in ("fwd", "dkdv", "dq")}
     assert set(written["launch"]) == want
     assert all(cfg["num_stages"] == 1 for cfg in written["launch"].values())
     # the launchers read it: the attention's fwd kernel of that shape class, and a window's dkdv

@@ -6,6 +6,7 @@ import importlib
 
 import pytest
 import torch
+import triton
 from conftest import DEVICE, needs_gpu
 from tolerances import FP32_PRECISION_TOL, assert_close_rel
 
@@ -211,7 +212,7 @@ def test_chunked_backward_matches_reference(mask, dtype, monkeypatch):
 
     def with_chunks(kernel, head_dim, dt, *shape):
         blocks, launch = plain(kernel, head_dim, dt, *shape)
-        if kernel in ("dkdv", "dq", "dbias"):
+        if kernel in ("dkdv", "dq"):
             blocks = dict(blocks, BLOCK_DC=16)
             chunked.append(kernel)
         return blocks, launch
@@ -226,9 +227,9 @@ def test_chunked_backward_matches_reference(mask, dtype, monkeypatch):
     ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
     assert_close_rel(out, ref, dtype, "output")
     _check_grads(out, ref, leaf, table, dtype)
-    assert sorted(chunked) == ["dbias", "dkdv", "dq"]
-    for kernel in ("dkdv", "dq", "dbias"):
-        assert len(module._WIN_LAUNCH[(kernel, "d64", "fp32")]) == 5  # the table's fp32 head-dim-64 entries chunk
+    assert sorted(chunked) == ["dkdv", "dq"]
+    for kernel in ("dkdv", "dq"):
+        assert module._WIN_LAUNCH[(kernel, "d64", "fp32")][4] == 16  # the table's fp32 head-dim-64 entries chunk
 
 
 def test_empty_maps_with_a_mask_give_empty_results():
@@ -270,14 +271,81 @@ def test_hat_shapes_on_the_gpu(dtype):
     _check_grads(out, ref, leaf, table, dtype, tol)
 
 
-def test_backward_is_deterministic():
-    q, k, v, leaf = _qkv("nhwc", 2, 8, 8, 8, torch.float32)
-    table = _table((4, 4), 2, torch.float32)
-    out = window_attention(q, k, v, window_size=4, shift_size=2, heads=2, bias_table=table)
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)`` for the test (warn-only: the reference's ops)."""
+    was, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=warn)
+
+
+DETERMINISTIC_CASES = [  # window, shift, mask slices (0: Swin's, in the kernel)
+    pytest.param((4, 4), (2, 2), 0, id="w4-dq-in-dkdv"),  # one key block covers the window
+    pytest.param((8, 8), (4, 4), 0, id="w8-dq-launch"),  # two key blocks under the interpreter
+    pytest.param((4, 4), (0, 0), 2, id="w4-given-mask"),
+]
+
+
+@pytest.mark.parametrize("window,shift,slices", DETERMINISTIC_CASES)
+def test_deterministic_mode_matches_reference_and_repeats_bit_for_bit(window, shift, slices, deterministic):
+    """Under ``torch.use_deterministic_algorithms``: the bias table's gradient is summed in a fixed
+    order (splits of the batch's windows, each program owning its rows of a partial), so two runs
+    give bitwise-equal gradients, every one of them within the fp32 bound of the reference."""
+    q, k, v, leaf = _qkv("nhwc", 2, 8, 16, 16, torch.float32)
+    table = _table(window, 2, torch.float32)
+    kwargs = dict(window_size=window, shift_size=shift, heads=2, bias_table=table)
+    if slices:
+        n = window[0] * window[1]
+        kwargs["mask"] = torch.randn(slices, n, n, device=DEVICE)
+    out = window_attention(q, k, v, **kwargs)
+    ref = window_attention_ref(q, k, v, **kwargs, upcast=True)
     grad = torch.randn_like(out)
     first = torch.autograd.grad(out, (leaf, table), grad, retain_graph=True)
     second = torch.autograd.grad(out, (leaf, table), grad)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    want = torch.autograd.grad(ref, (leaf, table), grad.double())
+    assert_close_rel(first[0], want[0], torch.float32, "dqkv")
+    assert_close_rel(first[1], want[1], torch.float32, "d bias_table")
+
+
+def test_dq_dk_dv_are_deterministic_in_the_fast_mode():
+    """Without deterministic algorithms only the table's gradient uses atomics: dq, dk and dv are
+    still written once each, in a fixed order."""
+    q, k, v, leaf = _qkv("nhwc", 2, 8, 8, 8, torch.float32)
+    table = _table((4, 4), 2, torch.float32)
+    out = window_attention(q, k, v, window_size=4, shift_size=2, heads=2, bias_table=table)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, leaf, grad, retain_graph=True)[0]
+    assert torch.equal(first, torch.autograd.grad(out, leaf, grad)[0])
+
+
+@pytest.mark.parametrize("window,bias,mode", [(4, True, "fast"), (4, True, "deterministic"), (4, False, "fast"),
+                                              (8, True, "fast"), (8, True, "deterministic"), (8, False, "fast")])
+def test_launches_per_forward_and_backward(window, bias, mode, monkeypatch, request):
+    """Triton launches of one forward+backward call: the forward; one dK/dV launch that also forms
+    Δ, dS's sums for the table and, where one key block covers the window, dQ; a dQ launch
+    otherwise; the table's fixed-order reduction. No Δ or separate table-gradient pass."""
+    if mode == "deterministic":
+        request.getfixturevalue("deterministic")
+    module = importlib.import_module("attnsr.kernels.window_attention")
+    names = []
+    interface = triton.runtime.jit.KernelInterface
+    plain = interface.__getitem__
+
+    def counted(self, grid):
+        names.append(getattr(self, "__name__", None) or self.fn.__name__)
+        return plain(self, grid)
+
+    q, k, v, leaf = _qkv("swinir", 1, 8, 8, 8, torch.float32)
+    table = _table((window, window), 1, torch.float32) if bias else None
+    monkeypatch.setattr(interface, "__getitem__", counted)
+    out = window_attention(q, k, v, window_size=window, shift_size=window // 2, heads=1, bias_table=table)
+    torch.autograd.grad(out, (leaf, table) if bias else leaf, torch.randn_like(out))
+    one_block = module._config("dkdv", 8, torch.float32, window * window)[0]["BLOCK_N"] >= window * window
+    want = ["_win_fwd_kernel", "_win_bwd_dkdv_kernel", *([] if one_block else ["_win_bwd_dq_kernel"]),
+            *(["_win_dbias_reduce_kernel"] if bias else [])]
+    assert names == want
 
 
 def test_only_the_table_gradient_when_only_it_is_asked():
