@@ -404,9 +404,12 @@ def _chunking(x: torch.Tensor, block_c: int, block_p: int):
 
 def _epilogue_tiles(hidden: int, nch: int) -> dict:
     """Tiles of the MLP's forward and backward: the hidden units whole (HP), channels in blocks of
-    BLOCK_K so that a [HP, BLOCK_K] weight tile holds about 2048 values, chunks in blocks of BLOCK_N."""
+    BLOCK_K so that a [HP, BLOCK_K] weight tile holds about 2048 values, chunks in blocks of BLOCK_N
+    ≤ 8. The [BLOCK_K, BLOCK_N] tile of chunk partials then holds at most 512 values (4 masked
+    loads per thread): at 64 × 16 the backward spilled a predicate register (8 B of stack, sm_90,
+    triton 3.9, CBAM's 4×128×256² map in channels_last bf16, 16 chunks)."""
     hp = next_pow2(hidden)
-    return dict(BLOCK_K=max(1, min(64, 2048 // hp)), BLOCK_N=min(next_pow2(nch), 16), HP=hp)
+    return dict(BLOCK_K=max(1, min(64, 2048 // hp)), BLOCK_N=min(next_pow2(nch), 8), HP=hp)
 
 
 def _weights(w1, b1, w2, b2):

@@ -253,11 +253,16 @@ def _spatial_conv_bwd_kernel(
 
 
 def _conv_config(kernel_size: int):
-    """(KK, BLOCK_P, launch kwargs) of the small convolution kernels: BLOCK_P × KK ≈ 4096 on a GPU."""
+    """(KK, BLOCK_P, launch kwargs) of the small convolution kernels: BLOCK_P × KK ≈ 2048 on a GPU,
+    16 values per thread of each [BLOCK_P, KK] tile with 4 warps (8 warps where 16 pixels × KK
+    passes 2048, k ≥ 13). At 4096 the 7×7 backward held 255 registers at the benchmark shape
+    (4×128×256², sm_90, triton 3.9 and 3.6; it spilled under 3.8): offsets, masks and three
+    loaded tiles are live at once; at 2048 it takes 168 (3.9) / 128 (3.6)."""
     kk = next_pow2(kernel_size * kernel_size)
     if interpreting():
         return kk, 64, {}
-    return kk, max(16, 4096 // kk), dict(num_warps=4)
+    block_p = max(16, 2048 // kk)
+    return kk, block_p, dict(num_warps=4 if block_p * kk <= 2048 else 8)
 
 
 def spatial_stats(x: torch.Tensor, ca=None):
