@@ -56,6 +56,7 @@ import triton
 import triton.language as tl
 
 from . import _tuned
+from .pack import pack, unpack
 from ._runtime import (
     MAX_GRID_YZ,
     MAX_INDEX,
@@ -69,6 +70,7 @@ from ._runtime import (
     check_same,
     check_scale,
     check_tensor,
+    channels_innermost,
     dot_dtype,
     interpreting,
     next_pow2,
@@ -144,6 +146,64 @@ def _dot_chunk(acc, X, offs_x, x_lim, sx_r0, sx_r1, sx_c0, sx_c1, sx_c2, Y, offs
 
 
 @triton.jit
+def _load_block(ptr, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2, DT: tl.constexpr,
+                MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+    """``_load_tokens`` with only the masks a block needs: none along the tokens of a full key
+    block (MASK_N False), none along the features where the head dim is a power of two ≥ 16."""
+    offs = _rows(n, TW, s_r0, s_r1)[:, None] + _cols(d, P, s_c0, s_c1, s_c2)[None, :]
+    if MASK_N and MASK_D:
+        x = tl.load(ptr + offs, mask=(n[:, None] < n_lim) & (d[None, :] < d_lim), other=0.0)
+    elif MASK_N:
+        x = tl.load(ptr + offs, mask=n[:, None] < n_lim, other=0.0)
+    elif MASK_D:
+        x = tl.load(ptr + offs, mask=d[None, :] < d_lim, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(DT)
+
+
+@triton.jit
+def _attn_fwd_step(
+    acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, start_n, N, M, D, TW,
+    sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
+    qk_scale, P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    MASKED: tl.constexpr, MASK_D: tl.constexpr, NEG: tl.constexpr,
+):
+    """One key block of the online softmax: (acc, l, m) updated with keys start_n .. start_n + BLOCK_N.
+
+    MASKED: the last, partial key block (keys past M masked to −inf); every other block runs with
+    no token masks, and its scale is folded into the exponent: exp2(qk·qk_scale − m) is one FMA,
+    with m = max(qk)·qk_scale (min for a negative scale) taken before scaling."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if BLOCK_DC == 0:
+        k = _load_block(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT, MASKED, MASK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+    else:  # as in the backward kernels: the held operand is read again a chunk at a time
+        qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for dc in range(0, BLOCK_D, BLOCK_DC):
+            offs_c = dc + tl.arange(0, BLOCK_DC)
+            qk = _dot_chunk(qk, Q, offs_m, N, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, K, offs_n, M, sk_r0, sk_r1, sk_c0,
+                            sk_c1, sk_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
+    if MASKED:
+        s = tl.where(offs_n[None, :] < M, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        if NEG:
+            m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_block(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT, MASKED, MASK_D)
+    p = p.to(V.dtype.element_ty).to(DOT)  # rounded to the storage dtype, as on a GPU
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION, out_dtype=ACC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O,  # token tensors, addressed as described in the header (any strides)
     LSE,  # (B, H, N) contiguous, ACC dtype: log2-sum-exp2 of the scaled logits per query row
@@ -161,6 +221,8 @@ def _attn_fwd_kernel(
     DOT: tl.constexpr,  # tl.dot operand dtype: the input dtype (fp32 for bf16 under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DC: tl.constexpr = 0,  # 0: hold Q; else S summed over head-dim chunks this wide, Q read again
+    MASK_D: tl.constexpr = True,  # False where D = BLOCK_D: no feature masks on K and V
+    NEG: tl.constexpr = False,  # the scale is negative: the running max of the scaled logits is min(qk)·scale
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -176,30 +238,22 @@ def _attn_fwd_kernel(
 
     if BLOCK_DC == 0:
         q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
+    else:
+        q = tl.zeros([BLOCK_M, 16], dtype=DOT)  # unused: S is summed over chunks read in the step
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if BLOCK_DC == 0:
-            k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-        else:  # as in the backward kernels: the held operand is read again a chunk at a time
-            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-            for dc in range(0, BLOCK_D, BLOCK_DC):
-                offs_c = dc + tl.arange(0, BLOCK_DC)
-                s = _dot_chunk(s, Q, offs_m, N, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, K, offs_n, M, sk_r0, sk_r1, sk_c0,
-                               sk_c1, sk_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
-        s = s * qk_scale
-        s = tl.where(offs_n[None, :] < M, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
-        p = p.to(V.dtype.element_ty).to(DOT)  # rounded to the storage dtype, as on a GPU
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION, out_dtype=ACC)
-        m_i = m_new
+    full = M - M % BLOCK_N  # keys in full blocks: no token masks there
+    for start_n in range(0, full, BLOCK_N):
+        acc, l_i, m_i = _attn_fwd_step(
+            acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, start_n, N, M, D, TW,
+            sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
+            qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, False, MASK_D, NEG)
+    if full < M:
+        acc, l_i, m_i = _attn_fwd_step(
+            acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, full, N, M, D, TW,
+            sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
+            qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, True, True, NEG)
     acc = acc / l_i[:, None]
     _store_tokens(O, acc, offs_m, offs_d, N, D, TW, so_r0, so_r1, P, so_c0, so_c1, so_c2)
     row = (b * NH + h) * N + offs_m
@@ -677,10 +731,42 @@ def _launch_override(kernel: str, **cfg):
         yield
 
 
-def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None, shape=None):
+_SM_COUNT = {}  # CUDA device index -> streaming multiprocessors, read once
+
+
+def _sm_count(device: torch.device):
+    """The number of SMs of a CUDA device (read once per device); None for other devices."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _fill_sms(cfg: dict, device: torch.device, rows: int, batch_heads: int, dtype_class: str) -> dict:
+    """The forward's table setting with BLOCK_M halved while its programs, cdiv(rows, BLOCK_M) per
+    (batch, head), number fewer than the device's SMs (a call with B·H = 1 on an H200 otherwise
+    leaves most of its 132 SMs idle). BLOCK_M stops at 64 on tensor cores (a wgmma covers 64 rows
+    per warp group of 4 warps: the warps are halved with it past 16 rows per warp), at 16 on the FMA
+    units (float64, exact fp32)."""
+    sms = _sm_count(device)
+    if sms is None:
+        return cfg
+    floor = 16 if dtype_class == "fp64" else 64
+    while cfg["BLOCK_M"] > floor and triton.cdiv(rows, cfg["BLOCK_M"]) * batch_heads < sms:
+        cfg["BLOCK_M"] //= 2
+        if dtype_class != "fp64" and cfg["num_warps"] * 16 > cfg["BLOCK_M"]:
+            cfg["num_warps"] //= 2
+    return cfg
+
+
+def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None, shape=None,
+            rows=None):
     """(block-size constexprs, launch settings) of ``kernel`` for a head dim, dtype, patch size and
     fp32 precision (None: PyTorch's setting; see ``_dtype_class``). ``shape``: (device, tokens,
     batch × heads) of the call, for the settings measured on that device (``attnsr tune``).
+    ``rows``: the forward's query count, for ``_fill_sms`` (applied to table settings on CUDA only).
 
     The tuner's override where one is set, else the setting measured on the device for the call's
     shape class (``_tuned``), else the ``_PATCH_LAUNCH`` entry for patches where there is one, else
@@ -713,6 +799,8 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
             entry = _IEEE_LAUNCH.get((kernel, block_d), entry)
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages, BLOCK_DC=entry.chunk, SPLIT=int(entry.split))
+        if kernel == "fwd" and rows is not None and shape is not None and kernel not in _OVERRIDES:
+            cfg = _fill_sms(cfg, shape[0], rows, shape[2], key[2])
     cfg.update(_OVERRIDES.get(kernel, {}))
     if kernel == "delta":  # no key blocks, no loop to pipeline
         cfg.pop("BLOCK_N", None)
@@ -759,13 +847,14 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
 
     def launch():
         lay = layout.for_tensors(q, k, v, out)
-        blocks, settings = _config("fwd", head_dim, q.dtype, lay.patch, precision, shape)
+        blocks, settings = _config("fwd", head_dim, q.dtype, lay.patch, precision, shape, rows=n_q)
         grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
             *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out),
             n_q, n_kv, head_dim, lay.tw, heads, scale * LOG2E,
-            P=lay.patch, **_dtypes(q.dtype, precision), **blocks, **settings,
+            P=lay.patch, **_dtypes(q.dtype, precision), **blocks, MASK_D=head_dim != blocks["BLOCK_D"],
+            NEG=scale < 0, **settings,
         )
 
     key = _call_key(layout, q, k, v, scale, precision) if plans is None else ("fwd", precision)
@@ -846,6 +935,37 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, kind: str, heads: int, patch: in
     return _Tokens("map", heads, patch, w), n, n, c // heads * patch * patch
 
 
+def _packs(kind: str, patch: int) -> bool:
+    """Whether a call runs its kernels on packed sequences (``pack.py``): the patches (p > 1) of
+    maps, whose features are p-wide runs one image row apart. Pixels (p = 1) are read in place:
+    their features are one stride apart (unit stride in channels_last), and their tokens adjacent."""
+    return kind == "map" and patch > 1
+
+
+def _packed_forward(q, k, v, layout: "_Tokens", n_q: int, n_kv: int, head_dim: int, scale: float, precision,
+                    plans):
+    """The forward of a packed call: q, k, v packed (one launch), the sequence forward, the output
+    unpacked into a map like q (one launch). Returns (out, lse, the packed q, k, v and out)."""
+    qs, ks, vs = pack((q, k, v), layout, n_q, head_dim)
+    outs, lse = attention_forward(qs, ks, vs, _Tokens("seq", layout.heads, 1, 1), n_q, n_kv, head_dim, scale,
+                                  precision, plans)
+    out = layout.empty_like(q)
+    unpack((outs,), (out,), layout, n_q, head_dim)
+    return out, lse, (qs, ks, vs, outs)
+
+
+def _packed_backward(do, packed, lse, layout: "_Tokens", n_q: int, n_kv: int, head_dim: int, scale: float,
+                     need_dq: bool, need_dkdv: bool, precision, targets, plans) -> None:
+    """The backward of a packed call: dO packed (one launch), the sequence backward on the packed
+    q, k, v, out, and dq, dk, dv unpacked (one launch) into ``targets`` (maps, or None where not
+    wanted): fresh maps, or views of the caller's gradient buffer."""
+    (dos,) = pack((do,), layout, n_q, head_dim)
+    qs, ks, vs, outs = packed
+    grads = attention_backward(dos, qs, ks, vs, outs, lse, _Tokens("seq", layout.heads, 1, 1), n_q, n_kv, head_dim,
+                               scale, need_dq, need_dkdv, precision, None, plans)
+    unpack(grads, targets, layout, n_kv, head_dim)
+
+
 @torch.library.custom_op("attnsr::attention", mutates_args=())
 @on_tensor_device
 def _attention_op(
@@ -853,6 +973,8 @@ def _attention_op(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
+    if _packs(kind, patch):
+        return _packed_forward(q, k, v, layout, n_q, n_kv, head_dim, scale, precision, None)[:2]
     return attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale, precision)
 
 
@@ -870,6 +992,16 @@ def _attention_backward_op(
     kind: str, heads: int, patch: int, scale: float, precision: str, need_dq: bool, need_dkdv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
+    if _packs(kind, patch):  # the op saves maps: q, k, v packed again (one launch), out with dO (one)
+        dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
+        dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
+        qs, ks, vs = pack((q, k, v), layout, n_q, head_dim)
+        outs, dos = pack((out, do), layout, n_q, head_dim)
+        grads = attention_backward(dos, qs, ks, vs, outs, lse, _Tokens("seq", heads, 1, 1), n_q, n_kv, head_dim,
+                                   scale, need_dq, need_dkdv, precision)
+        unpack(grads, (dq if need_dq else None, dk if need_dkdv else None, dv if need_dkdv else None), layout,
+               n_q, head_dim)
+        return dq, dk, dv
     return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale, need_dq, need_dkdv,
                               precision)
 
@@ -908,11 +1040,12 @@ class _Call:
     """What the checks of a call derived, kept per call signature (``ValidCalls``) with the launch
     plans of its forward and backward: a repeated call does no more than swap its tensors in."""
 
-    __slots__ = ("head_dim", "heads", "kind", "layout", "n_kv", "n_q", "patch", "plans", "scale")
+    __slots__ = ("head_dim", "heads", "kind", "layout", "n_kv", "n_q", "packed", "patch", "plans", "scale")
 
     def __init__(self, q, k, kind: str, heads: int, patch: int, scale: float):
         self.kind, self.heads, self.patch, self.scale = kind, heads, patch, scale
         self.layout, self.n_q, self.n_kv, self.head_dim = _geometry(q, k, kind, heads, patch)
+        self.packed = _packs(kind, patch)  # run on packed sequences (``_packed_forward``)
         self.plans = {}
 
 
@@ -927,22 +1060,49 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, base, call, precision):
-        with device_guard(q):
-            out, lse = attention_forward(q, k, v, call.layout, call.n_q, call.n_kv, call.head_dim, call.scale,
-                                         precision, call.plans)
+        geometry = (call.layout, call.n_q, call.n_kv, call.head_dim, call.scale, precision, call.plans)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, out, lse, base)
         ctx.call, ctx.precision = call, precision
         ctx.grad_layout = None if base is None else grad_layout(base, (q, k, v))
+        if call.packed:
+            # the backward reads the packed q, k, v and out; the output map is saved only to tie a
+            # gradient to the graph (``refuse_twice``), the inputs' memory formats to make their gradients
+            with device_guard(q):
+                out, lse, packed = _packed_forward(q, k, v, *geometry)
+            ctx.save_for_backward(*packed, lse, base, out)
+            ctx.map_formats = tuple(channels_innermost(t) for t in (q, k, v))
+            return out
+        with device_guard(q):
+            out, lse = attention_forward(q, k, v, *geometry)
+        ctx.save_for_backward(q, k, v, out, lse, base)
         return out
 
     @staticmethod
     def backward(ctx, do):
         if do is None:
             return None, None, None, None, None, None
-        q, k, v, out, lse, base = ctx.saved_tensors
         call = ctx.call
         geometry = (call.layout, call.n_q, call.n_kv, call.head_dim, call.scale)
+        if call.packed:  # q, k, v, out: packed sequences; dO and the gradients: maps
+            q, k, v, out, lse, base, out_map = ctx.saved_tensors
+            if base is not None:
+                dbase, targets = grad_views(ctx.grad_layout)
+                need_q = need_k = need_v = True
+            else:
+                need_q, need_k, need_v = ctx.needs_input_grad[:3]
+                formats = (torch.channels_last if last else torch.contiguous_format for last in ctx.map_formats)
+                targets = tuple(poison(torch.empty(out_map.shape, dtype=out_map.dtype, device=out_map.device,
+                                                   memory_format=fmt)) if need else None
+                                for fmt, need in zip(formats, (need_q, need_k, need_v)))
+            with device_guard(q):
+                _packed_backward(do, (q, k, v, out), lse, *geometry, need_q, need_k or need_v, ctx.precision,
+                                 targets, call.plans)
+            if base is not None:
+                (dbase,) = refuse_twice("flash_attention / image_attention", (base,), (dbase,))
+                return None, None, None, dbase, None, None
+            dq, dk, dv = refuse_twice("flash_attention / image_attention", (out_map,), targets)
+            return dq, dk, dv, None, None, None
+        q, k, v, out, lse, base = ctx.saved_tensors
         if base is not None:
             dbase, grads = grad_views(ctx.grad_layout)
             with device_guard(q):

@@ -217,6 +217,7 @@ class Case:
     layout: str = "nchw"  # nchw, channels_last, fused (q, k, v split from one conv output), seq
     patch: int = 1
     variant: str = ""  # gating: pool="avgmax", layer_fusion "list", ...
+    size: int = 16  # attention maps: height and width (45: H·W not a multiple of 16)
 
 
 def _torch_dtype(name: str) -> torch.dtype:
@@ -262,7 +263,7 @@ def _run_attention(case: Case):
         _backward(attention.flash_attention(q, k, v, **extra))
         return
     channels = d // (case.patch * case.patch)
-    size = 16
+    size = case.size
     if case.layout == "fused":  # one conv output with 3·C channels, q, k, v = split(C, 1)
         qkv = _map((2, 3 * channels, size, size), dtype)
         q, k, v = qkv.split(channels, 1)
