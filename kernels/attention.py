@@ -4,7 +4,13 @@ Maths. For one (batch, head): S = Q Kᵀ · scale, P = softmax_rows(S), O = P V,
 K, V: (M, D). The forward streams K and V in blocks of BLOCK_N keys and keeps, per query row, the
 running max m and running sum l of exp(S − m) in fp32 (online softmax), rescaling the fp32 output
 accumulator whenever m grows, so the N×M matrix never exists and large logits stay finite. It
-saves LSE = m + log(l) per row (base 2 inside the kernels: exp2 is what the hardware has).
+saves LSE = m + log(l) per row (base 2 inside the kernels: exp2 is what the hardware has). On
+full key blocks the scale is folded into the exponent: m is taken from the raw block maximum
+(max(QKᵀ)·scale·log2 e; the minimum for a negative scale) and exp2(qk·scale·log2 e − m) is one
+FMA per logit; only the last, partial key block is masked (keys past M to −inf), and only its
+K and V loads carry token masks. On the FMA units (float64, exact fp32) every block takes the
+masked path, as before the split: with the split the sm_90 compile spilled there (float64 at head
+dim 64: 144 B, exact fp32 at 32: 656 B, with the table's settings).
 The backward recomputes P = exp(S − LSE) block by block:
     Δ = rowsum(dO ∘ O)                       (preprocess kernel)
     dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − Δ),  dK = dSᵀ Q · scale   (one program per key block)
@@ -25,6 +31,18 @@ im2col copy, and upstream gradients with stride 0. Where every map of a call hol
 one row (s_r0 = TW·s_r1: the pixels of NCHW and channels_last maps and their fused-qkv views), the
 launchers pass TW = 1 and s_r0 = s_r1, so row(n) = n·s_r0 needs no division.
 
+Patches are packed. A p×p patch token's features are p-wide runs one image row apart, so reading
+them in place gathers a few bytes per load for every key block of every query block (O(N²·D)
+bytes; no 128-bit loads in any patch kernel on sm_90). Calls with p > 1 (``_packs``, decided
+once per call signature) instead copy q, k and v into one unit-stride (3, B, heads, N, D) buffer
+(``pack.py``: one launch, O(N·D) bytes, rows zero-padded to a multiple of 16 elements, the head
+dim the kernels then run with), run the sequence path, and
+write the output back into the map's layout (one launch); the backward packs dO (one launch),
+runs the sequence backward on the packed q, k, v and out it saved, and writes dq, dk and dv where
+autograd wants them (one launch: fresh maps, or the qkv gradient buffer of
+``image_attention_qkv``). The kernels keep the patch addressing above (P > 1), which the public
+ops no longer launch.
+
 Limits. Head dim D ≤ 256: a block of queries and the fp32 accumulator live in registers; D is
 padded to the next power of two (at least 16) with masks. Batch and heads ≤ 65535 each (grid
 axes 1 and 2). At most 2^31 − 2^16 tokens per sequence: token indices are int32. fp32 inputs
@@ -44,7 +62,10 @@ head dim 128 and 256, float64 at 256), an entry also sets a head-dim chunk (BLOC
 operand is read again, 16 features at a time) and, for dK/dV, a split into a dV and a dK launch.
 ``python -m benchmarks.tune`` measures candidates on a GPU; it sets them through
 ``_launch_override``, which only it and the tests use. Under the interpreter every kernel runs
-32×32 tiles unless overridden.
+32×32 tiles unless overridden. On a GPU the forward's table setting is adapted to the call
+(``_fill_sms``): its query block is halved (down to 64 rows on tensor cores, 16 on the FMA units)
+while the call would start fewer programs than the device has SMs (read once per device), down
+to 16 rows per warp.
 """
 
 import contextlib
@@ -56,7 +77,7 @@ import triton
 import triton.language as tl
 
 from . import _tuned
-from .pack import pack, unpack
+from .pack import pack, seq_row, unpack
 from ._runtime import (
     MAX_GRID_YZ,
     MAX_INDEX,
@@ -223,6 +244,7 @@ def _attn_fwd_kernel(
     BLOCK_DC: tl.constexpr = 0,  # 0: hold Q; else S summed over head-dim chunks this wide, Q read again
     MASK_D: tl.constexpr = True,  # False where D = BLOCK_D: no feature masks on K and V
     NEG: tl.constexpr = False,  # the scale is negative: the running max of the scaled logits is min(qk)·scale
+    SPLIT_LAST: tl.constexpr = True,  # full key blocks unmasked, the last one masked; False: all masked
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -243,17 +265,24 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    full = M - M % BLOCK_N  # keys in full blocks: no token masks there
-    for start_n in range(0, full, BLOCK_N):
-        acc, l_i, m_i = _attn_fwd_step(
-            acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, start_n, N, M, D, TW,
-            sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
-            qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, False, MASK_D, NEG)
-    if full < M:
-        acc, l_i, m_i = _attn_fwd_step(
-            acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, full, N, M, D, TW,
-            sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
-            qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, True, True, NEG)
+    if SPLIT_LAST:  # keys in full blocks, with no token masks; the rest in one masked block
+        full = M - M % BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, start_n, N, M, D, TW,
+                sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1,
+                sv_c2, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, False, MASK_D, NEG)
+        if full < M:
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, full, N, M, D, TW,
+                sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1,
+                sv_c2, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, True, True, NEG)
+    else:  # every block masked (one loop, as before the split)
+        for start_n in range(0, M, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, start_n, N, M, D, TW,
+                sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1,
+                sv_c2, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, True, True, NEG)
     acc = acc / l_i[:, None]
     _store_tokens(O, acc, offs_m, offs_d, N, D, TW, so_r0, so_r1, P, so_c0, so_c1, so_c2)
     row = (b * NH + h) * N + offs_m
@@ -525,26 +554,32 @@ _LAUNCH = {
     ("fwd", 32, "16bit"): _Launch(128, 64, 4, 3),
     # sm_90: 163 regs, no spills, 64 KiB, 36 HGMMA; sm_80 255 regs, 48 KiB
     ("fwd", 32, "fp32"): _Launch(128, 64, 8, 2),
-    # sm_90: 190 regs, no spills, 32 KiB, FMA
-    ("fwd", 32, "fp64"): _Launch(64, 32, 4, 2),
-    # sm_90: 238 regs, no spills, 64 KiB, 16 HGMMA; sm_80 255 regs, 40 KiB
-    ("fwd", 64, "16bit"): _Launch(128, 64, 4, 3),
+    # sm_90: 136 regs, no spills, 24 KiB, FMA (triton 3.6: 136; exact fp32 at head dim 30: 96 / 90).
+    # 64×32/4/2 spilled 16 B (3.9) with this forward (the step in its own function, alpha after p)
+    ("fwd", 32, "fp64"): _Launch(64, 16, 4, 2),
+    # sm_90 (the forward with its last key block split off): 221 regs, 16 HGMMA on a fused map;
+    # 45×45 NCHW maps (H·W not 16-divisible) spilled 560 B at 128×64/4/3 (304 B before the split),
+    # 248 B at 64×64/4/3, 40 B at 128×32/4/3; 128×64/8/3 there: 246 regs, no spills, 16 HGMMA
+    ("fwd", 64, "16bit"): _Launch(128, 64, 8, 3),
     # sm_90: 188 regs, no spills, 80 KiB, 36 HGMMA; sm_80 255 regs, 64 KiB
     ("fwd", 64, "fp32"): _Launch(64, 32, 4, 3),
     # sm_90: 196 regs, no spills, 56 KiB, FMA
     ("fwd", 64, "fp64"): _Launch(32, 32, 4, 2),
-    # sm_90: 182 regs, no spills, 128 KiB, 12 HGMMA; sm_80 255 regs, 80 KiB
-    ("fwd", 128, "16bit"): _Launch(128, 64, 8, 3),
-    # sm_90: 230 regs, no spills, 16 KiB, 12 HGMMA (triton 3.6: 228 regs, no spills). Q held whole
-    # (64×16/4/2 unchunked) spilled 40 B under 3.6 (3.9 clean at 248 regs)
-    ("fwd", 128, "fp32"): _Launch(64, 16, 4, 2, chunk=16),
+    # 45×45 NCHW maps spilled 272 B at 128×64/8/3 (200 B before the split), 1200 B at 64×64/4/3;
+    # 128×32/8/3 there: 228 regs, no spills, 20 HGMMA
+    ("fwd", 128, "16bit"): _Launch(128, 32, 8, 3),
+    # 45×45 NCHW maps (H·W not 16-divisible), sm_90: 247 regs, no spills, 16 KiB, 24 HGMMA (triton
+    # 3.6: 248). Two stages (64×16/4/2, chunked) spilled 80 B there (3.6: 104 B; 24 B before the last
+    # key block was split off), 64×32/4/1 40 B, Q held whole (64×16/4/2 unchunked) 696 B
+    ("fwd", 128, "fp32"): _Launch(64, 16, 4, 1, chunk=16),
     # sm_90: 222 regs, no spills, 52 KiB, FMA
     ("fwd", 128, "fp64"): _Launch(16, 32, 4, 1),
     # sm_90: 222 regs, no spills, 40 KiB, 17 HGMMA; sm_80 255 regs, 42 KiB
     ("fwd", 256, "16bit"): _Launch(64, 16, 4, 1),
-    # sm_90: 248 regs, no spills, 32 KiB, 120 HMMA (triton 3.6: 246 regs). Q held whole, every
-    # setting spilled (16×16/4/1: 208 B); 64×16/4/1 chunked (on wgmma) spills 312 B
-    ("fwd", 256, "fp32"): _Launch(32, 32, 8, 1, chunk=16),
+    # 45×45 NCHW maps, sm_90: 240 regs, no spills, 120 HMMA; 32×32/8/1 chunked spilled 64 B there
+    # (3.6: 40 B; 8 B before the last key block was split off), 64×16/4/1 chunked 1048 B. Q held
+    # whole, every setting spilled (16×16/4/1: 208 B)
+    ("fwd", 256, "fp32"): _Launch(32, 16, 8, 1, chunk=16),
     # sm_90: 123 regs, no spills, 34 KiB, FMA (triton 3.6: 162 regs). Unchunked it spilled 16 B under 3.6
     ("fwd", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16),
     # Δ = rowsum(dO ∘ O): rows per program and warps only; no dot products, no spills
@@ -643,21 +678,12 @@ _LAUNCH = {
     ("dq", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16),
 }
 
-# Patches (p > 1) address every feature of a token on its own (no unit stride along the head dim),
-# which takes more registers: where the _LAUNCH entry spills with 2×2 patches, this one replaces
-# it (chosen as above, on `attention <dtype> D=64 nchw p2`; other head dims with patches keep
-# their _LAUNCH entry, unchecked).
-_PATCH_LAUNCH = {
-    # 128×64/4/3 spills 656 B with patches; sm_90: 234 regs, 12 KiB, 6 HGMMA, no spills
-    ("fwd", 64, "16bit"): _Launch(64, 32, 4, 2),
-    # 64×32/4/3 spills 56 B with patches; sm_90: 254 regs, 56 KiB, 30 HGMMA, no spills
-    ("fwd", 64, "fp32"): _Launch(64, 16, 4, 3),
-    # 64×32/4/2 spills 120 B with patches; sm_90: 255 regs, 80 KiB, 54 HGMMA, no spills
-    ("dq", 64, "fp32"): _Launch(64, 16, 4, 2),
-    # split, 16-wide chunks: sm_90 142 / 195 regs, no spills, 16 KiB, 12 / 18 HGMMA (triton 3.6: 154 /
-    # 210). In one launch every setting on wgmma spilled (16×64/4/1: 104 B); 16×32/4/2 ran mma.sync
-    ("dkdv", 64, "fp32"): _Launch(16, 64, 4, 1, chunk=16, split=True),
-}
+# Settings for the in-place patch path (P > 1: every feature of a token addressed on its own, which
+# takes more registers), replacing the _LAUNCH entry where one is given. None: the public ops pack
+# patches into sequences (``_packs``) and launch the sequence path, so nothing launches P > 1 now.
+# (Before packing, 2×2 patches at head dim 64 took 64×32/4/2 in 16-bit, 64×16/4/3 in fp32, and
+# fp32 dQ 64×16/4/2 and dK/dV 16×64/4/1 chunked and split: the _LAUNCH entries spilled there.)
+_PATCH_LAUNCH = {}
 
 
 # Exact fp32 (precision="ieee", FMA units) takes the fp64 entries, except where those spill with
@@ -744,20 +770,17 @@ def _sm_count(device: torch.device):
     return _SM_COUNT[index]
 
 
-def _fill_sms(cfg: dict, device: torch.device, rows: int, batch_heads: int, dtype_class: str) -> dict:
+def _fill_sms(cfg: dict, device: torch.device, rows: int, batch_heads: int) -> dict:
     """The forward's table setting with BLOCK_M halved while its programs, cdiv(rows, BLOCK_M) per
     (batch, head), number fewer than the device's SMs (a call with B·H = 1 on an H200 otherwise
-    leaves most of its 132 SMs idle). BLOCK_M stops at 64 on tensor cores (a wgmma covers 64 rows
-    per warp group of 4 warps: the warps are halved with it past 16 rows per warp), at 16 on the FMA
-    units (float64, exact fp32)."""
+    leaves most of its 132 SMs idle), down to 16 rows per warp (64 with 4 warps: a wgmma's rows per
+    warp group). The warps stay: each thread then holds fewer query rows and no more of K and V
+    (checked on sm_90 for the entries it halves: no spills, still wgmma)."""
     sms = _sm_count(device)
     if sms is None:
         return cfg
-    floor = 16 if dtype_class == "fp64" else 64
-    while cfg["BLOCK_M"] > floor and triton.cdiv(rows, cfg["BLOCK_M"]) * batch_heads < sms:
+    while cfg["BLOCK_M"] > 16 * cfg["num_warps"] and triton.cdiv(rows, cfg["BLOCK_M"]) * batch_heads < sms:
         cfg["BLOCK_M"] //= 2
-        if dtype_class != "fp64" and cfg["num_warps"] * 16 > cfg["BLOCK_M"]:
-            cfg["num_warps"] //= 2
     return cfg
 
 
@@ -800,7 +823,7 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages, BLOCK_DC=entry.chunk, SPLIT=int(entry.split))
         if kernel == "fwd" and rows is not None and shape is not None and kernel not in _OVERRIDES:
-            cfg = _fill_sms(cfg, shape[0], rows, shape[2], key[2])
+            cfg = _fill_sms(cfg, shape[0], rows, shape[2])
     cfg.update(_OVERRIDES.get(kernel, {}))
     if kernel == "delta":  # no key blocks, no loop to pipeline
         cfg.pop("BLOCK_N", None)
@@ -854,7 +877,7 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
             *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out),
             n_q, n_kv, head_dim, lay.tw, heads, scale * LOG2E,
             P=lay.patch, **_dtypes(q.dtype, precision), **blocks, MASK_D=head_dim != blocks["BLOCK_D"],
-            NEG=scale < 0, **settings,
+            NEG=scale < 0, SPLIT_LAST=_dtype_class(q.dtype, precision) != "fp64", **settings,
         )
 
     key = _call_key(layout, q, k, v, scale, precision) if plans is None else ("fwd", precision)
@@ -947,8 +970,8 @@ def _packed_forward(q, k, v, layout: "_Tokens", n_q: int, n_kv: int, head_dim: i
     """The forward of a packed call: q, k, v packed (one launch), the sequence forward, the output
     unpacked into a map like q (one launch). Returns (out, lse, the packed q, k, v and out)."""
     qs, ks, vs = pack((q, k, v), layout, n_q, head_dim)
-    outs, lse = attention_forward(qs, ks, vs, _Tokens("seq", layout.heads, 1, 1), n_q, n_kv, head_dim, scale,
-                                  precision, plans)
+    outs, lse = attention_forward(qs, ks, vs, _Tokens("seq", layout.heads, 1, 1), n_q, n_kv, seq_row(head_dim),
+                                  scale, precision, plans)
     out = layout.empty_like(q)
     unpack((outs,), (out,), layout, n_q, head_dim)
     return out, lse, (qs, ks, vs, outs)
@@ -961,8 +984,8 @@ def _packed_backward(do, packed, lse, layout: "_Tokens", n_q: int, n_kv: int, he
     wanted): fresh maps, or views of the caller's gradient buffer."""
     (dos,) = pack((do,), layout, n_q, head_dim)
     qs, ks, vs, outs = packed
-    grads = attention_backward(dos, qs, ks, vs, outs, lse, _Tokens("seq", layout.heads, 1, 1), n_q, n_kv, head_dim,
-                               scale, need_dq, need_dkdv, precision, None, plans)
+    grads = attention_backward(dos, qs, ks, vs, outs, lse, _Tokens("seq", layout.heads, 1, 1), n_q, n_kv,
+                               seq_row(head_dim), scale, need_dq, need_dkdv, precision, None, plans)
     unpack(grads, targets, layout, n_kv, head_dim)
 
 
@@ -997,8 +1020,8 @@ def _attention_backward_op(
         dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
         qs, ks, vs = pack((q, k, v), layout, n_q, head_dim)
         outs, dos = pack((out, do), layout, n_q, head_dim)
-        grads = attention_backward(dos, qs, ks, vs, outs, lse, _Tokens("seq", heads, 1, 1), n_q, n_kv, head_dim,
-                                   scale, need_dq, need_dkdv, precision)
+        grads = attention_backward(dos, qs, ks, vs, outs, lse, _Tokens("seq", heads, 1, 1), n_q, n_kv,
+                                   seq_row(head_dim), scale, need_dq, need_dkdv, precision)
         unpack(grads, (dq if need_dq else None, dk if need_dkdv else None, dv if need_dkdv else None), layout,
                n_q, head_dim)
         return dq, dk, dv

@@ -4,10 +4,13 @@ Why. A p×p patch token's features are p-wide runs one image row apart (NCHW: pa
 fp32 at p = 2), so an attention kernel that reads them in place gathers every tile of K and V, for
 every query block: O(N²·D) bytes at a few bytes per load instruction (the sm_90 compile showed no
 128-bit global loads in any patch kernel). Moving them once into a sequence tensor whose head dim
-is unit-stride (row stride a multiple of 16 elements) costs one read and one write of N·D elements
-per tensor, after which the attention kernels read 16-byte vectors; ``attention.py`` packs q, k, v
-(one launch), unpacks the output (one launch) and, in the backward, packs dO and unpacks dq, dk,
-dv (one launch each way).
+is unit-stride costs one read and one write of N·D elements per tensor, after which the attention
+kernels read 16-byte vectors; ``attention.py`` packs q, k, v (one launch), unpacks the output (one
+launch) and, in the backward, packs dO and unpacks dq, dk, dv (one launch each way). Rows are
+``seq_row(D)`` elements, D rounded up to a multiple of 16, the padding written as zeros: the
+attention kernels then run with that head dim (the scale stays the caller's), whose feature masks
+Triton sees as 16-wide (a D like 36 would leave every load scalar), and the zero features add
+nothing to q·k nor to the output's and gradients' first D features, the ones unpacked.
 
 Addressing of the map side: as in ``attention.py``'s header, feature d of token n of head h of
 batch b is at base + b·s_b + h·s_h + row(n) + col(d), with row(n) = (n // TW)·s_r0 + (n % TW)·s_r1
@@ -27,8 +30,10 @@ import triton.language as tl
 
 from ._runtime import LaunchPlans, interpreting, next_pow2
 
-# Elements per program: 4096 (16 KiB of fp32 per tile, 32 per thread at 4 warps).
-_TILE = 4096
+# Elements per program: 2048 (16 per thread at 4 warps; at least 16 tokens). With 4096 the unpack
+# of a bf16 output at head dim 64 spilled 40 B on sm_90 under triton 3.6 (96 regs); the map side's
+# int64 offsets take two registers per element.
+_TILE = 2048
 _WARPS = 4
 
 
@@ -41,13 +46,14 @@ def _map_offsets(n, d, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2):
 
 
 @triton.jit
-def _move(MAP, SEQ, b, h, n, d, mask, seq_offs, s_b, s_h, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2,
+def _move(MAP, SEQ, b, h, n, d, mask, seq_mask, seq_offs, s_b, s_h, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2,
           TO_SEQ: tl.constexpr):
-    """Copy one tile between a map (strides s_*) and a sequence tensor (offsets ``seq_offs``)."""
+    """Copy one tile between a map (strides s_*, ``mask``) and a sequence tensor (offsets
+    ``seq_offs``, ``seq_mask``: the rows with their padding)."""
     map_offs = b * s_b + h * s_h + _map_offsets(n, d, TW, s_r0, s_r1, P, s_c0, s_c1, s_c2)
-    if TO_SEQ:
-        x = tl.load(MAP + map_offs, mask=mask)
-        tl.store(SEQ + seq_offs, x.to(SEQ.dtype.element_ty), mask=mask)
+    if TO_SEQ:  # the row's padding (D ≤ d < ROW) is written as zeros
+        x = tl.load(MAP + map_offs, mask=mask, other=0.0)
+        tl.store(SEQ + seq_offs, x.to(SEQ.dtype.element_ty), mask=seq_mask)
     else:
         x = tl.load(SEQ + seq_offs, mask=mask)
         tl.store(MAP + map_offs, x.to(MAP.dtype.element_ty), mask=mask)
@@ -62,6 +68,7 @@ def _pack_kernel(
     m2_b, m2_h, m2_r0, m2_r1, m2_c0, m2_c1, m2_c2,  # M2 strides
     ss_b, ss_h, ss_n,  # sequence strides (elements): batch, head, token
     N, D,  # tokens, head dim (unpadded)
+    ROW,  # features per sequence row written by a pack (D and its zero padding); D for an unpack
     TW,  # tokens per row of the map's token grid (W/p)
     BLOCKS,  # token blocks per tensor: cdiv(N, BLOCK_T)
     P: tl.constexpr,  # patch size
@@ -76,15 +83,19 @@ def _pack_kernel(
     n = (pid % BLOCKS) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     mask = (n[:, None] < N) & (d[None, :] < D)
+    seq_mask = (n[:, None] < N) & (d[None, :] < ROW)
     seq_offs = b * ss_b + h * ss_h + n.to(tl.int64)[:, None] * ss_n + d[None, :]
     if which == 0:
-        _move(M0, S0, b, h, n, d, mask, seq_offs, m0_b, m0_h, TW, m0_r0, m0_r1, P, m0_c0, m0_c1, m0_c2, TO_SEQ)
+        _move(M0, S0, b, h, n, d, mask, seq_mask, seq_offs, m0_b, m0_h, TW, m0_r0, m0_r1, P,
+              m0_c0, m0_c1, m0_c2, TO_SEQ)
     if COUNT > 1:
         if which == 1:
-            _move(M1, S1, b, h, n, d, mask, seq_offs, m1_b, m1_h, TW, m1_r0, m1_r1, P, m1_c0, m1_c1, m1_c2, TO_SEQ)
+            _move(M1, S1, b, h, n, d, mask, seq_mask, seq_offs, m1_b, m1_h, TW, m1_r0, m1_r1, P,
+                  m1_c0, m1_c1, m1_c2, TO_SEQ)
     if COUNT > 2:
         if which == 2:
-            _move(M2, S2, b, h, n, d, mask, seq_offs, m2_b, m2_h, TW, m2_r0, m2_r1, P, m2_c0, m2_c1, m2_c2, TO_SEQ)
+            _move(M2, S2, b, h, n, d, mask, seq_mask, seq_offs, m2_b, m2_h, TW, m2_r0, m2_r1, P,
+                  m2_c0, m2_c1, m2_c2, TO_SEQ)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +131,7 @@ def _launch(maps, seqs, layout, n: int, head_dim: int, to_seq: bool) -> None:
         spad = list(seqs) + [seqs[0]] * (3 - count)
         _pack_kernel[(blocks * count, heads, batch)](
             *pad, *spad, *strides[0], *strides[1], *strides[2],
-            *seqs[0].stride()[:3], n, head_dim, lay.tw, blocks,
+            *seqs[0].stride()[:3], n, head_dim, seq_row(head_dim) if to_seq else head_dim, lay.tw, blocks,
             P=lay.patch, COUNT=count, TO_SEQ=to_seq, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=_WARPS,
         )
 
@@ -131,20 +142,21 @@ def _launch(maps, seqs, layout, n: int, head_dim: int, to_seq: bool) -> None:
 
 
 def pack(maps, layout, n: int, head_dim: int):
-    """Sequence copies (B, heads, N, D) of up to three maps of one call, in one launch: views of one
-    buffer (len(maps), B, heads, N, row) whose rows are ``seq_row(head_dim)`` elements apart."""
+    """Sequence copies (B, heads, N, seq_row(D)) of up to three maps of one call, in one launch:
+    the parts of one contiguous buffer, each row D features and zeros up to ``seq_row(D)``."""
     batch = maps[0].shape[0]
-    row = seq_row(head_dim)
-    buf = torch.empty((len(maps), batch, layout.heads, n, row), dtype=maps[0].dtype, device=maps[0].device)
-    seqs = tuple(buf[i, ..., :head_dim] for i in range(len(maps)))
+    buf = torch.empty((len(maps), batch, layout.heads, n, seq_row(head_dim)), dtype=maps[0].dtype,
+                      device=maps[0].device)
+    seqs = tuple(buf.unbind(0))
     if buf.numel():
         _launch(tuple(maps), seqs, layout, n, head_dim, True)
     return seqs
 
 
 def unpack(seqs, maps, layout, n: int, head_dim: int) -> None:
-    """Write sequence tensors (B, heads, N, D), features unit-stride, equal strides, into ``maps``
-    (any strides) in one launch. Pairs whose map is None are skipped."""
+    """Write the first ``head_dim`` features of sequence tensors (B, heads, N, ≥ D), features
+    unit-stride, into ``maps`` (any strides): one launch per set of equal sequence strides. Pairs
+    whose map is None are skipped."""
     pairs = [(s, m) for s, m in zip(seqs, maps) if m is not None and m.numel()]
     if not pairs:
         return

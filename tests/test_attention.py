@@ -312,16 +312,18 @@ def test_packed_patches_with_some_gradients_and_a_stride_zero_upstream():
 
 
 def test_pack_round_trip_is_the_reference_token_order():
-    """pack gives image_to_tokens' (B, heads, N, D) tokens exactly (rows padded to 16 elements),
-    unpack puts them back bit for bit, for a channels_last map with 3×3 patches and two heads."""
+    """pack gives image_to_tokens' (B, heads, N, D) tokens exactly (rows zero-padded to 32
+    elements), unpack puts them back bit for bit, for a channels_last map with 3×3 patches and two
+    heads."""
     from attnsr.kernels.attention import _Tokens
     from attnsr.kernels.pack import pack, unpack
 
     x = torch.randn(2, 6, 9, 12, device=DEVICE).contiguous(memory_format=torch.channels_last)
     layout = _Tokens("map", 2, 3, 12)
     (t,) = pack((x,), layout, 12, 27)
-    assert t.shape == (2, 2, 12, 27) and t.stride()[2:] == (32, 1)
-    assert torch.equal(t, image_to_tokens(x, heads=2, patch_size=3))
+    assert t.shape == (2, 2, 12, 32) and t.is_contiguous()
+    assert torch.equal(t[..., :27], image_to_tokens(x, heads=2, patch_size=3))
+    assert not t[..., 27:].any(), "the padding must be zeros"
     back = torch.full_like(x, float("nan"))
     unpack((t,), (back,), layout, 12, 27)
     assert torch.equal(back, x)
@@ -339,23 +341,22 @@ def test_negative_scale_and_partial_key_blocks():
 
 def test_small_calls_take_smaller_query_blocks_to_fill_the_sms():
     """The forward's table setting is halved while its programs number fewer than the SMs, down to
-    64 rows on tensor cores (warps halved with it) and 16 on the FMA units; large calls keep it."""
+    16 rows per warp; large calls and other devices keep it."""
     from attnsr.kernels import attention as attn
 
     gpu = torch.device("cuda", 0)
     saved = dict(attn._SM_COUNT)
     attn._SM_COUNT[0] = 132  # an H200, without asking a driver
     try:
-        def fill(block_m, warps, rows, bh, cls):
-            cfg = attn._fill_sms(dict(BLOCK_M=block_m, num_warps=warps), gpu, rows, bh, cls)
+        def fill(block_m, warps, rows, bh, device=gpu):
+            cfg = attn._fill_sms(dict(BLOCK_M=block_m, num_warps=warps), device, rows, bh)
             return cfg["BLOCK_M"], cfg["num_warps"]
 
-        assert fill(128, 8, 4096, 1, "16bit") == (64, 4)
-        assert fill(128, 4, 4096, 64, "16bit") == (128, 4)  # 2048 programs: unchanged
-        assert fill(64, 4, 1024, 1, "fp32") == (64, 4)  # already at the wgmma floor
-        assert fill(64, 4, 1024, 1, "fp64") == (16, 4)
-        assert fill(128, 4, 100, 2, "16bit") == (64, 4)
-        assert attn._fill_sms(dict(BLOCK_M=128, num_warps=4), torch.device("cpu"), 10, 1, "16bit")["BLOCK_M"] == 128
+        assert fill(128, 4, 4096, 1) == (64, 4)
+        assert fill(128, 8, 4096, 1) == (128, 8)  # 16 rows per warp already
+        assert fill(128, 4, 4096, 64) == (128, 4)  # 2048 programs: unchanged
+        assert fill(64, 1, 1024, 1) == (16, 1)
+        assert fill(128, 4, 100, 2, torch.device("cpu")) == (128, 4)
     finally:
         attn._SM_COUNT.clear()
         attn._SM_COUNT.update(saved)
