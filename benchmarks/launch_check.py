@@ -12,7 +12,7 @@ checks the same numerics on a GPU but in shared worker processes; this runs firs
 ``benchmarks/run_gpu.sh`` and takes about a minute there.
 
 Cases: ``image_attention`` on a fused-qkv NCHW map at head dims 16, 30, 64, 108, 128 and 256 (the
-padded dims 16 to 256 of ``_LAUNCH``), 2×2 patches at head dim 64 (``_PATCH_LAUNCH``), in fp32 under
+padded dims 16 to 256 of ``_LAUNCH``), 2×2 patches at head dim 64 (packed: pack kernel, sequence entries), in fp32 under
 each precision (3×TF32, tf32, exact), fp16, bf16 and float64; ``window_attention`` (shifted, with
 the relative-position bias table) at head dims 10, 30 and 64, windows 8 and 16, and 128 at window 8
 (``_WIN_LAUNCH``'s "d256" entries).

@@ -4,7 +4,13 @@ Maths. For one (batch, head): S = Q Kᵀ · scale, P = softmax_rows(S), O = P V,
 K, V: (M, D). The forward streams K and V in blocks of BLOCK_N keys and keeps, per query row, the
 running max m and running sum l of exp(S − m) in fp32 (online softmax), rescaling the fp32 output
 accumulator whenever m grows, so the N×M matrix never exists and large logits stay finite. It
-saves LSE = m + log(l) per row (base 2 inside the kernels: exp2 is what the hardware has).
+saves LSE = m + log(l) per row (base 2 inside the kernels: exp2 is what the hardware has). On
+full key blocks the scale is folded into the exponent: m is taken from the raw block maximum
+(max(QKᵀ)·scale·log2 e; the minimum for a negative scale) and exp2(qk·scale·log2 e − m) is one
+FMA per logit; only the last, partial key block is masked (keys past M to −inf), and only its
+K and V loads carry token masks. On the FMA units (float64, exact fp32) every block takes the
+masked path, as before the split: with the split the sm_90 compile spilled there (float64 at head
+dim 64: 144 B, exact fp32 at 32: 656 B, with the table's settings).
 The backward recomputes P = exp(S − LSE) block by block:
     Δ = rowsum(dO ∘ O)                       (preprocess kernel)
     dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − Δ),  dK = dSᵀ Q · scale   (one program per key block)
@@ -25,6 +31,18 @@ im2col copy, and upstream gradients with stride 0. Where every map of a call hol
 one row (s_r0 = TW·s_r1: the pixels of NCHW and channels_last maps and their fused-qkv views), the
 launchers pass TW = 1 and s_r0 = s_r1, so row(n) = n·s_r0 needs no division.
 
+Patches are packed. A p×p patch token's features are p-wide runs one image row apart, so reading
+them in place gathers a few bytes per load for every key block of every query block (O(N²·D)
+bytes; no 128-bit loads in any patch kernel on sm_90). Calls with p > 1 (``_packs``, decided
+once per call signature) instead copy q, k and v into one unit-stride (3, B, heads, N, D) buffer
+(``pack.py``: one launch, O(N·D) bytes, rows zero-padded to a multiple of 16 elements, the head
+dim the kernels then run with), run the sequence path, and
+write the output back into the map's layout (one launch); the backward packs dO (one launch),
+runs the sequence backward on the packed q, k, v and out it saved, and writes dq, dk and dv where
+autograd wants them (one launch: fresh maps, or the qkv gradient buffer of
+``image_attention_qkv``). The kernels keep the patch addressing above (P > 1), which the public
+ops no longer launch.
+
 Limits. Head dim D ≤ 256: a block of queries and the fp32 accumulator live in registers; D is
 padded to the next power of two (at least 16) with masks. Batch and heads ≤ 65535 each (grid
 axes 1 and 2). At most 2^31 − 2^16 tokens per sequence: token indices are int32. fp32 inputs
@@ -44,7 +62,10 @@ head dim 128 and 256, float64 at 256), an entry also sets a head-dim chunk (BLOC
 operand is read again, 16 features at a time) and, for dK/dV, a split into a dV and a dK launch.
 ``python -m benchmarks.tune`` measures candidates on a GPU; it sets them through
 ``_launch_override``, which only it and the tests use. Under the interpreter every kernel runs
-32×32 tiles unless overridden.
+32×32 tiles unless overridden. On a GPU the forward's table setting is adapted to the call
+(``_fill_sms``): its query block is halved (down to 64 rows on tensor cores, 16 on the FMA units)
+while the call would start fewer programs than the device has SMs (read once per device), down
+to 16 rows per warp.
 """
 
 import contextlib
@@ -56,6 +77,7 @@ import triton
 import triton.language as tl
 
 from . import _tuned
+from .pack import pack, seq_row, unpack
 from ._runtime import (
     MAX_GRID_YZ,
     MAX_INDEX,
@@ -69,6 +91,7 @@ from ._runtime import (
     check_same,
     check_scale,
     check_tensor,
+    channels_innermost,
     dot_dtype,
     interpreting,
     next_pow2,
@@ -144,6 +167,64 @@ def _dot_chunk(acc, X, offs_x, x_lim, sx_r0, sx_r1, sx_c0, sx_c1, sx_c2, Y, offs
 
 
 @triton.jit
+def _load_block(ptr, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2, DT: tl.constexpr,
+                MASK_N: tl.constexpr, MASK_D: tl.constexpr):
+    """``_load_tokens`` with only the masks a block needs: none along the tokens of a full key
+    block (MASK_N False), none along the features where the head dim is a power of two ≥ 16."""
+    offs = _rows(n, TW, s_r0, s_r1)[:, None] + _cols(d, P, s_c0, s_c1, s_c2)[None, :]
+    if MASK_N and MASK_D:
+        x = tl.load(ptr + offs, mask=(n[:, None] < n_lim) & (d[None, :] < d_lim), other=0.0)
+    elif MASK_N:
+        x = tl.load(ptr + offs, mask=n[:, None] < n_lim, other=0.0)
+    elif MASK_D:
+        x = tl.load(ptr + offs, mask=d[None, :] < d_lim, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(DT)
+
+
+@triton.jit
+def _attn_fwd_step(
+    acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, start_n, N, M, D, TW,
+    sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
+    qk_scale, P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    MASKED: tl.constexpr, MASK_D: tl.constexpr, NEG: tl.constexpr,
+):
+    """One key block of the online softmax: (acc, l, m) updated with keys start_n .. start_n + BLOCK_N.
+
+    MASKED: the last, partial key block (keys past M masked to −inf); every other block runs with
+    no token masks, and its scale is folded into the exponent: exp2(qk·qk_scale − m) is one FMA,
+    with m = max(qk)·qk_scale (min for a negative scale) taken before scaling."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if BLOCK_DC == 0:
+        k = _load_block(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT, MASKED, MASK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
+    else:  # as in the backward kernels: the held operand is read again a chunk at a time
+        qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        for dc in range(0, BLOCK_D, BLOCK_DC):
+            offs_c = dc + tl.arange(0, BLOCK_DC)
+            qk = _dot_chunk(qk, Q, offs_m, N, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, K, offs_n, M, sk_r0, sk_r1, sk_c0,
+                            sk_c1, sk_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
+    if MASKED:
+        s = tl.where(offs_n[None, :] < M, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        if NEG:
+            m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_block(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT, MASKED, MASK_D)
+    p = p.to(V.dtype.element_ty).to(DOT)  # rounded to the storage dtype, as on a GPU
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION, out_dtype=ACC)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O,  # token tensors, addressed as described in the header (any strides)
     LSE,  # (B, H, N) contiguous, ACC dtype: log2-sum-exp2 of the scaled logits per query row
@@ -161,6 +242,9 @@ def _attn_fwd_kernel(
     DOT: tl.constexpr,  # tl.dot operand dtype: the input dtype (fp32 for bf16 under the interpreter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DC: tl.constexpr = 0,  # 0: hold Q; else S summed over head-dim chunks this wide, Q read again
+    MASK_D: tl.constexpr = True,  # False where D = BLOCK_D: no feature masks on K and V
+    NEG: tl.constexpr = False,  # the scale is negative: the running max of the scaled logits is min(qk)·scale
+    SPLIT_LAST: tl.constexpr = True,  # full key blocks unmasked, the last one masked; False: all masked
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -176,30 +260,29 @@ def _attn_fwd_kernel(
 
     if BLOCK_DC == 0:
         q = _load_tokens(Q, offs_m, offs_d, N, D, TW, sq_r0, sq_r1, P, sq_c0, sq_c1, sq_c2, DOT)
+    else:
+        q = tl.zeros([BLOCK_M, 16], dtype=DOT)  # unused: S is summed over chunks read in the step
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
-    for start_n in range(0, M, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        if BLOCK_DC == 0:
-            k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-        else:  # as in the backward kernels: the held operand is read again a chunk at a time
-            s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-            for dc in range(0, BLOCK_D, BLOCK_DC):
-                offs_c = dc + tl.arange(0, BLOCK_DC)
-                s = _dot_chunk(s, Q, offs_m, N, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, K, offs_n, M, sk_r0, sk_r1, sk_c0,
-                               sk_c1, sk_c2, offs_c, D, TW, P, DOT, PRECISION, ACC)
-        s = s * qk_scale
-        s = tl.where(offs_n[None, :] < M, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
-        p = p.to(V.dtype.element_ty).to(DOT)  # rounded to the storage dtype, as on a GPU
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION, out_dtype=ACC)
-        m_i = m_new
+    if SPLIT_LAST:  # keys in full blocks, with no token masks; the rest in one masked block
+        full = M - M % BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, start_n, N, M, D, TW,
+                sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1,
+                sv_c2, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, False, MASK_D, NEG)
+        if full < M:
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, full, N, M, D, TW,
+                sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1,
+                sv_c2, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, True, True, NEG)
+    else:  # every block masked (one loop, as before the split)
+        for start_n in range(0, M, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_step(
+                acc, l_i, m_i, q, Q, K, V, offs_m, offs_d, start_n, N, M, D, TW,
+                sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2, sv_r0, sv_r1, sv_c0, sv_c1,
+                sv_c2, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC, True, True, NEG)
     acc = acc / l_i[:, None]
     _store_tokens(O, acc, offs_m, offs_d, N, D, TW, so_r0, so_r1, P, so_c0, so_c1, so_c2)
     row = (b * NH + h) * N + offs_m
@@ -471,26 +554,32 @@ _LAUNCH = {
     ("fwd", 32, "16bit"): _Launch(128, 64, 4, 3),
     # sm_90: 163 regs, no spills, 64 KiB, 36 HGMMA; sm_80 255 regs, 48 KiB
     ("fwd", 32, "fp32"): _Launch(128, 64, 8, 2),
-    # sm_90: 190 regs, no spills, 32 KiB, FMA
-    ("fwd", 32, "fp64"): _Launch(64, 32, 4, 2),
-    # sm_90: 238 regs, no spills, 64 KiB, 16 HGMMA; sm_80 255 regs, 40 KiB
-    ("fwd", 64, "16bit"): _Launch(128, 64, 4, 3),
+    # sm_90: 136 regs, no spills, 24 KiB, FMA (triton 3.6: 136; exact fp32 at head dim 30: 96 / 90).
+    # 64×32/4/2 spilled 16 B (3.9) with this forward (the step in its own function, alpha after p)
+    ("fwd", 32, "fp64"): _Launch(64, 16, 4, 2),
+    # sm_90 (the forward with its last key block split off): 221 regs, 16 HGMMA on a fused map;
+    # 45×45 NCHW maps (H·W not 16-divisible) spilled 560 B at 128×64/4/3 (304 B before the split),
+    # 248 B at 64×64/4/3, 40 B at 128×32/4/3; 128×64/8/3 there: 246 regs, no spills, 16 HGMMA
+    ("fwd", 64, "16bit"): _Launch(128, 64, 8, 3),
     # sm_90: 188 regs, no spills, 80 KiB, 36 HGMMA; sm_80 255 regs, 64 KiB
     ("fwd", 64, "fp32"): _Launch(64, 32, 4, 3),
     # sm_90: 196 regs, no spills, 56 KiB, FMA
     ("fwd", 64, "fp64"): _Launch(32, 32, 4, 2),
-    # sm_90: 182 regs, no spills, 128 KiB, 12 HGMMA; sm_80 255 regs, 80 KiB
-    ("fwd", 128, "16bit"): _Launch(128, 64, 8, 3),
-    # sm_90: 230 regs, no spills, 16 KiB, 12 HGMMA (triton 3.6: 228 regs, no spills). Q held whole
-    # (64×16/4/2 unchunked) spilled 40 B under 3.6 (3.9 clean at 248 regs)
-    ("fwd", 128, "fp32"): _Launch(64, 16, 4, 2, chunk=16),
+    # 45×45 NCHW maps spilled 272 B at 128×64/8/3 (200 B before the split), 1200 B at 64×64/4/3;
+    # 128×32/8/3 there: 228 regs, no spills, 20 HGMMA
+    ("fwd", 128, "16bit"): _Launch(128, 32, 8, 3),
+    # 45×45 NCHW maps (H·W not 16-divisible), sm_90: 247 regs, no spills, 16 KiB, 24 HGMMA (triton
+    # 3.6: 248). Two stages (64×16/4/2, chunked) spilled 80 B there (3.6: 104 B; 24 B before the last
+    # key block was split off), 64×32/4/1 40 B, Q held whole (64×16/4/2 unchunked) 696 B
+    ("fwd", 128, "fp32"): _Launch(64, 16, 4, 1, chunk=16),
     # sm_90: 222 regs, no spills, 52 KiB, FMA
     ("fwd", 128, "fp64"): _Launch(16, 32, 4, 1),
     # sm_90: 222 regs, no spills, 40 KiB, 17 HGMMA; sm_80 255 regs, 42 KiB
     ("fwd", 256, "16bit"): _Launch(64, 16, 4, 1),
-    # sm_90: 248 regs, no spills, 32 KiB, 120 HMMA (triton 3.6: 246 regs). Q held whole, every
-    # setting spilled (16×16/4/1: 208 B); 64×16/4/1 chunked (on wgmma) spills 312 B
-    ("fwd", 256, "fp32"): _Launch(32, 32, 8, 1, chunk=16),
+    # 45×45 NCHW maps, sm_90: 240 regs, no spills, 120 HMMA; 32×32/8/1 chunked spilled 64 B there
+    # (3.6: 40 B; 8 B before the last key block was split off), 64×16/4/1 chunked 1048 B. Q held
+    # whole, every setting spilled (16×16/4/1: 208 B)
+    ("fwd", 256, "fp32"): _Launch(32, 16, 8, 1, chunk=16),
     # sm_90: 123 regs, no spills, 34 KiB, FMA (triton 3.6: 162 regs). Unchunked it spilled 16 B under 3.6
     ("fwd", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16),
     # Δ = rowsum(dO ∘ O): rows per program and warps only; no dot products, no spills
@@ -589,21 +678,12 @@ _LAUNCH = {
     ("dq", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16),
 }
 
-# Patches (p > 1) address every feature of a token on its own (no unit stride along the head dim),
-# which takes more registers: where the _LAUNCH entry spills with 2×2 patches, this one replaces
-# it (chosen as above, on `attention <dtype> D=64 nchw p2`; other head dims with patches keep
-# their _LAUNCH entry, unchecked).
-_PATCH_LAUNCH = {
-    # 128×64/4/3 spills 656 B with patches; sm_90: 234 regs, 12 KiB, 6 HGMMA, no spills
-    ("fwd", 64, "16bit"): _Launch(64, 32, 4, 2),
-    # 64×32/4/3 spills 56 B with patches; sm_90: 254 regs, 56 KiB, 30 HGMMA, no spills
-    ("fwd", 64, "fp32"): _Launch(64, 16, 4, 3),
-    # 64×32/4/2 spills 120 B with patches; sm_90: 255 regs, 80 KiB, 54 HGMMA, no spills
-    ("dq", 64, "fp32"): _Launch(64, 16, 4, 2),
-    # split, 16-wide chunks: sm_90 142 / 195 regs, no spills, 16 KiB, 12 / 18 HGMMA (triton 3.6: 154 /
-    # 210). In one launch every setting on wgmma spilled (16×64/4/1: 104 B); 16×32/4/2 ran mma.sync
-    ("dkdv", 64, "fp32"): _Launch(16, 64, 4, 1, chunk=16, split=True),
-}
+# Settings for the in-place patch path (P > 1: every feature of a token addressed on its own, which
+# takes more registers), replacing the _LAUNCH entry where one is given. None: the public ops pack
+# patches into sequences (``_packs``) and launch the sequence path, so nothing launches P > 1 now.
+# (Before packing, 2×2 patches at head dim 64 took 64×32/4/2 in 16-bit, 64×16/4/3 in fp32, and
+# fp32 dQ 64×16/4/2 and dK/dV 16×64/4/1 chunked and split: the _LAUNCH entries spilled there.)
+_PATCH_LAUNCH = {}
 
 
 # Exact fp32 (precision="ieee", FMA units) takes the fp64 entries, except where those spill with
@@ -677,10 +757,39 @@ def _launch_override(kernel: str, **cfg):
         yield
 
 
-def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None, shape=None):
+_SM_COUNT = {}  # CUDA device index -> streaming multiprocessors, read once
+
+
+def _sm_count(device: torch.device):
+    """The number of SMs of a CUDA device (read once per device); None for other devices."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _fill_sms(cfg: dict, device: torch.device, rows: int, batch_heads: int) -> dict:
+    """The forward's table setting with BLOCK_M halved while its programs, cdiv(rows, BLOCK_M) per
+    (batch, head), number fewer than the device's SMs (a call with B·H = 1 on an H200 otherwise
+    leaves most of its 132 SMs idle), down to 16 rows per warp (64 with 4 warps: a wgmma's rows per
+    warp group). The warps stay: each thread then holds fewer query rows and no more of K and V
+    (checked on sm_90 for the entries it halves: no spills, still wgmma)."""
+    sms = _sm_count(device)
+    if sms is None:
+        return cfg
+    while cfg["BLOCK_M"] > 16 * cfg["num_warps"] and triton.cdiv(rows, cfg["BLOCK_M"]) * batch_heads < sms:
+        cfg["BLOCK_M"] //= 2
+    return cfg
+
+
+def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, precision=None, shape=None,
+            rows=None):
     """(block-size constexprs, launch settings) of ``kernel`` for a head dim, dtype, patch size and
     fp32 precision (None: PyTorch's setting; see ``_dtype_class``). ``shape``: (device, tokens,
     batch × heads) of the call, for the settings measured on that device (``attnsr tune``).
+    ``rows``: the forward's query count, for ``_fill_sms`` (applied to table settings on CUDA only).
 
     The tuner's override where one is set, else the setting measured on the device for the call's
     shape class (``_tuned``), else the ``_PATCH_LAUNCH`` entry for patches where there is one, else
@@ -713,6 +822,8 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
             entry = _IEEE_LAUNCH.get((kernel, block_d), entry)
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages, BLOCK_DC=entry.chunk, SPLIT=int(entry.split))
+        if kernel == "fwd" and rows is not None and shape is not None and kernel not in _OVERRIDES:
+            cfg = _fill_sms(cfg, shape[0], rows, shape[2])
     cfg.update(_OVERRIDES.get(kernel, {}))
     if kernel == "delta":  # no key blocks, no loop to pipeline
         cfg.pop("BLOCK_N", None)
@@ -759,13 +870,14 @@ def attention_forward(q, k, v, layout: _Tokens, n_q: int, n_kv: int, head_dim: i
 
     def launch():
         lay = layout.for_tensors(q, k, v, out)
-        blocks, settings = _config("fwd", head_dim, q.dtype, lay.patch, precision, shape)
+        blocks, settings = _config("fwd", head_dim, q.dtype, lay.patch, precision, shape, rows=n_q)
         grid = (triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)
         _attn_fwd_kernel[grid](
             q, k, v, out, lse,
             *lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(out),
             n_q, n_kv, head_dim, lay.tw, heads, scale * LOG2E,
-            P=lay.patch, **_dtypes(q.dtype, precision), **blocks, **settings,
+            P=lay.patch, **_dtypes(q.dtype, precision), **blocks, MASK_D=head_dim != blocks["BLOCK_D"],
+            NEG=scale < 0, SPLIT_LAST=_dtype_class(q.dtype, precision) != "fp64", **settings,
         )
 
     key = _call_key(layout, q, k, v, scale, precision) if plans is None else ("fwd", precision)
@@ -846,6 +958,37 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, kind: str, heads: int, patch: in
     return _Tokens("map", heads, patch, w), n, n, c // heads * patch * patch
 
 
+def _packs(kind: str, patch: int) -> bool:
+    """Whether a call runs its kernels on packed sequences (``pack.py``): the patches (p > 1) of
+    maps, whose features are p-wide runs one image row apart. Pixels (p = 1) are read in place:
+    their features are one stride apart (unit stride in channels_last), and their tokens adjacent."""
+    return kind == "map" and patch > 1
+
+
+def _packed_forward(q, k, v, layout: "_Tokens", n_q: int, n_kv: int, head_dim: int, scale: float, precision,
+                    plans):
+    """The forward of a packed call: q, k, v packed (one launch), the sequence forward, the output
+    unpacked into a map like q (one launch). Returns (out, lse, the packed q, k, v and out)."""
+    qs, ks, vs = pack((q, k, v), layout, n_q, head_dim)
+    outs, lse = attention_forward(qs, ks, vs, _Tokens("seq", layout.heads, 1, 1), n_q, n_kv, seq_row(head_dim),
+                                  scale, precision, plans)
+    out = layout.empty_like(q)
+    unpack((outs,), (out,), layout, n_q, head_dim)
+    return out, lse, (qs, ks, vs, outs)
+
+
+def _packed_backward(do, packed, lse, layout: "_Tokens", n_q: int, n_kv: int, head_dim: int, scale: float,
+                     need_dq: bool, need_dkdv: bool, precision, targets, plans) -> None:
+    """The backward of a packed call: dO packed (one launch), the sequence backward on the packed
+    q, k, v, out, and dq, dk, dv unpacked (one launch) into ``targets`` (maps, or None where not
+    wanted): fresh maps, or views of the caller's gradient buffer."""
+    (dos,) = pack((do,), layout, n_q, head_dim)
+    qs, ks, vs, outs = packed
+    grads = attention_backward(dos, qs, ks, vs, outs, lse, _Tokens("seq", layout.heads, 1, 1), n_q, n_kv,
+                               seq_row(head_dim), scale, need_dq, need_dkdv, precision, None, plans)
+    unpack(grads, targets, layout, n_kv, head_dim)
+
+
 @torch.library.custom_op("attnsr::attention", mutates_args=())
 @on_tensor_device
 def _attention_op(
@@ -853,6 +996,8 @@ def _attention_op(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
+    if _packs(kind, patch):
+        return _packed_forward(q, k, v, layout, n_q, n_kv, head_dim, scale, precision, None)[:2]
     return attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale, precision)
 
 
@@ -870,6 +1015,16 @@ def _attention_backward_op(
     kind: str, heads: int, patch: int, scale: float, precision: str, need_dq: bool, need_dkdv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
+    if _packs(kind, patch):  # the op saves maps: q, k, v packed again (one launch), out with dO (one)
+        dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
+        dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
+        qs, ks, vs = pack((q, k, v), layout, n_q, head_dim)
+        outs, dos = pack((out, do), layout, n_q, head_dim)
+        grads = attention_backward(dos, qs, ks, vs, outs, lse, _Tokens("seq", heads, 1, 1), n_q, n_kv,
+                                   seq_row(head_dim), scale, need_dq, need_dkdv, precision)
+        unpack(grads, (dq if need_dq else None, dk if need_dkdv else None, dv if need_dkdv else None), layout,
+               n_q, head_dim)
+        return dq, dk, dv
     return attention_backward(do, q, k, v, out, lse, layout, n_q, n_kv, head_dim, scale, need_dq, need_dkdv,
                               precision)
 
@@ -908,11 +1063,12 @@ class _Call:
     """What the checks of a call derived, kept per call signature (``ValidCalls``) with the launch
     plans of its forward and backward: a repeated call does no more than swap its tensors in."""
 
-    __slots__ = ("head_dim", "heads", "kind", "layout", "n_kv", "n_q", "patch", "plans", "scale")
+    __slots__ = ("head_dim", "heads", "kind", "layout", "n_kv", "n_q", "packed", "patch", "plans", "scale")
 
     def __init__(self, q, k, kind: str, heads: int, patch: int, scale: float):
         self.kind, self.heads, self.patch, self.scale = kind, heads, patch, scale
         self.layout, self.n_q, self.n_kv, self.head_dim = _geometry(q, k, kind, heads, patch)
+        self.packed = _packs(kind, patch)  # run on packed sequences (``_packed_forward``)
         self.plans = {}
 
 
@@ -927,22 +1083,49 @@ class _AttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, base, call, precision):
-        with device_guard(q):
-            out, lse = attention_forward(q, k, v, call.layout, call.n_q, call.n_kv, call.head_dim, call.scale,
-                                         precision, call.plans)
+        geometry = (call.layout, call.n_q, call.n_kv, call.head_dim, call.scale, precision, call.plans)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, out, lse, base)
         ctx.call, ctx.precision = call, precision
         ctx.grad_layout = None if base is None else grad_layout(base, (q, k, v))
+        if call.packed:
+            # the backward reads the packed q, k, v and out; the output map is saved only to tie a
+            # gradient to the graph (``refuse_twice``), the inputs' memory formats to make their gradients
+            with device_guard(q):
+                out, lse, packed = _packed_forward(q, k, v, *geometry)
+            ctx.save_for_backward(*packed, lse, base, out)
+            ctx.map_formats = tuple(channels_innermost(t) for t in (q, k, v))
+            return out
+        with device_guard(q):
+            out, lse = attention_forward(q, k, v, *geometry)
+        ctx.save_for_backward(q, k, v, out, lse, base)
         return out
 
     @staticmethod
     def backward(ctx, do):
         if do is None:
             return None, None, None, None, None, None
-        q, k, v, out, lse, base = ctx.saved_tensors
         call = ctx.call
         geometry = (call.layout, call.n_q, call.n_kv, call.head_dim, call.scale)
+        if call.packed:  # q, k, v, out: packed sequences; dO and the gradients: maps
+            q, k, v, out, lse, base, out_map = ctx.saved_tensors
+            if base is not None:
+                dbase, targets = grad_views(ctx.grad_layout)
+                need_q = need_k = need_v = True
+            else:
+                need_q, need_k, need_v = ctx.needs_input_grad[:3]
+                formats = (torch.channels_last if last else torch.contiguous_format for last in ctx.map_formats)
+                targets = tuple(poison(torch.empty(out_map.shape, dtype=out_map.dtype, device=out_map.device,
+                                                   memory_format=fmt)) if need else None
+                                for fmt, need in zip(formats, (need_q, need_k, need_v)))
+            with device_guard(q):
+                _packed_backward(do, (q, k, v, out), lse, *geometry, need_q, need_k or need_v, ctx.precision,
+                                 targets, call.plans)
+            if base is not None:
+                (dbase,) = refuse_twice("flash_attention / image_attention", (base,), (dbase,))
+                return None, None, None, dbase, None, None
+            dq, dk, dv = refuse_twice("flash_attention / image_attention", (out_map,), targets)
+            return dq, dk, dv, None, None, None
+        q, k, v, out, lse, base = ctx.saved_tensors
         if base is not None:
             dbase, grads = grad_views(ctx.grad_layout)
             with device_guard(q):

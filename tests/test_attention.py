@@ -7,7 +7,7 @@ import torch
 from conftest import DEVICE, ON_GPU, needs_gpu
 from tolerances import FP32_PRECISION_TOL, REL_TOL, assert_close_rel, rel_error
 
-from attnsr.kernels import flash_attention, image_attention
+from attnsr.kernels import flash_attention, image_attention, image_attention_qkv
 from attnsr.kernels._runtime import dot_precision
 from attnsr.kernels.reference import (
     flash_attention_ref,
@@ -263,6 +263,103 @@ def test_image_attention_on_cropped_maps(patch):
     want = _grads(expect, (wide, k, v), grad.double())
     for name, g, w in zip(("wide", "k", "v"), got, want):
         assert_close_rel(g, w, torch.float32, f"cropped p{patch}: d{name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Patches run packed (kernels/pack.py): q, k, v and dO copied into (B, heads, N, D) sequences once,
+# out and dq, dk, dv copied back into the maps' layouts
+# ----------------------------------------------------------------------------------------------
+
+# (B, C, H, W, heads, patch, layout): odd patch grids; N one past an interpreter block (32),
+# N below one block, D not a multiple of 16 (padded rows)
+PACKED_SHAPES = [
+    (1, 4, 6, 22, 1, 2, "nchw"),  # D 16, N 33
+    (2, 6, 9, 15, 2, 3, "channels_last"),  # D 27, N 15, two heads
+    (1, 5, 10, 14, 1, 2, "nchw"),  # D 20, N 35
+]
+
+
+@pytest.mark.parametrize("shape", PACKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_image_attention_qkv_with_patches(shape):
+    """image_attention_qkv with patches: the backward unpacks dq, dk, dv into the one gradient
+    buffer laid out like qkv (NCHW or channels_last)."""
+    b, c, h, w, heads, p, layout = shape
+    qkv = torch.randn(b, 3 * c, h, w, device=DEVICE, dtype=torch.float64).float()
+    if layout == "channels_last":
+        qkv = qkv.contiguous(memory_format=torch.channels_last)
+    qkv.requires_grad_()
+    out = image_attention_qkv(qkv, heads=heads, patch_size=p)
+    expect = image_attention_ref(*qkv.split(c, 1), heads=heads, patch_size=p, upcast=True)
+    assert_close_rel(out, expect, torch.float32, f"qkv {shape}: output")
+    grad = torch.randn_like(out)
+    (g,) = _grads(out, (qkv,), grad)
+    (w,) = _grads(expect, (qkv,), grad.double())
+    assert g.stride() == qkv.stride(), f"qkv {shape}: the gradient buffer is not laid out like qkv"
+    assert_close_rel(g, w, torch.float32, f"qkv {shape}: d(qkv)")
+
+
+def test_packed_patches_with_some_gradients_and_a_stride_zero_upstream():
+    """Only dk wanted (dq is not unpacked), the upstream gradient of .sum() (stride 0: packed by
+    strides), q channels_last and k, v NCHW (one pack launch reads three layouts)."""
+    q = _leaf((2, 6, 10, 6), torch.float32).detach().contiguous(memory_format=torch.channels_last)
+    k = _leaf((2, 6, 10, 6), torch.float32)
+    v = _leaf((2, 6, 10, 6), torch.float32).detach()
+    out = image_attention(q, k, v, heads=3, patch_size=2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    (g,) = torch.autograd.grad(out.sum(), k)
+    (w,) = torch.autograd.grad(image_attention_ref(q, k, v, heads=3, patch_size=2, upcast=True).sum(), k)
+    assert_close_rel(g, w, torch.float32, "dk alone, stride-0 upstream")
+
+
+def test_pack_round_trip_is_the_reference_token_order():
+    """pack gives image_to_tokens' (B, heads, N, D) tokens exactly (rows zero-padded to 32
+    elements), unpack puts them back bit for bit, for a channels_last map with 3×3 patches and two
+    heads."""
+    from attnsr.kernels.attention import _Tokens
+    from attnsr.kernels.pack import pack, unpack
+
+    x = torch.randn(2, 6, 9, 12, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    layout = _Tokens("map", 2, 3, 12)
+    (t,) = pack((x,), layout, 12, 27)
+    assert t.shape == (2, 2, 12, 32) and t.is_contiguous()
+    assert torch.equal(t[..., :27], image_to_tokens(x, heads=2, patch_size=3))
+    assert not t[..., 27:].any(), "the padding must be zeros"
+    back = torch.full_like(x, float("nan"))
+    unpack((t,), (back,), layout, 12, 27)
+    assert torch.equal(back, x)
+
+
+def test_negative_scale_and_partial_key_blocks():
+    """A negative scale (the forward's running max is min(qk)·scale on full key blocks), N ≠ M, M
+    one past a block edge (32 under the interpreter) and N below one block: output and gradients."""
+    q = _leaf((1, 2, 20, 16), torch.float32)
+    k, v = (_leaf((1, 2, 33, 16), torch.float32) for _ in range(2))
+    check_against_reference(lambda q, k, v: flash_attention(q, k, v, scale=-0.7),
+                            lambda q, k, v: flash_attention_ref(q, k, v, scale=-0.7, upcast=True), (q, k, v),
+                            torch.float32, "scale -0.7")
+
+
+def test_small_calls_take_smaller_query_blocks_to_fill_the_sms():
+    """The forward's table setting is halved while its programs number fewer than the SMs, down to
+    16 rows per warp; large calls and other devices keep it."""
+    from attnsr.kernels import attention as attn
+
+    gpu = torch.device("cuda", 0)
+    saved = dict(attn._SM_COUNT)
+    attn._SM_COUNT[0] = 132  # an H200, without asking a driver
+    try:
+        def fill(block_m, warps, rows, bh, device=gpu):
+            cfg = attn._fill_sms(dict(BLOCK_M=block_m, num_warps=warps), device, rows, bh)
+            return cfg["BLOCK_M"], cfg["num_warps"]
+
+        assert fill(128, 4, 4096, 1) == (64, 4)
+        assert fill(128, 8, 4096, 1) == (128, 8)  # 16 rows per warp already
+        assert fill(128, 4, 4096, 64) == (128, 4)  # 2048 programs: unchanged
+        assert fill(64, 1, 1024, 1) == (16, 1)
+        assert fill(128, 4, 100, 2, torch.device("cpu")) == (128, 4)
+    finally:
+        attn._SM_COUNT.clear()
+        attn._SM_COUNT.update(saved)
 
 
 def test_backward_is_deterministic():

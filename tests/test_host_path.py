@@ -196,6 +196,13 @@ with host.launches_bound_not_run():
     with attn._launch_override("fwd", BLOCK_M=16):  # new settings: recorded again
         step(qkv)
     report["plans_after_override"] = len(call.plans)
+    # 2×2 patches run packed: pack q, k, v, forward, unpack out; pack dO, Δ, dK/dV, dQ, unpack
+    # dq, dk, dv into the qkv gradient buffer; the second call replays every launch
+    patches = torch.randn(1, 12, 8, 8, requires_grad=True)
+    def patch_step(x):
+        return host._launches(lambda: image_attention_qkv(x, patch_size=2).sum().backward())
+    report["patch_launches"] = [patch_step(patches), patch_step(patches)]
+    report["patch_forward_launches"] = host._launches(lambda: image_attention_qkv(patches.detach(), patch_size=2))
     # a record open on this thread sees another thread's launches (a CUDA backward runs on one),
     # and that thread records its own plan meanwhile without waiting for this block to close
     import threading
@@ -243,6 +250,7 @@ def test_launch_plans_are_recorded_once_and_replayed():
     assert report["plans_after_three"] == 2
     assert report["odd_launches"] == 4 and report["plans_with_odd"] == 4  # misaligned inputs: new plans
     assert report["plans_after_override"] == 6
+    assert report["patch_launches"] == [8, 8] and report["patch_forward_launches"] == 3
     assert report["thread_done"] and report["thread_launches"] == 4
     assert report["tensor_freed"]
     assert report["slice_grids"] == [65535, 2, 65535, 2]  # recorded, then replayed, per slice
