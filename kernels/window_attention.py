@@ -314,6 +314,10 @@ def _win_bwd_dkdv_kernel(
         Qb = Q + b * sq_b + h * D * sq_c
         Ob = O + b * so_b + h * D * so_c
         DOb = DO + b * sdo_b + h * D * sdo_c
+        if DBIAS == 1:  # this pair's slot (contention: TOTAL / SLOTS pairs add into each element)
+            slot = part + (pair % SLOTS).to(tl.int64) * NH * N * N
+        else:
+            slot = part
         if BLOCK_DC == 0:
             k = tl.load(_tile_ptrs(Kb, rok, cok, offs_d, sk_y, sk_x, sk_c), mask=mask_k, other=0.0).to(DOT)
             v = tl.load(_tile_ptrs(Vb, rok, cok, offs_d, sv_y, sv_x, sv_c), mask=mask_k, other=0.0).to(DOT)
@@ -365,10 +369,8 @@ def _win_bwd_dkdv_kernel(
                             out_dtype=ACC) * scale
                 tl.store(_tile_ptrs(DQ + b * sdq_b + h * D * sdq_c, roq, coq, offs_d, sdq_y, sdq_x, sdq_c),
                          dq.to(DQ.dtype.element_ty), mask=mask_q)
-            if DBIAS == 1:  # contention: TOTAL / SLOTS pairs add into each element
-                tl.atomic_add(part + (pair % SLOTS).to(tl.int64) * NH * N * N + offs_m[None, :], ds_t, mask=valid)
-            if DBIAS == 2:  # this program's own rows of its split's slot: no other program adds there
-                tl.atomic_add(part + offs_m[None, :], ds_t, mask=valid)
+            if DBIAS != 0:  # fast: the pair's slot; deterministic: this program's own rows of its split's slot
+                tl.atomic_add(slot + offs_m[None, :], ds_t, mask=valid)
         if NEED_QKV:
             dk = dk * scale
             tl.store(_tile_ptrs(DK + b * sdk_b + h * D * sdk_c, rok, cok, offs_d, sdk_y, sdk_x, sdk_c),
@@ -530,8 +532,8 @@ _WIN_LAUNCH = {
     ("dq", "d16", "fp32"): (64, 32, 4, 2),
     # fp32, D = 64: fwd 64×32/8/2 no spills, 68 HGMMA. The backward on wgmma with S and dP over
     # 16-wide head-dim chunks (the 5th element: BLOCK_DC): dq 64×32/8/2; dkdv 16×64/4/1, 244-255
-    # registers, no spills but 8 B at window 16 in the fast mode under 3.9 (16×64/4/2 spilled
-    # 56-160 B in both versions)
+    # registers, no spills (the fast mode's slot address is formed once per pair: formed per block
+    # it spilled 8 B at window 16 under 3.9; 16×64/4/2 spilled 56-160 B in both versions)
     ("fwd", "d64", "fp32"): (64, 32, 8, 2),
     ("dkdv", "d64", "fp32"): (16, 64, 4, 1, 16, 0),
     ("dq", "d64", "fp32"): (64, 32, 8, 2, 16),
@@ -541,9 +543,11 @@ _WIN_LAUNCH = {
     **{("dkdv", d, "fp64"): (16, 16, 8, 1) for d in ("d32", "d64")},
     # D = 128 and 256: the small-tile rule; at D = 128 16-bit is clean with it, fp32 and fp64 sum S
     # and dP over 16-wide chunks (16×16/4/1 whole spilled 8-40 B in fp32, 384 B in fp64's dK/dV):
-    # fp32 clean, fp64 dkdv clean but 8 B at window 16 under 3.6
+    # fp32 clean; fp64 dkdv over 32-wide chunks (16-wide: 8 B at window 16 in the fast mode under
+    # 3.6; 4 warps 8-104 B), 255 registers, no spills in either mode or version
     **{(k, "d256", c): (16, 16, 4, 1) for k in ("fwd", "dkdv", "dq") for c in ("16bit", "fp32", "fp64")},
-    **{("dkdv", "d256", c): (16, 16, 8, 1, 16) for c in ("fp32", "fp64")},
+    ("dkdv", "d256", "fp32"): (16, 16, 8, 1, 16),
+    ("dkdv", "d256", "fp64"): (16, 16, 8, 1, 32),
     **{("dq", "d256", c): (16, 16, 4, 1, 16) for c in ("fp32", "fp64")},
 }
 
