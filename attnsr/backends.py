@@ -333,3 +333,16 @@ def layer_fusion(features, weights, *, backend="auto"):
             out = out + weights[:, i, None, None, None] * features[i]
         return out
     return _kernels().reference.layer_fusion_ref(features, weights)
+
+
+def transposed_attention(q, k, v, temperature, *, heads, backend="auto"):
+    """Restormer's transposed (channel) attention: per head, softmax over channels of
+    τ · normalize(q) normalize(k)ᵀ applied to v. q, k, v: (B, C, H, W); temperature (heads, 1, 1).
+    ``naive`` and ``torch`` run Restormer's own maths (F.normalize, matmul, softmax: it never
+    builds more than the d × d map); ``auto`` takes ``torch`` until the fused op is measured faster."""
+    q, k, v, temperature = autocast_inputs(q, k, v, temperature)
+    backend = resolve(backend, q, lambda: auto_key("transposed_attention", q, head_dim=q.shape[1] // heads,
+                                                   tokens=q.shape[2] * q.shape[3], mode=_mode(q, k, v, temperature)))
+    if backend == "triton":
+        return _kernels().transposed_attention(q, k, v, temperature, heads=heads)
+    return _kernels().reference.transposed_attention_ref(q, k, v, temperature, heads=heads)

@@ -223,3 +223,107 @@ def test_empty_batch():
 
 def test_tolerance_table_is_the_central_one():
     assert REL_TOL[torch.float32] == 1e-5  # the float32 checks above use the central table unchanged
+
+
+# ----------------------------------------------------------------------------------------------
+# The layer and swap_attention on Restormer's Attention (written here as Restormer writes it)
+# ----------------------------------------------------------------------------------------------
+
+
+class RestormerAttention(torch.nn.Module):
+    """Restormer's MDTA ``Attention`` (basicsr/models/archs/restormer_arch.py), copied in its form."""
+
+    def __init__(self, dim, num_heads, bias):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = torch.nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = torch.nn.Conv2d(dim, dim * 3, kernel_size=1, bias=bias)
+        self.qkv_dwconv = torch.nn.Conv2d(dim * 3, dim * 3, kernel_size=3, stride=1, padding=1, groups=dim * 3,
+                                          bias=bias)
+        self.project_out = torch.nn.Conv2d(dim, dim, kernel_size=1, bias=bias)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
+        q = torch.nn.functional.normalize(q, dim=-1)
+        k = torch.nn.functional.normalize(k, dim=-1)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature
+        out = attn.softmax(dim=-1) @ v
+        return self.project_out(out.reshape(b, c, h, w))
+
+
+class NotNormalised(RestormerAttention):
+    """The same parameters, another function (no L2 normalisation): must be left as it is."""
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (t.reshape(b, self.num_heads, c // self.num_heads, h * w) for t in (q, k, v))
+        attn = (q @ k.transpose(-2, -1)) * self.temperature
+        return self.project_out((attn.softmax(dim=-1) @ v).reshape(b, c, h, w))
+
+
+def _restormer_like(bias):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, padding=1), RestormerAttention(24, 2, bias))
+    with torch.no_grad():
+        model[1].temperature.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_swap_restormer_attention_float64_equal(bias):
+    """swap_attention adopts Restormer's Attention; on the torch backend in float64 the swapped model
+    equals the untouched one (output, input gradient, every parameter gradient); on triton it is
+    within float64 tolerance. Parameters are adopted (the same objects) and state_dict keys kept."""
+    import copy
+
+    import attnsr
+    from attnsr.layers import TransposedAttention
+
+    old = _restormer_like(bias).double().to(DEVICE)
+    new = attnsr.swap_attention(copy.deepcopy(old), backend="torch")
+    assert isinstance(new[1], TransposedAttention)
+    assert ("1", "RestormerAttention", "TransposedAttention") in new.attnsr_swapped and not new.attnsr_left
+    assert list(new.state_dict()) == list(old.state_dict())
+    x = draw(2, 3, 7, 6).requires_grad_()
+    outs = []
+    for model in (old, new):
+        x.grad = None
+        out = model(x)
+        grads = torch.autograd.grad(out, [x, *model.parameters()], torch.ones_like(out))
+        outs.append((out, *grads))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    new[1].backend = "triton"
+    out = new(x)
+    grads = torch.autograd.grad(out, [x, *new.parameters()], torch.ones_like(out))
+    for a, b in zip((out, *grads), outs[0]):
+        assert_close_rel(a, b, torch.float64, "triton backend")
+
+
+def test_swap_keeps_parameters_and_leaves_a_look_alike():
+    import attnsr
+
+    model = _restormer_like(False)
+    temperature = model[1].temperature
+    attnsr.swap_attention(model, backend="triton")
+    assert model[1].temperature is temperature
+    other = torch.nn.Sequential(NotNormalised(24, 2, False))
+    attnsr.swap_attention(other, backend="torch")
+    assert isinstance(other[0], NotNormalised)
+    assert other.attnsr_left and "computes something else" in other.attnsr_left[0][2]
+
+
+def test_layer_backends_agree():
+    from attnsr.layers import TransposedAttention
+
+    layer = TransposedAttention(12, 3, bias=True, backend="torch").to(DEVICE)
+    with torch.no_grad():
+        layer.temperature.uniform_(0.5, 1.5)
+    x = draw(1, 12, 5, 9).float()
+    expect = layer.double()(x.double())
+    layer.float().backend = "triton"
+    assert_close_rel(layer(x), expect, torch.float32, "layer output")
+    assert "num_heads=3" in repr(layer)
