@@ -314,8 +314,8 @@ class TransposedAttention(_AttnsrLayer):
         return layer
 
     def forward(self, x):
-        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
-        out = backends.transposed_attention(q, k, v, self.temperature, heads=self.num_heads, backend=self.backend)
+        qkv = self.qkv_dwconv(self.qkv(x))
+        out = backends.transposed_attention_qkv(qkv, self.temperature, heads=self.num_heads, backend=self.backend)
         return self.project_out(out)
 
     def extra_repr(self):

@@ -62,9 +62,12 @@ from ._runtime import (
     dot_dtype,
     dot_precision,
     empty_map_like,
+    grad_layout,
+    grad_views,
     interpreting,
     next_pow2,
     on_tensor_device,
+    packed_base,
     positive_int,
     refuse_double_backward,
     refuse_twice,
@@ -362,14 +365,18 @@ def transposed_attention_forward(q, k, v, temperature, heads: int):
 
 
 def transposed_attention_backward(do, q, k, v, temperature, attn, gram, nq, nk, heads: int,
-                                  need_qk: bool, need_v: bool, need_tau: bool):
-    """Returns (dq, dk, dv, dtemperature); absent ones (not needed) as None."""
+                                  need_qk: bool, need_v: bool, need_tau: bool, grads=None):
+    """Returns (dq, dk, dv, dtemperature); absent ones (not needed) as None. ``grads``: (dq, dk, dv)
+    to write into (views of one packed gradient buffer, ``grad_views``), else fresh maps."""
     batch, channels, height, width = q.shape
     d = channels // heads
     dp = attn.shape[-1]
     n = height * width
-    dq, dk = (empty_map_like(q), empty_map_like(k)) if need_qk else (None, None)
-    dv = empty_map_like(v) if need_v else None
+    if grads is not None:
+        dq, dk, dv = grads
+    else:
+        dq, dk = (empty_map_like(q), empty_map_like(k)) if need_qk else (None, None)
+        dv = empty_map_like(v) if need_v else None
     dtau = torch.empty_like(temperature) if need_tau else None
     if batch == 0:
         if dtau is not None:
@@ -476,30 +483,42 @@ refuse_double_backward(_transposed_attention_backward_op, "transposed_attention"
 
 class _TransposedAttentionFunction(torch.autograd.Function):
     """The eager path of ``transposed_attention``: the launchers called directly (the custom ops
-    above serve torch.compile and torch.func)."""
+    above serve torch.compile and torch.func). Inputs: q, k, v, the temperature, heads, and
+    ``base``: None, or the (B, 3C, H, W) tensor whose three channel chunks q, k, v are (then they
+    come detached and the backward writes one gradient buffer for the base: no ``cat``;
+    ``transposed_attention_qkv``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, temperature, heads):
+    def forward(ctx, q, k, v, temperature, heads, base):
         with device_guard(q):
             out, attn, gram, nq, nk = transposed_attention_forward(q, k, v, temperature, heads)
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, temperature, attn, gram, nq, nk)
+        ctx.save_for_backward(q, k, v, temperature, attn, gram, nq, nk, base)
         ctx.heads = heads
+        ctx.grad_layout = None if base is None else grad_layout(base, (q, k, v))
         return out
 
     @staticmethod
     def backward(ctx, do):
         if do is None:
-            return None, None, None, None, None
-        q, k, v, temperature, attn, gram, nq, nk = ctx.saved_tensors
+            return None, None, None, None, None, None
+        q, k, v, temperature, attn, gram, nq, nk, base = ctx.saved_tensors
         need_q, need_k, need_v, need_tau = ctx.needs_input_grad[:4]
+        if base is not None:
+            dbase, views = grad_views(ctx.grad_layout)
+            with device_guard(q):
+                _, _, _, dtau = transposed_attention_backward(
+                    do, q, k, v, temperature, attn, gram, nq, nk, ctx.heads, True, True, need_tau, views)
+            dbase, dtau = refuse_twice("transposed_attention", (base, temperature),
+                                       (dbase, dtau if need_tau else None))
+            return None, None, None, dtau, None, dbase
         with device_guard(q):
             dq, dk, dv, dtau = transposed_attention_backward(
                 do, q, k, v, temperature, attn, gram, nq, nk, ctx.heads, need_q or need_k, need_v, need_tau)
         grads = refuse_twice("transposed_attention", (q, k, v, temperature),
                              (dq if need_q else None, dk if need_k else None, dv if need_v else None,
                               dtau if need_tau else None))
-        return (*grads, None)
+        return (*grads, None, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -551,4 +570,26 @@ def transposed_attention(q, k, v, temperature, *, heads):
     check_no_forward_ad(op, q, k, v, temperature)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _transposed_attention_op(q, k, v, temperature, heads)[0]
-    return _TransposedAttentionFunction.apply(q, k, v, temperature, heads)
+    return _TransposedAttentionFunction.apply(q, k, v, temperature, heads, None)
+
+
+def transposed_attention_qkv(qkv, temperature, *, heads):
+    """``transposed_attention(*qkv.chunk(3, dim=1), temperature, heads=heads)`` for the packed
+    (B, 3C, H, W) output of one convolution (Restormer's ``qkv_dwconv``), any strides. In eager mode
+    its backward writes qkv's gradient as one buffer laid out like qkv (no ``cat`` of three
+    gradients); under torch.compile / torch.func it runs the custom op on the three chunks."""
+    op = "transposed_attention_qkv"
+    qkv, temperature = autocast_inputs(qkv, temperature)
+    check_tensor(op, "qkv", qkv)
+    check_rank(op, "qkv", qkv, 4, "(B, 3C, H, W)")
+    if qkv.shape[1] % 3:
+        raise ValueError(f"{op}: qkv is {tuple(qkv.shape)}; expected (B, 3C, H, W), 3C channels")
+    q, k, v = qkv.chunk(3, dim=1)
+    heads = _check(op, q, k, v, temperature, heads)
+    check_no_forward_ad(op, qkv, temperature)
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return _transposed_attention_op(q, k, v, temperature, heads)[0]
+    base = packed_base(qkv)
+    if base is None:
+        return _TransposedAttentionFunction.apply(q, k, v, temperature, heads, None)
+    return _TransposedAttentionFunction.apply(q.detach(), k.detach(), v.detach(), temperature, heads, base)

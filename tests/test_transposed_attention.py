@@ -9,7 +9,7 @@ from conftest import DEVICE, ON_GPU
 from gating_checks import LaunchLog, check_op, draw, leaf
 from tolerances import REL_TOL, assert_close_rel
 
-from attnsr.kernels import transposed_attention
+from attnsr.kernels import transposed_attention, transposed_attention_qkv
 from attnsr.kernels.reference import transposed_attention_ref
 
 ta_module = importlib.import_module("attnsr.kernels.transposed_attention")
@@ -327,3 +327,32 @@ def test_layer_backends_agree():
     layer.float().backend = "triton"
     assert_close_rel(layer(x), expect, torch.float32, "layer output")
     assert "num_heads=3" in repr(layer)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_packed_qkv_gets_one_gradient_buffer(channels_last):
+    """transposed_attention_qkv(qkv) (Restormer's chunk(3, 1) of one conv output): the backward
+    writes qkv's gradient as one buffer laid out like qkv, handed to qkv directly (no
+    SplitBackward, no cat of three gradients)."""
+    qkv = draw(2, 3 * 12, 5, 6).float()
+    if channels_last:
+        qkv = qkv.contiguous(memory_format=torch.channels_last)
+    qkv.requires_grad_()
+    t = _temperature(2, torch.float32)
+    out = transposed_attention_qkv(qkv, t, heads=2)
+    assert any(getattr(fn, "variable", None) is qkv for fn, _ in out.grad_fn.next_functions)
+    g = draw(*out.shape).float()
+    dqkv, dt = torch.autograd.grad(out, (qkv, t), g)
+    assert dqkv.stride() == qkv.stride()
+    ref_in = [qkv.detach().double().requires_grad_(), t.detach().double().requires_grad_()]
+    expect = transposed_attention_ref(*ref_in[0].chunk(3, dim=1), ref_in[1], heads=2)
+    want = torch.autograd.grad(expect, ref_in, g.double())
+    assert_close_rel(dqkv, want[0], torch.float32, "d(qkv)")
+    assert_close_rel(dt, want[1], torch.float32, "dτ")
+    # a qkv that does not require grad, or one whose elements are not dense: the plain path
+    with torch.no_grad():
+        assert_close_rel(transposed_attention_qkv(qkv, t, heads=2), expect, torch.float32, "no grad")
+    sliced = draw(2, 3 * 12 + 2, 5, 6).float()[:, 1:-1].requires_grad_()
+    check_op(lambda x, t: transposed_attention_qkv(x, t, heads=2),
+             lambda x, t: transposed_attention_ref(*x.chunk(3, dim=1), t, heads=2), [sliced, t], torch.float32,
+             "sliced qkv")
