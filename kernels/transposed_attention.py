@@ -294,13 +294,16 @@ def _sm_count(device: torch.device) -> int:
 def _settings(dp: int, dtype: torch.dtype, kernel: str):
     """(BLOCK_N, launch kwargs) by rule: the d × d matrices (DP² fp32) and the [DP, BLOCK_N] tiles
     share the registers of num_warps warps; the backward apply holds two accumulators, its three
-    d × d operands and two tiles, so it takes 8 warps from DP = 64. float64 halves the token block."""
+    d × d operands and two tiles, so it takes 8 warps from DP = 64 (and 32 tokens in fp32). float64
+    halves the token block. Figures for sm_90: docs/kernels.md."""
     block_n = 64 if dp <= 64 else 32
     if dtype == torch.float64:
         block_n = max(16, block_n // 2)
     warps = 4 if dp <= 32 else 8
     if kernel == "grad_apply" and dp >= 64:
         warps = 8
+        if dtype == torch.float32:  # 3×TF32 splits each operand in two: at 64 tokens sm_90 spilled 72-144 B
+            block_n = 32
     if kernel == "softmax":  # one program per (b, h) on DP × DP values: no token tile
         warps = 4 if dp <= 64 else 8
     return block_n, dict(num_warps=warps, num_stages=2)
