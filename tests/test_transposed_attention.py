@@ -101,9 +101,9 @@ def test_zero_channel_takes_the_eps_branch():
 
 def test_deterministic():
     """Two runs are bitwise equal: split partials and the batch sum of dτ in a fixed order."""
-    q, k, v = (leaf((3, 16, 17, 19), torch.float32) for _ in range(3))
+    q, k, v = (leaf((2, 16, 9, 11), torch.float32) for _ in range(3))  # two token splits per (b, h)
     t = _temperature(2, torch.float32)
-    g = draw(3, 16, 17, 19).float()
+    g = draw(2, 16, 9, 11).float()
     runs = []
     for _ in range(2):
         out = transposed_attention(q, k, v, t, heads=2)
@@ -296,6 +296,8 @@ def test_swap_restormer_attention_float64_equal(bias):
         outs.append((out, *grads))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    if bias:  # the fused op's float64 run once (the probe and the torch backend cover both)
+        return
     new[1].backend = "triton"
     out = new(x)
     grads = torch.autograd.grad(out, [x, *new.parameters()], torch.ones_like(out))
