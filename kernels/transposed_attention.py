@@ -36,9 +36,10 @@ torch.compile and torch.func; eager calls take a plain autograd Function. Autoca
 and the temperature to the region's dtype (float64 excepted), as for the other ops.
 
 Limits and precision. d = C/heads ≤ 128 (the d × d matrices live in registers, padded to a power
-of two DP ≥ 16 for tl.dot); H·W ≤ 2^31 − 2^16. Statistics and accumulation in fp32 (float64 for
-float64 inputs); fp32 dots use the precision of ``dot_precision`` (3×TF32 by default on a GPU:
-about fp32 accuracy). No double backward, no forward-mode AD.
+of two DP ≥ 16 for tl.dot); H·W ≤ 2^31 − 2^16; B·heads ≤ 65535 (grid axis 1 of the apply
+passes). Statistics and accumulation in fp32 (float64 for float64 inputs); fp32 dots use the
+precision of ``dot_precision`` (3×TF32 by default on a GPU: about fp32 accuracy).
+No double backward, no forward-mode AD.
 """
 
 import functools
@@ -49,6 +50,7 @@ import triton.language as tl
 
 from ._gating import PixelRun, _tile_offsets
 from ._runtime import (
+    MAX_GRID_YZ,
     MAX_INDEX,
     absent_output,
     acc_dtype,
@@ -176,11 +178,11 @@ def _mdta_apply_kernel(
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     DP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)  # pixel blocks on grid axis 0 (up to 2^31 - 1), B·heads on axis 1
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     c = tl.arange(0, DP)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m = (c < d)[:, None] & (n < N)[None, :]
     a = tl.load(A + bh.to(tl.int64) * DP * DP + c[:, None] * DP + c[None, :])
     v = tl.load(_head_tile(V, b, h, d, c, n, W, sv_b, sv_c, sv_h, sv_w), mask=m, other=0.0)
@@ -247,12 +249,12 @@ def _mdta_grad_apply_kernel(
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     DP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bh = tl.program_id(1)  # pixel blocks on grid axis 0, B·heads on axis 1
     b = (bh // heads).to(tl.int64)
     h = bh % heads
     mat = bh.to(tl.int64) * DP * DP
     c = tl.arange(0, DP)
-    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (c < d)[:, None] & (n < N)[None, :]
     if NEED_QK:
         vec = bh.to(tl.int64) * DP + c
@@ -359,7 +361,7 @@ def transposed_attention_forward(q, k, v, temperature, heads: int):
     )
     block_n, launch = _settings(dp, q.dtype, "apply")
     run = PixelRun(width, v, out)
-    _mdta_apply_kernel[(batch * heads, triton.cdiv(n, block_n))](
+    _mdta_apply_kernel[(triton.cdiv(n, block_n), batch * heads)](
         attn, v, out, *run.strides(v), *run.strides(out), heads, d, n, run.width,
         ACC=acc_dtype(q.dtype), DOT=dot_dtype(q.dtype), PRECISION=dot_precision(q.dtype), DP=dp, BLOCK_N=block_n,
         **launch,
@@ -404,7 +406,7 @@ def transposed_attention_backward(do, q, k, v, temperature, attn, gram, nq, nk, 
         gk = dk if need_qk else k
         gv = dv if need_v else v
         run = PixelRun(width, q, k, do, gq, gk, gv)
-        _mdta_grad_apply_kernel[(batch * heads, triton.cdiv(n, block_n))](
+        _mdta_grad_apply_kernel[(triton.cdiv(n, block_n), batch * heads)](
             q, k, do, gq, gk, gv, m, attn, bq, bk, nq, nk,
             *run.strides(q), *run.strides(k), *run.strides(do), *run.strides(gq), *run.strides(gk),
             *run.strides(gv), heads, d, n, run.width, EPS, NEED_QK=need_qk, NEED_V=need_v,
@@ -550,6 +552,9 @@ def _check(op, q, k, v, temperature, heads):
                          f"{MAX_HEAD_CHANNELS} (the d × d matrices live in registers)")
     if d < 1 or height < 1 or width < 1:
         raise ValueError(f"{op}: q is {tuple(q.shape)}; expected C, H and W ≥ 1")
+    if q.shape[0] * heads > MAX_GRID_YZ:
+        raise ValueError(f"{op}: B·heads = {q.shape[0]}·{heads} = {q.shape[0] * heads}; expected at most {MAX_GRID_YZ} "
+                         "(a grid axis of the apply kernels)")
     if height * width > MAX_INDEX:
         raise ValueError(f"{op}: H·W = {height * width} pixels; expected at most {MAX_INDEX}")
     if tuple(temperature.shape) not in ((heads,), (heads, 1, 1)):

@@ -208,6 +208,9 @@ def test_bad_input():
     big = torch.randn(1, 129, 2, 2, device=DEVICE)
     with pytest.raises(ValueError, match=r"= 129 channels per head; expected at most 128"):
         transposed_attention(big, big, big, torch.ones(1, 1, 1, device=DEVICE), heads=1)
+    many = torch.randn(32768, 3, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"B·heads = 32768·3 = 98304; expected at most 65535"):
+        transposed_attention(many, many, many, torch.ones(3, device=DEVICE), heads=3)
     with pytest.raises(TypeError, match=r"v has dtype torch.int64"):
         transposed_attention(q, k, v.long(), t, heads=3)
 
