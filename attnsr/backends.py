@@ -333,3 +333,18 @@ def layer_fusion(features, weights, *, backend="auto"):
             out = out + weights[:, i, None, None, None] * features[i]
         return out
     return _kernels().reference.layer_fusion_ref(features, weights)
+
+
+def transposed_attention_qkv(qkv, temperature, *, heads, backend="auto"):
+    """Restormer's transposed (channel) attention: per head, softmax over channels of
+    τ · normalize(q) normalize(k)ᵀ applied to v.
+    ``naive`` and ``torch`` run Restormer's own maths (F.normalize, matmul, softmax: it never
+    builds more than the d × d map); ``auto`` takes ``torch`` until the fused op is measured faster.
+    qkv: (B, 3C, H, W), q, k, v its ``chunk(3, dim=1)``; temperature (heads, 1, 1)."""
+    qkv, temperature = autocast_inputs(qkv, temperature)
+    q, k, v = qkv.chunk(3, dim=1)
+    backend = resolve(backend, q, lambda: auto_key("transposed_attention", q, head_dim=q.shape[1] // heads,
+                                                   tokens=q.shape[2] * q.shape[3], mode=_mode(q, k, v, temperature)))
+    if backend == "triton":
+        return _kernels().transposed_attention_qkv(qkv, temperature, heads=heads)
+    return _kernels().reference.transposed_attention_ref(q, k, v, temperature, heads=heads)

@@ -279,3 +279,44 @@ class LayerAttention(_AttnsrLayer):
 
     def extra_repr(self):
         return f"{self.num_layers}, {self.channels}, backend={self.backend!r}"
+
+
+class TransposedAttention(_AttnsrLayer):
+    """Restormer's multi-Dconv head transposed attention (MDTA): attention across channels.
+
+    ``qkv`` (1×1 conv C → 3C) then ``qkv_dwconv`` (depthwise 3×3 on 3C), q, k, v = its 3 chunks;
+    per head (``num_heads``, d = C / num_heads channels each) softmax(τ · q̂ k̂ᵀ) v with q̂, k̂ the
+    channels L2-normalised over the pixels and τ the learned ``temperature`` (num_heads, 1, 1);
+    then ``project_out`` (1×1 conv C → C). The names are Restormer's, so its checkpoints load.
+    The triton backend runs the attention as one fused op (kernels.transposed_attention).
+
+    x: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(self, dim, num_heads, bias=False, *, backend="auto"):
+        super().__init__(backend)
+        if dim % num_heads:
+            raise ValueError(f"TransposedAttention: dim = {dim} does not split into num_heads = {num_heads}")
+        self.dim, self.num_heads = dim, num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, 1, bias=bias)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, 3, padding=1, groups=dim * 3, bias=bias)
+        self.project_out = nn.Conv2d(dim, dim, 1, bias=bias)
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto") -> "TransposedAttention":
+        """The layer computed with a Restormer ``Attention``'s own children and temperature (adopted,
+        not copied: the same Parameter objects, so an optimizer built on them keeps training them)."""
+        layer = cls._blank(backend)
+        layer.dim, layer.num_heads = module.project_out.in_channels, module.num_heads
+        layer.temperature = module.temperature
+        layer.qkv, layer.qkv_dwconv, layer.project_out = module.qkv, module.qkv_dwconv, module.project_out
+        return layer
+
+    def forward(self, x):
+        qkv = self.qkv_dwconv(self.qkv(x))
+        out = backends.transposed_attention_qkv(qkv, self.temperature, heads=self.num_heads, backend=self.backend)
+        return self.project_out(out)
+
+    def extra_repr(self):
+        return f"{self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"

@@ -22,6 +22,9 @@ reproduce is left untouched. Recognised:
 - the blocks around them: SwinIR's / DRCT's SwinTransformerBlock -> :class:`~attnsr.windows.SwinBlock`,
   Swin2SR's -> :class:`~attnsr.windows.SwinV2Block`, HAT's HAB ->
   :class:`~attnsr.windows.HybridAttentionBlock` (roll, partition and reverse gone);
+- Restormer's transposed (channel) attention ``Attention`` (MDTA): int ``num_heads``, a
+  ``temperature`` (heads, 1, 1), ``qkv`` 1×1 Conv2d C → 3C, ``qkv_dwconv`` depthwise 3×3 on 3C,
+  ``project_out`` 1×1 Conv2d C → C, nothing else with parameters -> :class:`~attnsr.layers.TransposedAttention`;
 - attnsr's own layers: switched to the requested backend.
 
 What looks like attention but is left (a variant not fused, a look-alike computing something
@@ -45,7 +48,7 @@ import torch
 from torch import nn
 
 from attnsr.backends import check_backend
-from attnsr.layers import ChannelAttention, SelfAttention2d, _AttnsrLayer, _mlp_dims
+from attnsr.layers import ChannelAttention, SelfAttention2d, TransposedAttention, _AttnsrLayer, _mlp_dims
 from attnsr.windows import (
     HybridAttentionBlock,
     SwinBlock,
@@ -354,6 +357,30 @@ def _as_swin_block(module: nn.Module, backend: str):
     return cls.from_module(module, inner, backend=backend)
 
 
+def _as_transposed_attention(module: nn.Module, backend: str):
+    """Restormer's MDTA ``Attention``: int ``num_heads``, Parameter ``temperature`` (heads, 1, 1),
+    ``qkv`` Conv2d(C, 3C, 1), ``qkv_dwconv`` Conv2d(3C, 3C, 3, padding 1, groups 3C), ``project_out``
+    Conv2d(C, C, 1), nothing else with parameters; forward(x). The float64 probe checks the function."""
+    heads, temperature = getattr(module, "num_heads", None), getattr(module, "temperature", None)
+    qkv, dw, proj = (getattr(module, n, None) for n in ("qkv", "qkv_dwconv", "project_out"))
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        return None
+    if not (isinstance(temperature, nn.Parameter) and temperature.shape == (heads, 1, 1)):
+        return None
+    if not all(isinstance(m, nn.Conv2d) and m.stride == (1, 1) and m.dilation == (1, 1) and m.padding_mode == "zeros"
+               for m in (qkv, dw, proj)):
+        return None
+    c = proj.in_channels
+    shapes = [(m.in_channels, m.out_channels, m.kernel_size, m.groups, m.padding) for m in (qkv, dw, proj)]
+    if c % heads or shapes != [(c, 3 * c, (1, 1), 1, (0, 0)), (3 * c, 3 * c, (3, 3), 3 * c, (1, 1)),
+                               (c, c, (1, 1), 1, (0, 0))]:
+        return None
+    expected = heads + sum(_param_count(m) for m in (qkv, dw, proj))
+    if _param_count(module) != expected or _forward_arity(module) != 1:
+        return None
+    return TransposedAttention.from_module(module, backend=backend)
+
+
 def _probe(shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
@@ -362,6 +389,8 @@ def _probe_call(new: nn.Module):
     """A function running a module on float64 CPU inputs that exercise what ``new`` replaces it with."""
     if isinstance(new, SelfAttention2d):
         return lambda m: m(_probe((2, new.in_channels, 6, 5)))
+    if isinstance(new, TransposedAttention):
+        return lambda m: m(_probe((2, new.dim, 6, 5)))
     if isinstance(new, ChannelAttention):
         return lambda m: m(_probe((2, new.channels, 6, 5)))
     if isinstance(new, WindowAttentionV2Map):  # two windows a side, with and without a mask
@@ -420,7 +449,8 @@ def _same_function(old: nn.Module, new: nn.Module) -> bool:
 
 
 _BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_map_window_attention,
-             _as_split_window_attention, _as_v2_map_window_attention, _as_self_attention, _as_channel_attention)
+             _as_split_window_attention, _as_v2_map_window_attention, _as_transposed_attention, _as_self_attention,
+             _as_channel_attention)
 
 
 def _looks_like_attention(module: nn.Module) -> str | None:

@@ -9,6 +9,7 @@ from .attention import flash_attention, image_attention, image_attention_qkv
 from .cbam import cbam_gate
 from .channel_gate import channel_gate
 from .layer_fusion import layer_fusion
+from .transposed_attention import transposed_attention, transposed_attention_qkv
 from .spatial_gate import spatial_gate
 from .window_attention import window_attention, window_attention_qkv
 
@@ -20,6 +21,8 @@ __all__ = [
     "image_attention_qkv",
     "layer_fusion",
     "spatial_gate",
+    "transposed_attention",
+    "transposed_attention_qkv",
     "window_attention",
     "window_attention_qkv",
 ]

@@ -194,3 +194,24 @@ def layer_fusion_ref(features, weights, *, upcast=False):
         features = torch.stack(list(features))
     features, weights = _maybe_upcast(upcast, features, weights)
     return torch.einsum("lbchw,bl->bchw", features, weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transposed (channel) attention: Restormer's MDTA
+# ----------------------------------------------------------------------------------------------
+
+
+def transposed_attention_ref(q, k, v, temperature, *, heads, upcast=False):
+    """Restormer's Attention after its convolutions: per head, the d = C/heads channels of q and k
+    over the H·W pixels, L2-normalised along the pixels (F.normalize), attn = softmax(q kᵀ · τ)
+    over channels (d × d), out = attn v. q, k, v: (B, C, H, W); temperature: (heads, 1, 1) or (heads,)."""
+    import torch.nn.functional as F
+
+    q, k, v, temperature = _maybe_upcast(upcast, q, k, v, temperature)
+    b, c, h, w = q.shape
+    q, k, v = (t.reshape(b, heads, c // heads, h * w) for t in (q, k, v))
+    q = F.normalize(q, dim=-1)
+    k = F.normalize(k, dim=-1)
+    attn = (q @ k.transpose(-2, -1)) * temperature.reshape(heads, 1, 1)
+    attn = attn.softmax(dim=-1)
+    return (attn @ v).reshape(b, c, h, w)
