@@ -6,7 +6,7 @@ first import to run the triton backend in Triton's (slow) CPU interpreter.
 """
 
 from attnsr import models
-from attnsr.layers import CBAM, ChannelAttention, LayerAttention, SelfAttention2d, SpatialAttention
+from attnsr.layers import CBAM, ChannelAttention, LayerAttention, SelfAttention2d, SpatialAttention, TransposedAttention
 from attnsr.swap import swap_attention
 from attnsr.windows import (
     HybridAttentionBlock,
@@ -30,6 +30,7 @@ __all__ = [
     "SpatialAttention",
     "SwinBlock",
     "SwinV2Block",
+    "TransposedAttention",
     "WindowAttention",
     "WindowAttentionMap",
     "WindowAttentionQKV",

@@ -36,7 +36,7 @@ import torch
 from attnsr import timing
 from attnsr.timing import cuda_peak_mib, device_info, time_ms  # noqa: F401  (the suites use harness.*)
 
-SUITES = ("attention", "gating", "networks", "window", "models")
+SUITES = ("attention", "gating", "networks", "window", "models", "transposed")
 FWD_BWD_FLOPS = 3.5  # forward + backward FLOPs ÷ forward FLOPs (backward = 2.5 × forward)
 INTERPRETED = "memory only: Triton's interpreter on CPU (its time says nothing about a GPU)"
 

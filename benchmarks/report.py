@@ -24,10 +24,12 @@ import torch
 from benchmarks import harness
 
 BASELINES = {"attention": ("naive", "sdpa"), "gating": ("eager", "compile"), "networks": ("naive", "torch"),
-             "window": ("naive", "sdpa", "flex"), "models": ("eager",)}
-# suites whose rows also carry peak memory ÷ each baseline's (the window blocks' headline is memory; a
+             "window": ("naive", "sdpa", "flex"), "models": ("eager",),
+             "transposed": ("eager", "compile")}
+# suites whose rows also carry peak memory ÷ each baseline's (the window blocks' headline is memory, and
+# the transposed attention's target is a peak-memory ratio too; a
 # CPU's models rows are for memory)
-MEMORY_RATIOS = ("window", "models")
+MEMORY_RATIOS = ("window", "models", "transposed")
 KEPT_INFO = ("commit", "dirty", "date", "torch", "triton", "fwd_bwd_flops", "kept")  # of an earlier run's rows
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 README = os.path.join(os.path.dirname(RESULTS), "..", "docs", "benchmarks.md")  # the page holding the tables
@@ -63,7 +65,7 @@ def print_table(rows, file=None) -> None:
 # headline cases run in this order of suites: the attention targets, then the network step, the
 # window blocks' training-step memory, then the gating (whose torch.compile baseline takes longest
 # to build), then the whole published models (their compiled baseline takes minutes)
-HEADLINE_ORDER = ("attention", "networks", "window", "gating", "models")
+HEADLINE_ORDER = ("attention", "networks", "window", "gating", "transposed", "models")
 
 
 def _todo(suites, device, quick: bool, headline_first: bool) -> list:
