@@ -117,7 +117,7 @@ def test_override_nests_and_restores():
 
 
 @pytest.mark.parametrize("kernel, cfg, message", [
-    ("bwd", dict(BLOCK_M=16), "kernel 'bwd'"),
+    ("dk", dict(BLOCK_M=16), "kernel 'dk'"),
     ("fwd", dict(BLOCK_M=24), "BLOCK_M = 24; expected a power of two >= 16"),
     ("fwd", dict(BLOCK_N=8), "BLOCK_N = 8"),
     ("dq", dict(num_warps=3), "num_warps = 3"),
@@ -364,6 +364,9 @@ def test_patches_take_their_own_entry_where_there_is_one(monkeypatch):
     monkeypatch.setattr(attn, "interpreting", lambda: False)
     for (kernel, block_d, dtype_class), entry in attn._PATCH_LAUNCH.items():
         dtype = {"16bit": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[dtype_class]
+        if entry is None:  # no one-pass backward with patches there (the deterministic launch runs)
+            assert attn._config(kernel, block_d, dtype, 2) is None and attn._config(kernel, block_d, dtype, 1)
+            continue
         assert attn._config(kernel, block_d, dtype, 2)[0]["BLOCK_M"] == entry.block_m
         assert attn._config(kernel, block_d, dtype, 2)[1]["num_warps"] == entry.num_warps
         plain = attn._LAUNCH[(kernel, block_d, dtype_class)]
