@@ -479,9 +479,9 @@ def check_config(kernel: str, head_dim: int, dtype: str, cfg: dict, archs=(90, 8
     (BLOCK_M, BLOCK_N, num_warps, num_stages) for a fused-qkv NCHW map with head dim ``head_dim``
     in ``dtype`` (a key of DTYPES or FP32_MODES). Returns (rows, gate failures) of that kernel."""
     rows = []
+    case = _attention_case(dtype, head_dim, variant="det" if kernel in ("dkdv", "dq") else "")  # their launch
     for arch in archs:
-        rows += [r for r in run_case(_attention_case(dtype, head_dim), arch, (kernel, cfg))
-                 if r["kernel"] == KERNEL_NAMES[kernel]]
+        rows += [r for r in run_case(case, arch, (kernel, cfg)) if r["kernel"] == KERNEL_NAMES[kernel]]
     return rows, gate_failures(rows)
 
 

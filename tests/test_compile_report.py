@@ -199,13 +199,14 @@ def test_check_config_names_kernel_case_and_figure():
     code = ("from attnsr.kernels import compile_report as cr; import json; "
             "print(json.dumps(cr.check_config('fwd', 64, 'fp32', "
             "dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), archs=(90,)))); "
-            "print(json.dumps(cr.check_config('dq', 64, 'fp32', "
-            "dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2), archs=(90,))))")
+            "print(json.dumps(cr.check_config('dkdv', 64, 'fp32', "
+            "dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2), archs=(90,))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     (rows, failures), (n8_rows, n8_failures) = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
-    # 64×16 tiles on two warp groups: each takes 8 of the 16 key columns, a tf32 wgmma with N = 8
+    # 16-query tiles on two warp groups: each takes 8 of the 16 query columns, a tf32 wgmma with N = 8
     assert n8_rows[0]["wgmma_tf32_n8"] > 0, n8_rows[0]
-    assert n8_failures == [f"_attn_bwd_dq_kernel [attention fp32 D=64 fused, sm_90]: {n8_rows[0]['wgmma_tf32_n8']} "
+    n8 = n8_rows[0]["wgmma_tf32_n8"]
+    assert n8_failures == [f"_attn_bwd_det_kernel [attention fp32 D=64 fused det, sm_90]: {n8} "
                            "tf32 wgmma with N = 8 (m64n8k8), which reads past its shared-memory operand "
                            "(triton-lang/triton#10629): wrong results or an illegal memory access on the GPU"]
     assert [r["kernel"] for r in rows] == ["_attn_fwd_kernel"] and rows[0]["config"]["BLOCK_M"] == 64
