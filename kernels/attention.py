@@ -668,8 +668,9 @@ _LAUNCH = {
     # 16×16 maps; chosen as the entries above, starting from the dK/dV entry. Not yet clean on a
     # 45×45 map (strides not divisible by 16; triton 3.9): 16-bit D128 176 B, fp32 D64 88 B, the
     # dK+dQ half at fp32 D16 32 B; the deterministic launch at fp32 D64 56 B; Δ at 16-bit D64 8 B
-    # (32 B with the zeroing of the dQ sums; 64 rows with 8 warps: none). With fewer than 64 queries a tile (BLOCK_M) the dQ product
-    # runs transposed (Kᵀ dSᵀ, the head dim as a wgmma's rows): else it falls to mma.sync
+    # (32 B with the zeroing of the dQ sums; 64 rows with 8 warps: none). With fewer than 64 queries
+    # a tile (BLOCK_M) the dQ product runs transposed (Kᵀ dSᵀ, the head dim as a wgmma's rows): else
+    # it falls to mma.sync
     # 142 [154] regs, no spills, 32 KiB, 18 HGMMA
     ("bwd", 16, "16bit"): _Launch(64, 128, 8, 2),
     # split: dV 122 [136] / dK+dQ 241 [255] regs, no spills, 16 / 56 KiB, 30 / 60 HGMMA. In one launch
