@@ -5,9 +5,9 @@
 Two things are measured, per *case* (an op, a dtype, a shape, and a mode: "train" = forward and
 backward, "infer" = forward alone):
 
-1. **Launch settings** of the fused attention and window kernels (attention: fwd, dkdv, dq; window:
-   fwd, dkdv (which also sums the bias table's gradient and, where one key block covers the window,
-   forms dQ), dq). Candidates: BLOCK_M, BLOCK_N ∈ {16, 32, 64, 128}, num_warps ∈ {4, 8},
+1. **Launch settings** of the fused attention and window kernels (attention: fwd and the one-pass
+   backward, bwd; window: fwd, dkdv (which also sums the bias table's gradient and, where one key
+   block covers the window, forms dQ), dq). Candidates: BLOCK_M, BLOCK_N ∈ {16, 32, 64, 128}, num_warps ∈ {4, 8},
    num_stages ∈ {1, 2, 3}, and for the backward kernels at a padded head dim of 64 or more the
    head dim read in 16-wide chunks or held whole; less those whose streamed tiles overflow the
    device's shared memory or whose fp32 accumulators alone take more than half of a thread's 255
@@ -94,7 +94,10 @@ OPS = {"attention": ("attention",), "window": ("window",),
        "gates": ("cbam_gate", "channel_gate", "spatial_gate", "layer_fusion")}
 
 GRID = dict(BLOCK_M=(16, 32, 64, 128), BLOCK_N=(16, 32, 64, 128), num_warps=(4, 8), num_stages=(1, 2, 3))
-KERNELS = {"attention": ("fwd", "dkdv", "dq"), "window": ("fwd", "dkdv", "dq")}
+# attention: the forward and the one-pass backward, the kernels a call runs by default (the
+# deterministic backward's dkdv / dq settings are not tuned: they run only under
+# torch.use_deterministic_algorithms(True))
+KERNELS = {"attention": ("fwd", "bwd"), "window": ("fwd", "dkdv", "dq")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,7 +255,8 @@ def launch_key(case: Case, kernel: str) -> str:
 
 
 def shipped_setting(case: Case, kernel: str, device: torch.device) -> dict:
-    """The setting the launcher takes for the case's kernel without a tuned table."""
+    """The setting the launcher takes for the case's kernel without a tuned table (None: the
+    table has no one-pass backward for the case)."""
     from attnsr.kernels import _tuned
 
     module = _kernel_module(case.op)
@@ -263,15 +267,18 @@ def shipped_setting(case: Case, kernel: str, device: torch.device) -> dict:
     try:
         with precision(case.dtype):
             if case.op == "attention":
-                blocks, launch = module._config(kernel, head_dim, dtype, patch, None, None)
+                config = module._config(kernel, head_dim, dtype, patch, None, None)
             else:
-                blocks, launch = module._config(kernel, head_dim, dtype, tokens, None)
+                config = module._config(kernel, head_dim, dtype, tokens, None)
     finally:
         _tuned.use(device, saved)
+    if config is None:  # no one-pass backward shipped for the case (its calls take the deterministic one)
+        return None
+    blocks, launch = config
     cfg = {"BLOCK_M": blocks["BLOCK_M"], "BLOCK_N": blocks["BLOCK_N"]}
     cfg.update({k: v for k, v in launch.items() if k in ("num_warps", "num_stages")})
     cfg["BLOCK_DC"] = blocks.get("BLOCK_DC", 0)
-    if kernel == "dkdv" and case.op == "attention":
+    if kernel in ("bwd", "dkdv") and case.op == "attention":
         cfg["SPLIT"] = int(blocks.get("PART", (0,)) != (0,))
     if "DQ" in blocks:  # window dK/dV: whether it also forms dQ where one key block covers the window
         cfg["DQ"] = blocks["DQ"]
@@ -291,10 +298,10 @@ def candidates(case: Case, kernel: str, shipped: dict, smem_limit: int, most: in
         if case.op == "window" and (bm > max(16, _runtime.next_pow2(tokens)) or
                                     bn > max(16, _runtime.next_pow2(tokens))):
             continue  # a tile larger than the window
-        streamed = bm if kernel == "dkdv" else bn
+        streamed = bm if kernel in ("bwd", "dkdv") else bn
         if 2 * streamed * (chunk or block_d) * elt * stages > smem_limit:
             continue
-        held = 2 * bn if kernel == "dkdv" else bm
+        held = 2 * bn if kernel in ("bwd", "dkdv") else bm
         if held * block_d / (32 * warps) > 128:  # fp32 accumulators alone, per thread
             continue
         cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, BLOCK_DC=chunk)
@@ -355,6 +362,9 @@ def _tune_kernel(calls: _Calls, kernel: str, device, timer, gate_fn, smem_limit,
     case = calls.case
     module = _kernel_module(case.op)
     shipped = shipped_setting(case, kernel, device)
+    if shipped is None:
+        log(f"  {case.name} {kernel}: no shipped setting (such calls run the deterministic backward); not tuned")
+        return None
     timed = calls.forward_only if kernel == "fwd" else calls.run
     reference, best, shipped_ms = None, None, None
     for cfg in candidates(case, kernel, shipped, smem_limit, most):

@@ -12,11 +12,21 @@ K and V loads carry token masks. On the FMA units (float64, exact fp32) every bl
 masked path, as before the split: with the split the sm_90 compile spilled there (float64 at head
 dim 64: 144 B, exact fp32 at 32: 656 B, with the table's settings).
 The backward recomputes P = exp(S − LSE) block by block:
-    Δ = rowsum(dO ∘ O)                       (preprocess kernel)
-    dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − Δ),  dK = dSᵀ Q · scale   (one program per key block)
-    dQ = dS K · scale                                         (one program per query block)
-Every output element is written by exactly one program with a fixed loop order: no atomics, so
-two runs give bitwise-equal gradients.
+    Δ = rowsum(dO ∘ O)                                        (preprocess kernel)
+    dV = Pᵀ dO,  dS = P ∘ (dO Vᵀ − Δ),  dK = dSᵀ Q · scale,  dQ = dS K · scale
+in one of two modes, chosen once per backward call:
+  one-pass (the default; FlashAttention-2's): one program per (key block, head, batch) holds K and
+    V, keeps dK and dV over its loop over query blocks, and adds each query block's share
+    scale · dS K into a dQ sum with atomic adds: S, P and dP are computed once, 5 block products
+    (S, dV, dP, dK, dQ) where separate dK/dV and dQ passes take 7. The Δ kernel writes the zeros
+    the sum starts from; it is dq itself for fp32 and float64, else an fp32 (B, H, N, D) buffer
+    that a last kernel casts into dq (any layout). The order of the atomic adds is the GPU's:
+    dQ's last bits may differ between runs.
+  deterministic (under ``torch.use_deterministic_algorithms(True)``): one launch whose first
+    programs are dK/dV programs (one per key block, as above but without dQ) and whose others are
+    dQ programs (one per query block, looping over key blocks), every output element written by
+    exactly one program in a fixed loop order: bitwise-equal gradients across runs.
+A call that wants only dQ, or only dK and dV, runs that kind of program alone (no atomics).
 
 Addressing. A token's vector is read in place, whatever the layout. The address of feature d of
 token n of head h of batch b is
@@ -55,11 +65,15 @@ bf16 operands are widened to fp32 for the dot products only (the probabilities a
 to bf16 first). Logits that overflow fp32 (|scale·q·k| > 3e38) give NaN. Reverse mode only: no
 forward-mode AD, no double backward (both raise).
 
-Launch configuration. Each kernel (forward, Δ, dK/dV, dQ) has its own tile sizes BLOCK_M × BLOCK_N,
-num_warps and num_stages, looked up in ``_LAUNCH`` (below the kernels) by kernel, padded head dim
-BLOCK_D and dtype class (16-bit, fp32, fp64). Where holding a tile over the loop spills (fp32 at
-head dim 128 and 256, float64 at 256), an entry also sets a head-dim chunk (BLOCK_DC: the held
-operand is read again, 16 features at a time) and, for dK/dV, a split into a dV and a dK launch.
+Launch configuration. Each kernel has its own tile sizes BLOCK_M × BLOCK_N, num_warps and
+num_stages, looked up in ``_LAUNCH`` (below the kernels) by kernel ("fwd", "delta", "bwd": the
+one-pass backward, "dkdv" and "dq": the two kinds of program of the deterministic launch, which
+takes num_warps and num_stages from "dkdv"), padded head dim BLOCK_D and dtype class (16-bit,
+fp32, fp64). Where holding a tile over the loop spills (fp32 at head dim 128 and 256, float64 at
+256), an entry also sets a head-dim chunk (BLOCK_DC: the held operand is read again, 16 features
+at a time) and, for the one-pass and dK/dV programs, a split into a dV launch and a dK (and dQ)
+one. A one-pass entry of None means no spill-free setting was found: the call takes the
+deterministic launch.
 ``python -m benchmarks.tune`` measures candidates on a GPU; it sets them through
 ``_launch_override``, which only it and the tests use. Under the interpreter every kernel runs
 32×32 tiles unless overridden. On a GPU the forward's table setting is adapted to the call
@@ -293,10 +307,13 @@ def _attn_fwd_kernel(
 def _attn_bwd_delta_kernel(
     O, DO,  # forward output and its upstream gradient (token tensors, any strides)
     DELTA,  # (B, H, N) contiguous, ACC dtype: rowsum(dO ∘ O)
+    DQ,  # the one-pass backward's dQ accumulator (token addressing), zeroed here where ZERO_DQ
     so_b, so_h, so_r0, so_r1, so_c0, so_c1, so_c2,
     sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+    sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
     N, D, TW, NH,
     P: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ZERO_DQ: tl.constexpr = False,  # write the zeros the one-pass backward's atomic dQ sums start from
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -309,39 +326,50 @@ def _attn_bwd_delta_kernel(
     do = _load_tokens(DO, offs_m, offs_d, N, D, TW, sdo_r0, sdo_r1, P, sdo_c0, sdo_c1, sdo_c2, ACC)
     delta = tl.sum(o * do, 1)
     tl.store(DELTA + (b * NH + h) * N + offs_m, delta, mask=offs_m < N)
+    if ZERO_DQ:
+        _store_tokens(DQ + b * sdq_b + h * sdq_h, tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC), offs_m, offs_d, N, D, TW,
+                      sdq_r0, sdq_r1, P, sdq_c0, sdq_c1, sdq_c2)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO,  # inputs and upstream gradient (token tensors, any strides)
-    DK, DV,  # gradients of K and V (token tensors, any strides)
-    LSE, DELTA,  # (B, H, N) contiguous ACC statistics from forward and preprocess
+def _add_tokens(ptr, val, n, d, n_lim, d_lim, TW, s_r0, s_r1, P: tl.constexpr, s_c0, s_c1, s_c2,
+                TRANS: tl.constexpr):
+    """Atomically add a (len(n), len(d)) tile, or with TRANS a (len(d), len(n)) one, into token
+    vectors (the one-pass backward's dQ)."""
+    if TRANS:
+        offs = _rows(n, TW, s_r0, s_r1)[None, :] + _cols(d, P, s_c0, s_c1, s_c2)[:, None]
+        mask = (n[None, :] < n_lim) & (d[:, None] < d_lim)
+    else:
+        offs = _rows(n, TW, s_r0, s_r1)[:, None] + _cols(d, P, s_c0, s_c1, s_c2)[None, :]
+        mask = (n[:, None] < n_lim) & (d[None, :] < d_lim)
+    tl.atomic_add(ptr + offs, val.to(ptr.dtype.element_ty), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _bwd_kv_program(
+    pid_n, h, b,  # key block, head, batch of this program
+    Q, K, V, DO, DK, DV, DQ, LSE, DELTA,  # as in the kernels below
     sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2,
     sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
     sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
     sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
     sdk_b, sdk_h, sdk_r0, sdk_r1, sdk_c0, sdk_c1, sdk_c2,
     sdv_b, sdv_h, sdv_r0, sdv_r1, sdv_c0, sdv_c1, sdv_c2,
-    N, M, D, TW, NH,
-    scale: tl.float64,  # softmax scale (dK = scale · dSᵀ Q)
-    qk_scale: tl.float64,  # scale · log2(e)
+    sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
+    N, M, D, TW, NH, scale, qk_scale,
     P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DC: tl.constexpr = 0,  # 0: hold K and V; else Sᵀ and dPᵀ summed over head-dim chunks this wide
-    PART: tl.constexpr = 0,  # 0: dK and dV; 1: dV only; 2: dK only (the two halves of a split launch)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
+    PART: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_CHUNK: tl.constexpr, DQ_T: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
-        scale = tl.cast(scale, ACC)
-        qk_scale = tl.cast(qk_scale, ACC)
+    """One key block: dK and dV held over the loop over query blocks (PART 0; 1: dV only; 2: dK
+    only), and with ATOMIC_DQ each query block's dQ share scale·dS K added into DQ atomically."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     Q += b * sq_b + h * sq_h
     K += b * sk_b + h * sk_h
     V += b * sv_b + h * sv_h
     DO += b * sdo_b + h * sdo_h
+    DQ += b * sdq_b + h * sdq_h
     stats = (b * NH + h) * N
 
     if BLOCK_DC == 0:
@@ -380,8 +408,27 @@ def _attn_bwd_dkdv_kernel(
         if PART != 1:
             if BLOCK_DC == 0:
                 dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION, out_dtype=ACC)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += tl.dot(ds_t.to(Q.dtype.element_ty).to(DOT), q, input_precision=PRECISION, out_dtype=ACC)
+            ds_t = (p_t * (dp_t - delta[None, :])).to(Q.dtype.element_ty).to(DOT)
+            dk += tl.dot(ds_t, q, input_precision=PRECISION, out_dtype=ACC)
+            if ATOMIC_DQ:  # this key block's share of dQ for these queries: scale · dS K
+                # as (dSᵀ)ᵀ K, or with DQ_T transposed, Kᵀ dSᵀ: the head dim as the rows where
+                # BLOCK_M is too few for a wgmma's 64; added into DQ as a (features, queries) tile
+                if BLOCK_DC == 0:
+                    if not DQ_T:
+                        dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION, out_dtype=ACC) * scale
+                    else:
+                        dq = tl.dot(tl.trans(k), ds_t, input_precision=PRECISION, out_dtype=ACC) * scale
+                    _add_tokens(DQ, dq, offs_m, offs_d, N, D, TW, sdq_r0, sdq_r1, P, sdq_c0, sdq_c1, sdq_c2, DQ_T)
+                else:  # K read again a chunk at a time (at least 64 features: a wgmma's rows)
+                    for dc in range(0, BLOCK_D, DQ_CHUNK):
+                        offs_c = dc + tl.arange(0, DQ_CHUNK)
+                        k_c = _load_tokens(K, offs_n, offs_c, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
+                        if not DQ_T:
+                            dq = tl.dot(tl.trans(ds_t), k_c, input_precision=PRECISION, out_dtype=ACC) * scale
+                        else:
+                            dq = tl.dot(tl.trans(k_c), ds_t, input_precision=PRECISION, out_dtype=ACC) * scale
+                        _add_tokens(DQ, dq, offs_m, offs_c, N, D, TW, sdq_r0, sdq_r1, P, sdq_c0, sdq_c1, sdq_c2,
+                                    DQ_T)
     if PART != 1:
         dk = dk * scale
         _store_tokens(DK + b * sdk_b + h * sdk_h, dk, offs_n, offs_d, M, D, TW, sdk_r0, sdk_r1, P, sdk_c0, sdk_c1,
@@ -392,27 +439,20 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, DO,  # inputs and upstream gradient (token tensors, any strides)
-    DQ,  # gradient of Q (token tensor, any strides)
-    LSE, DELTA,  # (B, H, N) contiguous ACC statistics
+def _bwd_q_program(
+    pid_m, h, b,  # query block, head, batch of this program
+    Q, K, V, DO, DQ, LSE, DELTA,
     sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2,
     sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
     sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
     sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
     sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
-    N, M, D, TW, NH,
-    scale: tl.float64, qk_scale: tl.float64,  # as in the dK/dV kernel
+    N, M, D, TW, NH, scale, qk_scale,
     P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DC: tl.constexpr = 0,  # 0: hold Q and dO; else S and dP summed over head-dim chunks this wide
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DC: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2).to(tl.int64)
-    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
-        scale = tl.cast(scale, ACC)
-        qk_scale = tl.cast(qk_scale, ACC)
+    """One query block: dQ held over the loop over key blocks (BLOCK_DC 0: Q and dO held whole;
+    else S and dP summed over head-dim chunks this wide), stored once."""
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     K += b * sk_b + h * sk_h
@@ -433,7 +473,7 @@ def _attn_bwd_dq_kernel(
             k = _load_tokens(K, offs_n, offs_d, M, D, TW, sk_r0, sk_r1, P, sk_c0, sk_c1, sk_c2, DOT)
             v = _load_tokens(V, offs_n, offs_d, M, D, TW, sv_r0, sv_r1, P, sv_c0, sv_c1, sv_c2, DOT)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)
-        else:  # Q and dO read again a chunk at a time, as K and V in the dK/dV kernel
+        else:  # Q and dO read again a chunk at a time, as K and V in the dK/dV programs
             s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             dp = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             for dc in range(0, BLOCK_D, BLOCK_DC):
@@ -451,6 +491,115 @@ def _attn_bwd_dq_kernel(
         dq += tl.dot(ds.to(K.dtype.element_ty).to(DOT), k, input_precision=PRECISION, out_dtype=ACC)
     dq = dq * scale
     _store_tokens(DQ + b * sdq_b + h * sdq_h, dq, offs_m, offs_d, N, D, TW, sdq_r0, sdq_r1, P, sdq_c0, sdq_c1, sdq_c2)
+
+
+@triton.jit
+def _attn_bwd_kernel(
+    Q, K, V, DO,  # inputs and upstream gradient (token tensors, any strides)
+    DK, DV,  # gradients of K and V (token tensors, any strides)
+    DQ,  # dQ accumulator, zeroed by the Δ kernel: dq itself (fp32, fp64) or an fp32 (B, H, N, D) buffer
+    LSE, DELTA,  # (B, H, N) contiguous ACC statistics from forward and preprocess
+    sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2,
+    sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
+    sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
+    sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+    sdk_b, sdk_h, sdk_r0, sdk_r1, sdk_c0, sdk_c1, sdk_c2,
+    sdv_b, sdv_h, sdv_r0, sdv_r1, sdv_c0, sdv_c1, sdv_c2,
+    sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,  # DQ strides (the accumulator's)
+    N, M, D, TW, NH,
+    scale: tl.float64,  # softmax scale (dK = scale · dSᵀ Q, dQ = scale · dS K)
+    qk_scale: tl.float64,  # scale · log2(e)
+    P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DC: tl.constexpr = 0,  # 0: hold K and V; else Sᵀ and dPᵀ summed over head-dim chunks this wide
+    PART: tl.constexpr = 0,  # 0: dK, dV and dQ; 1: dV only; 2: dK and dQ (the two halves of a split launch)
+    DQ_CHUNK: tl.constexpr = 64,  # with BLOCK_DC: the head-dim chunk of the dQ product (K read again)
+    DQ_T: tl.constexpr = False,  # the dQ product transposed (Kᵀ dSᵀ: head dim × queries)
+):
+    """The one-pass backward: one program per (key block, head, batch), dQ summed with atomics."""
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if ACC != tl.float64:  # fp32 kernels convert the fp64 scalars once; float64 ones keep every bit
+        scale = tl.cast(scale, ACC)
+        qk_scale = tl.cast(qk_scale, ACC)
+    _bwd_kv_program(tl.program_id(0), h, b, Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
+                    sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
+                    sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2, sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+                    sdk_b, sdk_h, sdk_r0, sdk_r1, sdk_c0, sdk_c1, sdk_c2, sdv_b, sdv_h, sdv_r0, sdv_r1, sdv_c0, sdv_c1,
+                    sdv_c2, sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
+                    N, M, D, TW, NH, scale, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC,
+                    PART, True, DQ_CHUNK, DQ_T)
+
+
+@triton.jit
+def _attn_bwd_det_kernel(
+    Q, K, V, DO, DK, DV,  # as in _attn_bwd_kernel
+    DQ,  # gradient of Q (token tensor, any strides), written once per element
+    LSE, DELTA,
+    sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2,
+    sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
+    sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2,
+    sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+    sdk_b, sdk_h, sdk_r0, sdk_r1, sdk_c0, sdk_c1, sdk_c2,
+    sdv_b, sdv_h, sdv_r0, sdv_r1, sdv_c0, sdv_c1, sdv_c2,
+    sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
+    N, M, D, TW, NH,
+    scale: tl.float64, qk_scale: tl.float64,  # as in _attn_bwd_kernel
+    KV_PROGRAMS,  # with PROGRAMS 0: programs below this index are dK/dV programs, the rest dQ programs
+    P: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,  # the dK/dV programs' tiles
+    BLOCK_DC: tl.constexpr = 0,  # the dK/dV programs' head-dim chunk (0: K and V held whole)
+    PART: tl.constexpr = 0,  # the dK/dV programs' part: 0 dK and dV; 1 dV only; 2 dK only
+    BLOCK_M2: tl.constexpr = 16, BLOCK_N2: tl.constexpr = 16,  # the dQ programs' tiles
+    BLOCK_DC2: tl.constexpr = 0,  # the dQ programs' head-dim chunk (0: Q and dO held whole)
+    PROGRAMS: tl.constexpr = 0,  # 0: dK/dV programs, then dQ programs; 1: dK/dV programs only; 2: dQ only
+):
+    """The deterministic backward: dK/dV programs (one per key block) and dQ programs (one per
+    query block) in one grid, every gradient element written by one program, no atomics."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    if ACC != tl.float64:
+        scale = tl.cast(scale, ACC)
+        qk_scale = tl.cast(qk_scale, ACC)
+    if PROGRAMS != 2:  # a dK/dV program
+        if pid < KV_PROGRAMS:
+            _bwd_kv_program(
+                pid, h, b, Q, K, V, DO, DK, DV, DQ, LSE, DELTA,
+                sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
+                sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2, sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+                sdk_b, sdk_h, sdk_r0, sdk_r1, sdk_c0, sdk_c1, sdk_c2, sdv_b, sdv_h, sdv_r0, sdv_r1, sdv_c0, sdv_c1,
+                sdv_c2, sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
+                N, M, D, TW, NH, scale, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DC,
+                PART, False, BLOCK_DC, False)
+    if PROGRAMS != 1:  # a dQ program
+        if pid >= KV_PROGRAMS:
+            _bwd_q_program(
+                pid - KV_PROGRAMS, h, b, Q, K, V, DO, DQ, LSE, DELTA,
+                sq_b, sq_h, sq_r0, sq_r1, sq_c0, sq_c1, sq_c2, sk_b, sk_h, sk_r0, sk_r1, sk_c0, sk_c1, sk_c2,
+                sv_b, sv_h, sv_r0, sv_r1, sv_c0, sv_c1, sv_c2, sdo_b, sdo_h, sdo_r0, sdo_r1, sdo_c0, sdo_c1, sdo_c2,
+                sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
+                N, M, D, TW, NH, scale, qk_scale, P, ACC, PRECISION, DOT, BLOCK_M2, BLOCK_N2, BLOCK_D, BLOCK_DC2)
+
+
+@triton.jit
+def _attn_bwd_dq_cast_kernel(
+    ACCUM,  # fp32 dQ accumulator (token addressing with the strides sa_*), already scaled
+    DQ,  # gradient of Q (token tensor, any strides, 16-bit)
+    sa_b, sa_h, sa_r0, sa_r1, sa_c0, sa_c1, sa_c2,
+    sdq_b, sdq_h, sdq_r0, sdq_r1, sdq_c0, sdq_c1, sdq_c2,
+    N, D, TW,
+    P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dQ = the one-pass backward's fp32 sums, cast to dq's dtype and stored in dq's layout."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = _load_tokens(ACCUM + b * sa_b + h * sa_h, offs_m, offs_d, N, D, TW, sa_r0, sa_r1, P, sa_c0, sa_c1, sa_c2,
+                       tl.float32)
+    _store_tokens(DQ + b * sdq_b + h * sdq_h, acc, offs_m, offs_d, N, D, TW, sdq_r0, sdq_r1, P, sdq_c0, sdq_c1, sdq_c2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +659,7 @@ class _Launch(NamedTuple):
     split: bool = False  # dK/dV only: dV and dK in two launches, each with one accumulator
 
 
-_KERNELS = ("fwd", "delta", "dkdv", "dq")
+_KERNELS = ("fwd", "delta", "bwd", "dkdv", "dq")
 _DTYPE_CLASSES = ("16bit", "fp32", "fp64")
 _LAUNCH_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "BLOCK_DC", "SPLIT")
 
@@ -597,13 +746,62 @@ _LAUNCH = {
     ("delta", 64, "fp64"): _Launch(64, None, 4, None),
     ("delta", 128, "16bit"): _Launch(64, None, 8, None),
     ("delta", 128, "fp32"): _Launch(32, None, 8, None),
-    # sm_90: 254 regs, no spills, 2 KiB, FMA
-    ("delta", 128, "fp64"): _Launch(64, None, 4, None),
+    # sm_90: 126 [76] regs, no spills, 1 KiB, FMA. 64 rows (254 regs before) spill 24 B (triton 3.9) once Δ
+    # also zeroes the one-pass backward's dQ sums
+    ("delta", 128, "fp64"): _Launch(32, None, 4, None),
     ("delta", 256, "16bit"): _Launch(32, None, 8, None),
     ("delta", 256, "fp32"): _Launch(32, None, 8, None),
     # sm_90: 254 regs, no spills, 1 KiB, FMA
     ("delta", 256, "fp64"): _Launch(32, None, 4, None),
-    # backward dK, dV
+    # one-pass backward (dK, dV and atomic dQ; None: no spill-free setting found, such calls take the
+    # deterministic launch). Figures: sm_90, triton 3.9 [3.6 where it differs], on the report's
+    # 16×16 maps; chosen as the entries above, starting from the dK/dV entry. Not yet clean on a
+    # 45×45 map (strides not divisible by 16; triton 3.9): 16-bit D128 176 B, fp32 D64 88 B, the
+    # dK+dQ half at fp32 D16 32 B; the deterministic launch at fp32 D64 56 B; Δ at 16-bit D64 8 B
+    # (32 B with the zeroing of the dQ sums; 64 rows with 8 warps: none). With fewer than 64 queries
+    # a tile (BLOCK_M) the dQ product runs transposed (Kᵀ dSᵀ, the head dim as a wgmma's rows): else
+    # it falls to mma.sync
+    # 142 [154] regs, no spills, 32 KiB, 18 HGMMA
+    ("bwd", 16, "16bit"): _Launch(64, 128, 8, 2),
+    # split: dV 122 [136] / dK+dQ 241 [255] regs, no spills, 16 / 56 KiB, 30 / 60 HGMMA. In one launch
+    # 64×64/4/2 spilled 232 B, 64×64/4/1 120 B
+    ("bwd", 16, "fp32"): _Launch(64, 64, 4, 1, split=True),
+    # 236 [238] regs, no spills, 48 [44] KiB, FMA
+    ("bwd", 16, "fp64"): _Launch(32, 64, 4, 2),
+    # 173 [177] regs, no spills, 48 KiB, 20 HGMMA
+    ("bwd", 32, "16bit"): _Launch(64, 128, 8, 2),
+    # 64×64/4/1 split (the D = 16 entry): 3.9 146 / 255 regs, no spills, but 24 B under 3.6; 64×64/4/2
+    # split 176 B (3.9)
+    ("bwd", 32, "fp32"): None,
+    # 168 [184] regs, no spills, 36 KiB, FMA
+    ("bwd", 32, "fp64"): _Launch(16, 32, 4, 2),
+    # 164 [164] regs, no spills, 56 KiB, 20 HGMMA; 2×2 patches: 254 [254] regs, no spills, 44 [40] KiB
+    ("bwd", 64, "16bit"): _Launch(32, 128, 8, 2),
+    # 252 [255] regs, no spills, 120 KiB, 84 HGMMA
+    ("bwd", 64, "fp32"): _Launch(16, 64, 4, 2),
+    # 246 [246] regs, no spills, 72 KiB, FMA
+    ("bwd", 64, "fp64"): _Launch(32, 32, 4, 2),
+    # 237 [248] regs, no spills, 112 KiB, 28 HGMMA. 32×64/4/2 spilled 8 B under 3.6 (3.9: 251 regs, clean),
+    # 32×64/4/1 72 [112] B, 64×64/4/2 256 B, 64×128/8/2 128 B
+    ("bwd", 128, "16bit"): _Launch(32, 128, 8, 2),
+    # every setting tried spilled: split 16-wide chunks 16×64/4/1 104 B, 32×64/4/1 208 B, 64×64/4/1 616 B
+    ("bwd", 128, "fp32"): None,
+    # 242 [230] regs, no spills, 72 KiB, FMA
+    ("bwd", 128, "fp64"): _Launch(16, 16, 8, 1),
+    # split, 32-wide chunks: 147 [149] / 204 [204] regs, no spills, 20 / 28 KiB, 4 / 10 HGMMA
+    ("bwd", 256, "16bit"): _Launch(32, 64, 8, 2, chunk=32, split=True),
+    # split, 16-wide chunks: 16×32/8/1 runs tf32 wgmma with N = 8 in dQ; 16×32/4/1 64 B, 16×64/4/1 744 B
+    ("bwd", 256, "fp32"): None,
+    # split, 16-wide chunks: 126 [150] / 226 [228] regs, no spills, 34 [34 / 32] KiB, FMA
+    ("bwd", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16, split=True),
+    # backward dK, dV. The deterministic launch runs these tiles in its dK/dV programs and the "dq"
+    # entry's in its dQ programs, with this entry's num_warps and num_stages; its figures, sm_90,
+    # triton 3.9 [3.6], all without spills and, up to head dim 128 outside fp64, on wgmma alone:
+    # regs D16 16-bit 103 [103], fp32 168 [175], fp64 254 [254]; D32 114 [114], 198 [240], 222 [238];
+    # D64 134 [140], 224 [222], 254 [252]; D128 229 [239], dV / dK+dQ 233 / 236 [225 / 242], 218 [228];
+    # D256 156 / 194 [149 / 194], 162 / 237 [162 / 237] (mma.sync), 126 / 173 [150 / 228]; 2×2 patches
+    # at D64: 16-bit 255 [254], fp32 140 / 255 [154 / 254]; exact fp32 D30 76 [80], D64 80 [255],
+    # D128 164 [164] (_IEEE_LAUNCH)
     # sm_90: 85 regs, no spills, 12 KiB, 6 HGMMA; sm_80 100 regs, 11 KiB
     ("dkdv", 16, "16bit"): _Launch(32, 128, 8, 2),
     # sm_90: 121 regs, no spills, 24 KiB, 36 HGMMA; sm_80 168 regs, 20 KiB
@@ -696,6 +894,9 @@ _IEEE_LAUNCH = {
     ("dkdv", 64): _Launch(32, 32, 8, 2),
     # the fp64 entry 16×32/4/1 spills 288 B (3.9), 32×32/8/2 3784 B; sm_90: 168 regs, 34 KiB
     ("fwd", 128): _Launch(32, 16, 4, 2),
+    # the deterministic launch (dK/dV programs with the fp64 dQ entry's 16×16 dQ programs): the fp64
+    # entry 16×16/8/1 spills 16 B (3.9 and 3.6); sm_90: 164 regs, 33 KiB in both
+    ("dkdv", 128): _Launch(16, 16, 4, 1),
 }
 
 
@@ -718,12 +919,12 @@ def _shared_memory_estimate(kernel: str, block_m: int, block_n: int, block_d: in
     """Bytes of shared memory the tiles streamed through ``kernel``'s loop need, ``num_stages`` deep.
 
     The streamed tiles are the second operands of the dot products: K and V (BLOCK_N × BLOCK_D each)
-    for "fwd" and "dq", Q and dO (BLOCK_M × BLOCK_D each) for "dkdv"; "delta" has no dot. The rule
+    for "fwd" and "dq", Q and dO (BLOCK_M × BLOCK_D each) for "bwd" and "dkdv"; "delta" has no dot. The rule
     (tile bytes × stages) is the one Triton's matmul used to prune its configs. It counts the main
     term only: Triton also stages layout conversions through shared memory, so a launch under the
     device's limit can still fail with OutOfResources (the tuner records such a failure).
     """
-    rows = {"fwd": block_n, "dq": block_n, "dkdv": block_m, "delta": 0}[kernel]
+    rows = {"fwd": block_n, "dq": block_n, "bwd": block_m, "dkdv": block_m, "delta": 0}[kernel]
     return 2 * rows * block_d * elt_bytes * max(1, num_stages or 1)
 
 
@@ -739,14 +940,14 @@ def _check_launch(kernel: str, cfg: dict) -> None:
                              "expected BLOCK_M and num_warps only")
         if kernel in ("fwd", "dq") and key == "SPLIT":
             raise ValueError(f"{where}: SPLIT for the {kernel} kernel, which has one accumulator; "
-                             "expected it for dkdv only")
+                             "expected it for bwd and dkdv only")
         if key == "SPLIT" and value not in (0, 1):
             raise ValueError(f"{where}: SPLIT = {value!r}; expected 0 or 1 (or a bool)")
 
 
 @contextlib.contextmanager
 def _launch_override(kernel: str, **cfg):
-    """Inside the ``with`` block, launch ``kernel`` ("fwd", "delta", "dkdv" or "dq") with ``cfg``
+    """Inside the ``with`` block, launch ``kernel`` ("fwd", "delta", "bwd", "dkdv" or "dq") with ``cfg``
     (any of BLOCK_M, BLOCK_N, num_warps, num_stages) in place of its ``_LAUNCH`` entry, for every
     head dim and dtype (and under the interpreter too). Nests; not thread-safe.
 
@@ -813,13 +1014,19 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
             warnings.warn(f"attnsr: the tuned setting {key} is not usable ({why}); the shipped one applies",
                           stacklevel=2)
             tuned = None
-    if tuned is None and interpreting():
-        cfg = dict(BLOCK_M=32, BLOCK_N=32)
-    elif tuned is None:
+    entry = None
+    if tuned is None:
         key = (kernel, block_d, _dtype_class(dtype, precision))
         entry = _PATCH_LAUNCH.get(key, _LAUNCH[key]) if patch > 1 else _LAUNCH[key]
         if dtype == torch.float32 and key[2] == "fp64" and patch == 1:  # exact fp32 on the FMA units
             entry = _IEEE_LAUNCH.get((kernel, block_d), entry)
+        if entry is None:  # no spill-free one-pass backward here: None, unless a tuner overrides it
+            if kernel not in _OVERRIDES:
+                return None
+            entry = _LAUNCH[("dkdv", *key[1:])]  # what the override does not set
+    if tuned is None and interpreting():
+        cfg = dict(BLOCK_M=32, BLOCK_N=32)
+    elif tuned is None:
         cfg = dict(BLOCK_M=entry.block_m, BLOCK_N=entry.block_n, num_warps=entry.num_warps,
                    num_stages=entry.num_stages, BLOCK_DC=entry.chunk, SPLIT=int(entry.split))
         if kernel == "fwd" and rows is not None and shape is not None and kernel not in _OVERRIDES:
@@ -834,8 +1041,15 @@ def _config(kernel: str, head_dim: int, dtype: torch.dtype, patch: int = 1, prec
     chunk, split = cfg.pop("BLOCK_DC", 0), cfg.pop("SPLIT", 0)
     if kernel != "delta":
         blocks["BLOCK_DC"] = min(chunk, block_d)
-    if kernel == "dkdv":
+    if kernel in ("bwd", "dkdv"):
         blocks["PART"] = (1, 2) if split else (0,)  # the launcher runs one launch per part
+    if kernel == "bwd":
+        # the dQ product on tensor cores: transposed (Kᵀ dSᵀ, the head dim as a wgmma's 64 rows)
+        # where a tile has fewer queries than that, with a head-dim chunk of 64 at least when
+        # chunked; as is on the FMA units (float64, exact fp32)
+        chunk = blocks["BLOCK_DC"]
+        blocks["DQ_T"] = blocks["BLOCK_M"] < 64 and block_d >= 64 and _dtype_class(dtype, precision) != "fp64"
+        blocks["DQ_CHUNK"] = min(block_d, max(chunk, 64)) if blocks["DQ_T"] else chunk
     return blocks, cfg
 
 
@@ -845,6 +1059,13 @@ def _dtypes(dtype: torch.dtype, precision=None) -> dict:
 
 _FORWARD_PLANS = LaunchPlans()
 _BACKWARD_PLANS = LaunchPlans()
+
+
+def _packed_strides(lay: _Tokens, heads: int, n: int, d: int) -> tuple:
+    """The 7 strides (as ``_Tokens.strides``) that address a contiguous (B, heads, n, d) buffer
+    through ``lay``'s token grid (TW tokens a row) and patch order (d = channel·P² + i·P + j)."""
+    p = lay.patch
+    return (heads * n * d, n * d, lay.tw * d, d, p * p, p, 1)
 
 
 def _call_key(layout: _Tokens, q, k, v, scale: float, precision: str) -> tuple:
@@ -903,44 +1124,83 @@ def attention_backward(do, q, k, v, out, lse, layout: _Tokens, n_q: int, n_kv: i
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     precision = dot_precision(q.dtype, precision)
+    # the mode, decided once per call: the one-pass backward (dQ summed with atomics) unless PyTorch
+    # is asked for deterministic algorithms; it needs both dQ and dK/dV (else one kind of program
+    # does all, deterministic anyway), and a spill-free launch setting (see _LAUNCH)
+    one_pass = need_dq and need_dkdv and not torch.are_deterministic_algorithms_enabled()
     delta = torch.empty_like(lse)
+    # the one-pass backward's dQ sums: dq itself where it is fp32 or float64, else an fp32
+    # (B, heads, N, D) buffer that a last kernel casts into dq
+    direct = dq.dtype in (torch.float32, torch.float64)
+    acc = dq if direct else delta  # delta: a stand-in, unused
+    if one_pass and not direct:
+        acc = torch.empty((batch, heads, n_q, head_dim), dtype=torch.float32, device=q.device)
     shape = (q.device, max(n_q, n_kv), batch * heads)
 
     def launch():
         lay = layout.for_tensors(do, q, k, v, out, dq, dk, dv)
+
+        def strides(t):  # a gradient not asked for is a (0,) placeholder, never addressed
+            return lay.strides(t) if t.dim() == 4 else (0,) * 7
+
         dtypes = _dtypes(q.dtype, precision)
-        blocks, settings = _config("delta", head_dim, q.dtype, lay.patch, precision, shape)
-        _attn_bwd_delta_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
-            out, do, delta, *lay.strides(out), *lay.strides(do),
+        bwd = _config("bwd", head_dim, q.dtype, lay.patch, precision, shape) if one_pass else None
+        acc_strides = strides(dq) if direct or bwd is None else _packed_strides(lay, heads, n_q, head_dim)
+        d_blocks, d_settings = _config("delta", head_dim, q.dtype, lay.patch, precision, shape)
+        d_grid = (triton.cdiv(n_q, d_blocks["BLOCK_M"]), heads, batch)
+        _attn_bwd_delta_kernel[d_grid](
+            out, do, delta, acc, *lay.strides(out), *lay.strides(do), *acc_strides,
             n_q, head_dim, lay.tw, heads,
-            P=lay.patch, ACC=dtypes["ACC"], **blocks, **settings,
+            P=lay.patch, ACC=dtypes["ACC"], **d_blocks, ZERO_DQ=bwd is not None, **d_settings,
         )
-        strides_in = (*lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do))
-        if need_dkdv:
-            blocks, settings = _config("dkdv", head_dim, q.dtype, lay.patch, precision, shape)
-            for part in blocks.pop("PART"):  # (0,): dK and dV together; (1, 2): dV, then dK
-                _attn_bwd_dkdv_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
-                    q, k, v, do, dk, dv, lse, delta,
-                    *strides_in, *lay.strides(dk), *lay.strides(dv),
+        strides_in = (*lay.strides(q), *lay.strides(k), *lay.strides(v), *lay.strides(do), *strides(dk),
+                      *strides(dv))
+        if bwd is not None:
+            blocks, settings = bwd
+            for part in blocks.pop("PART"):  # (0,): dK, dV and dQ together; (1, 2): dV, then dK and dQ
+                _attn_bwd_kernel[(triton.cdiv(n_kv, blocks["BLOCK_N"]), heads, batch)](
+                    q, k, v, do, dk, dv, acc, lse, delta, *strides_in, *acc_strides,
                     n_q, n_kv, head_dim, lay.tw, heads, scale, scale * LOG2E,
                     P=lay.patch, **dtypes, **blocks, PART=part, **settings,
                 )
-        if need_dq:
-            blocks, settings = _config("dq", head_dim, q.dtype, lay.patch, precision, shape)
-            _attn_bwd_dq_kernel[(triton.cdiv(n_q, blocks["BLOCK_M"]), heads, batch)](
-                q, k, v, do, dq, lse, delta,
-                *strides_in, *lay.strides(dq),
+            if not direct:
+                _attn_bwd_dq_cast_kernel[d_grid](
+                    acc, dq, *acc_strides, *lay.strides(dq), n_q, head_dim, lay.tw,
+                    P=lay.patch, **d_blocks, **d_settings,
+                )
+            return
+        # deterministic: dK/dV programs (one per key block), then dQ programs (one per query
+        # block), in one launch; a split dK/dV entry runs its dV programs in a launch before
+        kv_blocks, settings = _config("dkdv", head_dim, q.dtype, lay.patch, precision, shape)
+        q_blocks, q_settings = _config("dq", head_dim, q.dtype, lay.patch, precision, shape)
+        parts = kv_blocks.pop("PART")
+        if not need_dkdv:
+            parts = ()
+        kv_programs = triton.cdiv(n_kv, kv_blocks["BLOCK_N"])
+        q_programs = triton.cdiv(n_q, q_blocks["BLOCK_M"])
+        for i, part in enumerate(parts or (None,)):
+            with_q = need_dq and i == len(parts or (None,)) - 1  # the dQ programs go with the last part
+            programs = 0 if part is not None and with_q else 1 if part is not None else 2
+            if part is None:  # dQ alone: its own launch settings
+                settings = q_settings
+            count = (kv_programs if part is not None else 0) + (q_programs if with_q else 0)
+            if count == 0:  # neither gradient wanted
+                continue
+            _attn_bwd_det_kernel[(count, heads, batch)](
+                q, k, v, do, dk, dv, dq, lse, delta, *strides_in, *strides(dq),
                 n_q, n_kv, head_dim, lay.tw, heads, scale, scale * LOG2E,
-                P=lay.patch, **dtypes, **blocks, **settings,
+                kv_programs if part is not None else 0,
+                P=lay.patch, **dtypes, **kv_blocks, PART=part or 0, BLOCK_M2=q_blocks["BLOCK_M"],
+                BLOCK_N2=q_blocks["BLOCK_N"], BLOCK_DC2=q_blocks["BLOCK_DC"], PROGRAMS=programs, **settings,
             )
 
     # the saved q, k, v and out may come back from a saved-tensor hook with other strides than the
     # call's signature says: theirs are in the key
     key = (_call_key(layout, q, k, v, scale, precision) if plans is None else ("bwd", precision, q.stride(),
                                                                               k.stride(), v.stride()),
-           out.stride(), do.stride(), dq.stride(), dk.stride(), dv.stride(), need_dq, need_dkdv)
+           out.stride(), do.stride(), dq.stride(), dk.stride(), dv.stride(), need_dq, need_dkdv, one_pass)
     # dq, dk, dv may be views of the caller's buffer: their alignment is looked at too
-    _BACKWARD_PLANS.launch(key, (do, q, k, v, out, dq, dk, dv, lse, delta), launch, plans, given=8)
+    _BACKWARD_PLANS.launch(key, (do, q, k, v, out, dq, dk, dv, lse, delta, acc), launch, plans, given=8)
     return dq, dk, dv
 
 

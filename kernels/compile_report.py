@@ -65,10 +65,9 @@ import torch
 from . import _runtime
 
 SMEM_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block (bytes)
-ATTENTION_DOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
-WINDOW_KERNEL_NAMES = {"fwd": "_win_fwd_kernel", "dkdv": "_win_bwd_dkdv_kernel", "dq": "_win_bwd_dq_kernel",
-                       "dbias": "_win_bwd_dbias_kernel"}  # the window kernels with launch-table entries
-WINDOW_DOT_KERNELS = tuple(WINDOW_KERNEL_NAMES.values())
+ATTENTION_DOT_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_kernel", "_attn_bwd_det_kernel")
+WINDOW_KERNEL_NAMES = {"fwd": "_win_fwd_kernel", "dkdv": "_win_bwd_dkdv_kernel", "dq": "_win_bwd_dq_kernel"}
+WINDOW_DOT_KERNELS = tuple(WINDOW_KERNEL_NAMES.values())  # the window kernels with launch-table entries
 FIELDS = ("regs", "stack", "spill_stores", "spill_loads", "shared", "hgmma", "hmma", "ldg", "ldg128", "ldg128_share",
           "tma", "wgmma_tf32_n8")
 # A tf32 wgmma with N = 8 (PTX m64n8k8, what Triton emits when two warp groups split a 16-wide
@@ -282,6 +281,14 @@ def _run_attention(case: Case):
     if case.dtype in FP32_MODES and FP32_MODES[case.dtype][1] is not None:
         extra["precision"] = FP32_MODES[case.dtype][1]
     d = case.head_dim
+    if case.variant == "det":  # the deterministic backward (torch.use_deterministic_algorithms)
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            _run_attention(dataclasses.replace(case, variant=""))
+        finally:
+            torch.use_deterministic_algorithms(before)
+        return
     if case.layout == "seq":
         q, k, v = (_map((2, 2, 64, d), dtype) for _ in range(3))
         _backward(attention.flash_attention(q, k, v, **extra))
@@ -365,7 +372,7 @@ def run_case(case: Case, arch: int, override=None) -> list:
             continue
         seen.add(key)
         consts = {k: v for k, v in launch.constants.items()
-                  if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "PRECISION", "K", "PART")}
+                  if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "PRECISION", "K", "PART", "PROGRAMS")}
         rows.append(dict(
             arch=arch, case=case.name, op=case.op, dtype=case.dtype, head_dim=case.head_dim, **_shape(case),
             kernel=launch.kernel, config=consts, scalars=_scalar_types(launch.compiled),
@@ -388,9 +395,11 @@ def _size_name(size) -> str:
     return "" if tuple(size) == DEFAULT_SIZE else f" {size[0]}x{size[1]}"
 
 
-def _attention_case(dtype, d, layout="fused", patch=1, size=DEFAULT_SIZE):
-    name = f"attention {dtype} D={d} {layout}" + (f" p{patch}" if patch > 1 else "") + _size_name(size)
-    return Case(name, "attention", dtype, d, layout, patch, size=tuple(size))
+def _attention_case(dtype, d, layout="fused", patch=1, size=DEFAULT_SIZE, variant=""):
+    """variant "det": the backward under torch.use_deterministic_algorithms(True)."""
+    name = f"attention {dtype} D={d} {layout}" + (f" p{patch}" if patch > 1 else "") + _size_name(size) + \
+        (" det" if variant else "")
+    return Case(name, "attention", dtype, d, layout, patch, variant, size=tuple(size))
 
 
 def _window_case(dtype, d, window, size=DEFAULT_SIZE):
@@ -534,6 +543,10 @@ def gate_cases() -> list:
         work += [(_attention_case(dtype, d), 90) for d in (16, 32, 64, 128, 256)]
     work += [(_attention_case(dtype, 64, "nchw", 2), 90) for dtype in ("fp32", "bf16")]
     work += [(_attention_case("fp32-ieee", d), 90) for d in (30, 64, 128)]  # exact fp32: FMA units, its entries
+    # the deterministic backward's launch (dK/dV and dQ programs): every entry of theirs
+    work += [(_attention_case(dtype, d, variant="det"), 90) for dtype in ("fp32", "bf16", "fp64")
+             for d in (16, 32, 64, 128, 256)]
+    work += [(_attention_case("fp32-ieee", 128, variant="det"), 90)]
     work += [(_attention_case(dtype, d), 80) for dtype in ("fp32", "bf16") for d in (128, 256)]
     gating = [_gating_case("cbam_gate", "bf16", "nchw"), _gating_case("cbam_gate", "bf16", "channels_last"),
               _gating_case("cbam_gate", "fp32", "nchw"), _gating_case("cbam_gate", "fp64", "nchw"),
@@ -600,18 +613,18 @@ def gate_failures(rows) -> list:
     return failures
 
 
-KERNEL_NAMES = {"fwd": "_attn_fwd_kernel", "delta": "_attn_bwd_delta_kernel", "dkdv": "_attn_bwd_dkdv_kernel",
-                "dq": "_attn_bwd_dq_kernel"}
+KERNEL_NAMES = {"fwd": "_attn_fwd_kernel", "delta": "_attn_bwd_delta_kernel", "bwd": "_attn_bwd_kernel",
+                "dkdv": "_attn_bwd_det_kernel", "dq": "_attn_bwd_det_kernel"}
 
 
 def check_config(kernel: str, head_dim: int, dtype: str, cfg: dict, archs=(90, 80)):
-    """Compile one attention kernel ("fwd", "delta", "dkdv", "dq") with launch settings ``cfg``
+    """Compile one attention kernel ("fwd", "delta", "bwd", "dkdv", "dq") with launch settings ``cfg``
     (BLOCK_M, BLOCK_N, num_warps, num_stages) for a fused-qkv NCHW map with head dim ``head_dim``
     in ``dtype`` (a key of DTYPES or FP32_MODES). Returns (rows, gate failures) of that kernel."""
     rows = []
+    case = _attention_case(dtype, head_dim, variant="det" if kernel in ("dkdv", "dq") else "")  # their launch
     for arch in archs:
-        rows += [r for r in run_case(_attention_case(dtype, head_dim), arch, (kernel, cfg))
-                 if r["kernel"] == KERNEL_NAMES[kernel]]
+        rows += [r for r in run_case(case, arch, (kernel, cfg)) if r["kernel"] == KERNEL_NAMES[kernel]]
     return rows, gate_failures(rows)
 
 

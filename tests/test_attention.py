@@ -17,6 +17,26 @@ from attnsr.kernels.reference import (
 )
 
 DTYPES = [torch.float32, torch.float16]
+# the backward's two modes: the one-pass backward (atomic dQ, the default) and the deterministic
+# one (torch.use_deterministic_algorithms(True))
+MODES = ["one-pass", "deterministic"]
+
+
+@contextlib.contextmanager
+def backward_mode(mode):
+    """PyTorch's deterministic-algorithms flag as ``mode`` asks; restored after."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(mode == "deterministic")
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+@pytest.fixture(params=MODES)
+def mode(request):
+    with backward_mode(request.param):
+        yield request.param
 
 
 def _grads(out, inputs, grad):
@@ -61,14 +81,14 @@ SEQ_SHAPES = [
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SEQ_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_flash_attention_matches_reference(shape, dtype):
+def test_flash_attention_matches_reference(shape, dtype, mode):
     b, h, n, m, d = shape
     q, k, v = _leaf((b, h, n, d), dtype), _leaf((b, h, m, d), dtype), _leaf((b, h, m, d), dtype)
     ref = lambda q, k, v: flash_attention_ref(q, k, v, upcast=True)  # noqa: E731
     check_against_reference(flash_attention, ref, (q, k, v), dtype, f"flash {shape}")
 
 
-def test_flash_attention_non_contiguous_views():
+def test_flash_attention_non_contiguous_views(mode):
     """Transposed and sliced inputs are read through their strides, not copied."""
     base = torch.randn(2, 40, 3, 3, 24, device=DEVICE, dtype=torch.float32)
     q, k, v = (base[:, :, i, :, :20].transpose(1, 2).requires_grad_() for i in range(3))  # (2, 3, 40, 20)
@@ -128,6 +148,10 @@ MAP_SHAPES = [
     (2, 8, 16, 8, 1, 2),  # D 32, N 32 patches: one full block
 ]
 LAYOUTS = ["nchw", "channels_last", "fused_qkv", "fused_qkv_channels_last"]
+# every layout in the default (one-pass) mode; the deterministic mode on the plain NCHW maps and on
+# the views of a packed channels_last qkv map (the layouts' addressing is the same in both modes)
+LAYOUT_MODES = [(layout, "one-pass") for layout in LAYOUTS] + [("nchw", "deterministic"),
+                                                               ("fused_qkv_channels_last", "deterministic")]
 
 
 def _maps(layout, b, c, h, w, dtype):
@@ -146,11 +170,16 @@ def _maps(layout, b, c, h, w, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout, bwd", LAYOUT_MODES, ids=lambda x: x)
 @pytest.mark.parametrize("shape", MAP_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_image_attention_matches_reference(shape, layout, dtype):
+def test_image_attention_matches_reference(shape, layout, bwd, dtype):
+    qkv, (q, k, v) = _maps(layout, *shape[:4], dtype)
+    with backward_mode(bwd):
+        _check_image_attention(shape, layout, dtype, qkv, q, k, v)
+
+
+def _check_image_attention(shape, layout, dtype, qkv, q, k, v):
     b, c, h, w, heads, p = shape
-    qkv, (q, k, v) = _maps(layout, b, c, h, w, dtype)
     out = image_attention(q, k, v, heads=heads, patch_size=p)
     expect = image_attention_ref(q, k, v, heads=heads, patch_size=p, upcast=True)
     what = f"image {shape} {layout}"
@@ -362,15 +391,67 @@ def test_small_calls_take_smaller_query_blocks_to_fill_the_sms():
         attn._SM_COUNT.update(saved)
 
 
-def test_backward_is_deterministic():
-    qkv = torch.randn(2, 3 * 16, 9, 10, device=DEVICE, requires_grad=True)
-    grad = torch.randn(2, 16, 9, 10, device=DEVICE)
+def test_deterministic_backward_is_bitwise_reproducible():
+    """Under torch.use_deterministic_algorithms(True) every gradient element is written by one
+    program in a fixed order: two runs give bitwise-equal gradients (packed qkv: dq, dk and dv
+    written into views of one buffer), and they match float64."""
+    qkv = torch.randn(2, 3 * 16, 5, 7, device=DEVICE, requires_grad=True)
+    grad = torch.randn(2, 16, 5, 7, device=DEVICE)
     runs = []
-    for _ in range(2):
-        out = image_attention(*qkv.split(16, dim=1), heads=2)
-        (g,) = torch.autograd.grad(out, qkv, grad)
-        runs.append(g)
-    assert torch.equal(runs[0], runs[1]), "two backward runs differ"
+    with backward_mode("deterministic"):
+        for _ in range(2):
+            out = image_attention_qkv(qkv, heads=2)
+            (g,) = torch.autograd.grad(out, qkv, grad)
+            runs.append(g)
+    assert torch.equal(runs[0], runs[1]), "two deterministic backward runs differ"
+    (w,) = _grads(image_attention_ref(*qkv.split(16, dim=1), heads=2, upcast=True), (qkv,), grad.double())
+    assert_close_rel(runs[0], w, torch.float32, "deterministic d(qkv)")
+
+
+class _Spy:
+    """Stands for a kernel: records (name, PROGRAMS, PART) of each launch, then launches it."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, kwargs.get("PROGRAMS"), kwargs.get("PART")))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+def test_backward_mode_follows_use_deterministic_algorithms(dtype, monkeypatch):
+    """The one-pass backward (Δ, which also zeroes the dQ sums; the one-pass kernel; for 16-bit dq
+    the cast of the fp32 sums) by default; under torch.use_deterministic_algorithms(True) Δ and one
+    launch of dK/dV programs followed by dQ programs. A call that needs only dQ, or only dK and dV,
+    runs that kind of program alone (no atomics) in either mode."""
+    import attnsr.kernels.attention as attn
+
+    log = []
+    for name in ("_attn_bwd_delta_kernel", "_attn_bwd_kernel", "_attn_bwd_det_kernel", "_attn_bwd_dq_cast_kernel"):
+        monkeypatch.setattr(attn, name, _Spy(getattr(attn, name), name, log))
+    q, k, v = (_leaf((1, 2, 40, 16), dtype) for _ in range(3))
+    grad = torch.randn(1, 2, 40, 16, device=DEVICE, dtype=dtype)
+    ref = _grads(flash_attention_ref(q, k, v, upcast=True), (q, k, v), grad.double())
+    one_pass = [("_attn_bwd_delta_kernel", None, None), ("_attn_bwd_kernel", None, 0)]
+    if dtype == torch.float16:  # fp32 and float64 sum dQ in dq itself
+        one_pass.append(("_attn_bwd_dq_cast_kernel", None, None))
+    deterministic = [("_attn_bwd_delta_kernel", None, None), ("_attn_bwd_det_kernel", 0, 0)]
+    for mode, expect in (("one-pass", one_pass), ("deterministic", deterministic)):
+        log.clear()
+        with backward_mode(mode):
+            got = _grads(flash_attention(q, k, v), (q, k, v), grad)
+        assert log == expect, (mode, log)
+        for name, g, w in zip("qkv", got, ref):
+            assert_close_rel(g, w, dtype, f"{mode}: d{name}")
+        for wanted, programs in (("q", 2), ("kv", 1)):  # only those inputs require a gradient
+            args = [t.detach().requires_grad_(name in wanted) for name, t in zip("qkv", (q, k, v))]
+            log.clear()
+            with backward_mode(mode):
+                _grads(flash_attention(*args), [t for t in args if t.requires_grad], grad)
+            assert log == [("_attn_bwd_delta_kernel", None, None), ("_attn_bwd_det_kernel", programs, 0)], log
 
 
 def test_gradcheck_float64():
@@ -407,7 +488,7 @@ def test_flash_attention_bfloat16(shape):
     check_against_reference(flash_attention, ref, (q, k, v), torch.bfloat16, f"flash bf16 {shape}")
 
 
-def test_bfloat16_plumbing_under_any_device():
+def test_bfloat16_plumbing_under_any_device(mode):
     """bf16 loads, stores and roundings on every device (under the interpreter the dot operands are
     widened to fp32 because its bf16 dot is wrong; on a GPU this is the real bf16 kernel)."""
     qkv, (q, k, v) = _maps("fused_qkv_channels_last", 1, 12, 6, 5, torch.bfloat16)

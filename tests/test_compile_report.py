@@ -120,45 +120,64 @@ def test_float64_kernels_take_float64_scalars(report):
 
 # The launch tables of kernels/ (module, name): every entry must be compiled by a gate case (or, while
 # its kernels still fail, by a case of cr.WIDE_PENDING). A new table must be added here and to
-# _launch_entry, which test_every_launch_table_is_known enforces.
+# _launch_entries, which test_every_launch_table_is_known enforces.
 LAUNCH_TABLES = {"_LAUNCH": attn, "_PATCH_LAUNCH": attn, "_IEEE_LAUNCH": attn, "_WIN_LAUNCH": win}
 WINDOW_SHORT = {v: k for k, v in cr.WINDOW_KERNEL_NAMES.items()}
-ATTENTION_SHORT = {v: k for k, v in cr.KERNEL_NAMES.items()}
+# the table kernels each compiled attention kernel takes its settings from: the deterministic
+# backward's dK/dV programs the "dkdv" entry's, its dQ programs the "dq" entry's tiles; the dQ cast
+# of the one-pass backward the Δ kernel's
+ATTENTION_SHORT = {"_attn_fwd_kernel": ("fwd",), "_attn_bwd_delta_kernel": ("delta",),
+                   "_attn_bwd_dq_cast_kernel": ("delta",), "_attn_bwd_kernel": ("bwd",),
+                   "_attn_bwd_det_kernel": ("dkdv", "dq")}
 
 
 def _dtype_class(dtype):
     return {"fp16": "16bit", "bf16": "16bit", "fp64": "fp64", "fp32-ieee": "fp64"}.get(dtype, "fp32")
 
 
-def _launch_entry(kernel, block_d, dtype, patch):
-    """(table name, key) of the launch-table entry a launch of ``kernel`` takes, by the rules of the
-    modules' ``_config``; None for kernels without an entry of their own (the window Δ kernel takes
-    the forward's, the bias-table reduction and the gating kernels have none)."""
+def _attention_entry(short, block_d, dtype, patch):
+    """(table name, key) of the attention launch-table entry of table kernel ``short``."""
+    key = (short, block_d, _dtype_class(dtype))
+    if patch > 1 and key in attn._PATCH_LAUNCH:
+        return "_PATCH_LAUNCH", key
+    if dtype == "fp32-ieee" and patch == 1 and key[:2] in attn._IEEE_LAUNCH:
+        return "_IEEE_LAUNCH", key[:2]
+    return "_LAUNCH", key
+
+
+def _launch_entries(kernel, block_d, dtype, patch) -> list:
+    """The (table name, key) of the launch-table entries a launch of ``kernel`` takes, by the rules
+    of the modules' ``_config``; none for kernels without an entry of their own (the bias-table
+    reduction, the pack kernel and the gating kernels)."""
     if kernel in ATTENTION_SHORT:
-        key = (ATTENTION_SHORT[kernel], block_d, _dtype_class(dtype))
-        if patch > 1 and key in attn._PATCH_LAUNCH:
-            return "_PATCH_LAUNCH", key
-        if dtype == "fp32-ieee" and patch == 1 and key[:2] in attn._IEEE_LAUNCH:
-            return "_IEEE_LAUNCH", key[:2]
-        return "_LAUNCH", key
+        return [_attention_entry(short, block_d, dtype, patch) for short in ATTENTION_SHORT[kernel]]
     if kernel in WINDOW_SHORT:
         short, cls = WINDOW_SHORT[kernel], _dtype_class(dtype)
         d = "d32" if block_d <= 32 else "d64" if block_d <= 64 else "d256"
         if block_d == 16 and (short, "d16", cls) in win._WIN_LAUNCH:
             d = "d16"
-        return "_WIN_LAUNCH", (short, d, cls)
-    return None
+        return [("_WIN_LAUNCH", (short, d, cls))]
+    return []
 
 
 def _predicted_entries(case):
-    """The launch-table entries ``case`` compiles, predicted from its op, dtype, head dim and patch."""
-    kernels = {"attention": cr.KERNEL_NAMES, "window_attention": cr.WINDOW_KERNEL_NAMES}.get(case.op, {})
+    """The launch-table entries ``case`` compiles, predicted from its op, dtype, head dim, patch and
+    backward mode: the one-pass backward where its entry exists and the case is not "det", else the
+    deterministic one (dK/dV and dQ entries)."""
     block_d = max(16, 1 << max(0, case.head_dim - 1).bit_length())
-    return {e for k in kernels.values() if (e := _launch_entry(k, block_d, case.dtype, case.patch))}
+    if case.op == "window_attention":
+        return {e for k in cr.WINDOW_KERNEL_NAMES.values() for e in _launch_entries(k, block_d, case.dtype, case.patch)}
+    if case.op != "attention":
+        return set()
+    table, key = _attention_entry("bwd", block_d, case.dtype, case.patch)
+    one_pass = case.variant != "det" and getattr(attn, table).get(key) is not None
+    shorts = ("fwd", "delta") + (("bwd",) if one_pass else ("dkdv", "dq"))
+    return {_attention_entry(short, block_d, case.dtype, case.patch) for short in shorts}
 
 
-def _check_row_settings(r, table, key):
-    """The row was compiled with the settings of its entry."""
+def _check_row_settings(r, table, key) -> bool:
+    """The row was compiled with the settings of its entry; False where the row does not use the
+    entry (a deterministic launch of dQ programs alone, or of dK/dV programs alone)."""
     entry = getattr(LAUNCH_TABLES[table], table)[key]
     cfg = r["config"]
     if table == "_WIN_LAUNCH":
@@ -166,12 +185,19 @@ def _check_row_settings(r, table, key):
         assert (cfg["BLOCK_M"], cfg["BLOCK_N"], r["num_warps"]) == (bm, bn, warps), (key, r["case"], cfg)
         if chunk and key[0] != "fwd":
             assert cfg["BLOCK_DC"] == min(chunk[0], cfg["BLOCK_D"]), (key, r["case"], cfg)
-        return
+        return True
+    programs = cfg.get("PROGRAMS")
+    if key[0] == "dkdv" and programs == 2 or key[0] == "dq" and programs == 1:
+        return False
+    if key[0] == "dq":  # the deterministic launch's dQ programs
+        assert cfg["BLOCK_M2"] == entry.block_m and cfg["BLOCK_DC2"] == min(entry.chunk, key[1]), (key, r["case"], cfg)
+        return True
     assert (cfg["BLOCK_M"], r["num_warps"]) == (entry.block_m, entry.num_warps), (key, r["case"], cfg)
     if key[0] != "delta":  # the head-dim chunk, and for dK/dV which part of a split launch
         assert cfg["BLOCK_DC"] == min(entry.chunk, key[1]), (key, r["case"], cfg)
-    if key[0] == "dkdv":
+    if key[0] in ("bwd", "dkdv"):
         assert cfg["PART"] in ((1, 2) if entry.split else (0,)), (key, r["case"], cfg)
+    return True
 
 
 def test_gate_covers_every_kernel_and_launch_entry(report):
@@ -182,14 +208,15 @@ def test_gate_covers_every_kernel_and_launch_entry(report):
     assert _jit_kernels() - {r["kernel"] for r in rows} == set()
     seen = set()
     for r in rows:
-        entry = _launch_entry(r["kernel"], r["config"].get("BLOCK_D", 0), r["dtype"], r.get("patch", 1))
-        if entry:
-            _check_row_settings(r, *entry)
-            seen.add(entry)
+        for entry in _launch_entries(r["kernel"], r["config"].get("BLOCK_D", 0), r["dtype"], r.get("patch", 1)):
+            if _check_row_settings(r, *entry):
+                seen.add(entry)
     # the prediction used for the pending cases below agrees with what the gate's cases compiled
     predicted = set().union(*(_predicted_entries(c) for c, a in cr.gate_cases() if a == 90))
     assert predicted == seen, (sorted(predicted - seen), sorted(seen - predicted))
-    every = {(name, key) for name, module in LAUNCH_TABLES.items() for key in getattr(module, name)}
+    # (a one-pass entry of None: no spill-free setting, such calls take the deterministic launch)
+    every = {(name, key) for name, module in LAUNCH_TABLES.items() for key, e in getattr(module, name).items()
+             if e is not None}
     pending = set().union(*(_predicted_entries(c) for c in cr.WIDE_PENDING))
     assert every - seen - pending == set(), "launch entries compiled by no gate case"
     only_pending = every - seen
@@ -322,13 +349,14 @@ def test_check_config_names_kernel_case_and_figure():
     code = ("from attnsr.kernels import compile_report as cr; import json; "
             "print(json.dumps(cr.check_config('fwd', 64, 'fp32', "
             "dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), archs=(90,)))); "
-            "print(json.dumps(cr.check_config('dq', 64, 'fp32', "
-            "dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=2), archs=(90,))))")
+            "print(json.dumps(cr.check_config('dkdv', 64, 'fp32', "
+            "dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=2), archs=(90,))))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     (rows, failures), (n8_rows, n8_failures) = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
-    # 64×16 tiles on two warp groups: each takes 8 of the 16 key columns, a tf32 wgmma with N = 8
+    # 16-query tiles on two warp groups: each takes 8 of the 16 query columns, a tf32 wgmma with N = 8
     assert n8_rows[0]["wgmma_tf32_n8"] > 0, n8_rows[0]
-    assert n8_failures == [f"_attn_bwd_dq_kernel [attention fp32 D=64 fused, sm_90]: {n8_rows[0]['wgmma_tf32_n8']} "
+    n8 = n8_rows[0]["wgmma_tf32_n8"]
+    assert n8_failures == [f"_attn_bwd_det_kernel [attention fp32 D=64 fused det, sm_90]: {n8} "
                            "tf32 wgmma with N = 8 (m64n8k8), which reads past its shared-memory operand "
                            "(triton-lang/triton#10629): wrong results or an illegal memory access on the GPU"]
     assert [r["kernel"] for r in rows] == ["_attn_fwd_kernel"] and rows[0]["config"]["BLOCK_M"] == 64

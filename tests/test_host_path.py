@@ -203,6 +203,21 @@ with host.launches_bound_not_run():
         return host._launches(lambda: image_attention_qkv(x, patch_size=2).sum().backward())
     report["patch_launches"] = [patch_step(patches), patch_step(patches)]
     report["patch_forward_launches"] = host._launches(lambda: image_attention_qkv(patches.detach(), patch_size=2))
+    # the kernels of one backward call in each mode (one-pass by default, deterministic under
+    # torch.use_deterministic_algorithms(True))
+    def backward_kernels(x, deterministic):
+        out = image_attention_qkv(x)
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with _runtime.recorded_launches() as record:
+                out.sum().backward()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        return [kernel.name for kernel, _, _ in record]
+    from attnsr.kernels import _runtime
+    report["backward"] = [backward_kernels(qkv, False), backward_kernels(qkv, True)]
+    half = torch.randn(1, 96, 8, 8, dtype=torch.float16, requires_grad=True)
+    report["backward_fp16"] = [backward_kernels(half, False), backward_kernels(half, True)]
     # a record open on this thread sees another thread's launches (a CUDA backward runs on one),
     # and that thread records its own plan meanwhile without waiting for this block to close
     import threading
@@ -245,13 +260,20 @@ def test_launch_plans_are_recorded_once_and_replayed():
     out = _child(["-c", _PLAN_SCRIPT])
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.split("REPORT ", 1)[1])
-    assert report["launches"] == [4, 4]  # forward; Δ, dK/dV, dQ
+    assert report["launches"] == [3, 3]  # forward; Δ, dK/dV and dQ programs in one launch
     assert report["plans_after_two"] == 2  # one forward and one backward plan, replayed the second time
     assert report["plans_after_three"] == 2
-    assert report["odd_launches"] == 4 and report["plans_with_odd"] == 4  # misaligned inputs: new plans
+    assert report["odd_launches"] == 3 and report["plans_with_odd"] == 4  # misaligned inputs: new plans
     assert report["plans_after_override"] == 6
     assert report["patch_launches"] == [8, 8] and report["patch_forward_launches"] == 3
-    assert report["thread_done"] and report["thread_launches"] == 4
+    delta, one_pass, det, cast = ("_attn_bwd_delta_kernel", "_attn_bwd_kernel", "_attn_bwd_det_kernel",
+                                  "_attn_bwd_dq_cast_kernel")
+    # fp32 at head dim 32 has no spill-free one-pass setting (_LAUNCH): both modes run Δ and one
+    # launch of dK/dV and dQ programs
+    assert report["backward"] == [[delta, det], [delta, det]]
+    # fp16: Δ (zeroing the fp32 dQ sums), the one-pass kernel, the cast into dq; deterministic: two
+    assert report["backward_fp16"] == [[delta, one_pass, cast], [delta, det]]
+    assert report["thread_done"] and report["thread_launches"] == 3
     assert report["tensor_freed"]
     assert report["slice_grids"] == [65535, 2, 65535, 2]  # recorded, then replayed, per slice
 
@@ -262,7 +284,7 @@ def test_host_benchmark_rows(tmp_path):
     out = _child(["-m", "benchmarks.host", "--rounds", "1", "--calls", "3", "--out", str(path)])
     assert out.returncode == 0, out.stderr[-3000:]
     rows = {r["op"]: r for r in json.loads(path.read_text())["rows"]}
-    assert rows["image_attention"]["fused"]["launches"] == 4
+    assert rows["image_attention"]["fused"]["launches"] == 3  # fwd; Δ, dK/dV and dQ programs (fp32, D = 32)
     # fwd; dK/dV (with Δ and the table's dS sums), dQ (fp32: its own pass), the table's reduction
     assert rows["window_attention"]["fused"]["launches"] == 4
     for row in rows.values():

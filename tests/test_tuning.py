@@ -59,7 +59,7 @@ def test_tune_end_to_end_with_a_stub_timer(tmp_path):
     with open(path) as f:
         written = json.load(f)
     assert written["format"] == _tuned.FORMAT and written["launch"] == table["launch"]
-    want = {tune.launch_key(ATTENTION, k) for k in ("fwd", "dkdv", "dq")}
+    want = {tune.launch_key(ATTENTION, k) for k in ("fwd", "bwd")}
     want |= {tune.launch_key(WINDOW, k) for k in ("fwd", "dkdv", "dq")}
     assert set(written["launch"]) == want
     assert all(cfg["num_stages"] == 1 for cfg in written["launch"].values())
