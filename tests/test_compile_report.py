@@ -187,7 +187,7 @@ def _check_row_settings(r, table, key) -> bool:
             assert cfg["BLOCK_DC"] == min(chunk[0], cfg["BLOCK_D"]), (key, r["case"], cfg)
         return True
     programs = cfg.get("PROGRAMS")
-    if key[0] == "dkdv" and programs == 2 or key[0] == "dq" and programs == 1:
+    if (key[0] == "dkdv" and programs == 2) or (key[0] == "dq" and programs == 1):
         return False
     if key[0] == "dq":  # the deterministic launch's dQ programs
         assert cfg["BLOCK_M2"] == entry.block_m and cfg["BLOCK_DC2"] == min(entry.chunk, key[1]), (key, r["case"], cfg)
