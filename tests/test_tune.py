@@ -68,8 +68,8 @@ def test_override_matches_reference_on_fused_qkv_map(name, dtype, monkeypatch):
     launched = {}
     plain = attn._config
 
-    def spy(kernel, *args):
-        blocks, launch = plain(kernel, *args)
+    def spy(kernel, *args, **kwargs):
+        blocks, launch = plain(kernel, *args, **kwargs)
         launched[kernel] = (blocks, launch)
         return blocks, launch
 
@@ -82,9 +82,13 @@ def test_override_matches_reference_on_fused_qkv_map(name, dtype, monkeypatch):
     def ref(x):
         return image_attention_ref(*x.split(32, 1), heads=2, upcast=True)
 
+    deterministic = torch.are_deterministic_algorithms_enabled()
     with contextlib.ExitStack() as stack:
         _apply(stack, OVERRIDES[name])
-        check_outputs_and_grads(fn, ref, (qkv,), dtype, f"map {name}")
+        check_outputs_and_grads(fn, ref, (qkv,), dtype, f"map {name}")  # the one-pass backward
+        stack.callback(torch.use_deterministic_algorithms, deterministic)
+        torch.use_deterministic_algorithms(True)  # the deterministic one: its dK/dV and dQ entries
+        check_outputs_and_grads(fn, ref, (qkv,), dtype, f"map {name}, deterministic")
     assert set(launched) == set(attn._KERNELS)
     for kernel, cfg in OVERRIDES[name].items():
         got = {**launched[kernel][0], **launched[kernel][1]}
