@@ -327,6 +327,24 @@ def _run_window(case: Case):
     _backward(window_attention(q, k, v, window_size=win, shift_size=win // 2, heads=heads, bias_table=table))
 
 
+def _run_transposed(case: Case):
+    """Restormer's transposed attention (MDTA) after its convolutions: q, k, v split out of one
+    (B, 3C, H, W) depthwise-conv output, ``case.channels`` channels, d = ``head_dim`` per head
+    (C / d heads), NCHW or ``layout`` channels_last; forward and backward (the temperature too)."""
+    from .transposed_attention import transposed_attention
+
+    dtype = _torch_dtype(case.dtype)
+    heads = case.channels // case.head_dim
+    qkv = _map((case.batch, 3 * case.channels, *case.size), dtype, case.layout == "channels_last")
+    temperature = torch.ones(heads, 1, 1, dtype=dtype, requires_grad=True)
+    _backward(transposed_attention(*qkv.split(case.channels, 1), temperature, heads=heads))
+
+
+def _transposed_case(dtype, layout="nchw", channels=48, d=48, size=(64, 64)):
+    return Case(f"transposed_attention {dtype} D={d} {layout} 1x{channels}x{size[0]}x{size[1]}", "transposed_attention",
+                dtype, d, layout, size=tuple(size), batch=1, channels=channels)
+
+
 def _run_gating(case: Case):
     from . import cbam_gate, channel_gate, layer_fusion, spatial_gate
 
@@ -364,7 +382,8 @@ def run_case(case: Case, arch: int, override=None) -> list:
     torch.manual_seed(0)
     settings = _launch_override(override[0], **override[1]) if override else contextlib.nullcontext()
     with _fp32_mode(case.dtype), settings, compile_only(arch) as launches:
-        {"attention": _run_attention, "window_attention": _run_window}.get(case.op, _run_gating)(case)
+        {"attention": _run_attention, "window_attention": _run_window,
+         "transposed_attention": _run_transposed}.get(case.op, _run_gating)(case)
     rows, seen = [], set()
     for launch in launches:
         key = (launch.kernel, launch.compiled.hash)
@@ -372,7 +391,8 @@ def run_case(case: Case, arch: int, override=None) -> list:
             continue
         seen.add(key)
         consts = {k: v for k, v in launch.constants.items()
-                  if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "PRECISION", "K", "PART", "PROGRAMS")}
+                  if k.startswith("BLOCK") or k in ("num_warps", "num_stages", "PRECISION", "K", "PART", "PROGRAMS",
+                                                    "WH", "WW")}
         rows.append(dict(
             arch=arch, case=case.name, op=case.op, dtype=case.dtype, head_dim=case.head_dim, **_shape(case),
             kernel=launch.kernel, config=consts, scalars=_scalar_types(launch.compiled),
@@ -553,11 +573,15 @@ def gate_cases() -> list:
               _gating_case("layer_fusion", "bf16", "nchw", "list"),
               _gating_case("layer_fusion", "bf16", "channels_last"),
               _gating_case("layer_fusion", "fp32", "nchw", "list"), _gating_case("layer_fusion", "fp64", "nchw")]
+    # Restormer's transposed attention: its first level (C = 48, one head) on an odd map, its last
+    # (384 channels, 8 heads) channels_last, in each dtype class
+    transposed = [_transposed_case(dtype, size=ODD) for dtype in ("fp32", "bf16", "fp64")]
+    transposed += [_transposed_case(dtype, "channels_last", 384, size=(32, 32)) for dtype in ("fp32", "bf16")]
     window = [_window_case("bf16", 30, 8), _window_case("bf16", 30, 16), _window_case("fp16", 64, 16),
               _window_case("fp32", 30, 16), _window_case("fp32", 10, 8), _window_case("fp64", 30, 16),
               _window_case("bf16", 30, "16p"), _window_case("fp32", 30, "16p"), _window_case("fp32", 64, 16),
               _window_case("fp64", 64, 8)]
-    return work + [(c, 90) for c in gating + window + gate_wide_cases()]
+    return work + [(c, 90) for c in gating + window + transposed + gate_wide_cases()]
 
 
 def select_work(spec: str, archs) -> list:

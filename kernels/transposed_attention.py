@@ -140,9 +140,11 @@ def _mdta_softmax_kernel(
     NQ, NK,  # (B·heads, DP) contiguous ACC, out: the norms ‖Q_c‖, ‖K_c‖ (not clamped)
     st_h,  # temperature stride along heads
     heads, d, SPLITS,  # heads, channels per head, token splits
-    eps,  # F.normalize's eps
+    eps: tl.float64,  # F.normalize's eps (fp64: a float64 call keeps it exact)
     ACC: tl.constexpr, DP: tl.constexpr,
 ):
+    if ACC != tl.float64:  # fp32 kernels compare in fp32
+        eps = tl.cast(eps, ACC)
     bh = tl.program_id(0).to(tl.int64)
     h = bh % heads
     c = tl.arange(0, DP)
@@ -200,10 +202,12 @@ def _mdta_grad_finalize_kernel(
     DTAU,  # temperature gradient, out, stride sdt_h along heads, the temperature's dtype (NEED_TAU)
     st_h, sdt_h,
     B, heads, d, SPLITS,
-    eps,
+    eps: tl.float64,
     NEED_TAU: tl.constexpr,
     ACC: tl.constexpr, DP: tl.constexpr,
 ):
+    if ACC != tl.float64:  # fp32 kernels compare in fp32
+        eps = tl.cast(eps, ACC)
     h = tl.program_id(0)
     c = tl.arange(0, DP)
     tile = c[:, None] * DP + c[None, :]
@@ -244,11 +248,13 @@ def _mdta_grad_apply_kernel(
     sgk_b, sgk_c, sgk_h, sgk_w,  # dk strides
     sgv_b, sgv_c, sgv_h, sgv_w,  # dv strides
     heads, d, N, W,
-    eps,
+    eps: tl.float64,
     NEED_QK: tl.constexpr, NEED_V: tl.constexpr,  # which gradients to write
     ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
     DP: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    if ACC != tl.float64:  # fp32 kernels compare in fp32
+        eps = tl.cast(eps, ACC)
     bh = tl.program_id(1)  # pixel blocks on grid axis 0, B·heads on axis 1
     b = (bh // heads).to(tl.int64)
     h = bh % heads
@@ -308,6 +314,10 @@ def _settings(dp: int, dtype: torch.dtype, kernel: str):
             block_n = 32
     if kernel == "softmax":  # one program per (b, h) on DP × DP values: no token tile
         warps = 4 if dp <= 64 else 8
+    if kernel == "grad_finalize":  # the backward's per-head step: several DP × DP matrices live at once
+        warps = 4 if dp <= 64 else 8
+        if dtype == torch.float64 and dp >= 64:  # float64 at DP 64: 4 warps spilled 176 B, 8 take 168 regs
+            warps = 8
     return block_n, dict(num_warps=warps, num_stages=2)
 
 
@@ -392,7 +402,7 @@ def transposed_attention_backward(do, q, k, v, temperature, attn, gram, nq, nk, 
         m = torch.empty_like(attn)
         bq = torch.empty_like(nq)
         bk = torch.empty_like(nk)
-        _, launch = _settings(dp, q.dtype, "softmax")
+        _, launch = _settings(dp, q.dtype, "grad_finalize")
         _mdta_grad_finalize_kernel[(heads,)](
             part, attn, gram, nq, nk, temperature, m, bq, bk, temperature if dtau is None else dtau,
             temperature.stride(0), temperature.stride(0) if dtau is None else dtau.stride(0),

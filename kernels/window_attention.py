@@ -521,7 +521,10 @@ _WIN_LAUNCH = {
     # B). dQ in the dK/dV pass does not fit: on wgmma it needs 64 queries a block, and 64×64
     # spilled 648-888 B (32 queries: mma.sync)
     ("fwd", "d32", "fp32"): (64, 32, 8, 2),
-    ("dkdv", "d32", "fp32"): (32, 64, 8, 1, 0, 0),
+    # dkdv (Δ, dS sums and a given mask's loads in the loop) over 16-wide head-dim chunks,
+    # 16×64/4/1: 216-247 registers, no spills at windows 8, 16 and with a given mask (16p), both
+    # modes, triton 3.9 and 3.6; held whole, 32×64/8/1 spilled 200 B with a given mask
+    ("dkdv", "d32", "fp32"): (16, 64, 4, 1, 16, 0),
     ("dq", "d32", "fp32"): (64, 32, 8, 2),
     # fp32, BLOCK_D = 16 (SwinIR-light's D = 10): as "d32" with 4 warps. With 8 the two warp groups
     # split the 16-wide head dim into tf32 wgmma with N = 8, which read past their shared memory

@@ -145,18 +145,25 @@ def _attention_entry(short, block_d, dtype, patch):
     return "_LAUNCH", key
 
 
-def _launch_entries(kernel, block_d, dtype, patch) -> list:
+def _window_entry(short, block_d, dtype, tokens):
+    """(table name, key) of the window entry of table kernel ``short`` for windows of ``tokens``."""
+    cls = _dtype_class(dtype)
+    d = "d32" if block_d <= 32 else "d64" if block_d <= 64 else "d256"
+    if block_d == 16 and (short, "d16", cls) in win._WIN_LAUNCH:
+        d = "d16"
+    if short == "dkdv" and tokens <= 64 and ("dkdv1", d, cls) in win._WIN_LAUNCH:
+        short = "dkdv1"  # small windows: the entry whose programs do a whole window, dQ included
+    return "_WIN_LAUNCH", (short, d, cls)
+
+
+def _launch_entries(kernel, block_d, dtype, patch, tokens=0) -> list:
     """The (table name, key) of the launch-table entries a launch of ``kernel`` takes, by the rules
-    of the modules' ``_config``; none for kernels without an entry of their own (the bias-table
-    reduction, the pack kernel and the gating kernels)."""
+    of the modules' ``_config`` (``tokens``: a window's); none for kernels without an entry of their
+    own (the bias-table reduction, the pack kernel, the gating and transposed-attention kernels)."""
     if kernel in ATTENTION_SHORT:
         return [_attention_entry(short, block_d, dtype, patch) for short in ATTENTION_SHORT[kernel]]
     if kernel in WINDOW_SHORT:
-        short, cls = WINDOW_SHORT[kernel], _dtype_class(dtype)
-        d = "d32" if block_d <= 32 else "d64" if block_d <= 64 else "d256"
-        if block_d == 16 and (short, "d16", cls) in win._WIN_LAUNCH:
-            d = "d16"
-        return [("_WIN_LAUNCH", (short, d, cls))]
+        return [_window_entry(WINDOW_SHORT[kernel], block_d, dtype, tokens)]
     return []
 
 
@@ -166,7 +173,11 @@ def _predicted_entries(case):
     deterministic one (dK/dV and dQ entries)."""
     block_d = max(16, 1 << max(0, case.head_dim - 1).bit_length())
     if case.op == "window_attention":
-        return {e for k in cr.WINDOW_KERNEL_NAMES.values() for e in _launch_entries(k, block_d, case.dtype, case.patch)}
+        window = int(case.variant[1:].rstrip("p"))
+        dkdv = _window_entry("dkdv", block_d, case.dtype, window * window)
+        # a whole small window per dK/dV program (its entry sets DQ) forms dQ there: no dQ launch
+        dq = [] if win._WIN_LAUNCH[dkdv[1]][5:6] == (1,) else [_window_entry("dq", block_d, case.dtype, 0)]
+        return {_window_entry("fwd", block_d, case.dtype, 0), dkdv, *dq}
     if case.op != "attention":
         return set()
     table, key = _attention_entry("bwd", block_d, case.dtype, case.patch)
@@ -208,7 +219,8 @@ def test_gate_covers_every_kernel_and_launch_entry(report):
     assert _jit_kernels() - {r["kernel"] for r in rows} == set()
     seen = set()
     for r in rows:
-        for entry in _launch_entries(r["kernel"], r["config"].get("BLOCK_D", 0), r["dtype"], r.get("patch", 1)):
+        tokens = r["config"].get("WH", 0) * r["config"].get("WW", 0)
+        for entry in _launch_entries(r["kernel"], r["config"].get("BLOCK_D", 0), r["dtype"], r.get("patch", 1), tokens):
             if _check_row_settings(r, *entry):
                 seen.add(entry)
     # the prediction used for the pending cases below agrees with what the gate's cases compiled
