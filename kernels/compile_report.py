@@ -568,7 +568,10 @@ def gate_cases() -> list:
     # the deterministic backward's launch (dK/dV and dQ programs): every entry of theirs
     work += [(_attention_case(dtype, d, variant="det"), 90) for dtype in ("fp32", "bf16", "fp64")
              for d in (16, 32, 64, 128, 256)]
-    work += [(_attention_case("fp32-ieee", 128, variant="det"), 90)]
+    work += [(_attention_case("fp32-ieee", d, variant="det"), 90) for d in (30, 64, 128)]
+    # the pack kernel and the deterministic launch on odd maps (23×23 patches; 45×45 pixels)
+    work += [(_attention_case("bf16", 64, "nchw", 2, size=(46, 46)), 90),
+             (_attention_case("fp32-ieee", 128, size=ODD, variant="det"), 90)]
     work += [(_attention_case(dtype, d), 80) for dtype in ("fp32", "bf16") for d in (128, 256)]
     gating = [_gating_case("cbam_gate", "bf16", "nchw"), _gating_case("cbam_gate", "bf16", "channels_last"),
               _gating_case("cbam_gate", "fp32", "nchw"), _gating_case("cbam_gate", "fp64", "nchw"),
