@@ -28,7 +28,8 @@ LEFT = {
     "HAT-w16": {"OCAB"},
     "DRCT": set(),
     "Swin2SR": set(),
-    "ATD": {"ATD_CA", "AC_MSA"},  # token-dictionary and category attention: listed, not fused
+    # token-dictionary and category attention, and the layer's own softmax over the dictionary: listed
+    "ATD": {"ATD_CA", "AC_MSA", "ATDTransformerLayer"},
     "RCAN": set(),
     "SCUNet": set(),
     "GRL": {"AnchorStripeAttention"},  # stripes attending to a down-sampled anchor map: listed, not fused
@@ -244,15 +245,17 @@ def test_hats_shifted_block_given_no_mask_applies_none():
 
 def test_attention_like_modules_that_are_left_say_what_they_are():
     """Nothing attention-like passes silently, and the reason given is true: FDAT's transposed channel
-    attention, its window attention with a per-pair bias (not a relative table), and its LDA-AQU
-    upsampler (deformable attention, not a window attention)."""
+    attention, its window attention with a per-pair bias (not a relative table), the SE gate with
+    GELU of its interaction module, and its LDA-AQU upsampler (deformable attention, not a window
+    attention)."""
     from spandrel.architectures.FDAT import FDAT
 
     model = FDAT(embed_dim=16, num_groups=1, depth_per_group=2, num_heads=2, window_size=4, mid_dim=16, scale=2,
                  upsampler_type="lda")
     attnsr.swap_attention(model, backend="torch")
     reasons = {cls: why for _, cls, why in model.attnsr_left}
-    assert set(reasons) == {"FastChannelAttention", "FastSpatialWindowAttention", "LDA_AQU"}, reasons
+    assert set(reasons) == {"FastChannelAttention", "FastSpatialWindowAttention", "LDA_AQU", "Sequential"}, reasons
+    assert reasons["Sequential"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid")
     assert reasons["FastChannelAttention"].startswith("transposed (channel) attention")
     assert reasons["FastSpatialWindowAttention"].startswith("attention-like (a softmax in its forward)")
     assert "deformable-attention upsampler" in reasons["LDA_AQU"] and "not a window attention" in reasons["LDA_AQU"]
