@@ -170,17 +170,24 @@ def _forward_arity(module: nn.Module) -> int:
         return -1
 
 
-def _window_geometry(module: nn.Module):
-    """(dim, heads, Wh, Ww) of a module that looks like a window attention (int ``dim`` and
-    ``num_heads``, heads dividing dim, ``window_size`` an int or a pair), else None."""
-    dim, heads, window = (getattr(module, a, None) for a in ("dim", "num_heads", "window_size"))
-    if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0 and not dim % heads):
-        return None
+def _window_pair(window):
+    """(Wh, Ww) of a window size given as an int or a pair of ints, else None."""
     try:
         wh, ww = (window, window) if isinstance(window, int) else tuple(window)
     except (TypeError, ValueError):
         return None
-    return (dim, heads, wh, ww) if isinstance(wh, int) and isinstance(ww, int) else None
+    return (wh, ww) if isinstance(wh, int) and isinstance(ww, int) else None
+
+
+def _window_geometry(module: nn.Module, window_attr: str = "window_size"):
+    """(dim, heads, Wh, Ww) of a module that looks like a window attention (int ``dim`` and
+    ``num_heads``, heads dividing dim, its window size (attribute ``window_attr``: Uformer's is
+    ``win_size``) an int or a pair), else None."""
+    dim, heads, window = (getattr(module, a, None) for a in ("dim", "num_heads", window_attr))
+    if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0 and not dim % heads):
+        return None
+    pair = _window_pair(window)
+    return None if pair is None else (dim, heads, *pair)
 
 
 def _linear(layer, n_in: int, n_out: int) -> bool:
@@ -260,17 +267,13 @@ def _as_v2_map_window_attention(module: nn.Module, backend: str):
     """GRL's window attention: int ``num_heads`` and ``shift_size``, a pair ``window_size``, cosine
     similarity (``euclidean_dist`` off), a child ``attn_transform`` holding only ``logit_scale``
     (heads, 1, 1) and a Swin V2 ``cpb_mlp``, attention dropout 0, forward(qkv, x_size, table, index, mask)."""
-    heads, shift, window = (getattr(module, a, None) for a in ("num_heads", "shift_size", "window_size"))
-    if not (isinstance(heads, int) and heads > 0 and isinstance(shift, int) and shift >= 0):
+    heads, shift, pair = getattr(module, "num_heads", None), getattr(module, "shift_size", None), \
+        _window_pair(getattr(module, "window_size", None))
+    if not (isinstance(heads, int) and heads > 0 and isinstance(shift, int) and 0 <= shift and pair is not None):
         return None
-    try:
-        wh, ww = (window, window) if isinstance(window, int) else tuple(window)
-    except (TypeError, ValueError):
-        return None
-    transform = getattr(module, "attn_transform", None)
+    (wh, ww), transform = pair, getattr(module, "attn_transform", None)
     logit = getattr(transform, "logit_scale", None)
-    if not (isinstance(wh, int) and isinstance(ww, int) and shift < min(wh, ww) and module.euclidean_dist is False
-            if hasattr(module, "euclidean_dist") else False):
+    if shift >= min(wh, ww) or getattr(module, "euclidean_dist", None) is not False:
         return None
     if not (isinstance(logit, nn.Parameter) and logit.shape == (heads, 1, 1)
             and _is_cpb_mlp(getattr(transform, "cpb_mlp", None), heads)):
@@ -287,16 +290,13 @@ def _as_split_window_attention(module: nn.Module, backend: str):
     """Uformer's window attention: int ``dim`` and ``num_heads``, a pair ``win_size``, Swin's table
     and index, ``qkv`` holding only ``to_q`` Linear C → C and ``to_kv`` Linear C → 2C, ``proj`` Linear
     C → C, attention dropout 0, a float ``scale``, nothing else with parameters, forward(x, attn_kv, mask)."""
-    dim, heads, window = (getattr(module, a, None) for a in ("dim", "num_heads", "win_size"))
-    if not (isinstance(dim, int) and isinstance(heads, int) and heads > 0 and not dim % heads):
+    geometry = _window_geometry(module, "win_size")
+    if geometry is None:
         return None
-    try:
-        wh, ww = (window, window) if isinstance(window, int) else tuple(window)
-    except (TypeError, ValueError):
-        return None
+    dim, heads, wh, ww = geometry
     table, qkv, proj = (getattr(module, a, None) for a in ("relative_position_bias_table", "qkv", "proj"))
-    if not (isinstance(wh, int) and isinstance(ww, int) and isinstance(table, nn.Parameter)
-            and table.shape == ((2 * wh - 1) * (2 * ww - 1), heads) and _linear(proj, dim, dim)):
+    if not (isinstance(table, nn.Parameter) and table.shape == ((2 * wh - 1) * (2 * ww - 1), heads)
+            and _linear(proj, dim, dim)):
         return None
     to_q, to_kv = getattr(qkv, "to_q", None), getattr(qkv, "to_kv", None)
     if not (_linear(to_q, dim, dim) and _linear(to_kv, dim, 2 * dim)) or getattr(qkv, "heads", None) != heads:

@@ -164,6 +164,21 @@ class WindowAttentionQKV(WindowAttention):
         return self._windows(qkv, mask)
 
 
+def cosine_window_attention(layer, qkv, logit_scale, logit_max, cpb_mlp, coords_table, shift_size, mask):
+    """Swin V2's cosine window attention of a (B, H, W, 3C) qkv map on ``layer``'s windows, heads and
+    backend: q̂·τ against k̂ (unit-normalised per head, τ = exp(min(logit_scale, logit_max))) with scale
+    1 and the bias table 16·sigmoid(cpb_mlp(coords_table)) -> (B, H, W, C)."""
+    heads = layer.num_heads
+    c = qkv.shape[-1] // 3
+    q, k, v = qkv.split(c, dim=-1)
+    tau = torch.clamp(logit_scale, max=logit_max).exp().view(heads, 1)
+    q = (F.normalize(q.unflatten(-1, (heads, c // heads)), dim=-1) * tau).flatten(-2)
+    k = F.normalize(k.unflatten(-1, (heads, c // heads)), dim=-1).flatten(-2)
+    table = 16 * torch.sigmoid(cpb_mlp(coords_table).view(-1, heads))
+    return backends.window_attention(q, k, v, window_size=layer.window_size, shift_size=shift_size, heads=heads,
+                                     bias_table=table.to(q.dtype), mask=mask, scale=1.0, backend=layer.backend)
+
+
 class WindowAttentionV2(WindowAttention):
     """Swin V2's window attention (Swin2SR's), ``forward(x, mask=None)``: cosine attention,
     softmax(τ_h · q̂ k̂ᵀ + 16·sigmoid(B̂) + mask) v with q̂, k̂ the unit-normalised queries and keys of
@@ -195,15 +210,8 @@ class WindowAttentionV2(WindowAttention):
         return F.linear(x, self.qkv.weight, bias)
 
     def attend(self, qkv, shift_size=0, mask=None):
-        heads, d = self.num_heads, self.dim // self.num_heads
-        q, k, v = qkv.split(self.dim, dim=-1)
-        tau = torch.clamp(self.logit_scale, max=self.LOGIT_MAX).exp().view(heads, 1)
-        q = (F.normalize(q.unflatten(-1, (heads, d)), dim=-1) * tau).flatten(-2)
-        k = F.normalize(k.unflatten(-1, (heads, d)), dim=-1).flatten(-2)
-        table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, heads))
-        return backends.window_attention(q, k, v, window_size=self.window_size, shift_size=shift_size,
-                                         heads=heads, bias_table=table.to(q.dtype), mask=mask, scale=1.0,
-                                         backend=self.backend)
+        return cosine_window_attention(self, qkv, self.logit_scale, self.LOGIT_MAX, self.cpb_mlp,
+                                       self.relative_coords_table, shift_size, mask)
 
     def forward_map(self, x, shift_size=0, mask=None):
         return self.project(self.attend(self._project_qkv(x), shift_size, mask))
@@ -238,17 +246,11 @@ class WindowAttentionV2Map(WindowAttention):
     def forward(self, qkv, x_size, table, index, mask):
         height, width = x_size
         b, length, c3 = qkv.shape
-        heads, c = self.num_heads, c3 // 3
+        c = c3 // 3
         check_index(self, index)
-        q, k, v = qkv.view(b, height, width, c3).split(c, dim=-1)
         transform = self.attn_transform
-        tau = torch.clamp(transform.logit_scale, max=self.LOGIT_MAX).exp().view(heads, 1)
-        q = (F.normalize(q.unflatten(-1, (heads, c // heads)), dim=-1) * tau).flatten(-2)
-        k = F.normalize(k.unflatten(-1, (heads, c // heads)), dim=-1).flatten(-2)
-        bias = 16 * torch.sigmoid(transform.cpb_mlp(table).view(-1, heads))
-        out = backends.window_attention(q, k, v, window_size=self.window_size, shift_size=self.shift_size,
-                                        heads=heads, bias_table=bias.to(q.dtype),
-                                        mask=False if mask is None else mask, scale=1.0, backend=self.backend)
+        out = cosine_window_attention(self, qkv.view(b, height, width, c3), transform.logit_scale, self.LOGIT_MAX,
+                                      transform.cpb_mlp, table, self.shift_size, False if mask is None else mask)
         return out.view(b, length, c)
 
     def extra_repr(self):
