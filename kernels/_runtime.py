@@ -272,6 +272,21 @@ def refuse_double_backward(backward_op, name: str) -> None:
     backward_op.register_autograd(backward, setup_context=setup_context)
 
 
+COMPILE_SMS = 132  # SMs of the GPUs the compile gate targets (H100 SXM, H200): grids sized off a GPU
+_SMS = {}  # CUDA device index -> streaming multiprocessors, read once
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (read once per device); COMPILE_SMS elsewhere (the
+    compile report sizes the grids it compiles as an H100/H200 would)."""
+    if device.type != "cuda":
+        return COMPILE_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 

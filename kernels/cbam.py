@@ -24,10 +24,11 @@ Passes over x-sized tensors (each read or write of a (B, C, H, W) map counts one
     statistics ([mean, max] and s: fp32; sarg: int32). Not x · ca.
 Eager PyTorch (channel gate, then spatial gate) reads x or x · ca five times (six with
 pool="avgmax") and writes x · ca and y in the forward, and keeps x · ca for backward.
-Launches: forward 3, backward 5 (spatial dot, convolution backward, channel dot with the MLP's
-backward, the MLP's weight gradients, dx), no PyTorch op: the MLP runs in the channel statistics'
-and channel dot's epilogues, the convolution in the output pass's prologue and a small kernel on
-(B, 2, H, W) maps, as in channel_gate.py and spatial_gate.py. No float atomics.
+Launches: forward 3, backward 5 (spatial dot, convolution backward, channel dot, the MLP's
+backward with the weight gradients, dx), no PyTorch op. The kernels are those of every gating op,
+in _gating.py (``gate_forward`` and ``gate_backward`` with both gates on): the MLP runs in the
+channel statistics' epilogue and the convolution in the apply pass's prologue, as in the channel
+and spatial ops. No float atomics.
 
 Registration: ``attnsr::cbam_gate`` (the three forward passes; returns y and both gates'
 statistics) and ``attnsr::cbam_gate_backward`` (the three backward passes), torch.library custom
@@ -43,44 +44,34 @@ import torch
 
 from ._gating import (
     EagerOp,
+    GateState,
     call_gate,
     check_map_limits,
+    conv_grad_outputs,
     empty_map_like,
-    gate_apply,
-    gate_dx,
+    fake_channel_outputs,
+    fake_conv_grads,
+    fake_spatial_outputs,
+    fake_weight_grads,
+    gate_backward,
+    gate_forward,
     prepare_inputs,
+    register_gate_op,
     repeat_call,
+    weight_grad_outputs,
 )
 from ._runtime import (
     absent_output,
     check_runnable,
     check_same,
     on_tensor_device,
-    refuse_double_backward,
-    register_autocast,
     ValidCalls,
 )
-from .channel_gate import (
-    ChannelState,
-    channel_gate_backward,
-    channel_gate_state,
-    check_channel_mlp,
-    check_pool,
-    fake_weight_grads,
-    weight_grad_outputs,
-)
-from .spatial_gate import (
-    check_spatial_conv,
-    fake_conv_grads,
-    fake_spatial_state,
-    spatial_conv_backward,
-    spatial_dot,
-    spatial_stats,
-)
+from .channel_gate import check_channel_mlp, check_pool
+from .spatial_gate import check_spatial_conv
 
 # ----------------------------------------------------------------------------------------------
 # Autograd and torch.compile: two torch.library custom ops with fake (meta) kernels
-# (the kernels live in _gating.py, channel_gate.py and spatial_gate.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -89,11 +80,9 @@ def _cbam_gate_forward(
     sweight: torch.Tensor, sbias: Optional[torch.Tensor], pool: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
            torch.Tensor]:
-    """Forward passes 1 to 3: y, the channel statistics (ca, avg, max, carg) and the spatial ones (stats, sarg, s)."""
-    state = channel_gate_state(x, w1, b1, w2, b2, pool)  # pass 1 over x, the MLP in its epilogue
-    stats, sarg = spatial_stats(x, ca=state.ca)  # pass 2
-    y, s = gate_apply(x, ca=state.ca, conv=(stats, sweight, sbias))  # pass 3, the convolution in its prologue
-    return (y, *state.outputs(), stats, sarg, s)
+    """Forward (three launches): y, the channel statistics (ca, avg, mx, carg) and the spatial ones (stats, sarg, s)."""
+    y, state = gate_forward(x, mlp=(w1, b1, w2, b2), conv=(sweight, sbias), pool=pool)
+    return (y, *state.channel_outputs(), *state.spatial_outputs())
 
 
 _cbam_gate_op = torch.library.custom_op("attnsr::cbam_gate", mutates_args=())(on_tensor_device(_cbam_gate_forward))
@@ -101,7 +90,7 @@ _cbam_gate_op = torch.library.custom_op("attnsr::cbam_gate", mutates_args=())(on
 
 @_cbam_gate_op.register_fake
 def _(x, w1, b1, w2, b2, sweight, sbias, pool):
-    return (empty_map_like(x), *ChannelState.fake_outputs(x, pool), *fake_spatial_state(x))
+    return (empty_map_like(x), *fake_channel_outputs(x, pool), *fake_spatial_outputs(x))
 
 
 def _cbam_gate_backward(
@@ -110,19 +99,13 @@ def _cbam_gate_backward(
     avg: torch.Tensor, mx: torch.Tensor, carg: torch.Tensor, stats: torch.Tensor, sarg: torch.Tensor,
     s: torch.Tensor, pool: str, need_dx: bool, need_w: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward passes 1 to 3: (dx, dw1, db1, dw2, db2, dsweight, dsbias); dx, the MLP's gradients
+    """Backward (five launches): (dx, dw1, db1, dw2, db2, dsweight, dsbias); dx, the MLP's gradients
     (unless ``need_w``) and absent biases' gradients are empty (0,)."""
-    channels, height, width = x.shape[1:]
-    state = ChannelState.from_outputs(ca, avg, mx, carg, pool)
-    dpre = spatial_dot(dy, x, s, ca=ca)  # pass 1 over dy and x
-    dpool, dsweight, dsbias = spatial_conv_backward(dpre, stats, sweight, sbias, channels, height, width)
-    # pass 2 over dy and x, the MLP's backward in its epilogue; the MLP's weight gradients
-    gpool, wgrads = channel_gate_backward(dy, x, state, w1, b1, w2, b2, need_w, s=s, dpool=dpool, sarg=sarg)
-    dx = absent_output(x)
-    if need_dx:  # pass 3: dy -> dx
-        dx = gate_dx(dy, x, ca=ca, gpool=gpool, carg=state.arg, s=s, dpool=dpool, sarg=sarg)
-    return (dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2), dsweight,
-            absent_output(sweight) if dsbias is None else dsbias)
+    state = GateState.from_outputs(pool, channel=(ca, avg, mx, carg), spatial=(stats, sarg, s))
+    dx, wgrads, conv_grads = gate_backward(dy, x, state, mlp=(w1, b1, w2, b2), conv=(sweight, sbias),
+                                           need_dx=need_dx, need_w=need_w)
+    return (absent_output(x) if dx is None else dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2),
+            *conv_grad_outputs(conv_grads, sweight))
 
 
 _cbam_gate_backward_op = torch.library.custom_op("attnsr::cbam_gate_backward", mutates_args=())(
@@ -135,33 +118,8 @@ def _(dy, x, w1, b1, w2, b2, sweight, sbias, ca, avg, mx, carg, stats, sarg, s, 
             *fake_conv_grads(sweight, sbias))
 
 
-def _setup_context(ctx, inputs, output):
-    *tensors, pool = inputs
-    saved = output[1:]
-    ctx.mark_non_differentiable(*saved)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics (or an unused y)
-    ctx.save_for_backward(*tensors, *saved)
-    ctx.pool = pool
-
-
-def _backward(ctx, dy, *_stat_grads):
-    need = ctx.needs_input_grad[:7]
-    if dy is None:
-        return (None,) * 8
-    grads = _cbam_gate_backward_op(dy, *ctx.saved_tensors, ctx.pool, need[0], any(need[1:5]))
-    return (*(g if n else None for g, n in zip(grads, need)), None)
-
-
-_cbam_gate_op.register_autograd(_backward, setup_context=_setup_context)
-register_autocast(_cbam_gate_op, "cbam_gate")
-refuse_double_backward(_cbam_gate_backward_op, "cbam_gate")
-
-
-def _eager_backward(dy, saved, extra, need):
-    return _cbam_gate_backward(dy, *saved, *extra, need[0], any(need[1:5]))
-
-
-_EAGER = EagerOp("cbam_gate", _cbam_gate_forward, _eager_backward, _cbam_gate_op)
+_EAGER = EagerOp("cbam_gate", _cbam_gate_forward, _cbam_gate_backward, _cbam_gate_op, 7, mlp=slice(1, 5))
+register_gate_op(_EAGER, _cbam_gate_backward_op)
 _CALLS = ValidCalls()
 
 

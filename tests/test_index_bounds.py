@@ -17,8 +17,6 @@ from conftest import DEVICE
 
 from attnsr.kernels._gating import MAX_PIXELS, _chunk_end
 
-cg = importlib.import_module("attnsr.kernels.channel_gate")
-sg = importlib.import_module("attnsr.kernels.spatial_gate")
 gating = importlib.import_module("attnsr.kernels._gating")
 
 INT32_MAX = 2**31 - 1
@@ -38,13 +36,12 @@ def _chunk_probe(OUT, CHUNK, HW, NCH, N: tl.constexpr):
 def _conv_block_probe(OUT, I, ITERS, HW, NPB, N: tl.constexpr, BLOCK_P: tl.constexpr):
     """First pixel of iteration I of programs 0 .. NPB − 1 of the convolution's backward."""
     pid = tl.arange(0, N)
-    first = sg._conv_block(pid, I, ITERS, tl.cdiv(HW, BLOCK_P)) * BLOCK_P
+    first = gating._conv_block(pid, I, ITERS, tl.cdiv(HW, BLOCK_P)) * BLOCK_P
     tl.store(OUT + pid, first, mask=pid < NPB)
 
 
 def _gpu_launch_settings(monkeypatch):
-    for module in (cg, sg, gating):
-        monkeypatch.setattr(module, "interpreting", lambda: False)
+    monkeypatch.setattr(gating, "interpreting", lambda: False)
 
 
 def _map(batch, channels, hw, channels_last=False):
@@ -59,8 +56,7 @@ def test_channel_reduction_chunks_at_the_pixel_limit(batch, channels, channels_l
     _gpu_launch_settings(monkeypatch)
     hw = MAX_PIXELS
     x = _map(batch, channels, hw, channels_last)
-    block_c, block_p, _ = gating.tile_config(x)
-    chunk, nch = cg._chunking(x, block_c, block_p)
+    block_c, block_p, chunk, nch, _ = gating.pixel_reduction(x)
     n = triton.next_power_of_2(nch)
     out = torch.zeros(2 * n, dtype=torch.int64, device=DEVICE)
     _chunk_probe[(1,)](out, chunk, hw, nch, N=n)
@@ -68,8 +64,8 @@ def test_channel_reduction_chunks_at_the_pixel_limit(batch, channels, channels_l
     assert start[0] == 0 and end[-1] == hw, f"chunks cover [{start[0]}, {end[-1]}), expected [0, {hw})"
     assert torch.equal(start[1:], end[:-1]), "chunks must tile the pixels without gaps or overlaps"
     assert (end > start).all(), f"empty chunks (a wrapped bound) at {(end <= start).nonzero().flatten().tolist()}"
-    # the loop over a chunk steps by BLOCK_P up to its end: its last index stays in int32
-    assert end.max() + block_p - 1 <= INT32_MAX
+    # the loop over a chunk steps by two tiles of BLOCK_P up to its end: its last index stays in int32
+    assert end.max() + 2 * block_p - 1 <= INT32_MAX
 
 
 # k = 1 (BLOCK_P 4096) with a batch of 3 is a case whose unclamped last block passes 2^31
@@ -78,8 +74,8 @@ def test_channel_reduction_chunks_at_the_pixel_limit(batch, channels, channels_l
 def test_convolution_backward_blocks_at_the_pixel_limit(batch, k, monkeypatch):
     _gpu_launch_settings(monkeypatch)
     hw = MAX_PIXELS
-    _, block_p, _ = sg._conv_config(k)
-    iters, npb = sg.conv_programs(batch, hw, block_p)
+    _, block_p, _ = gating._conv_config(k)
+    iters, npb = gating.conv_programs(batch, hw, block_p, torch.device("cpu"))
     n_blocks = triton.cdiv(hw, block_p)
     assert npb * iters >= n_blocks, "the programs' iterations must reach every block"
     n = triton.next_power_of_2(npb)

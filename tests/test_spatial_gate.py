@@ -44,7 +44,7 @@ def test_spatial_gate_matches_reference(shape, dtype, k):
 def test_convolution_backward_loops_when_programs_are_capped(programs, monkeypatch):
     """With fewer programs than pixel blocks, each program loops over several blocks (the last one
     partly past the map): the weight, bias and x gradients are unchanged, and the partials shrink."""
-    monkeypatch.setattr(sg_module, "CONV_PROGRAMS", 2 * programs)  # batch 2: `programs` per batch element
+    monkeypatch.setattr(_gating, "CONV_PROGRAMS", 2 * programs)  # batch 2: `programs` per batch element
     sizes = []
     empty = torch.empty
 
