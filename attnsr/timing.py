@@ -248,6 +248,18 @@ def cuda_peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def cuda_kernels_per_call(fn) -> int:
+    """GPU activities (kernels, memsets, copies) one call of ``fn`` runs, counted by torch.profiler's
+    CUDA activity trace after one warm-up call (compiled kernels and cached buffers then exist):
+    what a call costs in launches, whoever makes them (Triton, ATen, Inductor, cuBLAS)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def _rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() // 1024

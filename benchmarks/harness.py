@@ -34,7 +34,7 @@ import traceback
 import torch
 
 from attnsr import timing
-from attnsr.timing import cuda_peak_mib, device_info, time_ms  # noqa: F401  (the suites use harness.*)
+from attnsr.timing import cuda_kernels_per_call, cuda_peak_mib, device_info, time_ms  # noqa: F401  (suites use harness.*)
 
 SUITES = ("attention", "gating", "networks", "window", "models", "transposed")
 FWD_BWD_FLOPS = 3.5  # forward + backward FLOPs ÷ forward FLOPs (backward = 2.5 × forward)
@@ -71,6 +71,7 @@ class Row:
     speedup: dict = dataclasses.field(default_factory=dict)  # baseline provider -> its time / ours
     memory_ratio: dict = dataclasses.field(default_factory=dict)  # baseline provider -> our peak / its peak
     note: str = None  # what a reader must know about the figures (e.g. memory measured, time not)
+    kernels: int = None  # GPU kernels and memory operations one call runs (CUDA only; torch.profiler)
 
 
 def suite_module(name: str):
@@ -199,6 +200,8 @@ def run_case(case: dict, device: torch.device, measure_memory: bool = True, cpu_
         row.gbps = bench.bytes / (row.median_ms * 1e-3) / 1e9
     if measure_memory:
         row.peak_mib = cuda_peak_mib(bench.fn) if device.type == "cuda" else cpu_peak_mib(case)
+    if device.type == "cuda" and getattr(suite_module(case["suite"]), "COUNT_KERNELS", False):
+        row.kernels = cuda_kernels_per_call(bench.fn)
     del bench
     if device.type == "cuda":
         torch.cuda.empty_cache()

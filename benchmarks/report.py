@@ -57,6 +57,7 @@ def print_table(rows, file=None) -> None:
             continue
         ratios = ", ".join([f"{v:.2f}x vs {k}" for k, v in r["speedup"].items()]
                            + [f"mem {v:.2f}x of {k}" for k, v in r.get("memory_ratio", {}).items()]
+                           + ([f"{r['kernels']} GPU kernels"] if r.get("kernels") is not None else [])
                            + ([r["note"]] if r.get("note") else []))
         print(f"  {r['provider']:<9} {_fmt(r['median_ms'], '10.3f'):>10} {_fmt(r['peak_mib'], '9.1f'):>9} "
               f"{_fmt(r['tflops'], '8.2f'):>8} {_fmt(r['gbps'], '7.1f'):>7}  {ratios}", file=file)

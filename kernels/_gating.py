@@ -967,14 +967,16 @@ def conv_programs(batch: int, hw: int, block_p: int, device: torch.device):
     return iters, triton.cdiv(hw, block_p * iters)
 
 
-def _epilogue_tiles(hidden: int, nch: int) -> dict:
+def _epilogue_tiles(hidden: int, nch: int, dtype: torch.dtype) -> dict:
     """Tiles of the MLP's forward and backward: the hidden units whole (HP), channels in blocks of
     BLOCK_K so that a [HP, BLOCK_K] weight tile holds about 2048 values, chunks in blocks of BLOCK_N
     ≤ 8. The [BLOCK_K, BLOCK_N] tile of chunk partials then holds at most 512 values (4 masked
     loads per thread): at 64 × 16 the backward spilled a predicate register (8 B of stack, sm_90,
-    triton 3.9, CBAM's 4×128×256² map in channels_last bf16, 16 chunks)."""
+    triton 3.9, CBAM's 4×128×256² map in channels_last bf16, 16 chunks). float64 takes half as
+    many channels (64 × 8 spilled 8 B under triton 3.6, CBAM on a 2×32×45² map, 16 chunks)."""
     hp = next_pow2(hidden)
-    return dict(BLOCK_K=max(1, min(64, 2048 // hp)), BLOCK_N=min(next_pow2(nch), 8), HP=hp)
+    most = 32 if dtype == torch.float64 else 64
+    return dict(BLOCK_K=max(1, min(most, 2048 // hp)), BLOCK_N=min(next_pow2(nch), 8), HP=hp)
 
 
 def _weights(w1, b1, w2, b2):
@@ -1109,7 +1111,8 @@ def _channel_statistics(x, mlp, pool: str, state: GateState, reverse: bool) -> N
             ca if state.carg is None else state.carg, ca, *_weights(w1, b1, w2, b2), counters(x.device),
             *run.strides(x), channels, hw, run.width, chunk, nch, w1.shape[0], WITH_MAX=with_max,
             HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACC=acc_dtype(x.dtype), REVERSE=reverse,
-            EVICT="evict_last", BLOCK_C=block_c, BLOCK_P=block_p, **_epilogue_tiles(w1.shape[0], nch), **launch,
+            EVICT="evict_last", BLOCK_C=block_c, BLOCK_P=block_p, **_epilogue_tiles(w1.shape[0], nch, x.dtype),
+            **launch,
         )
 
 
@@ -1260,7 +1263,7 @@ def _channel_backward(dy, x, mlp, state: GateState, need_w: bool, dpool, reverse
         *w1.stride(), *w2.stride(), 0 if b1 is None else b1.stride(0), gpool, dz, dpre, hact,
         dw1, dw1 if db1 is None else db1, dw2, dw2 if db2 is None else db2, counters(x.device),
         channels, height * width, nch, hidden, NEED_W=need_w, WITH_MAX=state.mx is not None, HAS_B1=b1 is not None,
-        HAS_B2=b2 is not None, ACC=acc_dtype(x.dtype), **_epilogue_tiles(hidden, nch),
+        HAS_B2=b2 is not None, ACC=acc_dtype(x.dtype), **_epilogue_tiles(hidden, nch, x.dtype),
         **({} if interpreting() else dict(num_warps=4)),
     )
     return gpool, wgrads
