@@ -898,7 +898,7 @@ def pixel_reduction(x: torch.Tensor, side: bool = False):
     rows = batch * triton.cdiv(channels, block_c)
     wanted = max(1, triton.cdiv(_two_waves(x.device), max(1, rows)))
     step = 2 * block_p
-    chunk = max(step, triton.cdiv(triton.cdiv(hw, wanted), step) * step)
+    chunk = max(step, triton.cdiv(hw, wanted) // step * step)  # rounded down: at least `wanted` chunks
     return block_c, block_p, chunk, triton.cdiv(hw, chunk), dict(num_warps=4)
 
 
