@@ -230,12 +230,10 @@ def _kernel_module(op: str):
 def _geometry(case: Case):
     """(head dim, tokens of a launch's sequence, batch × heads, patch the kernels address) of an
     attention or window case: patches run packed into sequences (``attnsr.kernels.pack``), so p = 1."""
-    from attnsr.kernels.attention import _packs
-
     s = case.shape
     if case.op == "attention":
         b, c, h, w, heads, p = s
-        return c // heads * p * p, (h // p) * (w // p), b * heads, 1 if _packs("map", p) else p
+        return c // heads * p * p, (h // p) * (w // p), b * heads, 1
     b, h, w, c, heads, window, _ = s
     return c // heads, window * window, 0, 1
 

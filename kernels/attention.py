@@ -43,8 +43,10 @@ launchers pass TW = 1 and s_r0 = s_r1, so row(n) = n·s_r0 needs no division.
 
 Patches are packed. A p×p patch token's features are p-wide runs one image row apart, so reading
 them in place gathers a few bytes per load for every key block of every query block (O(N²·D)
-bytes; no 128-bit loads in any patch kernel on sm_90). Calls with p > 1 (``_packs``, decided
-once per call signature) instead copy q, k and v into one unit-stride (3, B, heads, N, D) buffer
+bytes; no 128-bit loads in any patch kernel on sm_90). Calls with p > 1, and pixel maps whose
+strides are not 16-divisible (a 45×45 NCHW map: Triton then loads nothing 16 bytes at a time, and
+the kernels spilled), (``_packs``, decided once per call signature) instead copy q, k and v into
+one unit-stride (3, B, heads, N, D) buffer
 (``pack.py``: one launch, O(N·D) bytes, rows zero-padded to a multiple of 16 elements, the head
 dim the kernels then run with), run the sequence path, and
 write the output back into the map's layout (one launch); the backward packs dO (one launch),
@@ -1219,11 +1221,24 @@ def _geometry(q: torch.Tensor, k: torch.Tensor, kind: str, heads: int, patch: in
     return _Tokens("map", heads, patch, w), n, n, c // heads * patch * patch
 
 
-def _packs(kind: str, patch: int) -> bool:
+def _aligned(t: torch.Tensor) -> bool:
+    """Whether Triton sees map ``t``'s strides as 16-divisible: every stride the kernels take (batch,
+    channel and token strides; the row stride only where the pixels are not one run) is 1, 0 or a
+    multiple of 16 elements. Triton specialises integer arguments on that divisibility, and only
+    then can a kernel load 16 bytes at a time from a map; on a map like a 45×45 NCHW one (channel
+    stride 2025) every load is scalar, and the sm_90 compile of the attention kernels spilled
+    (fp32 and bf16 at head dims 64 and 128, 8 to 904 B)."""
+    sb, sc, sh, sw = t.stride()
+    flat = sh == t.shape[-1] * sw
+    return all(s <= 1 or s % 16 == 0 for s in ((sb, sc, sw) if flat else (sb, sc, sh, sw)))
+
+
+def _packs(kind: str, patch: int, *maps: torch.Tensor) -> bool:
     """Whether a call runs its kernels on packed sequences (``pack.py``): the patches (p > 1) of
-    maps, whose features are p-wide runs one image row apart. Pixels (p = 1) are read in place:
-    their features are one stride apart (unit stride in channels_last), and their tokens adjacent."""
-    return kind == "map" and patch > 1
+    maps, whose features are p-wide runs one image row apart, and pixel maps whose strides are not
+    16-divisible (``_aligned``). Other pixels (p = 1) are read in place: their features are one
+    stride apart (unit stride in channels_last), and their tokens adjacent."""
+    return kind == "map" and (patch > 1 or not all(_aligned(t) for t in maps))
 
 
 def _packed_forward(q, k, v, layout: "_Tokens", n_q: int, n_kv: int, head_dim: int, scale: float, precision,
@@ -1257,7 +1272,7 @@ def _attention_op(
     precision: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
-    if _packs(kind, patch):
+    if _packs(kind, patch, q, k, v):
         return _packed_forward(q, k, v, layout, n_q, n_kv, head_dim, scale, precision, None)[:2]
     return attention_forward(q, k, v, layout, n_q, n_kv, head_dim, scale, precision)
 
@@ -1276,7 +1291,7 @@ def _attention_backward_op(
     kind: str, heads: int, patch: int, scale: float, precision: str, need_dq: bool, need_dkdv: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout, n_q, n_kv, head_dim = _geometry(q, k, kind, heads, patch)
-    if _packs(kind, patch):  # the op saves maps: q, k, v packed again (one launch), out with dO (one)
+    if _packs(kind, patch, q, k, v):  # the op saves maps: q, k, v packed again (one launch), out with dO (one)
         dq = layout.empty_like(q) if need_dq else q.new_empty((0,))
         dk, dv = (layout.empty_like(k), layout.empty_like(v)) if need_dkdv else (q.new_empty((0,)), q.new_empty((0,)))
         qs, ks, vs = pack((q, k, v), layout, n_q, head_dim)
@@ -1326,10 +1341,10 @@ class _Call:
 
     __slots__ = ("head_dim", "heads", "kind", "layout", "n_kv", "n_q", "packed", "patch", "plans", "scale")
 
-    def __init__(self, q, k, kind: str, heads: int, patch: int, scale: float):
+    def __init__(self, q, k, v, kind: str, heads: int, patch: int, scale: float):
         self.kind, self.heads, self.patch, self.scale = kind, heads, patch, scale
         self.layout, self.n_q, self.n_kv, self.head_dim = _geometry(q, k, kind, heads, patch)
-        self.packed = _packs(kind, patch)  # run on packed sequences (``_packed_forward``)
+        self.packed = _packs(kind, patch, q, k, v)  # run on packed sequences (``_packed_forward``)
         self.plans = {}
 
 
@@ -1483,7 +1498,7 @@ def flash_attention(q, k, v, *, scale=None, precision=None):
     check_precision(op, precision)
     check_runnable(op, q.device)
     _check_grid(op, batch, heads, n_q, n_kv)
-    call = _Call(q, k, "seq", heads, 1, scale)
+    call = _Call(q, k, v, "seq", heads, 1, scale)
     _CALLS.remember(sig, call)
     return _attention(q, k, v, call, precision)
 
@@ -1556,6 +1571,6 @@ def _image_attention(q, k, v, heads, patch_size, scale, precision, packed):
     check_runnable(op, q.device)
     tokens = (height // patch_size) * (width // patch_size)
     _check_grid(op, batch, heads, tokens, tokens)
-    call = _Call(q, k, "map", heads, patch_size, scale)
+    call = _Call(q, k, v, "map", heads, patch_size, scale)
     _CALLS.remember(sig, call)
     return _attention(q, k, v, call, precision, packed)
