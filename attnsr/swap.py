@@ -25,6 +25,12 @@ reproduce is left untouched. Recognised:
 - Restormer's transposed (channel) attention ``Attention`` (MDTA): int ``num_heads``, a
   ``temperature`` (heads, 1, 1), ``qkv`` 1×1 Conv2d C → 3C, ``qkv_dwconv`` depthwise 3×3 on 3C,
   ``project_out`` 1×1 Conv2d C → C, nothing else with parameters -> :class:`~attnsr.layers.TransposedAttention`;
+  DAT's ``Adaptive_Channel_Attention`` (the same attention on a Linear qkv projection, a convolution
+  branch and the adaptive interaction) -> :class:`~attnsr.layers.AdaptiveTransposedAttention`;
+- the rectangle-window attention of RGT (``L_SA``) and DAT (``Adaptive_Spatial_Attention``): two
+  halves of the channels in Wh×Ww and Ww×Wh windows, a dynamic position bias MLP each, zero padding
+  without a mask, shifted or not -> :class:`~attnsr.windows.RectWindowAttention`,
+  :class:`~attnsr.windows.AdaptiveRectWindowAttention`;
 - attnsr's own layers: switched to the requested backend.
 
 What looks like attention but is left (a variant not fused, a look-alike computing something
@@ -420,7 +426,9 @@ def _rect_half(attn, dim: int, window) -> bool:
     wh, ww = window
     if not _fusable_attention(attn, wh, ww, False):
         return False
-    if getattr(attn, "position_bias", None) is False:
+    if not isinstance(getattr(attn, "position_bias", None), bool):
+        return False
+    if not attn.position_bias:
         return _param_count(attn) == 0
     biases, pos = getattr(attn, "rpe_biases", None), getattr(attn, "pos", None)
     if not (isinstance(pos, nn.Module) and isinstance(biases, torch.Tensor) and is_standard_index(
