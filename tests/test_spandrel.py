@@ -207,6 +207,25 @@ def test_a_rectangle_window_mask_buffer_other_than_swins_is_applied_as_it_is():
         attnsr.RectWindowAttention(96, 2)
 
 
+def test_rectangle_window_look_alikes_are_left():
+    """RGT's L_SA with a forward that computes something else (the same children and buffers), and
+    one with attention dropout (not fused): neither is swapped, and both are listed."""
+    from spandrel.architectures.RGT.__arch.rgt import L_SA
+
+    class Residual(L_SA):
+        def forward(self, x, H, W):
+            return super().forward(x, H, W) + x
+
+    model = _build("RGT", torch.float64)
+    model.layers[0].blocks[0].attn.__class__ = Residual
+    model.layers[0].blocks[2].attn.attns[1].attn_drop.p = 0.1
+    attnsr.swap_attention(model, backend="torch")
+    assert model.attnsr_swapped == [], model.attnsr_swapped
+    reasons = {name: why for name, _, why in model.attnsr_left}
+    assert reasons["layers.0.blocks.0.attn"] == "looks like RectWindowAttention but computes something else", reasons
+    assert reasons["layers.0.blocks.2.attn.attns.1"].startswith("attention-like (a softmax in its forward)"), reasons
+
+
 def _se_forms():
     """Squeeze-excitation modules as torchvision and timm ship them (both need torchvision)."""
     from torchvision.ops import SqueezeExcitation
