@@ -415,8 +415,8 @@ def _int_pair(value):
 def _rect_half(attn, dim: int, window) -> bool:
     """One half of a rectangle-window attention (DAT's ``Spatial_Attention``, RGT's ``WindowAttention``):
     int ``dim`` and ``num_heads`` dividing it, float ``scale``, window ``H_sp`` × ``W_sp``, attention
-    dropout 0, and with ``position_bias`` a position MLP ``pos`` (its only parameters), the buffer
-    ``rpe_biases`` of the (2Wh−1)(2Ww−1) offsets (dy, dx) and Swin's index; forward(qkv, H, W, mask)."""
+    dropout 0, a bool ``position_bias`` and with it a position MLP ``pos`` (its only parameters) over
+    the buffer ``rpe_biases`` ((2Wh−1)(2Ww−1) rows) and Swin's index; forward(qkv, H, W, mask)."""
     heads = getattr(attn, "num_heads", None)
     if getattr(attn, "dim", None) != dim or not isinstance(heads, int) or heads < 1 or dim % heads:
         return False
@@ -607,9 +607,9 @@ def _looks_like_attention(module: nn.Module) -> str | None:
         return (f"a squeeze-excitation channel attention with {type(acts[0]).__name__} and {type(acts[1]).__name__} "
                 "(the fused gate computes ReLU then sigmoid): not fused")
     if pooled_mlp and len(acts) == 1 and len(norms) == 1:
-        return (f"a channel map without a gate (average pool, 1×1 layers C → h → C with {type(norms[0]).__name__} and "
-                f"{type(acts[0]).__name__} between them, no sigmoid: the form of DAT's adaptive interaction, whose "
-                "sigmoid the module around it takes): not fused")
+        return (f"a channel map without a gate (average pool, two 1×1 layers C → h → C, a {type(norms[0]).__name__} "
+                f"and a {type(acts[0]).__name__}, no sigmoid: the form of DAT's adaptive interaction, whose sigmoid "
+                "the module around it takes): not fused")
     rg_sa = _recursive_generalization_reason(module)
     if rg_sa is not None:
         return rg_sa

@@ -352,14 +352,21 @@ def test_a_training_resolution_that_is_not_whole_windows_does_not_stop_the_swap(
 
 def test_channel_gates_in_other_forms_are_named():
     """NAFNet's simplified channel attention (pool, one 1×1 conv, no sigmoid, the product taken by its
-    block) and an SE gate with GELU (MixDehazeNet's) are listed with what they are, not passed over."""
+    block), an SE gate with GELU (MixDehazeNet's) and DAT's interaction channel map (BatchNorm and GELU,
+    no sigmoid) are listed with what they are, not passed over."""
     c = 8
     sca = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, c, 1))
     se_gelu = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, 2, 1), torch.nn.GELU(),
                                   torch.nn.Conv2d(2, c, 1), torch.nn.Sigmoid())
-    model = torch.nn.Sequential(torch.nn.ModuleDict({"sca": sca}), torch.nn.ModuleDict({"se": se_gelu}))
+    # DAT's interaction channel map: BatchNorm and GELU between the layers, its sigmoid taken outside
+    aim = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, 2, 1), torch.nn.BatchNorm2d(2),
+                              torch.nn.GELU(), torch.nn.Conv2d(2, c, 1))
+    model = torch.nn.Sequential(torch.nn.ModuleDict({"sca": sca}), torch.nn.ModuleDict({"se": se_gelu}),
+                                torch.nn.ModuleDict({"aim": aim}))
     attnsr.swap_attention(model, backend="torch")
     assert model.attnsr_swapped == []
     reasons = {name: why for name, _, why in model.attnsr_left}
     assert reasons["0.sca"].startswith("simplified channel attention (NAFNet's SCA"), reasons
     assert reasons["1.se"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid"), reasons
+    assert reasons["2.aim"].startswith("a channel map without a gate (average pool, two 1×1 layers C → h → C, a "
+                                       "BatchNorm2d and a GELU, no sigmoid"), reasons
