@@ -17,6 +17,11 @@ settings (``dim``, ``num_heads``, ...) they adopt: the state_dict keys, the Para
 their flags stay the model's (its methods, such as SwinIR's ``flops``, do not carry over). :class:`SwinV2Block`
 is Swin2SR's post-norm block.
 
+:class:`RectWindowAttention` (RGT's ``L_SA``) and :class:`AdaptiveRectWindowAttention` (DAT's
+``Adaptive_Spatial_Attention``) are rectangle-window attentions: half of the channels in Wh×Ww
+windows, half in Ww×Wh, each half with its dynamic position bias, on a map zero-padded to whole
+windows, shifted or not; the fused window op runs each half.
+
 Attention dropout is not fused: these layers exist only with ``attn_drop`` = 0 (SwinIR's, HAT's
 and DRCT's default); output dropout (``proj_drop``) and stochastic depth are kept as modules.
 """
