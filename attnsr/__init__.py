@@ -6,10 +6,20 @@ first import to run the triton backend in Triton's (slow) CPU interpreter.
 """
 
 from attnsr import models
-from attnsr.layers import CBAM, ChannelAttention, LayerAttention, SelfAttention2d, SpatialAttention, TransposedAttention
+from attnsr.layers import (
+    CBAM,
+    AdaptiveTransposedAttention,
+    ChannelAttention,
+    LayerAttention,
+    SelfAttention2d,
+    SpatialAttention,
+    TransposedAttention,
+)
 from attnsr.swap import swap_attention
 from attnsr.windows import (
+    AdaptiveRectWindowAttention,
     HybridAttentionBlock,
+    RectWindowAttention,
     SwinBlock,
     SwinV2Block,
     WindowAttention,
@@ -23,9 +33,12 @@ from attnsr.windows import (
 
 __all__ = [
     "CBAM",
+    "AdaptiveRectWindowAttention",
+    "AdaptiveTransposedAttention",
     "ChannelAttention",
     "HybridAttentionBlock",
     "LayerAttention",
+    "RectWindowAttention",
     "SelfAttention2d",
     "SpatialAttention",
     "SwinBlock",

@@ -49,6 +49,19 @@ class _AttnsrLayer(nn.Module):
             state_dict[prefix + ours] = torch.cat([state_dict.pop(k) for k in keys], dim=0).reshape(target.shape)
 
 
+def adopt(layer: nn.Module, module: nn.Module) -> nn.Module:
+    """Give ``layer`` the children, parameters and buffers of ``module`` (the same objects, under
+    the same names: state_dict keys, optimizers and ``requires_grad`` flags carry over) and its mode."""
+    for store in ("_modules", "_parameters", "_buffers"):
+        getattr(layer, store).update(getattr(module, store))
+    layer._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
+    layer.training = module.training
+    for name, value in vars(module).items():  # plain settings (dim, num_heads, mlp_ratio, ...) it lacks
+        if not name.startswith("_") and name not in vars(layer) and isinstance(value, (bool, int, float, str, tuple)):
+            object.__setattr__(layer, name, value)
+    return layer
+
+
 class SelfAttention2d(_AttnsrLayer):
     """The inpainting document's self-attention block, with q, k, v from one fused convolution.
 
@@ -317,6 +330,59 @@ class TransposedAttention(_AttnsrLayer):
         qkv = self.qkv_dwconv(self.qkv(x))
         out = backends.transposed_attention_qkv(qkv, self.temperature, heads=self.num_heads, backend=self.backend)
         return self.project_out(out)
+
+    def extra_repr(self):
+        return f"{self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"
+
+
+def adaptive_interaction(attended, conv, attended_gate, conv_gate):
+    """DAT's adaptive interaction (AIM) of two (B, C, H, W) branches: each is multiplied by the
+    sigmoid of a map the other branch's module computes from it (``attended_gate(conv)`` gates the
+    attention branch, ``conv_gate(attended)`` the convolution branch: one a channel map (B, C, 1, 1),
+    the other a spatial map (B, 1, H, W)), and the two are summed -> (B, C, H, W)."""
+    return attended * torch.sigmoid(attended_gate(conv)) + conv * torch.sigmoid(conv_gate(attended))
+
+
+class AdaptiveTransposedAttention(_AttnsrLayer):
+    """DAT's adaptive channel self-attention (``Adaptive_Channel_Attention``), ``forward(x, H, W)``
+    on a (B, H·W, C) sequence -> (B, H·W, C).
+
+    q, k, v from one Linear C → 3C (``qkv``); per head (``num_heads``, d = C / num_heads channels)
+    the transposed attention softmax(τ · q̂ k̂ᵀ) v of :class:`TransposedAttention` (q̂, k̂: each
+    channel L2-normalised over the H·W tokens; τ the learned ``temperature`` (num_heads, 1, 1)),
+    fused on the triton backend (kernels.transposed_attention: the qkv projection read in place as a
+    (B, 3C, H, W) map with channels innermost, no copy). Beside it a convolution branch ``dwconv``
+    (a depthwise 3×3 conv, BatchNorm, GELU) of the values as a (B, C, H, W) map; the adaptive
+    interaction (AIM, :func:`adaptive_interaction`) gates the attention branch by
+    sigmoid(``spatial_interaction``(conv branch)) and the conv branch by
+    sigmoid(``channel_interaction``(attention branch)); their sum goes through ``proj``. The
+    convolutions and the AIM run in PyTorch. Attention dropout is not fused (``attn_drop`` must be 0).
+
+    Built by :func:`attnsr.swap_attention` from the module, whose children and temperature it adopts
+    (the same Parameter objects and state_dict keys).
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("AdaptiveTransposedAttention is built from DAT's Adaptive_Channel_Attention: "
+                        "AdaptiveTransposedAttention.from_module(module)")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto") -> "AdaptiveTransposedAttention":
+        layer = cls._blank(backend)
+        layer.dim = module.qkv.in_features
+        return adopt(layer, module)
+
+    def forward(self, x, H, W):
+        b, length, c = x.shape
+        if length != H * W or c != self.dim:
+            raise ValueError(f"{type(self).__name__}: x is {tuple(x.shape)} with H, W = {H}, {W}; expected "
+                             f"(B, H·W, C) = (B, {H * W}, {self.dim})")
+        qkv = self.qkv(x).view(b, H, W, 3 * c).permute(0, 3, 1, 2)  # (B, 3C, H, W), channels innermost
+        attended = backends.transposed_attention_qkv(qkv, self.temperature, heads=self.num_heads,
+                                                     backend=self.backend)
+        conv = self.dwconv(qkv[:, 2 * c:])
+        y = adaptive_interaction(attended, conv, self.spatial_interaction, self.channel_interaction)
+        return self.proj_drop(self.proj(y.permute(0, 2, 3, 1).reshape(b, length, c)))
 
     def extra_repr(self):
         return f"{self.dim}, num_heads={self.num_heads}, backend={self.backend!r}"

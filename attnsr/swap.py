@@ -25,6 +25,12 @@ reproduce is left untouched. Recognised:
 - Restormer's transposed (channel) attention ``Attention`` (MDTA): int ``num_heads``, a
   ``temperature`` (heads, 1, 1), ``qkv`` 1×1 Conv2d C → 3C, ``qkv_dwconv`` depthwise 3×3 on 3C,
   ``project_out`` 1×1 Conv2d C → C, nothing else with parameters -> :class:`~attnsr.layers.TransposedAttention`;
+  DAT's ``Adaptive_Channel_Attention`` (the same attention on a Linear qkv projection, a convolution
+  branch and the adaptive interaction) -> :class:`~attnsr.layers.AdaptiveTransposedAttention`;
+- the rectangle-window attention of RGT (``L_SA``) and DAT (``Adaptive_Spatial_Attention``): two
+  halves of the channels in Wh×Ww and Ww×Wh windows, a dynamic position bias MLP each, zero padding
+  without a mask, shifted or not -> :class:`~attnsr.windows.RectWindowAttention`,
+  :class:`~attnsr.windows.AdaptiveRectWindowAttention`;
 - attnsr's own layers: switched to the requested backend.
 
 What looks like attention but is left (a variant not fused, a look-alike computing something
@@ -48,9 +54,18 @@ import torch
 from torch import nn
 
 from attnsr.backends import check_backend
-from attnsr.layers import ChannelAttention, SelfAttention2d, TransposedAttention, _AttnsrLayer, _mlp_dims
+from attnsr.layers import (
+    AdaptiveTransposedAttention,
+    ChannelAttention,
+    SelfAttention2d,
+    TransposedAttention,
+    _AttnsrLayer,
+    _mlp_dims,
+)
 from attnsr.windows import (
+    AdaptiveRectWindowAttention,
     HybridAttentionBlock,
+    RectWindowAttention,
     SwinBlock,
     SwinV2Block,
     WindowAttention,
@@ -194,10 +209,15 @@ def _linear(layer, n_in: int, n_out: int) -> bool:
     return isinstance(layer, nn.Linear) and (layer.in_features, layer.out_features) == (n_in, n_out)
 
 
+def _no_attention_dropout(module: nn.Module) -> bool:
+    """No ``attn_drop``, or an nn.Dropout with p = 0 (attention dropout is not fused)."""
+    drop = getattr(module, "attn_drop", None)
+    return drop is None or (isinstance(drop, nn.Dropout) and drop.p == 0)
+
+
 def _fusable_attention(module: nn.Module, wh: int, ww: int, index_required: bool) -> bool:
     """No dropout of the attention probabilities, and Swin's relative position index if it keeps one."""
-    drop = getattr(module, "attn_drop", None)
-    if drop is not None and not (isinstance(drop, nn.Dropout) and drop.p == 0):
+    if not _no_attention_dropout(module):
         return False
     index = getattr(module, "relative_position_index", None)
     if index is None:
@@ -381,6 +401,96 @@ def _as_transposed_attention(module: nn.Module, backend: str):
     return TransposedAttention.from_module(module, backend=backend)
 
 
+_RECT_PARTS = {RectWindowAttention: {"qkv", "proj", "proj_drop", "attns", "get_v"},  # RGT's L_SA
+               AdaptiveRectWindowAttention: {"qkv", "proj", "proj_drop", "attns", "dwconv", "channel_interaction",
+                                             "spatial_interaction"}}  # DAT's Adaptive_Spatial_Attention
+
+
+def _int_pair(value):
+    """A split or shift size given as two ints (a list or a tuple), else None."""
+    pair = tuple(value) if isinstance(value, (list, tuple)) else ()
+    return pair if len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair) else None
+
+
+def _rect_half(attn, dim: int, window) -> bool:
+    """One half of a rectangle-window attention (DAT's ``Spatial_Attention``, RGT's ``WindowAttention``):
+    int ``dim`` and ``num_heads`` dividing it, float ``scale``, window ``H_sp`` × ``W_sp``, attention
+    dropout 0, a bool ``position_bias`` and with it a position MLP ``pos`` (its only parameters) over
+    the buffer ``rpe_biases`` ((2Wh−1)(2Ww−1) rows) and Swin's index; forward(qkv, H, W, mask)."""
+    heads = getattr(attn, "num_heads", None)
+    if getattr(attn, "dim", None) != dim or not isinstance(heads, int) or heads < 1 or dim % heads:
+        return False
+    if (getattr(attn, "H_sp", None), getattr(attn, "W_sp", None)) != window or not isinstance(
+            getattr(attn, "scale", None), float) or _forward_arity(attn) != 4:
+        return False
+    wh, ww = window
+    if not _fusable_attention(attn, wh, ww, False):
+        return False
+    if not isinstance(getattr(attn, "position_bias", None), bool):
+        return False
+    if not attn.position_bias:
+        return _param_count(attn) == 0
+    biases, pos = getattr(attn, "rpe_biases", None), getattr(attn, "pos", None)
+    if not (isinstance(pos, nn.Module) and isinstance(biases, torch.Tensor) and is_standard_index(
+            getattr(attn, "relative_position_index", None), window)):
+        return False
+    # the MLP's row r is the bias of Swin's offset r (the index is Swin's), whatever rpe_biases holds
+    return biases.dim() == 2 and biases.shape[0] == (2 * wh - 1) * (2 * ww - 1) and \
+        _param_count(attn) == _param_count(pos)
+
+
+def _as_rect_window_attention(module: nn.Module, backend: str):
+    """DAT's ``Adaptive_Spatial_Attention`` and RGT's ``L_SA``: int ``dim`` (even) and ``num_heads``,
+    ``split_size`` (Wh, Ww) and ``shift_size`` (sh, sw) below it, int ``patches_resolution``, ``qkv``
+    Linear C → 3C, ``proj`` Linear C → C, ``attns`` two halves on C/2 channels in Wh×Ww and Ww×Wh
+    windows (``_rect_half``), the buffers ``attn_mask_0`` and ``attn_mask_1`` (both None: not
+    shifted), and the convolution branch (RGT: ``get_v``; DAT: ``dwconv`` and the interaction maps),
+    nothing else; forward(x, H, W). The float64 probe checks the function, padding and shift included."""
+    dim, heads, resolution = (getattr(module, a, None) for a in ("dim", "num_heads", "patches_resolution"))
+    split, shift = _int_pair(getattr(module, "split_size", None)), _int_pair(getattr(module, "shift_size", None))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (dim, heads, resolution)):
+        return None
+    if split is None or shift is None or dim % 2 or not all(0 < s and 0 <= t < s for s, t in zip(split, shift)):
+        return None
+    cls = next((c for c, parts in _RECT_PARTS.items() if set(dict(module.named_children())) == parts), None)
+    attns = getattr(module, "attns", None)
+    if cls is None or not (isinstance(attns, nn.ModuleList) and len(attns) == 2) or _forward_arity(module) != 3:
+        return None
+    if not (_linear(module.qkv, dim, 3 * dim) and _linear(module.proj, dim, dim)):
+        return None
+    if not (_rect_half(attns[0], dim // 2, split) and _rect_half(attns[1], dim // 2, split[::-1])):
+        return None
+    masks = [module._buffers.get(f"attn_mask_{i}", 0) for i in (0, 1)]
+    if not (all(m is None for m in masks) or all(isinstance(m, torch.Tensor) for m in masks)):
+        return None
+    if _param_count(module) != sum(_param_count(m) for m in module.children()):
+        return None
+    return cls.from_module(module, backend=backend)
+
+
+def _as_adaptive_transposed_attention(module: nn.Module, backend: str):
+    """DAT's ``Adaptive_Channel_Attention``: int ``num_heads``, Parameter ``temperature`` (heads, 1, 1),
+    ``qkv`` Linear C → 3C, ``proj`` Linear C → C, attention dropout 0, the children ``proj_drop``,
+    ``dwconv``, ``channel_interaction`` and ``spatial_interaction`` and nothing else, nothing else
+    with parameters; forward(x, H, W). The float64 probe checks the function."""
+    heads, temperature = getattr(module, "num_heads", None), getattr(module, "temperature", None)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        return None
+    if not (isinstance(temperature, nn.Parameter) and temperature.shape == (heads, 1, 1)):
+        return None
+    parts = {"qkv", "attn_drop", "proj", "proj_drop", "dwconv", "channel_interaction", "spatial_interaction"}
+    if set(dict(module.named_children())) != parts or _forward_arity(module) != 3:
+        return None
+    dim = module.proj.in_features if isinstance(module.proj, nn.Linear) else 0
+    if not (dim and not dim % heads and _linear(module.qkv, dim, 3 * dim) and _linear(module.proj, dim, dim)):
+        return None
+    if not _no_attention_dropout(module):
+        return None
+    if _param_count(module) != heads + sum(_param_count(m) for m in module.children()):
+        return None
+    return AdaptiveTransposedAttention.from_module(module, backend=backend)
+
+
 def _probe(shape, seed=0):
     return torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
@@ -389,6 +499,15 @@ def _probe_call(new: nn.Module):
     """A function running a module on float64 CPU inputs that exercise what ``new`` replaces it with."""
     if isinstance(new, SelfAttention2d):
         return lambda m: m(_probe((2, new.in_channels, 6, 5)))
+    if isinstance(new, AdaptiveTransposedAttention):
+        return lambda m: m(_probe((2, 30, new.dim)), 6, 5)
+    if isinstance(new, RectWindowAttention):
+        # a map padded to whole windows and not at the training resolution (Swin's mask when
+        # shifted), and the training resolution less a row (the layer's own mask buffers)
+        side, res, c = max(new.split_size), new.patches_resolution, new.dim
+        sizes = [(2, side + 1, 3 * side - 1)] + ([(1, res - (side > 1), res)] if not res % side else [])
+        probes = [(_probe((b, h * w, c), i), h, w) for i, (b, h, w) in enumerate(sizes)]
+        return lambda m: torch.cat([m(*args).flatten() for args in probes])
     if isinstance(new, TransposedAttention):
         return lambda m: m(_probe((2, new.dim, 6, 5)))
     if isinstance(new, ChannelAttention):
@@ -449,8 +568,26 @@ def _same_function(old: nn.Module, new: nn.Module) -> bool:
 
 
 _BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_map_window_attention,
-             _as_split_window_attention, _as_v2_map_window_attention, _as_transposed_attention, _as_self_attention,
-             _as_channel_attention)
+             _as_split_window_attention, _as_v2_map_window_attention, _as_rect_window_attention,
+             _as_transposed_attention, _as_adaptive_transposed_attention, _as_self_attention, _as_channel_attention)
+
+# What a swapped layer runs in PyTorch around its fused attention and looks like attention itself:
+# DAT's adaptive interaction maps, (child, the branch it reads, the branch its sigmoid gates).
+_UNFUSED_PARTS = {
+    AdaptiveRectWindowAttention: (("channel_interaction", "convolution", "attention"),
+                                  ("spatial_interaction", "attention", "convolution")),
+    AdaptiveTransposedAttention: (("channel_interaction", "attention", "convolution"),
+                                  ("spatial_interaction", "convolution", "attention")),
+}
+
+
+def _interaction_reason(name: str, part: nn.Module, source: str, target: str) -> str:
+    """Why a swapped DAT layer's interaction map ``name`` (``channel_interaction`` or
+    ``spatial_interaction``) is listed in ``attnsr_left``."""
+    layers = ", ".join(type(m).__name__ for m in part.children()) or type(part).__name__
+    return (f"DAT's adaptive interaction (AIM) {name.split('_')[0]} map of the {source} branch ({layers}), its "
+            f"sigmoid gating the {target} branch: computed by PyTorch around the fused attention (the fused gates "
+            "gate their own input through a ReLU MLP without normalisation)")
 
 
 def _looks_like_attention(module: nn.Module) -> str | None:
@@ -460,12 +597,26 @@ def _looks_like_attention(module: nn.Module) -> str | None:
             return None  # the logit scale and position bias applied inside an attention: not one itself
         return "a Swin V2 window attention this version does not fuse (structure or function differs)"
     parts = [m for _, m in _channel_parts(module)]
-    mlps, acts = [m for m in parts if _mlp_layer(m) is not None], [m for m in parts if _mlp_layer(m) is None
-                                                                     and not _is_global_avg_pool(m)]
-    if len(mlps) == 2 and len(acts) == 2 and any(_is_global_avg_pool(m) for m in parts) and \
-            _mlp_layer(mlps[0]) == _mlp_layer(mlps[1])[::-1]:
+    mlps = [m for m in parts if _mlp_layer(m) is not None]
+    norms = [m for m in parts if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    acts = [m for m in parts if _mlp_layer(m) is None and not _is_global_avg_pool(m)
+            and not isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    pooled_mlp = len(mlps) == 2 and any(_is_global_avg_pool(m) for m in parts) and \
+        _mlp_layer(mlps[0]) == _mlp_layer(mlps[1])[::-1]
+    if pooled_mlp and len(acts) == 2 and not norms:
         return (f"a squeeze-excitation channel attention with {type(acts[0]).__name__} and {type(acts[1]).__name__} "
                 "(the fused gate computes ReLU then sigmoid): not fused")
+    if pooled_mlp and len(acts) == 1 and len(norms) == 1:
+        return (f"a channel map without a gate (average pool, two 1×1 layers C → h → C, a {type(norms[0]).__name__} "
+                f"and a {type(acts[0]).__name__}, no sigmoid: the form of DAT's adaptive interaction, whose sigmoid "
+                "the module around it takes): not fused")
+    rg_sa = _recursive_generalization_reason(module)
+    if rg_sa is not None:
+        return rg_sa
+    if _is_feed_forward_gate(module):
+        return ("a feed-forward's spatial gate (a LayerNorm and a depthwise convolution, forward(x, H, W): DAT's "
+                "SpatialGate, RGT's Gate, which multiply half of the channels by the other half normalised and "
+                "convolved): no attention weights (no softmax, no sigmoid), left to PyTorch")
     children = list(module.children())
     if len(children) == 2 and _is_global_avg_pool(children[0]) and _mlp_layer(children[1]) is not None and \
             isinstance(module, nn.Sequential) and _mlp_layer(children[1])[0] == _mlp_layer(children[1])[1]:
@@ -494,6 +645,34 @@ def _looks_like_attention(module: nn.Module) -> str | None:
         return (f"attention-like (a softmax in its forward) in a form this version does not recognise "
                 f"({type(module).__name__}): not fused")
     return None
+
+
+def _recursive_generalization_reason(module: nn.Module) -> str | None:
+    """Why RGT's RG-SA (``q``, ``k``, ``v`` Linear layers, a strided ``reduction1`` conv, a ``cpe``
+    conv) is left, or None for another module."""
+    q, k, v = (getattr(module, a, None) for a in ("q", "k", "v"))
+    heads = getattr(module, "num_heads", None)
+    if not (all(isinstance(m, nn.Linear) for m in (q, k, v)) and isinstance(getattr(module, "reduction1", None),
+                                                                            nn.Conv2d)
+            and isinstance(getattr(module, "cpe", None), nn.Conv2d) and isinstance(heads, int) and heads > 0):
+        return None
+    why = ("recursive-generalization self-attention (RGT's RG-SA: every token attends to the map recursively "
+           "down-sampled by a strided depthwise conv, a conv position encoding added to the values)")
+    dk, dv = k.out_features // heads, v.out_features // heads
+    if dk != dv:
+        return (f"{why}: keys of {dk} channels per head but values of {dv}, and the fused attention takes one head "
+                "dim for both: not fused")
+    return f"{why}: not fused in this version"
+
+
+def _is_feed_forward_gate(module: nn.Module) -> bool:
+    """DAT's SpatialGate and RGT's Gate: the children ``norm`` (LayerNorm) and ``conv`` (a depthwise
+    Conv2d) and nothing else, forward(x, H, W)."""
+    children = dict(module.named_children())
+    conv = children.get("conv")
+    return (set(children) == {"norm", "conv"} and isinstance(children["norm"], nn.LayerNorm)
+            and isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels
+            and _forward_arity(module) == 3)
 
 
 def _softmax_in_forward(module: nn.Module) -> bool:
@@ -570,3 +749,6 @@ def _swap_children(module: nn.Module, prefix: str, backend: str, report: list, l
         if isinstance(new, SwinBlock):  # the window attention inside it, then its other children
             report.append((f"{qualified}.attn", type(child.attn).__name__, type(new.attn).__name__))
             _swap_children(new, qualified + ".", backend, report, left, skip=("attn",))
+        for part, source, target in _UNFUSED_PARTS.get(type(new), ()):
+            child = getattr(new, part)
+            left.append((f"{qualified}.{part}", type(child).__name__, _interaction_reason(part, child, source, target)))

@@ -17,6 +17,11 @@ settings (``dim``, ``num_heads``, ...) they adopt: the state_dict keys, the Para
 their flags stay the model's (its methods, such as SwinIR's ``flops``, do not carry over). :class:`SwinV2Block`
 is Swin2SR's post-norm block.
 
+:class:`RectWindowAttention` (RGT's ``L_SA``) and :class:`AdaptiveRectWindowAttention` (DAT's
+``Adaptive_Spatial_Attention``) are rectangle-window attentions: half of the channels in Wh×Ww
+windows, half in Ww×Wh, each half with its dynamic position bias, on a map zero-padded to whole
+windows, shifted or not; the fused window op runs each half.
+
 Attention dropout is not fused: these layers exist only with ``attn_drop`` = 0 (SwinIR's, HAT's
 and DRCT's default); output dropout (``proj_drop``) and stochastic depth are kept as modules.
 """
@@ -28,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attnsr import backends
-from attnsr.layers import _AttnsrLayer
+from attnsr.layers import _AttnsrLayer, adaptive_interaction, adopt
 
 
 def _pair(value):
@@ -48,19 +53,6 @@ def is_standard_index(index, window_size) -> bool:
         return False
     want = standard_index(window_size, index.device)
     return index.shape == want.shape and torch.equal(index.to(want.dtype), want)
-
-
-def adopt(layer: nn.Module, module: nn.Module) -> nn.Module:
-    """Give ``layer`` the children, parameters and buffers of ``module`` (the same objects, under
-    the same names: state_dict keys, optimizers and ``requires_grad`` flags carry over) and its mode."""
-    for store in ("_modules", "_parameters", "_buffers"):
-        getattr(layer, store).update(getattr(module, store))
-    layer._non_persistent_buffers_set.update(module._non_persistent_buffers_set)
-    layer.training = module.training
-    for name, value in vars(module).items():  # plain settings (dim, num_heads, mlp_ratio, ...) it lacks
-        if not name.startswith("_") and name not in vars(layer) and isinstance(value, (bool, int, float, str, tuple)):
-            object.__setattr__(layer, name, value)
-    return layer
 
 
 class WindowAttention(_AttnsrLayer):
@@ -415,3 +407,134 @@ class HybridAttentionBlock(SwinBlock):
         a = self.attn.forward_map(y, self.shift_size, mask).view(b, length, c)
         x = x + self.drop_path(a) + conv * self.conv_scale
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class RectWindowAttention(_AttnsrLayer):
+    """RGT's rectangle-window self-attention (``L_SA``), ``forward(x, H, W)`` on a (B, H·W, C)
+    sequence -> (B, H·W, C), the attention fused on the triton backend.
+
+    q, k, v come from one Linear C → 3C (``qkv``) and their channels split in two halves, each
+    attending with its own heads (``attns[i].num_heads``, scale ``attns[i].scale``) within its own
+    rectangles: the first half in Wh×Ww windows (``split_size`` = (Wh, Ww)), the second in Ww×Wh
+    windows (the rectangle turned). Before the partition the map is zero-padded at the bottom and
+    the right to a multiple of max(Wh, Ww), with no mask: a padded key has q·k = 0 and v = 0 and
+    scores its position bias alone; padded queries are cropped. A shifted layer (one that holds the
+    masks ``attn_mask_0`` and ``attn_mask_1``) rolls the first half by ``shift_size`` = (sh, sw)
+    and the second by (sw, sh) on the padded map and masks, as Swin does, the token pairs that the
+    roll brought together (−100): at the training resolution (the padded map ``patches_resolution``
+    on a side) with its own mask buffers, elsewhere with Swin's mask computed in the kernel (what
+    the module computes there). The relative position bias of each half is its dynamic position
+    MLP ``attns[i].pos`` over the buffer ``attns[i].rpe_biases``, a ((2Wh−1)(2Ww−1), heads) table
+    computed by PyTorch in each call (a small MLP; its gradient flows back through autograd) and
+    gathered by Swin's index in the kernel. The two halves' outputs are put side by side, the
+    values' depthwise convolution ``get_v`` (on the unpadded map) is added, and ``proj`` applied.
+
+    Fused: one zero-padded copy of q, k, v laid out half by half (each half's q, k and v packed in
+    one (B, H', W', 3C/2) map), one window attention per half with the roll and the partition as
+    index arithmetic (no N×N scores, no roll), the qkv gradient written as one buffer per half.
+    Attention dropout is not fused (``attn_drop`` must be 0). Built by :func:`attnsr.swap_attention`
+    from the module, whose children and buffers it adopts (the same state_dict keys).
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is built from a rectangle-window attention module: "
+                        f"{type(self).__name__}.from_module(module)")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto"):
+        layer = cls._blank(backend)
+        layer.dim, layer.num_heads = module.dim, module.num_heads
+        layer.split_size, layer.shift_size = tuple(module.split_size), tuple(module.shift_size)
+        layer.patches_resolution = module.patches_resolution
+        layer._mask_checks = {}
+        adopt(layer, module)
+        layer.shifted = layer._buffers.get("attn_mask_0") is not None
+        return layer
+
+    def half_geometry(self, half: int):
+        """(window, shift) of half 0 or 1: ((Wh, Ww), (sh, sw)) and ((Ww, Wh), (sw, sh)); no shift unless shifted."""
+        attn = self.attns[half]
+        shift = self.shift_size if half == 0 else self.shift_size[::-1]
+        return (attn.H_sp, attn.W_sp), (tuple(shift) if self.shifted else (0, 0))
+
+    def _mask(self, half: int, height: int, width: int):
+        """The mask of a shifted half on the padded (height, width) map: the layer's own buffer at its
+        training resolution, as the module applies it (None when it is Swin's mask, checked once per
+        buffer version: the kernel computes that one), elsewhere None (Swin's mask, in the kernel)."""
+        if not self.shifted or (height, width) != (self.patches_resolution,) * 2:
+            return None
+        buffer = self._buffers[f"attn_mask_{half}"]
+        if torch.compiler.is_compiling():
+            return buffer
+        key = (buffer.data_ptr(), buffer.device, buffer.dtype, buffer._version, tuple(buffer.shape))
+        known = self._mask_checks.get(half)
+        if known is None or known[0] != key:
+            from attnsr.kernels.reference import swin_shift_mask
+
+            window, shift = self.half_geometry(half)
+            swin = swin_shift_mask(height, width, window, shift, dtype=buffer.dtype, device=buffer.device)
+            known = self._mask_checks[half] = (key, swin.shape == buffer.shape and bool(torch.equal(swin, buffer)))
+        return None if known[1] else buffer
+
+    def attend(self, qkv, height: int, width: int):
+        """The two halves' rectangle-window attention of a (B, H·W, 3C) qkv sequence -> (B, H, W, C)."""
+        b, _, c3 = qkv.shape
+        half = c3 // 6
+        side = max(self.split_size)
+        pad_h, pad_w = -height % side, -width % side
+        # (2, B, H', W', 3, C/2): each half's q, k, v packed, zero rows at the bottom, zero columns at the right
+        halves = qkv.view(b, height, width, 3, 2, half).permute(4, 0, 1, 2, 3, 5)
+        halves = F.pad(halves, (0, 0, 0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else halves.contiguous()
+        hp, wp = height + pad_h, width + pad_w
+        outs = []
+        for i, packed in enumerate(halves.unbind(0)):
+            attn = self.attns[i]
+            window, shift = self.half_geometry(i)
+            table = attn.pos(attn.rpe_biases) if attn.position_bias else None
+            out = backends.window_attention_qkv(packed.view(b, hp, wp, 3 * half), window_size=window,
+                                                shift_size=shift, heads=attn.num_heads, bias_table=table,
+                                                mask=self._mask(i, hp, wp), scale=attn.scale, backend=self.backend)
+            outs.append(out[:, :height, :width])
+        return torch.cat(outs, dim=-1)
+
+    def _check(self, x, height, width):
+        b, length, c = x.shape
+        if length != height * width or c != self.dim:
+            raise ValueError(f"{type(self).__name__}: x is {tuple(x.shape)} with H, W = {height}, {width}; expected "
+                             f"(B, H·W, C) = (B, {height * width}, {self.dim})")
+        return b, length, c
+
+    def project(self, y):
+        return self.proj_drop(self.proj(y)) if "proj_drop" in self._modules else self.proj(y)
+
+    def forward(self, x, H, W):
+        b, length, c = self._check(x, H, W)
+        qkv = self.qkv(x)
+        attended = self.attend(qkv, H, W).view(b, length, c)
+        v = qkv.view(b, H, W, 3 * c)[..., 2 * c:].permute(0, 3, 1, 2)  # (B, C, H, W), unpadded
+        return self.project(attended + self.get_v(v).permute(0, 2, 3, 1).reshape(b, length, c))
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, split_size={self.split_size}, shift_size={self.shift_size if self.shifted else 0}, "
+                f"num_heads={self.num_heads}, backend={self.backend!r}")
+
+
+class AdaptiveRectWindowAttention(RectWindowAttention):
+    """DAT's adaptive spatial self-attention (``Adaptive_Spatial_Attention``), ``forward(x, H, W)``:
+    the rectangle-window attention of :class:`RectWindowAttention` (two halves of the channels in
+    Wh×Ww and Ww×Wh windows, zero padding without a mask, shifted halves, the dynamic position bias),
+    fused on the triton backend, beside a convolution branch ``dwconv`` (a depthwise 3×3 conv,
+    BatchNorm, GELU) of the values as a (B, C, H, W) map; the adaptive interaction (AIM,
+    :func:`attnsr.layers.adaptive_interaction`) gates the attention branch by
+    sigmoid(``channel_interaction``(conv branch)) and the conv branch by
+    sigmoid(``spatial_interaction``(attention branch)); their sum goes through ``proj``. The
+    convolutions and the AIM run in PyTorch.
+    """
+
+    def forward(self, x, H, W):
+        b, length, c = self._check(x, H, W)
+        qkv = self.qkv(x)
+        attended = self.attend(qkv, H, W).permute(0, 3, 1, 2)  # (B, C, H, W)
+        conv = self.dwconv(qkv.view(b, H, W, 3 * c)[..., 2 * c:].permute(0, 3, 1, 2))
+        y = adaptive_interaction(attended, conv, self.channel_interaction, self.spatial_interaction)
+        return self.project(y.permute(0, 2, 3, 1).reshape(b, length, c))

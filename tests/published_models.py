@@ -7,21 +7,29 @@ SwinIR's img_size comes back from the shifted block's attn_mask (16 = 2 windows 
 from the upsample keys; HAT's compress_ratio and squeeze_factor divide embed_dim exactly (12/3), its
 img_size is not in the keys (spandrel takes 64; both exceed the window, so the blocks shift alike);
 RCAN's rgb_range (255) and res_scale (1) are its defaults, which spandrel assumes.
+
+DAT and RGT: three blocks (a plain rectangle-window block, a channel-attention (DAT) or RG-SA (RGT)
+block, a shifted rectangle-window block), windows 4×8 and 8×4 (one half of the channels each, one
+head per half: every head is a grid axis of the interpreter's work). embed_dim 64: their dynamic
+position MLP is embed_dim/32 wide, and a LayerNorm over one unit makes the bias a constant.
 """
 
 import torch
 from spandrel.architectures.ATD import ATD
+from spandrel.architectures.DAT import DAT
 from spandrel.architectures.DRCT import DRCT
 from spandrel.architectures.GRL import GRL
 from spandrel.architectures.HAT import HAT
 from spandrel.architectures.RCAN import RCAN
 from spandrel.architectures.RealCUGAN import UpCunet2x
+from spandrel.architectures.RGT import RGT
 from spandrel.architectures.SCUNet import SCUNet
 from spandrel.architectures.Swin2SR import Swin2SR
 from spandrel.architectures.SwinIR import SwinIR
 from spandrel.architectures.Uformer import Uformer
 
 SWIN = dict(img_size=16, depths=[2], num_heads=[2], mlp_ratio=2.0, upscale=2)
+RECT = dict(img_size=16, embed_dim=96, split_size=[4, 8], depth=[3], num_heads=[2], drop_path_rate=0.0, upscale=2)
 
 
 def _hat(**changes):
@@ -52,9 +60,14 @@ ARCHS = {
     # Uformer (restoration, scale 1): a plain and a shifted block in the first and last stages
     "Uformer": lambda: Uformer(img_size=16, embed_dim=8, depths=[2, 1, 1, 1, 1, 1, 1, 1, 2], num_heads=[1] * 9,
                                win_size=4, drop_path_rate=0.0),
+    "DAT": lambda: DAT(**RECT, expansion_factor=2.0, upsampler="pixelshuffledirect"),
+    "RGT": lambda: RGT(**RECT, mlp_ratio=2.0),
 }
-# the image side each architecture is tested on (SCUNet pads its input to a multiple of 64 by reflection)
-IMAGE_SIZE = {"SCUNet": 64, "RealCUGAN": 24}  # Real-CUGAN's U-Nets crop their borders
+# the image side (or H, W) each architecture is tested on (SCUNet pads its input to a multiple of 64
+# by reflection; Real-CUGAN's U-Nets crop their borders). DAT and RGT zero-pad q, k, v to a multiple
+# of 8: DAT's 12×16 to its training resolution 16×16 (its own mask buffers in the shifted block),
+# RGT's 16×20 to 16×24 (Swin's mask, computed; RG-SA needs 16 pixels a side at inference)
+IMAGE_SIZE = {"SCUNet": 64, "RealCUGAN": 24, "DAT": (12, 16), "RGT": (16, 20)}
 
 
 def build(arch: str, dtype=torch.float32, device="cpu"):

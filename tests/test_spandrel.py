@@ -1,7 +1,8 @@
 """swap_attention on the published SR architectures users have, as spandrel packages them: small
-SwinIR, HAT, DRCT, Swin2SR, ATD and RCAN models. After the swap every window attention and channel
-attention the fused layers cover is attnsr's, and the model computes what it computed before:
-output, input gradient and every parameter gradient (relative position bias tables included).
+SwinIR, HAT, DRCT, Swin2SR, ATD, RCAN, SCUNet, GRL, Real-CUGAN, Uformer, DAT and RGT models. After the
+swap every window, channel and transposed attention the fused layers cover is attnsr's, and the model
+computes what it computed before: output, input gradient and every parameter gradient (relative
+position bias tables and position MLPs included).
 
 spandrel needs torchvision, whose wheels do not import beside the CPU torch wheel of the main test
 environment; `make test` runs this file in a second environment (.venv-models, see the Makefile).
@@ -9,6 +10,7 @@ environment; `make test` runs this file in a second environment (.venv-models, s
 
 import copy
 import logging
+import re
 
 import pytest
 import torch
@@ -35,11 +37,26 @@ LEFT = {
     "GRL": {"AnchorStripeAttention"},  # stripes attending to a down-sampled anchor map: listed, not fused
     "Uformer": set(),
     "RealCUGAN": set(),
+    # the adaptive interaction maps (AIM) of each swapped attention, and the feed-forward's spatial gate
+    "DAT": {"Sequential", "SpatialGate"},
+    "RGT": {"RG_SA", "Gate"},  # recursive-generalization attention: keys and values of different head dims
 }
 
 
 # relative position bias tables: Swin's (rows, heads), SCUNet's (heads, 2W−1, 2W−1)
 TABLES = ("relative_position_bias_table", "relative_position_params")
+
+
+def _bias_grads(named_grads) -> dict:
+    """{bias: its gradient, flattened} of (name, gradient) pairs: each relative position bias table
+    on its own, and each of DAT's and RGT's dynamic position MLPs (``attns.i.pos``, the table's
+    maker) as one vector of its parameters' gradients (one of them alone may be all but zero)."""
+    groups = {}
+    for name, grad in named_grads:
+        mlp = re.match(r"(.*\.attns\.\d\.pos)\.", name)
+        if name.endswith(TABLES) or mlp:
+            groups.setdefault(mlp.group(1) if mlp else name, []).append(grad.flatten())
+    return {bias: torch.cat(grads) for bias, grads in groups.items()}
 
 
 def _build(arch, dtype):
@@ -56,22 +73,23 @@ def _outputs_and_grads(model, x):
 
 def _image(dtype, arch=None):
     size = IMAGE_SIZE.get(arch, 16)
-    image = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    height, width = (size, size) if isinstance(size, int) else size
+    image = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     return image.to(DEVICE, dtype)
 
 
 def _covered(model):
-    """Names of the window attentions and channel attentions left in their published classes."""
+    """Names of the window, channel and transposed attentions left in their published classes."""
     names, inside = [], []  # inside: the swapped layers and the modules listed as left, whose parts are theirs
     for name, m in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        if isinstance(m, (attnsr.windows.WindowAttention, attnsr.ChannelAttention)) or \
-                name in {n for n, _, _ in getattr(model, "attnsr_left", ())}:
+        if isinstance(m, attnsr.layers._AttnsrLayer) or name in {n for n, _, _ in getattr(model, "attnsr_left", ())}:
             inside.append(name)
             continue
         if hasattr(m, "relative_position_bias_table") or hasattr(m, "cpb_mlp") or \
-                hasattr(m, "relative_position_params") or \
+                hasattr(m, "relative_position_params") or hasattr(m, "rpe_biases") or \
+                isinstance(getattr(m, "temperature", None), torch.nn.Parameter) or \
                 type(m).__name__ in ("CALayer", "ChannelAttention", "SEBlock"):
             names.append((name, type(m).__name__))
     return names
@@ -82,7 +100,7 @@ def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch, caplo
     model = _build(arch, torch.float64)
     x = _image(torch.float64, arch)
     before = _outputs_and_grads(model, x)
-    tables = {n: p.grad.clone() for n, p in model.named_parameters() if n.endswith(TABLES)}
+    tables = _bias_grads((n, p.grad.clone()) for n, p in model.named_parameters())
     checkpoint = {k: v.clone() for k, v in model.state_dict().items()}
     keys = list(checkpoint)
     with caplog.at_level(logging.INFO, logger="attnsr.swap"):
@@ -99,13 +117,12 @@ def test_swap_covers_the_attention_and_keeps_the_function_in_float64(arch, caplo
     after = _outputs_and_grads(model, x)
     for got, want, what in zip(after, before, ("output", "d(image)", "parameter gradients")):
         assert_close_rel(got, want, torch.float64, f"{arch}: {what}")
-    for name, p in model.named_parameters():  # each bias table's gradient on its own
-        if name in tables:
-            assert_close_rel(p.grad, tables.pop(name), torch.float64, f"{arch}: d {name}")
-    assert not tables, f"{arch}: bias tables renamed by the swap: {list(tables)}"
+    swapped_tables = _bias_grads((n, p.grad) for n, p in model.named_parameters())
+    assert set(swapped_tables) == set(tables), f"{arch}: bias tables renamed by the swap: {list(swapped_tables)}"
+    for name, grad in swapped_tables.items():  # each bias table's (position MLP's) gradient on its own
+        assert_close_rel(grad, tables[name], torch.float64, f"{arch}: d {name}")
     # (the check above must have had tables to check: every architecture here but these has them)
-    assert any(n.endswith(TABLES) for n, _ in model.named_parameters()) == \
-        (arch not in ("Swin2SR", "RCAN", "GRL", "RealCUGAN")), arch
+    assert bool(tables) == (arch not in ("Swin2SR", "RCAN", "GRL", "RealCUGAN")), arch
     # the window attention layers and blocks keep their keys (a channel attention's MLP becomes
     # fc1/fc2, its old keys accepted as aliases): a checkpoint saved before the swap loads after it
     assert [k for k in model.state_dict() if ".attn." in k or "attn_mask" in k] == \
@@ -135,7 +152,9 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
                   "SCUNet": {"WindowAttentionMap"},
                   "GRL": {"WindowAttentionV2Map"},
                   "Uformer": {"WindowAttentionToQKV"},
-                  "RealCUGAN": {"ChannelAttention"}}[arch]
+                  "RealCUGAN": {"ChannelAttention"},
+                  "DAT": {"AdaptiveRectWindowAttention", "AdaptiveTransposedAttention"},
+                  "RGT": {"RectWindowAttention"}}[arch]
     assert kinds == want_kinds, kinds
     want = _outputs_and_grads(reference, _image(torch.float64, arch))
     plain = _outputs_and_grads(published, _image(torch.float32, arch))
@@ -145,13 +164,66 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
     for g, p, w, what in zip(got, plain, want, ("output", "d(image)", "parameter gradients")):
         bound = max(2 * rel_error(p, w), REL_TOL[torch.float32])
         assert_close_rel(g, w, torch.float32, f"{arch}: {what}", tol=bound)
-    # the bias tables' gradients on their own (they are a small part of the parameter vector)
-    grads = dict(zip(names, (p.grad for p in model.parameters())))
-    plain_grads = dict(zip(names, (p.grad for p in published.parameters())))
-    for name, p in reference.named_parameters():
-        if name.endswith(TABLES) and "overlap" not in name:
-            bound = max(2 * rel_error(plain_grads[name], p.grad), REL_TOL[torch.float32])
-            assert_close_rel(grads[name], p.grad, torch.float32, f"{arch}: d {name}", tol=bound)
+    # the bias tables' (position MLPs') gradients on their own (a small part of the parameter vector)
+    grads, plain_grads, want_grads = (_bias_grads(zip(names, (p.grad for p in m.parameters())))
+                                      for m in (model, published, reference))
+    for name, w in want_grads.items():
+        if "overlap" not in name:
+            bound = max(2 * rel_error(plain_grads[name], w), REL_TOL[torch.float32])
+            assert_close_rel(grads[name], w, torch.float32, f"{arch}: d {name}", tol=bound)
+
+
+def test_a_rectangle_window_mask_buffer_other_than_swins_is_applied_as_it_is():
+    """DAT and RGT apply their own mask buffers where the padded map is their training resolution;
+    the fused layer leaves a buffer that is Swin's mask to the kernel, and applies any other (here
+    an edited one, 15×16 padded to 16×16) as it is: output and every gradient equal to the module's,
+    float64, on both backends. Bad input gets an error that says what was expected."""
+    model = _build("DAT", torch.float64)
+    original = model.layers[0].blocks[2].attn  # the shifted block
+    with torch.no_grad():
+        for mask in (original.attn_mask_0, original.attn_mask_1):
+            mask.add_(torch.randn(mask.shape, generator=torch.Generator().manual_seed(3), dtype=mask.dtype))
+    holder = torch.nn.ModuleDict({"attn": copy.deepcopy(original)})
+    attnsr.swap_attention(holder, backend="torch")
+    fused = holder["attn"]
+    assert isinstance(fused, attnsr.AdaptiveRectWindowAttention) and fused.shifted
+    x = torch.randn(2, 15 * 16, 96, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
+
+    def run(module):
+        module.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = module(xg, 15, 16)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum().backward()
+        return y, xg.grad, torch.cat([p.grad.flatten() for p in module.parameters()])
+
+    want = run(original)
+    for backend in ("torch", "triton"):
+        fused.backend = backend
+        for got, ref, what in zip(run(fused), want, ("output", "d(x)", "parameter gradients")):
+            assert_close_rel(got, ref, torch.float64, f"{backend}: {what}")
+    with pytest.raises(ValueError, match=r"x is \(2, 240, 96\) with H, W = 16, 16; expected \(B, H·W, C\)"):
+        fused(x, 16, 16)
+    with pytest.raises(TypeError, match="from_module"):
+        attnsr.RectWindowAttention(96, 2)
+
+
+def test_rectangle_window_look_alikes_are_left():
+    """RGT's L_SA with a forward that computes something else (the same children and buffers), and
+    one with attention dropout (not fused): neither is swapped, and both are listed."""
+    from spandrel.architectures.RGT.__arch.rgt import L_SA
+
+    class Residual(L_SA):
+        def forward(self, x, H, W):
+            return super().forward(x, H, W) + x
+
+    model = _build("RGT", torch.float64)
+    model.layers[0].blocks[0].attn.__class__ = Residual
+    model.layers[0].blocks[2].attn.attns[1].attn_drop.p = 0.1
+    attnsr.swap_attention(model, backend="torch")
+    assert model.attnsr_swapped == [], model.attnsr_swapped
+    reasons = {name: why for name, _, why in model.attnsr_left}
+    assert reasons["layers.0.blocks.0.attn"] == "looks like RectWindowAttention but computes something else", reasons
+    assert reasons["layers.0.blocks.2.attn.attns.1"].startswith("attention-like (a softmax in its forward)"), reasons
 
 
 def _se_forms():
@@ -280,14 +352,21 @@ def test_a_training_resolution_that_is_not_whole_windows_does_not_stop_the_swap(
 
 def test_channel_gates_in_other_forms_are_named():
     """NAFNet's simplified channel attention (pool, one 1×1 conv, no sigmoid, the product taken by its
-    block) and an SE gate with GELU (MixDehazeNet's) are listed with what they are, not passed over."""
+    block), an SE gate with GELU (MixDehazeNet's) and DAT's interaction channel map (BatchNorm and GELU,
+    no sigmoid) are listed with what they are, not passed over."""
     c = 8
     sca = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, c, 1))
     se_gelu = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, 2, 1), torch.nn.GELU(),
                                   torch.nn.Conv2d(2, c, 1), torch.nn.Sigmoid())
-    model = torch.nn.Sequential(torch.nn.ModuleDict({"sca": sca}), torch.nn.ModuleDict({"se": se_gelu}))
+    # DAT's interaction channel map: BatchNorm and GELU between the layers, its sigmoid taken outside
+    aim = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(c, 2, 1), torch.nn.BatchNorm2d(2),
+                              torch.nn.GELU(), torch.nn.Conv2d(2, c, 1))
+    model = torch.nn.Sequential(torch.nn.ModuleDict({"sca": sca}), torch.nn.ModuleDict({"se": se_gelu}),
+                                torch.nn.ModuleDict({"aim": aim}))
     attnsr.swap_attention(model, backend="torch")
     assert model.attnsr_swapped == []
     reasons = {name: why for name, _, why in model.attnsr_left}
     assert reasons["0.sca"].startswith("simplified channel attention (NAFNet's SCA"), reasons
     assert reasons["1.se"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid"), reasons
+    assert reasons["2.aim"].startswith("a channel map without a gate (average pool, two 1×1 layers C → h → C, a "
+                                       "BatchNorm2d and a GELU, no sigmoid"), reasons
