@@ -258,11 +258,15 @@ def window_attention_qkv(qkv, *, window_size, shift_size=0, heads=1, bias_table=
 # ----------------------------------------------------------------------------------------------
 
 
-def _naive_channel_gate(x, w1, b1, w2, b2, pool):
-    """RCAN's CALayer / CBAM's ChannelGate as written: pool to (B, C, 1, 1), conv 1×1, ReLU, conv 1×1."""
+_NAIVE_ACTS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}
+
+
+def _naive_channel_gate(x, w1, b1, w2, b2, pool, act="relu"):
+    """RCAN's CALayer / CBAM's ChannelGate as written: pool to (B, C, 1, 1), conv 1×1, ReLU (or
+    ``act``), conv 1×1."""
 
     def mlp(pooled):
-        hidden = F.relu(F.conv2d(pooled, w1[:, :, None, None], b1))
+        hidden = _NAIVE_ACTS[act](F.conv2d(pooled, w1[:, :, None, None], b1))
         return F.conv2d(hidden, w2[:, :, None, None], b2)
 
     z = mlp(F.adaptive_avg_pool2d(x, 1))
@@ -285,15 +289,18 @@ def _gate_key(op: str, x: torch.Tensor, *params) -> str:
     return auto_key(op, x, head_dim=x.shape[1], tokens=x.shape[2] * x.shape[3], mode=_mode(x, *params))
 
 
-def channel_gate(x, w1, b1, w2, b2, *, pool="avg", backend="auto"):
-    """x · sigmoid(mlp(avg_hw x) [+ mlp(max_hw x)]): (B, C, H, W) -> (B, C, H, W)."""
+def channel_gate(x, w1, b1, w2, b2, *, pool="avg", act="relu", backend="auto"):
+    """x · sigmoid(mlp(avg_hw x) [+ mlp(max_hw x)]), mlp's hidden activation ``act`` ("relu",
+    "gelu", "silu"): (B, C, H, W) -> (B, C, H, W)."""
     x, w1, b1, w2, b2 = autocast_inputs(x, w1, b1, w2, b2)
+    if act not in _NAIVE_ACTS:
+        raise ValueError(f"channel_gate: act={act!r}; expected one of {', '.join(map(repr, _NAIVE_ACTS))}")
     backend = resolve(backend, x, lambda: _gate_key("channel_gate", x, w1, b1, w2, b2))
     if backend == "triton":
-        return _kernels().channel_gate(x, w1, b1, w2, b2, pool=pool)
+        return _kernels().channel_gate(x, w1, b1, w2, b2, pool=pool, act=act)
     if backend == "naive":
-        return _naive_channel_gate(x, w1, b1, w2, b2, pool)
-    return _kernels().reference.channel_gate_ref(x, w1, b1, w2, b2, pool=pool)
+        return _naive_channel_gate(x, w1, b1, w2, b2, pool, act)
+    return _kernels().reference.channel_gate_ref(x, w1, b1, w2, b2, pool=pool, act=act)
 
 
 def spatial_gate(x, weight, bias=None, *, backend="auto"):

@@ -145,6 +145,11 @@ def _mlp_weights(fc1: nn.Module, fc2: nn.Module):
     return fc1.weight.flatten(1), fc1.bias, fc2.weight.flatten(1), fc2.bias
 
 
+def _check_act(act) -> None:
+    if act not in ("relu", "gelu", "silu"):
+        raise ValueError(f"ChannelAttention: act must be 'relu', 'gelu' or 'silu', got {act!r}")
+
+
 def _check_pool(pool) -> None:
     if pool not in ("avg", "avgmax"):
         raise ValueError(f"ChannelAttention: pool must be 'avg' or 'avgmax', got {pool!r}")
@@ -162,21 +167,25 @@ class ChannelAttention(_AttnsrLayer):
 
     mlp = 1×1 conv C → hidden, ReLU, 1×1 conv → C (``fc1``, ``fc2``), the layout of RCAN's
     ``conv_du``; hidden = max(1, C // reduction) unless given. ``pool="avg"``: global average
-    pooling; ``"avgmax"``: mlp(avg) + mlp(max).
+    pooling; ``"avgmax"``: mlp(avg) + mlp(max). ``act``: the MLP's hidden activation, "relu" (SE,
+    RCAN, CBAM), "gelu" (nn.GELU's erf form) or "silu" (SE blocks of OmniSR, MixDehazeNet,
+    EfficientNet).
 
     x: (B, C, H, W) -> (B, C, H, W).
     """
 
-    def __init__(self, channels, reduction=16, *, pool="avg", bias=True, hidden=None, backend="auto"):
+    def __init__(self, channels, reduction=16, *, pool="avg", bias=True, hidden=None, act="relu", backend="auto"):
         super().__init__(backend)
         _check_pool(pool)
+        _check_act(act)
         hidden = max(1, channels // reduction) if hidden is None else hidden
-        self.channels, self.reduction, self.pool = channels, reduction, pool
+        self.channels, self.reduction, self.pool, self.act = channels, reduction, pool, act
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=bias)
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=bias)
 
     @classmethod
-    def from_mlp(cls, fc1: nn.Module, fc2: nn.Module, *, pool="avg", backend="auto") -> "ChannelAttention":
+    def from_mlp(cls, fc1: nn.Module, fc2: nn.Module, *, pool="avg", act="relu",
+                 backend="auto") -> "ChannelAttention":
         """The layer computed with an existing MLP's own layers: ``fc1`` (C → hidden) and ``fc2``
         (hidden → C), each a 1×1 Conv2d or a Linear with matching biases.
 
@@ -187,15 +196,18 @@ class ChannelAttention(_AttnsrLayer):
         channels, hidden = _mlp_dims(fc1)
         layer = cls._blank(backend)
         _check_pool(pool)
-        layer.channels, layer.reduction, layer.pool = channels, max(1, channels // hidden), pool
+        _check_act(act)
+        layer.channels, layer.reduction, layer.pool, layer.act = channels, max(1, channels // hidden), pool, act
         layer.fc1, layer.fc2 = fc1, fc2
         return layer
 
     def forward(self, x):
-        return backends.channel_gate(x, *_mlp_weights(self.fc1, self.fc2), pool=self.pool, backend=self.backend)
+        return backends.channel_gate(x, *_mlp_weights(self.fc1, self.fc2), pool=self.pool, act=self.act,
+                                     backend=self.backend)
 
     def extra_repr(self):
-        return f"{self.channels}, reduction={self.reduction}, pool={self.pool!r}, backend={self.backend!r}"
+        act = "" if self.act == "relu" else f", act={self.act!r}"
+        return f"{self.channels}, reduction={self.reduction}, pool={self.pool!r}{act}, backend={self.backend!r}"
 
 
 class SpatialAttention(_AttnsrLayer):

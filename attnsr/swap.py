@@ -149,7 +149,14 @@ def _acts_like(module: nn.Module, fn) -> bool:
         return False
 
 
+# the hidden activations of a squeeze-excitation MLP the fused channel gate computes (nn.GELU's
+# default erf form; its tanh approximation differs by up to 5e-4 and is not taken)
+_HIDDEN_ACTS = (("relu", torch.relu), ("gelu", nn.functional.gelu), ("silu", nn.functional.silu))
+
+
 def _as_channel_attention(module: nn.Module, backend: str):
+    if isinstance(module, nn.Sequential):  # it returns the gate alone: x · gate is taken around it
+        return None
     parts = _channel_parts(module)
     pools = [m for _, m in parts if _is_global_avg_pool(m)]
     rest = [(n, m) for n, m in parts if not _is_global_avg_pool(m)]
@@ -157,10 +164,16 @@ def _as_channel_attention(module: nn.Module, backend: str):
     acts = [m for _, m in rest if _mlp_layer(m) is None]
     if len(pools) > 1 or len(mlps) != 2:
         return None
-    # the activations as modules, or (RealCUGAN's SEBlock: two 1×1 convs, the mean, ReLU, sigmoid
-    # and product written as calls in forward) none at all: the float64 probe checks the function
-    if acts and (len(acts) != 2 or not (_acts_like(acts[0], torch.relu) and _acts_like(acts[1], torch.sigmoid))):
-        return None
+    # the activations as modules (the hidden one ReLU, GELU or SiLU, then a sigmoid), or
+    # (RealCUGAN's SEBlock: two 1×1 convs, the mean, ReLU, sigmoid and product written as calls in
+    # forward) none at all: the float64 probe checks the function
+    act = "relu"
+    if acts:
+        if len(acts) != 2 or not _acts_like(acts[1], torch.sigmoid):
+            return None
+        act = next((name for name, fn in _HIDDEN_ACTS if _acts_like(acts[0], fn)), None)
+        if act is None:
+            return None
     if not acts and (pools or _forward_arity(module) != 1):
         return None
     (name1, fc1), (name2, fc2) = mlps
@@ -170,7 +183,7 @@ def _as_channel_attention(module: nn.Module, backend: str):
     has_bias = {fc1.bias is not None, fc2.bias is not None}
     if len(has_bias) != 1 or _param_count(module) != _param_count(fc1) + _param_count(fc2):
         return None
-    new = ChannelAttention.from_mlp(fc1, fc2, backend=backend)
+    new = ChannelAttention.from_mlp(fc1, fc2, act=act, backend=backend)
     for ours, theirs in (("fc1", name1), ("fc2", name2)):
         if ours != theirs:
             for kind in ("weight", "bias"):
@@ -604,8 +617,12 @@ def _looks_like_attention(module: nn.Module) -> str | None:
     pooled_mlp = len(mlps) == 2 and any(_is_global_avg_pool(m) for m in parts) and \
         _mlp_layer(mlps[0]) == _mlp_layer(mlps[1])[::-1]
     if pooled_mlp and len(acts) == 2 and not norms:
-        return (f"a squeeze-excitation channel attention with {type(acts[0]).__name__} and {type(acts[1]).__name__} "
-                "(the fused gate computes ReLU then sigmoid): not fused")
+        what = f"a squeeze-excitation channel attention with {type(acts[0]).__name__} and {type(acts[1]).__name__}"
+        if isinstance(module, nn.Sequential) and _acts_like(acts[1], torch.sigmoid) and \
+                any(_acts_like(acts[0], fn) for _, fn in _HIDDEN_ACTS):
+            return (f"{what} that returns the gate alone (the product with x is taken by the module around it, "
+                    "which the fused gate would replace too): not fused")
+        return f"{what} (the fused gate computes ReLU, GELU or SiLU, then a sigmoid): not fused"
     if pooled_mlp and len(acts) == 1 and len(norms) == 1:
         return (f"a channel map without a gate (average pool, two 1×1 layers C → h → C, a {type(norms[0]).__name__} "
                 f"and a {type(acts[0]).__name__}, no sigmoid: the form of DAT's adaptive interaction, whose sigmoid "

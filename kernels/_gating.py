@@ -184,6 +184,33 @@ def _through_spatial_gate(g, c, p, p_in, b, HW, S, DPOOL, SARG):
     return g * s[None, :] + d_mean[None, :] + tl.where(c[:, None] == s_arg[None, :], d_max[None, :], 0.0)
 
 
+ACTS = ("relu", "gelu", "silu")  # the channel MLP's hidden activation: index = the kernels' ACT
+
+
+@triton.jit
+def _act(x, ACT: tl.constexpr):
+    """The channel MLP's hidden activation: relu (0; keeps NaN, as torch.relu), gelu (1; erf form,
+    nn.GELU's default) or silu (2)."""
+    if ACT == 0:
+        return tl.where(x < 0, 0.0, x)
+    elif ACT == 1:
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    else:
+        return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _act_grad(x, ACT: tl.constexpr):
+    """d act / dx at x: relu 1 where x > 0 (0 at 0, as torch), gelu Φ(x) + x·φ(x), silu σ(x)·(1 + x·(1 − σ(x)))."""
+    if ACT == 0:
+        return tl.where(x > 0, 1.0, 0.0)
+    elif ACT == 1:
+        return 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476)) + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    else:
+        sig = 1.0 / (1.0 + tl.exp(-x))
+        return sig * (1.0 + x * (1.0 - sig))
+
+
 @triton.jit
 def _mlp_weights_tile(W1, sw1_j, sw1_c, j, j_in, c, c_in, ACC: tl.constexpr):
     """[len(j), len(c)] tile w1[j, c] (hidden units j × channels c), zero outside, in ACC."""
@@ -200,12 +227,13 @@ def _mlp_weights_tile(W1, sw1_j, sw1_c, j, j_in, c, c_in, ACC: tl.constexpr):
 def _channel_mlp_forward(
     b, SUM, MAX, ARG, AVG, MX, CARG, CA, W1, B1, W2, B2, sw1_j, sw1_c, sw2_c, sw2_j, sb1, sb2,
     C, HW, NCH, HID,
-    WITH_MAX: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACC: tl.constexpr,
+    WITH_MAX: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HP: tl.constexpr,
 ):
     """Epilogue of the channel statistics for batch element b, run by its last program: merge the
     chunks' partials (sums in chunk order; the first chunk attaining the max), store avg, max,
-    carg, then the MLP of both branches and the sigmoid: ca (all (B, C) ACC / int32)."""
+    carg, then the MLP of both branches (hidden activation ACT) and the sigmoid: ca (all (B, C)
+    ACC / int32)."""
     j = tl.arange(0, HP)
     j_in = j < HID
     h_avg = tl.zeros([HP], dtype=ACC)
@@ -239,8 +267,8 @@ def _channel_mlp_forward(
         b1 = tl.load(B1 + j * sb1, mask=j_in, other=0.0).to(ACC)
         h_avg += b1
         h_max += b1
-    h_avg = tl.where(h_avg < 0, 0.0, h_avg)  # relu that keeps NaN, as torch.relu
-    h_max = tl.where(h_max < 0, 0.0, h_max)
+    h_avg = _act(h_avg, ACT)
+    h_max = _act(h_max, ACT)
     for c0 in range(0, C, BLOCK_K):
         c = c0 + tl.arange(0, BLOCK_K)
         c_in = c < C
@@ -274,6 +302,7 @@ def _channel_stats_kernel(
     HID,  # hidden units of the MLP
     WITH_MAX: tl.constexpr,  # also compute max and arg-max (pool="avgmax")
     HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    ACT: tl.constexpr,  # the MLP's hidden activation (an index of ACTS)
     ACC: tl.constexpr,  # accumulator dtype: fp32 (fp64 for fp64 inputs)
     REVERSE: tl.constexpr, EVICT: tl.constexpr,  # batch order; x's eviction policy
     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -310,7 +339,7 @@ def _channel_stats_kernel(
         tl.store(ARG + out, blk_arg, mask=c_in)
     if _last_program(COUNT, b, tl.num_programs(0) * tl.num_programs(1)):
         _channel_mlp_forward(b, SUM, MAX, ARG, AVG, MX, CARG, CA, W1, B1, W2, B2, sw1_j, sw1_c, sw2_c, sw2_j,
-                             sb1, sb2, C, HW, NCH, HID, WITH_MAX, HAS_B1, HAS_B2, ACC, BLOCK_K, BLOCK_N, HP)
+                             sb1, sb2, C, HW, NCH, HID, WITH_MAX, HAS_B1, HAS_B2, ACT, ACC, BLOCK_K, BLOCK_N, HP)
 
 
 @triton.jit
@@ -634,13 +663,13 @@ def _channel_dot_kernel(
 def _channel_mlp_backward(
     b, DOT, CA, AVG, MX, W1, B1, W2, sw1_j, sw1_c, sw2_c, sw2_j, sb1, GPOOL, DZ, DPRE, HACT,
     C, HW, NCH, HID,
-    WITH_MAX: tl.constexpr, HAS_B1: tl.constexpr, ACC: tl.constexpr,
+    WITH_MAX: tl.constexpr, HAS_B1: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HP: tl.constexpr,
 ):
     """Batch element b of the MLP's backward (``_channel_mlp_backward_kernel``): merge
     dca = Σ_p g1·x from the chunks, dz = dca · ca · (1 − ca), back through both MLP branches
     (pre-activations recomputed from avg and max): gpool (B, 2, C), and for the weight gradients
-    dz (B, C), dpre and relu(pre) (B, 2, HID) of each branch."""
+    dz (B, C), dpre and act(pre) (B, 2, HID) of each branch."""
     j = tl.arange(0, HP)
     j_in = j < HID
     t = tl.zeros([HP], dtype=ACC)  # w2ᵀ · dz
@@ -669,13 +698,13 @@ def _channel_mlp_backward(
         b1 = tl.load(B1 + j * sb1, mask=j_in, other=0.0).to(ACC)
         pre_avg += b1
         pre_max += b1
-    d_avg = tl.where(pre_avg > 0, t, 0.0)
-    d_max = tl.where(pre_max > 0, t, 0.0)
+    d_avg = t * _act_grad(pre_avg, ACT)
+    d_max = t * _act_grad(pre_max, ACT)
     tl.store(DPRE + (2 * b) * HID + j, d_avg, mask=j_in)
-    tl.store(HACT + (2 * b) * HID + j, tl.where(pre_avg < 0, 0.0, pre_avg), mask=j_in)
+    tl.store(HACT + (2 * b) * HID + j, _act(pre_avg, ACT), mask=j_in)
     if WITH_MAX:
         tl.store(DPRE + (2 * b + 1) * HID + j, d_max, mask=j_in)
-        tl.store(HACT + (2 * b + 1) * HID + j, tl.where(pre_max < 0, 0.0, pre_max), mask=j_in)
+        tl.store(HACT + (2 * b + 1) * HID + j, _act(pre_max, ACT), mask=j_in)
     for c0 in range(0, C, BLOCK_K):
         c = c0 + tl.arange(0, BLOCK_K)
         c_in = c < C
@@ -692,7 +721,7 @@ def _mlp_weight_grads(
     ACC: tl.constexpr, BLOCK_K: tl.constexpr, HP: tl.constexpr,
 ):
     """Weight gradients of channels [c0, c0 + BLOCK_K), summed over the batch in order:
-    dw2[c, j] = Σ_b dz·(relu(pre_avg) + relu(pre_max))[j], dw1[j, c] = Σ_b Σ_branch dpre[j]·s[c],
+    dw2[c, j] = Σ_b dz·(act(pre_avg) + act(pre_max))[j], dw1[j, c] = Σ_b Σ_branch dpre[j]·s[c],
     db2 = Σ_b Σ_branch dz, and with c0 = 0 db1 = Σ_b Σ_branch dpre. The inputs were written by
     other programs of the launch: loaded with cache_modifier=".cg"."""
     c = c0 + tl.arange(0, BLOCK_K)
@@ -738,11 +767,12 @@ def _channel_mlp_backward_kernel(
     sw1_j, sw1_c, sw2_c, sw2_j, sb1,
     GPOOL,  # (B, 2, C) ACC, out: gradient per element through the pixel mean (÷ H·W) and max
     DZ,  # (B, C) ACC, out: gradient of the pre-sigmoid z
-    DPRE, HACT,  # (B, 2, HID) ACC, out: gradient of each branch's pre-activation, and relu(pre)
+    DPRE, HACT,  # (B, 2, HID) ACC, out: gradient of each branch's pre-activation, and act(pre)
     DW1, DB1, DW2, DB2,  # out (NEED_W), contiguous, the weights' dtypes: (HID, C), (HID,), (C, HID), (C,)
     COUNT,  # int32 counters, zero (``_last_program``: the last program sums the weight gradients)
     C, HW, NCH, HID,  # channels, pixels per map, chunks of the dot pass, hidden units
     NEED_W: tl.constexpr, WITH_MAX: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+    ACT: tl.constexpr,  # the MLP's hidden activation (an index of ACTS)
     ACC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, HP: tl.constexpr,  # tiles: channels, chunks, hidden
 ):
@@ -752,7 +782,7 @@ def _channel_mlp_backward_kernel(
     made triton 3.6 spill a pointer of the dot loop.)"""
     b = tl.program_id(0).to(tl.int64)
     _channel_mlp_backward(b, DOT, CA, AVG, MX, W1, B1, W2, sw1_j, sw1_c, sw2_c, sw2_j, sb1, GPOOL, DZ, DPRE, HACT,
-                          C, HW, NCH, HID, WITH_MAX, HAS_B1, ACC, BLOCK_K, BLOCK_N, HP)
+                          C, HW, NCH, HID, WITH_MAX, HAS_B1, ACT, ACC, BLOCK_K, BLOCK_N, HP)
     if NEED_W:
         if _last_program(COUNT, 0, tl.num_programs(0)):
             for c0 in range(0, C, BLOCK_K):
@@ -1088,7 +1118,7 @@ def fake_conv_grads(weight, bias):
     return weight.new_empty(weight.shape), absent_output(weight) if bias is None else bias.new_empty((1,))
 
 
-def _channel_statistics(x, mlp, pool: str, state: GateState, reverse: bool) -> None:
+def _channel_statistics(x, mlp, pool: str, act: str, state: GateState, reverse: bool) -> None:
     """Statistics of the channel gate, one launch: the pooled statistics over pixels, then (the last
     program of each batch element) the MLP and the sigmoid: ca (B, C)."""
     w1, b1, w2, b2 = mlp
@@ -1110,7 +1140,7 @@ def _channel_statistics(x, mlp, pool: str, state: GateState, reverse: bool) -> N
             x, sums, maxes, args, state.avg, ca if state.mx is None else state.mx,
             ca if state.carg is None else state.carg, ca, *_weights(w1, b1, w2, b2), counters(x.device),
             *run.strides(x), channels, hw, run.width, chunk, nch, w1.shape[0], WITH_MAX=with_max,
-            HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACC=acc_dtype(x.dtype), REVERSE=reverse,
+            HAS_B1=b1 is not None, HAS_B2=b2 is not None, ACT=ACTS.index(act), ACC=acc_dtype(x.dtype), REVERSE=reverse,
             EVICT="evict_last", BLOCK_C=block_c, BLOCK_P=block_p, **_epilogue_tiles(w1.shape[0], nch, x.dtype),
             **launch,
         )
@@ -1168,14 +1198,15 @@ def _apply(x, state: GateState, conv, reverse: bool) -> torch.Tensor:
     return y
 
 
-def gate_forward(x: torch.Tensor, mlp=None, conv=None, pool: str = "avg"):
+def gate_forward(x: torch.Tensor, mlp=None, conv=None, pool: str = "avg", act: str = "relu"):
     """The forward of a gating op: (y, GateState). ``mlp``: the channel gate's (w1, b1, w2, b2), or
-    None; ``conv``: the spatial gate's (weight, bias), or None. Launches: the statistics of each gate
-    that is on, then the apply pass; successive passes over x read the batch in opposite orders."""
+    None, ``act`` its hidden activation (one of ACTS); ``conv``: the spatial gate's (weight, bias),
+    or None. Launches: the statistics of each gate that is on, then the apply pass; successive
+    passes over x read the batch in opposite orders."""
     state = GateState()
     reverse = True
     if mlp is not None:
-        _channel_statistics(x, mlp, pool, state, reverse)
+        _channel_statistics(x, mlp, pool, act, state, reverse)
         reverse = not reverse
     if conv is not None:
         _spatial_statistics(x, state, reverse)
@@ -1221,7 +1252,7 @@ def _spatial_backward(dy, x, conv, state: GateState, reverse: bool, last_x_read:
     return dpool, dweight, dbias
 
 
-def _channel_backward(dy, x, mlp, state: GateState, need_w: bool, dpool, reverse: bool):
+def _channel_backward(dy, x, mlp, act: str, state: GateState, need_w: bool, dpool, reverse: bool):
     """With a channel gate: the channel dot (one pass over dy and x: Σ_p g1 · x per (b, c); g1 = dy,
     or with a spatial gate (``dpool``) the gradient at the channel-gated map), then one small launch
     for the sigmoid's and both MLP branches' backward and, when ``need_w``, the weight gradients.
@@ -1263,7 +1294,7 @@ def _channel_backward(dy, x, mlp, state: GateState, need_w: bool, dpool, reverse
         *w1.stride(), *w2.stride(), 0 if b1 is None else b1.stride(0), gpool, dz, dpre, hact,
         dw1, dw1 if db1 is None else db1, dw2, dw2 if db2 is None else db2, counters(x.device),
         channels, height * width, nch, hidden, NEED_W=need_w, WITH_MAX=state.mx is not None, HAS_B1=b1 is not None,
-        HAS_B2=b2 is not None, ACC=acc_dtype(x.dtype), **_epilogue_tiles(hidden, nch, x.dtype),
+        HAS_B2=b2 is not None, ACT=ACTS.index(act), ACC=acc_dtype(x.dtype), **_epilogue_tiles(hidden, nch, x.dtype),
         **({} if interpreting() else dict(num_warps=4)),
     )
     return gpool, wgrads
@@ -1296,7 +1327,8 @@ def _dx(dy, x, state: GateState, gpool, dpool, reverse: bool) -> torch.Tensor:
     return dx
 
 
-def gate_backward(dy, x, state: GateState, mlp=None, conv=None, need_dx: bool = True, need_w: bool = True):
+def gate_backward(dy, x, state: GateState, mlp=None, conv=None, need_dx: bool = True, need_w: bool = True,
+                  act: str = "relu"):
     """The backward of a gating op: (dx, (dw1, db1, dw2, db2), (dweight, dbias)); dx None unless
     ``need_dx``, the MLP's gradients None unless ``need_w`` (an absent bias's gradient None), the
     convolution's None without a spatial gate. Launches: with the spatial gate the spatial dot and
@@ -1309,7 +1341,7 @@ def gate_backward(dy, x, state: GateState, mlp=None, conv=None, need_dx: bool = 
         conv_grads = (dweight, dbias)
         reverse = not reverse
     if mlp is not None:
-        gpool, wgrads = _channel_backward(dy, x, mlp, state, need_w, dpool, reverse)
+        gpool, wgrads = _channel_backward(dy, x, mlp, act, state, need_w, dpool, reverse)
         reverse = not reverse
     dx = _dx(dy, x, state, gpool, dpool, reverse) if need_dx else None
     return dx, wgrads, conv_grads

@@ -103,7 +103,7 @@ def _cbam_gate_backward(
     (unless ``need_w``) and absent biases' gradients are empty (0,)."""
     state = GateState.from_outputs(pool, channel=(ca, avg, mx, carg), spatial=(stats, sarg, s))
     dx, wgrads, conv_grads = gate_backward(dy, x, state, mlp=(w1, b1, w2, b2), conv=(sweight, sbias),
-                                           need_dx=need_dx, need_w=need_w)
+                                           need_dx=need_dx, need_w=need_w)  # CBAM's MLP: ReLU
     return (absent_output(x) if dx is None else dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2),
             *conv_grad_outputs(conv_grads, sweight))
 

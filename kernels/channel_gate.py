@@ -2,7 +2,8 @@
 
 Maths. For x: (B, C, H, W), with p = h·W + w the flat pixel index and HW = H·W:
     avg[b, c] = Σ_p x[b, c, p] / HW,   max[b, c] = x[b, c, carg[b, c]]  (carg: first arg-max pixel)
-    mlp(s)    = w2 · relu(w1 · s + b1) + b2          w1: (C/r, C), w2: (C, C/r), biases optional
+    mlp(s)    = w2 · act(w1 · s + b1) + b2           w1: (C/r, C), w2: (C, C/r), biases optional,
+                                                     act ReLU (the default), GELU (erf) or SiLU
     z         = mlp(avg)                  (pool="avg")
               = mlp(avg) + mlp(max)       (pool="avgmax", CBAM's shared MLP)
     ca        = sigmoid(z),   y = x · ca[b, c]
@@ -52,6 +53,7 @@ from typing import Optional
 import torch
 
 from ._gating import (
+    ACTS,
     EagerOp,
     GateState,
     call_gate,
@@ -86,10 +88,10 @@ POOLS = ("avg", "avgmax")
 
 def _channel_gate_forward(
     x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor, b2: Optional[torch.Tensor],
-    pool: str,
+    pool: str, act: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward (two launches): y and the channel gate's statistics (ca, avg, mx, carg)."""
-    y, state = gate_forward(x, mlp=(w1, b1, w2, b2), pool=pool)
+    y, state = gate_forward(x, mlp=(w1, b1, w2, b2), pool=pool, act=act)
     return (y, *state.channel_outputs())
 
 
@@ -98,18 +100,18 @@ _channel_gate_op = torch.library.custom_op("attnsr::channel_gate", mutates_args=
 
 
 @_channel_gate_op.register_fake
-def _(x, w1, b1, w2, b2, pool):
+def _(x, w1, b1, w2, b2, pool, act):
     return (empty_map_like(x), *fake_channel_outputs(x, pool))
 
 
 def _channel_gate_backward(
     dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
     b2: Optional[torch.Tensor], ca: torch.Tensor, avg: torch.Tensor, mx: torch.Tensor, arg: torch.Tensor,
-    pool: str, need_dx: bool, need_w: bool = True,
+    pool: str, act: str, need_dx: bool, need_w: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: (dx, dw1, db1, dw2, db2); what is not needed and absent biases' gradients are empty (0,)."""
     state = GateState.from_outputs(pool, channel=(ca, avg, mx, arg))
-    dx, wgrads, _ = gate_backward(dy, x, state, mlp=(w1, b1, w2, b2), need_dx=need_dx, need_w=need_w)
+    dx, wgrads, _ = gate_backward(dy, x, state, mlp=(w1, b1, w2, b2), need_dx=need_dx, need_w=need_w, act=act)
     return (absent_output(x) if dx is None else dx, *weight_grad_outputs(wgrads, w1, b1, w2, b2))
 
 
@@ -118,7 +120,7 @@ _channel_gate_backward_op = torch.library.custom_op("attnsr::channel_gate_backwa
 
 
 @_channel_gate_backward_op.register_fake
-def _(dy, x, w1, b1, w2, b2, ca, avg, mx, arg, pool, need_dx, need_w=True):
+def _(dy, x, w1, b1, w2, b2, ca, avg, mx, arg, pool, act, need_dx, need_w=True):
     return (empty_map_like(x) if need_dx else absent_output(x), *fake_weight_grads(w1, b1, w2, b2, need_w))
 
 
@@ -168,20 +170,27 @@ def check_pool(op: str, pool) -> None:
         raise ValueError(f"{op}: pool={pool!r}; expected one of {', '.join(repr(p) for p in POOLS)}")
 
 
-def channel_gate(x, w1, b1, w2, b2, *, pool="avg"):
+def check_act(op: str, act) -> None:
+    if act not in ACTS:
+        raise ValueError(f"{op}: act={act!r}; expected one of {', '.join(repr(a) for a in ACTS)}")
+
+
+def channel_gate(x, w1, b1, w2, b2, *, pool="avg", act="relu"):
     """y = x · sigmoid(mlp(avgpool x)) (pool="avg"), or x · sigmoid(mlp(avg) + mlp(max)) (pool="avgmax").
 
-    x: (B, C, H, W), any strides. mlp(s) = w2 · relu(w1 · s + b1) + b2 with w1: (C//r, C),
-    w2: (C, C//r), b1: (C//r,) or None, b2: (C,) or None, all of x's dtype and device.
+    x: (B, C, H, W), any strides. mlp(s) = w2 · act(w1 · s + b1) + b2 with w1: (C//r, C),
+    w2: (C, C//r), b1: (C//r,) or None, b2: (C,) or None, all of x's dtype and device; act "relu"
+    (SE, RCAN, CBAM), "gelu" (nn.GELU's erf form) or "silu".
     Returns (B, C, H, W) in x's dtype, channels_last when x has channels innermost.
     """
     op = "channel_gate"
-    (x, w1, b1, w2, b2), sig, seen = repeat_call(_CALLS, op, (x, w1, b1, w2, b2), (pool,))
+    (x, w1, b1, w2, b2), sig, seen = repeat_call(_CALLS, op, (x, w1, b1, w2, b2), (pool, act))
     if not seen:
         check_pool(op, pool)
+        check_act(op, act)
         x, w1, b1, w2, b2 = prepare_inputs(op, x, w1, b1, w2, b2)
         check_channel_mlp(op, x, w1, b1, w2, b2)
         check_map_limits(op, x)
         check_runnable(op, x.device)
         _CALLS.remember(sig, True)
-    return call_gate(_EAGER, (x, w1, b1, w2, b2), (pool,))
+    return call_gate(_EAGER, (x, w1, b1, w2, b2), (pool, act))

@@ -151,20 +151,24 @@ def _max_first(x, dim: int):
     return x.gather(dim, idx).squeeze(dim)
 
 
-def _channel_mlp(s, w1, b1, w2, b2):
-    """w2 · relu(w1 · s + b1) + b2 for s: (B, C), w1: (C//r, C), w2: (C, C//r)."""
-    return torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(s, w1, b1)), w2, b2)
+ACTIVATIONS = {"relu": torch.relu, "gelu": torch.nn.functional.gelu, "silu": torch.nn.functional.silu}
 
 
-def channel_gate_ref(x, w1, b1, w2, b2, *, pool="avg", upcast=False):
-    """x · sigmoid(mlp(avg_hw x)) (pool="avg") or x · sigmoid(mlp(avg) + mlp(max)) (pool="avgmax").
+def _channel_mlp(s, w1, b1, w2, b2, act="relu"):
+    """w2 · act(w1 · s + b1) + b2 for s: (B, C), w1: (C//r, C), w2: (C, C//r)."""
+    return torch.nn.functional.linear(ACTIVATIONS[act](torch.nn.functional.linear(s, w1, b1)), w2, b2)
+
+
+def channel_gate_ref(x, w1, b1, w2, b2, *, pool="avg", act="relu", upcast=False):
+    """x · sigmoid(mlp(avg_hw x)) (pool="avg") or x · sigmoid(mlp(avg) + mlp(max)) (pool="avgmax"),
+    mlp's hidden activation ``act`` ("relu", "gelu": the erf form, "silu").
 
     x: (B, C, H, W) -> (B, C, H, W); w1: (C//r, C), w2: (C, C//r), biases may be None.
     """
     x, w1, b1, w2, b2 = _maybe_upcast(upcast, x, w1, b1, w2, b2)
-    z = _channel_mlp(x.mean((2, 3)), w1, b1, w2, b2)
+    z = _channel_mlp(x.mean((2, 3)), w1, b1, w2, b2, act)
     if pool == "avgmax":
-        z = z + _channel_mlp(_max_first(x.flatten(2), 2), w1, b1, w2, b2)
+        z = z + _channel_mlp(_max_first(x.flatten(2), 2), w1, b1, w2, b2, act)
     elif pool != "avg":
         raise ValueError(f"channel_gate_ref: pool={pool!r}; expected 'avg' or 'avgmax'")
     return x * torch.sigmoid(z)[:, :, None, None]

@@ -24,12 +24,12 @@ from attnsr.kernels.reference import channel_gate_ref
 cg_module = importlib.import_module("attnsr.kernels.channel_gate")
 
 
-def _fn(pool):
-    return lambda x, w1, b1, w2, b2: channel_gate(x, w1, b1, w2, b2, pool=pool)
+def _fn(pool, act="relu"):
+    return lambda x, w1, b1, w2, b2: channel_gate(x, w1, b1, w2, b2, pool=pool, act=act)
 
 
-def _ref(pool):
-    return lambda x, w1, b1, w2, b2: channel_gate_ref(x, w1, b1, w2, b2, pool=pool)
+def _ref(pool, act="relu"):
+    return lambda x, w1, b1, w2, b2: channel_gate_ref(x, w1, b1, w2, b2, pool=pool, act=act)
 
 
 # (B, C, H, W, hidden): B = 1 and 3, C not a power of two, H != W, H·W = 63 (under one 64-pixel
@@ -60,6 +60,23 @@ def test_channel_gate_bfloat16(pool):
     """bf16 loads/stores work in the interpreter (no tl.dot here); its fp32→bf16 store truncates."""
     x = feature_map((2, 6, 9, 10), torch.bfloat16)
     check_op(_fn(pool), _ref(pool), [x, *mlp_weights(6, 2, torch.bfloat16)], torch.bfloat16, f"bf16 {pool}")
+
+
+@pytest.mark.parametrize(("act", "pool", "shape"), [("gelu", "avg", (3, 12, 13, 11, 3)),
+                                                    ("silu", "avgmax", (1, 5, 7, 9, 2))])
+def test_channel_gate_activations(act, pool, shape):
+    """SE gates with GELU (erf) or SiLU between the layers (OmniSR, MixDehazeNet, EfficientNet):
+    forward and every gradient against float64, the pre-activations of both signs."""
+    b, c, h, w, hidden = shape
+    x = feature_map((b, c, h, w), torch.float32)
+    check_op(_fn(pool, act), _ref(pool, act), [x, *mlp_weights(c, hidden, torch.float32)], torch.float32,
+             f"channel_gate {shape} {pool} act={act}")
+
+
+def test_channel_gate_activations_gradcheck():
+    x = feature_map((2, 3, 3, 2), torch.float64)
+    for act in ("gelu", "silu"):
+        assert torch.autograd.gradcheck(_fn("avgmax", act), (x, *mlp_weights(3, 2, torch.float64)))
 
 
 def test_channel_gate_without_biases():
@@ -108,7 +125,7 @@ def test_channel_gate_max_pool_with_nan_and_inf_matches_torch():
     x[0, 3] = -inf
     x[1, 4, 7, 4] = nan  # pixel 116 only
     weights = [t.detach() for t in mlp_weights(5, 2, torch.float32)]
-    _, _, _, mx, arg = cg_module._channel_gate_op(x, *weights, "avgmax")
+    _, _, _, mx, arg = cg_module._channel_gate_op(x, *weights, "avgmax", "relu")
     assert_max_matches_torch(mx, arg, x.flatten(2), 2, "channel max pool")
     x.requires_grad_()
     out = channel_gate(x, *weights, pool="avgmax")
@@ -154,6 +171,8 @@ def test_channel_gate_bad_input():
         channel_gate(x.cpu(), w1.cpu(), b1.cpu(), w2.to("meta"), b2.cpu())
     with pytest.raises(ValueError, match=r"pool='max'; expected one of 'avg', 'avgmax'"):
         channel_gate(x, w1, b1, w2, b2, pool="max")
+    with pytest.raises(ValueError, match=r"act='tanh'; expected one of 'relu', 'gelu', 'silu'"):
+        channel_gate(x, w1, b1, w2, b2, act="tanh")
     with pytest.raises(ValueError, match=r"x has 3 dims"):
         channel_gate(x[0], w1, b1, w2, b2)
     with pytest.raises(TypeError, match=r"x has dtype torch.int64"):

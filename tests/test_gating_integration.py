@@ -86,11 +86,12 @@ def _opcheck_pair(fwd, bwd, tensors, extra, needs=((True,), (False,))):
 MLP_NEEDS = ((True, True), (False, True), (True, False))  # (need_dx, need_w)
 
 
-@pytest.mark.parametrize(("pool", "biases", "channels_last"), [("avg", True, False), ("avgmax", False, True)])
-def test_channel_gate_opcheck(pool, biases, channels_last):
+@pytest.mark.parametrize(("pool", "biases", "channels_last", "act"),
+                         [("avg", True, False, "relu"), ("avgmax", False, True, "gelu")])
+def test_channel_gate_opcheck(pool, biases, channels_last, act):
     x = feature_map((2, 6, 5, 7), torch.float32, channels_last=channels_last)
     tensors = [x, *mlp_weights(6, 2, torch.float32, biases=biases)]
-    _opcheck_pair(cg._channel_gate_op, cg._channel_gate_backward_op, tensors, (pool,), MLP_NEEDS)
+    _opcheck_pair(cg._channel_gate_op, cg._channel_gate_backward_op, tensors, (pool, act), MLP_NEEDS)
 
 
 @pytest.mark.parametrize(("k", "bias", "channels_last"), [(3, True, False), (5, False, True)])
@@ -196,7 +197,8 @@ def test_op_bodies_ignore_autocast(op, make):
     """The dispatcher runs a custom op's body under the caller's autocast; the bodies switch it
     off, so the fp32 statistics and the MLP are bitwise the same with and without autocast (and
     match the fake kernels' fp32)."""
-    args = (*_detached(make(torch.float16)), *(("avgmax",) if op is not sg._spatial_gate_op else ()))
+    extra = {cg._channel_gate_op: ("avgmax", "silu"), cb._cbam_gate_op: ("avgmax",)}.get(op, ())
+    args = (*_detached(make(torch.float16)), *extra)
     plain = op(*args)
     with torch.autocast(DEVICE.type, dtype=torch.float16):
         cast = op(*args)

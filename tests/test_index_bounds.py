@@ -56,7 +56,7 @@ def test_channel_reduction_chunks_at_the_pixel_limit(batch, channels, channels_l
     _gpu_launch_settings(monkeypatch)
     hw = MAX_PIXELS
     x = _map(batch, channels, hw, channels_last)
-    block_c, block_p, chunk, nch, _ = gating.pixel_reduction(x)
+    _, block_p, chunk, nch, _ = gating.pixel_reduction(x)
     n = triton.next_power_of_2(nch)
     out = torch.zeros(2 * n, dtype=torch.int64, device=DEVICE)
     _chunk_probe[(1,)](out, chunk, hw, nch, N=n)

@@ -22,6 +22,7 @@ LAYERS = {
     "self_attention_heads_patches": (lambda: attnsr.SelfAttention2d(8, 12, heads=3, patch_size=2), (2, 8, 6, 10)),
     "channel_avg": (lambda: attnsr.ChannelAttention(20, 4), (3, 20, 7, 9)),
     "channel_avgmax": (lambda: attnsr.ChannelAttention(20, 4, pool="avgmax"), (1, 20, 5, 11)),
+    "channel_silu": (lambda: attnsr.ChannelAttention(12, 3, act="silu"), (2, 12, 5, 6)),
     "spatial_pool_k3": (lambda: attnsr.SpatialAttention(3), (3, 6, 9, 7)),
     "spatial_pool_k7_bias": (lambda: attnsr.SpatialAttention(7, bias=True), (1, 5, 8, 6)),
     "spatial_conv": (lambda: attnsr.SpatialAttention(7, mode="conv", channels=6), (2, 6, 9, 8)),
@@ -167,6 +168,7 @@ def test_auto_backend_resolves_by_device():
         (lambda: attnsr.SelfAttention2d(8, heads=3), r"heads = 3 does not divide out_channels = 8"),
         (lambda: attnsr.SelfAttention2d(8, backend="cuda"), r"backend must be one of .* got 'cuda'"),
         (lambda: attnsr.ChannelAttention(8, pool="max"), r"pool must be 'avg' or 'avgmax', got 'max'"),
+        (lambda: attnsr.ChannelAttention(8, act="tanh"), r"act must be 'relu', 'gelu' or 'silu', got 'tanh'"),
         (lambda: attnsr.SpatialAttention(4), r"kernel_size must be odd"),
         (lambda: attnsr.SpatialAttention(7, mode="conv"), r"mode='conv' needs channels="),
     ],
@@ -226,7 +228,7 @@ def test_direct_op_calls_follow_autocast(op):
     conv = torch.randn(1, 2, 3, 3, device=DEVICE)
     t = torch.randn(2, 4, 6, 6, device=DEVICE)
     args = {
-        "channel_gate": (x, *w, "avgmax"),
+        "channel_gate": (x, *w, "avgmax", "relu"),
         "spatial_gate": (x, conv, None),
         "cbam_gate": (x, *w, conv, None, "avgmax"),
         "layer_fusion": ([x, x.flip(0)], torch.rand(2, 2, device=DEVICE)),

@@ -265,14 +265,23 @@ def test_an_se_gate_with_relu6_is_left():
 
 
 def test_look_alike_gates_of_torchvision_models_are_left():
-    """MobileNetV3's SE gate is a hard sigmoid and EfficientNet's activation is SiLU: same structure,
-    another function, so nothing in them is swapped."""
+    """MobileNetV3's SE gate is a hard sigmoid: same structure, another function, so nothing in it
+    is swapped. EfficientNet's SE gates (SiLU, then a sigmoid) are the fused gate with act="silu":
+    all 16 are swapped and the network computes what it did."""
     from torchvision.models import efficientnet_b0, mobilenet_v3_small
 
-    for make in (mobilenet_v3_small, efficientnet_b0):
-        model = make().eval()
-        attnsr.swap_attention(model, backend="torch")
-        assert model.attnsr_swapped == [], model.attnsr_swapped
+    model = mobilenet_v3_small().eval()
+    attnsr.swap_attention(model, backend="torch")
+    assert model.attnsr_swapped == [], model.attnsr_swapped
+    torch.manual_seed(0)
+    original = efficientnet_b0().double().eval()
+    model = copy.deepcopy(original)
+    attnsr.swap_attention(model, backend="torch")
+    assert len(model.attnsr_swapped) == 16 and {new for _, _, new in model.attnsr_swapped} == {"ChannelAttention"}
+    assert all(m.act == "silu" for m in model.modules() if isinstance(m, attnsr.ChannelAttention))
+    x = torch.rand(1, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close_rel(model(x), original(x), torch.float64, "EfficientNet-B0 with its SE gates swapped")
 
 
 def test_swapped_swinir_compiles_in_one_graph_and_a_new_image_size_reuses_it():
@@ -328,6 +337,7 @@ def test_attention_like_modules_that_are_left_say_what_they_are():
     reasons = {cls: why for _, cls, why in model.attnsr_left}
     assert set(reasons) == {"FastChannelAttention", "FastSpatialWindowAttention", "LDA_AQU", "Sequential"}, reasons
     assert reasons["Sequential"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid")
+    assert "returns the gate alone" in reasons["Sequential"], reasons["Sequential"]
     assert reasons["FastChannelAttention"].startswith("transposed (channel) attention")
     assert reasons["FastSpatialWindowAttention"].startswith("attention-like (a softmax in its forward)")
     assert "deformable-attention upsampler" in reasons["LDA_AQU"] and "not a window attention" in reasons["LDA_AQU"]
@@ -368,5 +378,6 @@ def test_channel_gates_in_other_forms_are_named():
     reasons = {name: why for name, _, why in model.attnsr_left}
     assert reasons["0.sca"].startswith("simplified channel attention (NAFNet's SCA"), reasons
     assert reasons["1.se"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid"), reasons
+    assert "returns the gate alone" in reasons["1.se"], reasons
     assert reasons["2.aim"].startswith("a channel map without a gate (average pool, two 1×1 layers C → h → C, a "
                                        "BatchNorm2d and a GELU, no sigmoid"), reasons
