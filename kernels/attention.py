@@ -723,8 +723,9 @@ _LAUNCH = {
     # 3.6: 248). Two stages (64×16/4/2, chunked) spilled 80 B there (3.6: 104 B; 24 B before the last
     # key block was split off), 64×32/4/1 40 B, Q held whole (64×16/4/2 unchunked) 696 B
     ("fwd", 128, "fp32"): _Launch(64, 16, 4, 1, chunk=16),
-    # sm_90: 222 regs, no spills, 52 KiB, FMA
-    ("fwd", 128, "fp64"): _Launch(16, 32, 4, 1),
+    # sequences whose length is not 16-divisible (packed 45×45 maps, 23×23 patch tokens) spilled 8 B
+    # at 16×32/4/1 under triton 3.6 (168 regs); 16×32/8/1 there: 140 [122 under 3.9] regs, FMA
+    ("fwd", 128, "fp64"): _Launch(16, 32, 8, 1),
     # sm_90: 222 regs, no spills, 40 KiB, 17 HGMMA; sm_80 255 regs, 42 KiB
     ("fwd", 256, "16bit"): _Launch(64, 16, 4, 1),
     # 45×45 NCHW maps, sm_90: 240 regs, no spills, 120 HMMA; 32×32/8/1 chunked spilled 64 B there
@@ -838,9 +839,10 @@ _LAUNCH = {
     # 169). Held whole, one launch: 16×32/4/1 (248 regs, 50 KiB) ran mma.sync, and 64-row tiles on
     # wgmma spilled
     ("dkdv", 256, "16bit"): _Launch(32, 64, 8, 2, chunk=32, split=True),
-    # split, 16-wide chunks: sm_90 162 / 166 regs, no spills, 32 KiB, 60 / 72 HMMA (triton 3.6: 162 /
-    # 170). Unchunked, one launch: 264 B of spills at 16×16/8/1
-    ("dkdv", 256, "fp32"): _Launch(16, 32, 8, 1, chunk=16, split=True),
+    # split, 16-wide chunks, HMMA. Unchunked, one launch: 264 B of spills at 16×16/8/1. 16×32/8/1
+    # spilled 8 B under triton 3.6 in the deterministic launch on sequences whose length is not
+    # 16-divisible (23×23 patch tokens); 32×16/8/1 there: 152 / 228 regs in both versions
+    ("dkdv", 256, "fp32"): _Launch(32, 16, 8, 1, chunk=16, split=True),
     # split, 16-wide chunks: sm_90 126 / 172 regs, no spills, 34 KiB, FMA (triton 3.6: 150 / 228).
     # Unchunked, one launch: 456 B of spills at 16×16/8/1
     ("dkdv", 256, "fp64"): _Launch(16, 16, 8, 1, chunk=16, split=True),
@@ -891,6 +893,9 @@ _PATCH_LAUNCH = {}
 # fp32 operands: these replace them (chosen on `attention fp32-ieee D=<d>`, sm_90, clean in triton
 # 3.9 and 3.6 alike).
 _IEEE_LAUNCH = {
+    # the fp64 entry 32×32/4/2 spills 16 B (3.6, 255 regs) on sequences whose length is not
+    # 16-divisible (a packed 45×45 map); sm_90: 64 regs in both
+    ("fwd", 64): _Launch(32, 32, 8, 2),
     # the fp64 entry 16×32/4/2 spills 8 B (3.9); sm_90: 58 regs, 20 KiB
     ("dkdv", 32): _Launch(32, 32, 8, 2),
     # the fp64 entry 32×32/4/2 spills 504 B (3.9), 16×32/4/2 40 B under 3.6; sm_90: 80 regs, 36 KiB
