@@ -903,8 +903,9 @@ _IEEE_LAUNCH = {
     # the fp64 entry 16×32/4/1 spills 288 B (3.9), 32×32/8/2 3784 B; sm_90: 168 regs, 34 KiB
     ("fwd", 128): _Launch(32, 16, 4, 2),
     # the deterministic launch (dK/dV programs with the fp64 dQ entry's 16×16 dQ programs): the fp64
-    # entry 16×16/8/1 spills 16 B (3.9 and 3.6); sm_90: 164 regs, 33 KiB in both
-    ("dkdv", 128): _Launch(16, 16, 4, 1),
+    # entry 16×16/8/1 spills 16 B (3.9 and 3.6), 16×16/4/1 16 B on sequences whose length is not
+    # 16-divisible (a packed 45×45 map, 3.9); 16×32/8/1: 120 regs, 88 there, in both versions
+    ("dkdv", 128): _Launch(16, 32, 8, 1),
 }
 
 

@@ -499,7 +499,7 @@ def wide_cases() -> list:
 # kernel, under triton 3.9 and 3.6. Kept out of gate_cases() until their kernels are fixed: a fixed
 # case enters the gate by being deleted here; ``--cases pending --gate`` compiles them. Empty since
 # 2026-12-02: odd maps (a 45×45 NCHW map, its fused-qkv views) run packed into sequences
-# (attention.py's ``_aligned``), three launch entries changed for sequences whose length is not
+# (attention.py's ``_aligned``), four launch entries changed for sequences whose length is not
 # 16-divisible, and the 2×2-patch and window cases pass since patches are packed and windows run
 # in two passes (benchmarks/results/compile-triton*-gate-2026-12-02-wide.json).
 WIDE_PENDING_WHY = {}

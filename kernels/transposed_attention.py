@@ -73,6 +73,7 @@ from ._runtime import (
     positive_int,
     refuse_double_backward,
     refuse_twice,
+    ValidCalls,
     register_autocast,
     stat_dtype,
 )
@@ -574,6 +575,24 @@ def _check(op, q, k, v, temperature, heads):
     return heads
 
 
+_CALLS = ValidCalls()
+
+
+def _checked_heads(op: str, tensors: tuple, heads, check):
+    """``check()`` (the op's input checks, returning the validated head count) on a call signature
+    not seen before; on a repeated one (shapes, strides, dtypes, devices, heads: ``ValidCalls``) the
+    head count it gave then, with no check run. Tensors that are not tensors are always checked."""
+    sig, seen = _CALLS.lookup(tensors, (op, heads)) if all(isinstance(t, torch.Tensor) for t in tensors) \
+        else (None, None)
+    if seen is not None:
+        if tensors[0].device.type != "cuda":
+            check_runnable(op, tensors[0].device)
+        return seen
+    heads = check()
+    _CALLS.remember(sig, heads)
+    return heads
+
+
 def transposed_attention(q, k, v, temperature, *, heads):
     """Restormer's transposed (channel) attention, fused: per head, softmax over channels of
     τ · normalize(Q) normalize(K)ᵀ (a d × d matrix, d = C / heads) applied to V.
@@ -584,7 +603,7 @@ def transposed_attention(q, k, v, temperature, *, heads):
     """
     op = "transposed_attention"
     q, k, v, temperature = autocast_inputs(q, k, v, temperature)
-    heads = _check(op, q, k, v, temperature, heads)
+    heads = _checked_heads(op, (q, k, v, temperature), heads, lambda: _check(op, q, k, v, temperature, heads))
     check_no_forward_ad(op, q, k, v, temperature)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _transposed_attention_op(q, k, v, temperature, heads)[0]
@@ -598,12 +617,16 @@ def transposed_attention_qkv(qkv, temperature, *, heads):
     gradients); under torch.compile / torch.func it runs the custom op on the three chunks."""
     op = "transposed_attention_qkv"
     qkv, temperature = autocast_inputs(qkv, temperature)
-    check_tensor(op, "qkv", qkv)
-    check_rank(op, "qkv", qkv, 4, "(B, 3C, H, W)")
-    if qkv.shape[1] % 3:
-        raise ValueError(f"{op}: qkv is {tuple(qkv.shape)}; expected (B, 3C, H, W), 3C channels")
+
+    def check():
+        check_tensor(op, "qkv", qkv)
+        check_rank(op, "qkv", qkv, 4, "(B, 3C, H, W)")
+        if qkv.shape[1] % 3:
+            raise ValueError(f"{op}: qkv is {tuple(qkv.shape)}; expected (B, 3C, H, W), 3C channels")
+        return _check(op, *qkv.chunk(3, dim=1), temperature, heads)
+
+    heads = _checked_heads(op, (qkv, temperature), heads, check)
     q, k, v = qkv.chunk(3, dim=1)
-    heads = _check(op, q, k, v, temperature, heads)
     check_no_forward_ad(op, qkv, temperature)
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return _transposed_attention_op(q, k, v, temperature, heads)[0]

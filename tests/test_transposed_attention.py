@@ -215,6 +215,21 @@ def test_bad_input():
         transposed_attention(q, k, v.long(), t, heads=3)
 
 
+def test_a_repeated_call_skips_the_checks(monkeypatch):
+    """A call signature that passed the checks once is not checked again (ValidCalls: shapes,
+    strides, dtypes, devices, heads); a new signature is, and its errors still come."""
+    calls = []
+    check = ta_module._check
+    monkeypatch.setattr(ta_module, "_check", lambda *a: calls.append(a) or check(*a))
+    qkv = leaf((2, 12, 5, 6), torch.float32)
+    tau = leaf((2, 1, 1), torch.float32)
+    for _ in range(3):
+        transposed_attention_qkv(qkv, tau, heads=2)
+    assert len(calls) == 1, f"{len(calls)} checks for three calls of one signature"
+    with pytest.raises(ValueError, match=r"C = 4 channels do not split into heads = 3"):
+        transposed_attention_qkv(qkv, tau, heads=3)
+
+
 def test_empty_batch():
     q, k, v = (leaf((0, 8, 3, 4), torch.float32) for _ in range(3))
     t = _temperature(2, torch.float32)
