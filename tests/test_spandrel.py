@@ -223,7 +223,10 @@ def test_rectangle_window_look_alikes_are_left():
     assert model.attnsr_swapped == [], model.attnsr_swapped
     reasons = {name: why for name, _, why in model.attnsr_left}
     assert reasons["layers.0.blocks.0.attn"] == "looks like RectWindowAttention but computes something else", reasons
-    assert reasons["layers.0.blocks.2.attn.attns.1"].startswith("attention-like (a softmax in its forward)"), reasons
+    # the half with dropout, named as what it is, the dropout said (the module around it was not swapped)
+    half = reasons["layers.0.blocks.2.attn.attns.1"]
+    assert half.startswith("one half of a rectangle-window attention (8×4 windows"), reasons
+    assert half.endswith("attention dropout p = 0.1, which the fused layers do not apply"), reasons
 
 
 def _se_forms():
@@ -317,19 +320,21 @@ def test_hats_shifted_block_given_no_mask_applies_none():
 
 def test_attention_like_modules_that_are_left_say_what_they_are():
     """Nothing attention-like passes silently, and the reason given is true: FDAT's transposed channel
-    attention, its window attention with a per-pair bias (not a relative table), the SE gate with
-    GELU of its interaction module, and its LDA-AQU upsampler (deformable attention, not a window
-    attention)."""
+    attention, its window attention with a per-pair bias (not a relative table), the two gate maps of
+    its interaction module (an SE gate with GELU, a 1×1 conv and a sigmoid), and its LDA-AQU upsampler
+    (deformable attention, not a window attention)."""
     from spandrel.architectures.FDAT import FDAT
 
     model = FDAT(embed_dim=16, num_groups=1, depth_per_group=2, num_heads=2, window_size=4, mid_dim=16, scale=2,
                  upsampler_type="lda")
     attnsr.swap_attention(model, backend="torch")
-    reasons = {cls: why for _, cls, why in model.attnsr_left}
-    assert set(reasons) == {"FastChannelAttention", "FastSpatialWindowAttention", "LDA_AQU", "Sequential"}, reasons
-    assert reasons["Sequential"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid")
+    reasons = {name.rsplit(".", 1)[-1] if "inter" in name else cls: why for name, cls, why in model.attnsr_left}
+    assert set(reasons) == {"FastChannelAttention", "FastSpatialWindowAttention", "LDA_AQU", "cg", "sg"}, reasons
+    assert reasons["cg"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid")
+    assert reasons["sg"].startswith("layers with a sigmoid (Conv2d, Sigmoid): values in (0, 1) for the module around")
     assert reasons["FastChannelAttention"].startswith("transposed (channel) attention")
-    assert reasons["FastSpatialWindowAttention"].startswith("attention-like (a softmax in its forward)")
+    assert reasons["FastSpatialWindowAttention"].startswith(
+        "window attention with a learned bias for each pair of positions in a window (a (2, 16, 16) parameter")
     assert "deformable-attention upsampler" in reasons["LDA_AQU"] and "not a window attention" in reasons["LDA_AQU"]
 
 
