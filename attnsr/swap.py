@@ -49,6 +49,7 @@ old keys as aliases, so a checkpoint saved before the swap loads after it.
 import copy
 import inspect
 import logging
+import math
 import re
 
 import torch
@@ -67,6 +68,7 @@ from attnsr.windows import (
     AdaptiveRectWindowAttention,
     HybridAttentionBlock,
     RectWindowAttention,
+    RectWindowBlock,
     SwinBlock,
     SwinV2Block,
     WindowAttention,
@@ -469,6 +471,54 @@ def _as_rect_window_attention(module: nn.Module, backend: str):
     return cls.from_module(module, backend=backend)
 
 
+_RECT_BLOCK_PARTS = {"norm1", "qkv", "proj", "get_v", "attns", "norm2", "mlp"}
+
+
+def _as_rect_window_block(module: nn.Module, backend: str):
+    """CRAFT's SRWAB: int ``dim`` (even), ``shift_size`` two ints below the windows, the children
+    ``norm1`` and ``norm2`` (LayerNorm), ``qkv`` Linear C → 3C, ``proj`` Linear C → C, ``get_v``
+    (a depthwise conv of the values), ``mlp`` and ``attns``: two halves on C/2 channels in Wh×Ww
+    and Ww×Wh windows (int ``num_heads`` dividing C/2, float ``scale``, ``H_sp``, ``W_sp``, the
+    position MLP ``pos`` their only parameters, no attention dropout), nothing else;
+    forward(x, x_size, params, attn_mask). The float64 probe checks the function, shifted or not."""
+    dim, shift = getattr(module, "dim", None), _int_pair(getattr(module, "shift_size", None))
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim % 2 or shift is None:
+        return None
+    children = dict(module.named_children())
+    if set(children) != _RECT_BLOCK_PARTS or _forward_arity(module) != 4:
+        return None
+    if not (isinstance(children["norm1"], nn.LayerNorm) and isinstance(children["norm2"], nn.LayerNorm)
+            and _linear(children["qkv"], dim, 3 * dim) and _linear(children["proj"], dim, dim)):
+        return None
+    attns = children["attns"]
+    if not (isinstance(attns, nn.ModuleList) and len(attns) == 2):
+        return None
+    windows = [(getattr(a, "H_sp", None), getattr(a, "W_sp", None)) for a in attns]
+    if windows[0] != windows[1][::-1] or not all(isinstance(v, int) and v > 0 for v in windows[0]):
+        return None
+    if not all(0 <= t < s for s, t in zip(windows[0], shift)):
+        return None
+    for attn in attns:
+        heads = getattr(attn, "num_heads", None)
+        if getattr(attn, "dim", None) != dim // 2 or not isinstance(heads, int) or heads < 1 or (dim // 2) % heads:
+            return None
+        if not isinstance(getattr(attn, "scale", None), float) or not _no_attention_dropout(attn):
+            return None
+        if not isinstance(getattr(attn, "pos", None), nn.Module) or _param_count(attn) != _param_count(attn.pos):
+            return None
+    if _param_count(module) != sum(_param_count(m) for m in children.values()):
+        return None
+    return RectWindowBlock.from_module(module, backend=backend)
+
+
+def _position_offsets(window) -> torch.Tensor:
+    """The ((2Wh−1)(2Ww−1), 2) table of a window's relative offsets (dh, dw), in the order of Swin's
+    index: what CRAFT passes its position MLPs."""
+    wh, ww = window
+    dh, dw = torch.meshgrid(torch.arange(1 - wh, wh), torch.arange(1 - ww, ww), indexing="ij")
+    return torch.stack([dh.flatten(), dw.flatten()], dim=1).to(torch.float64)
+
+
 def _as_adaptive_transposed_attention(module: nn.Module, backend: str):
     """DAT's ``Adaptive_Channel_Attention``: int ``num_heads``, Parameter ``temperature`` (heads, 1, 1),
     ``qkv`` Linear C → 3C, ``proj`` Linear C → C, attention dropout 0, the children ``proj_drop``,
@@ -502,6 +552,17 @@ def _probe_call(new: nn.Module):
         return lambda m: m(_probe((2, new.in_channels, 6, 5)))
     if isinstance(new, AdaptiveTransposedAttention):
         return lambda m: m(_probe((2, 30, new.dim)), 6, 5)
+    if isinstance(new, RectWindowBlock):
+        # two windows a side of each half's rectangle (a map of both sides' multiples, H ≠ W), with no
+        # mask (CRAFT's call) and with a mask per half (added as it is when shifted, ignored otherwise)
+        (wh, ww), c = new.half_geometry(0)[0], new.dim
+        side = math.lcm(wh, ww)
+        h, w = 2 * side, 3 * side
+        params = {"biases_h": _position_offsets((wh, ww)), "biases_v": _position_offsets((ww, wh)),
+                  "rpi_sa_h": standard_index((wh, ww)), "rpi_sa_v": standard_index((ww, wh))}
+        masks = tuple(_probe((h * w // (wh * ww), wh * ww, wh * ww), 3 + i) * 4 for i in (0, 1))
+        x = _probe((2, h * w, c))
+        return lambda m: torch.cat([m(x, (h, w), params, (None, None)), m(x, (h, w), params, masks)])
     if isinstance(new, RectWindowAttention):
         # a map padded to whole windows and not at the training resolution (Swin's mask when
         # shifted), and the training resolution less a row (the layer's own mask buffers)
@@ -569,7 +630,7 @@ def _same_function(old: nn.Module, new: nn.Module) -> bool:
 
 
 _BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_map_window_attention,
-             _as_split_window_attention, _as_v2_map_window_attention, _as_rect_window_attention,
+             _as_split_window_attention, _as_v2_map_window_attention, _as_rect_window_attention, _as_rect_window_block,
              _as_transposed_attention, _as_adaptive_transposed_attention, _as_self_attention, _as_channel_attention)
 
 # What a swapped layer runs in PyTorch around its fused attention and looks like attention itself:

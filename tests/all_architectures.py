@@ -1,8 +1,9 @@
 """Tiny configurations of every architecture that spandrel 0.4.2 and spandrel_extra_arches 0.2.0
 build, and of the variants their loaders build from a checkpoint's keys when those add or change
 attention-like modules (another upsampler, GRL's local convolution branch, Uformer's modulators,
-AdaCode's and FeMaSR's low-quality stage, DDColor's single-scale decoder, Real-CUGAN's other
-scales). Import after ``pytest.importorskip("spandrel_extra_arches")``.
+FeMaSR's low-quality stage, DDColor's single-scale decoder, Real-CUGAN's other scales; AdaCode's
+low-quality stage only repeats the Swin layers its other stage has). Import after
+``pytest.importorskip("spandrel_extra_arches")``.
 
 Keys are ``"<architecture id>"`` or ``"<architecture id>:<variant>"``, the id as the registries
 name it. Sizes are the smallest the constructors accept; some architectures fix their widths
@@ -44,7 +45,7 @@ BUILDS = {
                                     reducted_dim=4, upsampler="pixelshuffledirect"),
     "AuraSR": lambda: _spandrel("AuraSR")(**_AURA),
     "AuraSR:no-flash": lambda: _spandrel("AuraSR")(**_AURA, flash_attn=False),
-    "CRAFT": lambda: _spandrel("CRAFT")(window_size=8, embed_dim=16, depths=[1], num_heads=[2], split_size_0=2,
+    "CRAFT": lambda: _spandrel("CRAFT")(window_size=8, embed_dim=32, depths=[1], num_heads=[2], split_size_0=2,
                                         split_size_1=4, upscale=2),
     "Compact": lambda: _spandrel("Compact")(num_feat=8, num_conv=2, upscale=2),
     "DAT": lambda: _spandrel("DAT")(img_size=16, embed_dim=64, split_size=[4, 8], depth=[2], num_heads=[2],
@@ -109,7 +110,6 @@ BUILDS = {
     "Uformer:modulators": lambda: _spandrel("Uformer")(**_UFORMER, modulator=True, cross_modulator=True,
                                                        token_mlp="mlp"),
     "AdaCode": lambda: _extra("AdaCode")(**_CODEBOOK),
-    "AdaCode:LQ": lambda: _extra("AdaCode")(**_CODEBOOK, LQ_stage=True, scale_factor=2),
     "CodeFormer": lambda: _extra("CodeFormer")(dim_embd=64, n_head=2, n_layers=1, codebook_size=32),
     "DDColor": lambda: _extra("DDColor")(encoder_name="convnext-t", input_size=(64, 64), nf=32, num_queries=8,
                                          dec_layers=1),

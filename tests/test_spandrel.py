@@ -1,5 +1,5 @@
 """swap_attention on the published SR architectures users have, as spandrel packages them: small
-SwinIR, HAT, DRCT, Swin2SR, ATD, RCAN, SCUNet, GRL, Real-CUGAN, Uformer, DAT and RGT models. After the
+SwinIR, HAT, DRCT, Swin2SR, ATD, RCAN, SCUNet, GRL, Real-CUGAN, Uformer, DAT, RGT and CRAFT models. After the
 swap every window, channel and transposed attention the fused layers cover is attnsr's, and the model
 computes what it computed before: output, input gradient and every parameter gradient (relative
 position bias tables and position MLPs included).
@@ -40,6 +40,7 @@ LEFT = {
     # the adaptive interaction maps (AIM) of each swapped attention, and the feed-forward's spatial gate
     "DAT": {"Sequential", "SpatialGate"},
     "RGT": {"RG_SA", "Gate"},  # recursive-generalization attention: keys and values of different head dims
+    "CRAFT": {"Attention"},  # HFB's transposed cross-attention: queries from the high-frequency branch
 }
 
 
@@ -154,7 +155,8 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
                   "Uformer": {"WindowAttentionToQKV"},
                   "RealCUGAN": {"ChannelAttention"},
                   "DAT": {"AdaptiveRectWindowAttention", "AdaptiveTransposedAttention"},
-                  "RGT": {"RectWindowAttention"}}[arch]
+                  "RGT": {"RectWindowAttention"},
+                  "CRAFT": {"RectWindowBlock"}}[arch]
     assert kinds == want_kinds, kinds
     want = _outputs_and_grads(reference, _image(torch.float64, arch))
     plain = _outputs_and_grads(published, _image(torch.float32, arch))
