@@ -893,7 +893,7 @@ def _look_alike_reason(module: nn.Module, ops) -> str | None:
         return (f"kernel basis attention (KBNet's KBA): per-pixel weights from convolutions (no softmax) mix {sets} "
                 "learned convolution kernels into one kernel for each pixel (a dynamic convolution, no attention "
                 "between pixels): not fused")
-    if "sigmoid" not in ops:
+    if "sigmoid" not in ops or not _param_count(module):  # a sigmoid without parameters: an activation (swish)
         return None
     if getattr(module, "gated", None) is False:
         return None  # LaMa's FFC with its gate switched off: no sigmoid is computed

@@ -377,3 +377,40 @@ def test_channel_gates_in_other_forms_are_named():
     assert reasons["1.se"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid"), reasons
     assert reasons["2.aim"].startswith("a channel map without a gate (average pool, two 1×1 layers C → h → C, a "
                                        "BatchNorm2d and a GELU, no sigmoid"), reasons
+
+
+def test_crafts_block_applies_the_masks_it_is_given_and_refuses_a_foreign_index():
+    """CRAFT's shifted SRWAB masks nothing when given no mask (CRAFT's own call); given a mask per
+    half it adds them as they are, and the fused block does the same: output and every gradient
+    equal to the block's, float64, on both backends. An index other than Swin's is refused."""
+    model = _build("CRAFT", torch.float64)
+    original = model.layers[0].residual_group.srwa_blocks[1]  # the shifted block
+    assert any(original.shift_size)
+    holder = torch.nn.ModuleDict({"block": copy.deepcopy(original)})
+    attnsr.swap_attention(holder, backend="torch")
+    fused = holder["block"]
+    assert isinstance(fused, attnsr.RectWindowBlock) and fused.shifted
+    params = {"rpi_sa_h": model.relative_position_index_h, "rpi_sa_v": model.relative_position_index_v,
+              "biases_h": model.biases_h, "biases_v": model.biases_v}
+    h, w = 8, 16
+    windows = h * w // 32  # 4×8 and 8×4 windows: 32 tokens, 4 windows a half
+    gen = torch.Generator().manual_seed(5)
+    masks = tuple(torch.randn(windows, 32, 32, generator=gen, dtype=torch.float64).to(DEVICE) * 4 for _ in (0, 1))
+    x = torch.randn(1, h * w, 64, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def run(module, mask):
+        module.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = module(xg, (h, w), params, mask)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum().backward()
+        return y, xg.grad, torch.cat([p.grad.flatten() for p in module.parameters()])
+
+    for mask in ((None, None), masks):  # (the triton backend without masks: the fp32 test of the whole model)
+        want = run(original, mask)
+        for backend in ("torch", "triton") if mask[0] is not None else ("torch",):
+            fused.backend = backend
+            for got, ref, what in zip(run(fused, mask), want, ("output", "d(x)", "parameter gradients")):
+                assert_close_rel(got, ref, torch.float64, f"{backend}, masks {mask[0] is not None}: {what}")
+    foreign = dict(params, rpi_sa_v=params["rpi_sa_v"].flip(0))
+    with pytest.raises(ValueError, match=r"index of half 1 is not Swin's for a \(8, 4\) window"):
+        fused(x, (h, w), foreign, (None, None))

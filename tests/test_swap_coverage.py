@@ -5,8 +5,9 @@ either swaps each attention-like module or lists it in ``model.attnsr_left`` wit
 "Attention-like", as this test reads a module (independently of the rules of attnsr/swap.py):
 
 - PyTorch's ``nn.MultiheadAttention``;
-- a module of the model's own code whose methods call ``softmax``, ``sigmoid`` or
-  ``scaled_dot_product_attention``, or that holds an ``nn.Softmax`` / ``nn.Sigmoid`` /
+- a module of the model's own code whose methods call ``softmax`` or
+  ``scaled_dot_product_attention``, or ``sigmoid`` if it has parameters (a sigmoid without
+  parameters is an activation, x·sigmoid(x)), or that holds an ``nn.Softmax`` / ``nn.Sigmoid`` /
   ``nn.Hardsigmoid`` among its children (or inside a child ``Sequential`` without parameters);
 - a module holding a relative position bias (``relative_position_bias_table``,
   ``relative_position_params``), a Swin V2 ``logit_scale`` or a per-head temperature
@@ -143,7 +144,7 @@ def attention_like(module: nn.Module) -> str | None:
             return "a gate map: a Sequential of plain layers with a sigmoid or softmax"
         return None
     calls = _calls(type(module))
-    if getattr(module, "gated", None) is False:  # LaMa's FFC without its gate: the sigmoid is never computed
+    if not has_params or getattr(module, "gated", None) is False:  # LaMa's FFC without its gate: never computed
         calls.discard("sigmoid")
     if calls:
         return f"calls {', '.join(sorted(calls))}"
