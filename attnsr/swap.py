@@ -30,11 +30,16 @@ reproduce is left untouched. Recognised:
 - the rectangle-window attention of RGT (``L_SA``) and DAT (``Adaptive_Spatial_Attention``): two
   halves of the channels in Wh×Ww and Ww×Wh windows, a dynamic position bias MLP each, zero padding
   without a mask, shifted or not -> :class:`~attnsr.windows.RectWindowAttention`,
-  :class:`~attnsr.windows.AdaptiveRectWindowAttention`;
+  :class:`~attnsr.windows.AdaptiveRectWindowAttention`; CRAFT's block around the same two halves
+  (``SRWAB``: no padding, shifted halves without a mask, the position MLPs' offsets and index passed
+  in) -> :class:`~attnsr.windows.RectWindowBlock`;
 - attnsr's own layers: switched to the requested backend.
 
 What looks like attention but is left (a variant not fused, a look-alike computing something
-else) is listed in ``model.attnsr_left``.
+else) is listed in ``model.attnsr_left`` with what it is: the attention-like forms of every
+architecture that spandrel and spandrel_extra_arches build are named by rules (the section "What is
+left, and why" below), and a few general rules take any other softmax, sigmoid gate, PyTorch
+attention module or position bias table, the model's own forward included.
 
 The replacements adopt the original layers instead of copying them: the model keeps its own
 modules and Parameter objects (an optimizer built before the swap still trains the model), their
@@ -870,8 +875,11 @@ def _look_alike_reason(module: nn.Module, ops) -> str | None:
                     "image): not attention")
         weights = getattr(module, "weights", None)
         if isinstance(weights, nn.Parameter) and weights.dim() == 5:
-            return (f"adaptive kernel selection (GigaGAN's AdaptiveConv2DMod: a softmax over {weights.shape[0]} "
-                    "learned convolution kernels mixes each sample's kernel, then style modulation): not attention")
+            kernels = weights.shape[0]
+            select = f"a softmax over {kernels} learned convolution kernels mixes each sample's kernel" \
+                if kernels > 1 else "one kernel, so its softmax over kernels is skipped"
+            return (f"adaptive kernel selection (GigaGAN's AdaptiveConv2DMod: {select}, then style modulation): "
+                    "not attention")
         if "idx_pred_layer" in children and "quantize" in children:
             return ("code prediction (CodeFormer's: a softmax over the codebook's entries for each latent token, the "
                     "top entry looked up in the codebook): not attention (its transformer's attention layers are "
