@@ -11,7 +11,8 @@ TORCH_PIN ?= torch==2.13.0
 MODELS_VENV ?= .venv-models
 MPY := $(MODELS_VENV)/bin/python
 MODELS_PINS ?= torch==2.14.1 torchvision==0.29.1
-MODELS_TESTS ?= tests/test_spandrel.py tests/test_upscale_published.py tests/test_readme.py tests/test_bench_timing.py
+MODELS_TESTS ?= tests/test_spandrel.py tests/test_swap_coverage.py tests/test_upscale_published.py tests/test_readme.py \
+	tests/test_bench_timing.py
 
 .PHONY: venv models-venv test test-models demo lint clean
 
@@ -23,10 +24,11 @@ $(VENV)/.installed: setup.py
 
 venv: $(VENV)/.installed
 
-$(MODELS_VENV)/.installed: setup.py
+$(MODELS_VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(MODELS_VENV)
 	$(MPY) -m pip install $(MODELS_PINS)
 	$(MPY) -m pip install -e ".[test,models]" timm
+	$(MPY) -m pip install --no-deps spandrel_extra_arches==0.2.0
 	touch $@
 
 models-venv: $(MODELS_VENV)/.installed
@@ -37,7 +39,8 @@ test: venv
 	$(PY) -m pytest -q tests
 	$(MAKE) test-models
 
-# SwinIR, HAT, DRCT, Swin2SR, ATD, RCAN as spandrel builds them, and their checkpoints (skipped in .venv)
+# SwinIR, HAT, DRCT, Swin2SR, ATD, RCAN, ... as spandrel builds them, and their checkpoints (skipped in .venv);
+# every architecture of spandrel and spandrel_extra_arches for what swap_attention swaps and leaves
 test-models: models-venv
 	$(MPY) -m pytest -q $(MODELS_TESTS)
 

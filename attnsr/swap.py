@@ -30,11 +30,16 @@ reproduce is left untouched. Recognised:
 - the rectangle-window attention of RGT (``L_SA``) and DAT (``Adaptive_Spatial_Attention``): two
   halves of the channels in Wh×Ww and Ww×Wh windows, a dynamic position bias MLP each, zero padding
   without a mask, shifted or not -> :class:`~attnsr.windows.RectWindowAttention`,
-  :class:`~attnsr.windows.AdaptiveRectWindowAttention`;
+  :class:`~attnsr.windows.AdaptiveRectWindowAttention`; CRAFT's block around the same two halves
+  (``SRWAB``: no padding, shifted halves without a mask, the position MLPs' offsets and index passed
+  in) -> :class:`~attnsr.windows.RectWindowBlock`;
 - attnsr's own layers: switched to the requested backend.
 
 What looks like attention but is left (a variant not fused, a look-alike computing something
-else) is listed in ``model.attnsr_left``.
+else) is listed in ``model.attnsr_left`` with what it is: the attention-like forms of every
+architecture that spandrel and spandrel_extra_arches build are named by rules (the section "What is
+left, and why" below), and a few general rules take any other softmax, sigmoid gate, PyTorch
+attention module or position bias table, the model's own forward included.
 
 The replacements adopt the original layers instead of copying them: the model keeps its own
 modules and Parameter objects (an optimizer built before the swap still trains the model), their
@@ -49,6 +54,8 @@ old keys as aliases, so a checkpoint saved before the swap loads after it.
 import copy
 import inspect
 import logging
+import math
+import re
 
 import torch
 from torch import nn
@@ -66,6 +73,7 @@ from attnsr.windows import (
     AdaptiveRectWindowAttention,
     HybridAttentionBlock,
     RectWindowAttention,
+    RectWindowBlock,
     SwinBlock,
     SwinV2Block,
     WindowAttention,
@@ -178,7 +186,7 @@ def _as_channel_attention(module: nn.Module, backend: str):
         return None
     (name1, fc1), (name2, fc2) = mlps
     dims1, dims2 = _mlp_layer(fc1), _mlp_layer(fc2)
-    if dims1 != dims2[::-1] or type(fc1) is not type(fc2):
+    if dims1 != dims2[::-1] or type(fc1) is not type(fc2) or not all(dims1):
         return None
     has_bias = {fc1.bias is not None, fc2.bias is not None}
     if len(has_bias) != 1 or _param_count(module) != _param_count(fc1) + _param_count(fc2):
@@ -481,6 +489,54 @@ def _as_rect_window_attention(module: nn.Module, backend: str):
     return cls.from_module(module, backend=backend)
 
 
+_RECT_BLOCK_PARTS = {"norm1", "qkv", "proj", "get_v", "attns", "norm2", "mlp"}
+
+
+def _as_rect_window_block(module: nn.Module, backend: str):
+    """CRAFT's SRWAB: int ``dim`` (even), ``shift_size`` two ints below the windows, the children
+    ``norm1`` and ``norm2`` (LayerNorm), ``qkv`` Linear C → 3C, ``proj`` Linear C → C, ``get_v``
+    (a depthwise conv of the values), ``mlp`` and ``attns``: two halves on C/2 channels in Wh×Ww
+    and Ww×Wh windows (int ``num_heads`` dividing C/2, float ``scale``, ``H_sp``, ``W_sp``, the
+    position MLP ``pos`` their only parameters, no attention dropout), nothing else;
+    forward(x, x_size, params, attn_mask). The float64 probe checks the function, shifted or not."""
+    dim, shift = getattr(module, "dim", None), _int_pair(getattr(module, "shift_size", None))
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim % 2 or shift is None:
+        return None
+    children = dict(module.named_children())
+    if set(children) != _RECT_BLOCK_PARTS or _forward_arity(module) != 4:
+        return None
+    if not (isinstance(children["norm1"], nn.LayerNorm) and isinstance(children["norm2"], nn.LayerNorm)
+            and _linear(children["qkv"], dim, 3 * dim) and _linear(children["proj"], dim, dim)):
+        return None
+    attns = children["attns"]
+    if not (isinstance(attns, nn.ModuleList) and len(attns) == 2):
+        return None
+    windows = [(getattr(a, "H_sp", None), getattr(a, "W_sp", None)) for a in attns]
+    if windows[0] != windows[1][::-1] or not all(isinstance(v, int) and v > 0 for v in windows[0]):
+        return None
+    if not all(0 <= t < s for s, t in zip(windows[0], shift)):
+        return None
+    for attn in attns:
+        heads = getattr(attn, "num_heads", None)
+        if getattr(attn, "dim", None) != dim // 2 or not isinstance(heads, int) or heads < 1 or (dim // 2) % heads:
+            return None
+        if not isinstance(getattr(attn, "scale", None), float) or not _no_attention_dropout(attn):
+            return None
+        if not isinstance(getattr(attn, "pos", None), nn.Module) or _param_count(attn) != _param_count(attn.pos):
+            return None
+    if _param_count(module) != sum(_param_count(m) for m in children.values()):
+        return None
+    return RectWindowBlock.from_module(module, backend=backend)
+
+
+def _position_offsets(window) -> torch.Tensor:
+    """The ((2Wh−1)(2Ww−1), 2) table of a window's relative offsets (dh, dw), in the order of Swin's
+    index: what CRAFT passes its position MLPs."""
+    wh, ww = window
+    dh, dw = torch.meshgrid(torch.arange(1 - wh, wh), torch.arange(1 - ww, ww), indexing="ij")
+    return torch.stack([dh.flatten(), dw.flatten()], dim=1).to(torch.float64)
+
+
 def _as_adaptive_transposed_attention(module: nn.Module, backend: str):
     """DAT's ``Adaptive_Channel_Attention``: int ``num_heads``, Parameter ``temperature`` (heads, 1, 1),
     ``qkv`` Linear C → 3C, ``proj`` Linear C → C, attention dropout 0, the children ``proj_drop``,
@@ -514,6 +570,17 @@ def _probe_call(new: nn.Module):
         return lambda m: m(_probe((2, new.in_channels, 6, 5)))
     if isinstance(new, AdaptiveTransposedAttention):
         return lambda m: m(_probe((2, 30, new.dim)), 6, 5)
+    if isinstance(new, RectWindowBlock):
+        # two windows a side of each half's rectangle (a map of both sides' multiples, H ≠ W), with no
+        # mask (CRAFT's call) and with a mask per half (added as it is when shifted, ignored otherwise)
+        (wh, ww), c = new.half_geometry(0)[0], new.dim
+        side = math.lcm(wh, ww)
+        h, w = 2 * side, 3 * side
+        params = {"biases_h": _position_offsets((wh, ww)), "biases_v": _position_offsets((ww, wh)),
+                  "rpi_sa_h": standard_index((wh, ww)), "rpi_sa_v": standard_index((ww, wh))}
+        masks = tuple(_probe((h * w // (wh * ww), wh * ww, wh * ww), 3 + i) * 4 for i in (0, 1))
+        x = _probe((2, h * w, c))
+        return lambda m: torch.cat([m(x, (h, w), params, (None, None)), m(x, (h, w), params, masks)])
     if isinstance(new, RectWindowAttention):
         # a map padded to whole windows and not at the training resolution (Swin's mask when
         # shifted), and the training resolution less a row (the layer's own mask buffers)
@@ -581,7 +648,7 @@ def _same_function(old: nn.Module, new: nn.Module) -> bool:
 
 
 _BUILDERS = (_as_swin_block, _as_window_attention, _as_window_attention_v2, _as_map_window_attention,
-             _as_split_window_attention, _as_v2_map_window_attention, _as_rect_window_attention,
+             _as_split_window_attention, _as_v2_map_window_attention, _as_rect_window_attention, _as_rect_window_block,
              _as_transposed_attention, _as_adaptive_transposed_attention, _as_self_attention, _as_channel_attention)
 
 # What a swapped layer runs in PyTorch around its fused attention and looks like attention itself:
@@ -603,12 +670,86 @@ def _interaction_reason(name: str, part: nn.Module, source: str, target: str) ->
             "gate their own input through a ReLU MLP without normalisation)")
 
 
-def _looks_like_attention(module: nn.Module) -> str | None:
-    """Why a module that was not swapped still looks like an attention layer, or None."""
-    if hasattr(module, "logit_scale") and hasattr(module, "cpb_mlp"):
-        if not hasattr(module, "qkv") and _forward_arity(module) == 4:  # GRL's AffineTransform(attn, table, ...)
-            return None  # the logit scale and position bias applied inside an attention: not one itself
-        return "a Swin V2 window attention this version does not fuse (structure or function differs)"
+# ----------------------------------------------------------------------------------------------
+# What is left, and why. Every module not swapped is asked what it is (_looks_like_attention): the
+# rules below, most specific first, name the attention-like forms of the published restoration
+# networks (spandrel's and spandrel_extra_arches' architectures) and the look-alikes among them
+# (a softmax that selects kernels, experts or codes; a sigmoid that scales offsets); a few general
+# rules take the rest: any module whose own code takes a softmax or a sigmoid, PyTorch's
+# nn.MultiheadAttention, a stack of layers holding a sigmoid, a window attention's bias table.
+# ----------------------------------------------------------------------------------------------
+
+_OP_PATTERNS = {"softmax": re.compile(r"\bsoftmax\("), "sigmoid": re.compile(r"\bsigmoid\("),
+                "sdpa": re.compile(r"\bscaled_dot_product_attention\("), "fft": re.compile(r"\bfft\.\w*fft")}
+_CLASS_OPS: dict = {}  # class -> the ops its own methods call
+
+
+def _is_torch_layer(module: nn.Module) -> bool:
+    """A layer of PyTorch's (or attnsr's own), whose code is not the model's."""
+    return type(module).__module__.startswith(("torch.", "attnsr."))
+
+
+def _class_ops(cls) -> frozenset:
+    """The ops (softmax, sigmoid, sdpa, fft) that the methods a model's class defines call (every
+    method but ``__init__``, in the class and its bases outside PyTorch; comments skipped)."""
+    ops = _CLASS_OPS.get(cls)
+    if ops is None:
+        found = set()
+        for klass in cls.__mro__:
+            if klass.__module__.startswith(("torch.", "attnsr.", "builtins")):
+                continue
+            for name, fn in vars(klass).items():
+                if name == "__init__" or not inspect.isfunction(fn):
+                    continue
+                try:
+                    code = re.sub(r"#.*", "", inspect.getsource(fn))
+                except (OSError, TypeError):  # no source (built at run time): nothing to read
+                    continue
+                found |= {op for op, pattern in _OP_PATTERNS.items() if pattern.search(code)}
+        ops = _CLASS_OPS[cls] = frozenset(found)
+    return ops
+
+
+_GATE_LAYERS = (nn.Sigmoid, nn.Hardsigmoid)
+
+
+def _own_ops(module: nn.Module) -> frozenset:
+    """What a module computes itself, not through children with parameters: the ops its class's
+    code calls, and an nn.Softmax or nn.Sigmoid among its children or inside a child Sequential
+    without parameters (OmniSR's ``attend = Sequential(Softmax, Dropout)``)."""
+    if _is_torch_layer(module):
+        return frozenset()
+    layers = list(module.children())
+    layers += [m for c in layers if isinstance(c, nn.Sequential) and not _param_count(c) for m in c.children()]
+    extra = {"softmax" for m in layers if isinstance(m, nn.Softmax)}
+    extra |= {"sigmoid" for m in layers if isinstance(m, _GATE_LAYERS)}
+    return _class_ops(type(module)) | extra
+
+
+def _layer_names(module: nn.Module) -> str:
+    return ", ".join(type(m).__name__ for m in module.children())
+
+
+def _gate_layers_reason(module: nn.Module) -> str | None:
+    """A Sequential of plain layers with parameters and a sigmoid among them (a gate map computed
+    apart from the product: MixDehazeNet's ``Wg`` and ``pa``, FDAT's ``sg``, PLKSR's ``EA.f``,
+    FBCNN's ``to_gamma``), or None."""
+    if not isinstance(module, nn.Sequential) or not _param_count(module):
+        return None
+    layers = list(module.children())
+    if not any(isinstance(m, _GATE_LAYERS) for m in layers):
+        return None
+    if any(_param_count(m) and not _is_torch_layer(m) for m in layers):  # a network, not a gate map
+        return None
+    per = ", one per channel, from the average over the pixels," if _is_global_avg_pool(layers[0]) else ""
+    return (f"layers with a sigmoid ({_layer_names(module)}): values in (0, 1){per} for the module around it "
+            "to apply (a gate when it multiplies features by them); attnsr's fused gates compute their gate and "
+            "apply it to their own input in one op: not fused")
+
+
+def _channel_map_reason(module: nn.Module) -> str | None:
+    """Channel maps of other forms: squeeze-excitation with other activations or no hidden units,
+    DAT's interaction map, NAFNet's simplified channel attention, or None."""
     parts = [m for _, m in _channel_parts(module)]
     mlps = [m for m in parts if _mlp_layer(m) is not None]
     norms = [m for m in parts if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -616,6 +757,10 @@ def _looks_like_attention(module: nn.Module) -> str | None:
             and not isinstance(m, nn.modules.batchnorm._BatchNorm)]
     pooled_mlp = len(mlps) == 2 and any(_is_global_avg_pool(m) for m in parts) and \
         _mlp_layer(mlps[0]) == _mlp_layer(mlps[1])[::-1]
+    if pooled_mlp and not _mlp_layer(mlps[0])[1]:
+        return (f"a squeeze-excitation channel attention whose hidden layer has no units (C → 0 → C, "
+                f"{type(module).__name__}): its gate is the sigmoid of the second layer's bias alone, the same for "
+                "every input: not fused")
     if pooled_mlp and len(acts) == 2 and not norms:
         what = f"a squeeze-excitation channel attention with {type(acts[0]).__name__} and {type(acts[1]).__name__}"
         if isinstance(module, nn.Sequential) and _acts_like(acts[1], torch.sigmoid) and \
@@ -627,6 +772,193 @@ def _looks_like_attention(module: nn.Module) -> str | None:
         return (f"a channel map without a gate (average pool, two 1×1 layers C → h → C, a {type(norms[0]).__name__} "
                 f"and a {type(acts[0]).__name__}, no sigmoid: the form of DAT's adaptive interaction, whose sigmoid "
                 "the module around it takes): not fused")
+    children = list(module.children())
+    if isinstance(module, nn.Sequential) and len(children) == 2 and _is_global_avg_pool(children[0]) and \
+            _mlp_layer(children[1]) is not None:
+        c_in, c_out = _mlp_layer(children[1])
+        return (f"simplified channel attention (NAFNet's SCA: average pool and one 1×1 conv, C = {c_in} → {c_out}, "
+                "no sigmoid; the product with the features is taken by the block around it): not fused")
+    return _gate_layers_reason(module)
+
+
+def _transposed_reason(module: nn.Module, ops) -> str | None:
+    """Transposed (channel) attention in the forms not fused: a softmax over a d×d map of channel
+    similarities per head, with a learned temperature (heads, 1, 1), or None."""
+    temperature = [n for n, p in module.named_parameters(recurse=False)
+                   if n in ("temperature", "temp", "rescale") and p.dim() == 3 and p.shape[1:] == (1, 1)]
+    if not temperature or "softmax" not in ops:
+        return None
+    why = ("transposed (channel) attention: a softmax over a d×d map of channel similarities per head, tokens "
+           "L2-normalised, a learned temperature (Restormer's MDTA maths)")
+    children, arity = dict(module.named_children()), _forward_arity(module)
+    if arity >= 2 and isinstance(children.get("q"), nn.Conv2d) and isinstance(children.get("kv"), nn.Conv2d):
+        why += ("; cross-attention: queries from one input, keys and values from the other (CRAFT's HFB "
+                "attention, HVI-CIDNet's CAB)")
+    elif arity >= 2 and all(isinstance(children.get(n), nn.Linear) for n in ("to_q", "to_k", "to_v")):
+        why += ("; q, k, v from the first input and a second input passed in: RetinexFormer's illumination-guided "
+                "IG-MSA (illumination features multiply the values, keys score the queries, a convolutional "
+                "position embedding of the values is added)")
+    if isinstance(getattr(module, "ps", None), int):
+        why += (f"; over groups of pixels of a {module.ps}×{module.ps} partition (windows, or grids of pixels "
+                f"{module.ps} apart: OmniSR's), not over the whole map")
+    return why + ": not fused in this version"
+
+
+def _window_attention_reason(module: nn.Module, ops) -> str | None:
+    """Softmax window attentions of forms not fused, or None."""
+    if "softmax" not in ops:
+        return None
+    drop = "" if _no_attention_dropout(module) else \
+        f"; attention dropout p = {module.attn_drop.p}, which the fused layers do not apply"
+    if hasattr(module, "permuted_window_size") and hasattr(module, "relative_position_bias_table"):
+        return ("permuted self-attention (SRFormer's PSA): keys and values compressed to C/2 channels with each "
+                "2×2 neighbourhood folded into the channels, so a window's N queries attend to N/4 keys, with an "
+                f"aligned N × N/4 position bias: not the square window attention fused{drop}")
+    if isinstance(getattr(module, "H_sp", None), int) and isinstance(getattr(module, "W_sp", None), int):
+        return (f"one half of a rectangle-window attention ({module.H_sp}×{module.W_sp} windows, a dynamic position "
+                "bias): fused only as part of the whole attention module (both halves, their qkv and proj), which "
+                f"was not swapped{drop}")
+    if "mask_windows" in _forward_parameters(module):
+        return ("mask-aware window attention (MAT's: keys at missing pixels get −100 from the validity mask it is "
+                "given, which it updates and returns; q and k from L2-normalised tokens, no position bias): not "
+                "fused")
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, nn.Parameter) and bias.dim() == 3 and bias.shape[1] == bias.shape[2]:
+        return (f"window attention with a learned bias for each pair of positions in a window (a {tuple(bias.shape)} "
+                "parameter, not a relative position table: FDAT's), the map zero-padded to whole windows: not "
+                f"fused{drop}")
+    if isinstance(getattr(module, "to_qkv", None), nn.Linear) and isinstance(getattr(module, "attend", None),
+                                                                            nn.Sequential):
+        pe = ", its position bias an nn.Embedding" if isinstance(getattr(module, "rel_pos_bias", None),
+                                                                  nn.Embedding) else ""
+        return ("window attention on a map already cut into windows or grids, (B, X, Y, w, w, C) (MaxViT's block "
+                f"and grid attention, OmniSR's){pe}: not fused")
+    qkv = getattr(module, "qkv", None)
+    if hasattr(qkv, "to_q") and hasattr(qkv, "to_kv") and not hasattr(module, "relative_position_bias_table"):
+        return ("multi-head attention without a position bias (Uformer's Attention: queries from x, keys and values "
+                "from x or the attn_kv it is given, as in its cross-attention to the learned modulator): not "
+                "recognised by this version, not swapped")
+    softmax = [m for m in module.children() if isinstance(m, nn.Softmax)]
+    if softmax and softmax[0].dim in (-2, 2) and isinstance(qkv, nn.Linear) and hasattr(module, "window_size"):
+        return ("linear attention in windows (DCTLSA's): the keys softmax-normalised over a window's tokens, each "
+                "query times the d×d context softmax(k)ᵀv of its head, no N×N scores and no softmax over a query's "
+                "keys: not the fused softmax(q·kᵀ)·v")
+    if isinstance(getattr(module, "relative_position_bias_table", None), torch.Tensor):
+        return f"a window attention this version does not fuse (structure or function differs){drop}"
+    return None
+
+
+def _global_attention_reason(module: nn.Module, ops) -> str | None:
+    """Attention over all the tokens of a map or a sequence, in forms not swapped, or None."""
+    if isinstance(module, nn.MultiheadAttention):
+        return ("PyTorch's nn.MultiheadAttention (tokens attend to every token of a sequence): left to PyTorch, "
+                "whose module runs scaled_dot_product_attention when its weights are not asked for "
+                "(need_weights=False) and forms the weights when they are")
+    if "sdpa" in ops:
+        why = ("attention through PyTorch's scaled_dot_product_attention, called by the module itself (the path of "
+               "attnsr's torch backend): nothing to replace")
+        if getattr(module, "flash", None) is False:
+            why += "; here its flash switch is off, and it forms the scores with an einsum and a softmax instead"
+        return why
+    convs = [getattr(module, n, None) for n in ("q", "k", "v", "proj_out")]
+    if "softmax" in ops and all(isinstance(c, nn.Conv2d) and c.kernel_size == (1, 1) for c in convs) and \
+            any(isinstance(m, nn.GroupNorm) for m in module.children()):
+        heads = getattr(module, "head_size", 1)
+        extra = f", {heads} heads" if isinstance(heads, int) and heads > 1 else ""
+        if _forward_arity(module) >= 2:
+            extra += ", queries from a second map when one is given (RestoreFormer's cross-attention)"
+        return (f"global self-attention over all pixels of the map (VQGAN's AttnBlock form: a GroupNorm, 1×1-conv "
+                f"q, k, v and proj_out, x + proj_out(softmax(q·kᵀ/√d)·v){extra}): the normalisation before q, k "
+                "and v is not part of attnsr's SelfAttention2d, so it is not swapped")
+    return None
+
+
+def _look_alike_reason(module: nn.Module, ops) -> str | None:
+    """Softmax and sigmoid modules of the published networks that are not attention over tokens,
+    or attention of their own kind, or None."""
+    children = dict(module.named_children())
+    if "softmax" in ops:
+        if isinstance(getattr(module, "height", None), int) and _is_global_avg_pool(children.get("avg_pool")):
+            return (f"selective-kernel fusion (SKNet's, as MIRNet's SKFF and MixDehazeNet's SKFusion): {module.height} "
+                    "branches summed, pooled, and weighted per channel by a softmax across the branches: not "
+                    "attnsr's layer fusion (one weight per layer, from each layer's own average)")
+        mask = children.get("conv_mask")
+        if isinstance(mask, nn.Conv2d) and mask.out_channels == 1:
+            return ("global context block (GCNet's): a softmax over all pixels of a 1×1-conv map pools one context "
+                    "vector per image (attention pooling with a single query), which a channel MLP adds to every "
+                    "pixel: no attention between pixels, not fused")
+        if isinstance(children.get("experts"), nn.ModuleList) and "gate" in children:
+            return ("a mixture-of-experts router (a softmax over the experts' scores weights the top experts per "
+                    "image): not attention")
+        weights = getattr(module, "weights", None)
+        if isinstance(weights, nn.Parameter) and weights.dim() == 5:
+            kernels = weights.shape[0]
+            select = f"a softmax over {kernels} learned convolution kernels mixes each sample's kernel" \
+                if kernels > 1 else "one kernel, so its softmax over kernels is skipped"
+            return (f"adaptive kernel selection (GigaGAN's AdaptiveConv2DMod: {select}, then style modulation): "
+                    "not attention")
+        if "idx_pred_layer" in children and "quantize" in children:
+            return ("code prediction (CodeFormer's: a softmax over the codebook's entries for each latent token, the "
+                    "top entry looked up in the codebook): not attention (its transformer's attention layers are "
+                    "listed on their own)")
+        if "attn_atd" in children and isinstance(getattr(module, "is_last", None), bool):
+            refine = ("the last of its stage, where the softmax refinement of the token dictionary is skipped"
+                      if module.is_last else "its own softmax refines the token dictionary: each dictionary token "
+                      "becomes a softmax-weighted mean of the image's tokens, by the similarities its ATD_CA "
+                      "computed, mixed with the old one by sigmoid(σ)")
+            return (f"ATD's transformer layer ({refine}); its window and dictionary attentions are modules of their "
+                    "own: not fused")
+    if "fft" in ops and "to_hidden" in children:
+        return (f"frequency-domain self-attention (FFTformer's FSAS): q and k multiplied in the Fourier domain of "
+                f"{getattr(module, 'patch_size', '?')}×{getattr(module, 'patch_size', '?')} patches (a circular "
+                "convolution of q with k per patch, no softmax), normalised, times v: not the fused softmax "
+                "attention")
+    if isinstance(getattr(module, "attgamma", None), nn.Parameter) and callable(getattr(module, "KBA", None)):
+        sets = module.attgamma.shape[1]
+        return (f"kernel basis attention (KBNet's KBA): per-pixel weights from convolutions (no softmax) mix {sets} "
+                "learned convolution kernels into one kernel for each pixel (a dynamic convolution, no attention "
+                "between pixels): not fused")
+    if "sigmoid" not in ops or not _param_count(module):  # a sigmoid without parameters: an activation (swish)
+        return None
+    if getattr(module, "gated", None) is False:
+        return None  # LaMa's FFC with its gate switched off: no sigmoid is computed
+    if getattr(module, "gated", None) is True:
+        return ("LaMa's gated FFC: sigmoid gates weight the exchange between its local and global (Fourier) "
+                "branches: not fused")
+    if "init_pos" in module._buffers and "offset" in children:
+        return "a dynamic upsampler (DySample): a sigmoid scales learned sampling offsets: no attention weights"
+    conv2 = children.get("conv2")
+    if "conv_f" in children and isinstance(conv2, nn.Conv2d) and conv2.stride == (2, 2):
+        return ("enhanced spatial attention (RFANet's ESA): a strided convolution, max pooling and upsampling make "
+                "a map, x · sigmoid(map): a gate per pixel and channel, not one of the fused gates: not fused")
+    if {"c1_r", "c2_r", "c3_r"} <= set(children):
+        return ("parameter-free attention (SPAN's SPAB: its convolutions' output out gives (out + x) · (sigmoid(out) "
+                "− 0.5)): a gate of its own form, not one of the fused gates: not fused")
+    if _forward_parameters(module)[1:2] == ["x_img"]:
+        return ("supervised attention module (MPRNet's SAM): features times the sigmoid of a convolution of the "
+                "stage's restored image (forward(x, x_img)): a gate per pixel and channel, not one of the fused "
+                "gates: not fused")
+    return (f"a sigmoid in its own forward ({type(module).__name__}): a gate or weights of its own form, not one of "
+            "attnsr's fused gates: not fused")
+
+
+def _forward_parameters(module: nn.Module) -> list:
+    try:
+        return list(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _looks_like_attention(module: nn.Module) -> str | None:
+    """Why a module that was not swapped still looks like an attention layer (or is a look-alike
+    worth naming), or None."""
+    if hasattr(module, "logit_scale") and hasattr(module, "cpb_mlp"):
+        if not hasattr(module, "qkv") and _forward_arity(module) == 4:  # GRL's AffineTransform(attn, table, ...)
+            return None  # the logit scale and position bias applied inside an attention: not one itself
+        return "a Swin V2 window attention this version does not fuse (structure or function differs)"
+    why = _channel_map_reason(module)
+    if why is not None or _is_torch_layer(module):
+        return why if why is not None else _global_attention_reason(module, frozenset())
     rg_sa = _recursive_generalization_reason(module)
     if rg_sa is not None:
         return rg_sa
@@ -634,11 +966,22 @@ def _looks_like_attention(module: nn.Module) -> str | None:
         return ("a feed-forward's spatial gate (a LayerNorm and a depthwise convolution, forward(x, H, W): DAT's "
                 "SpatialGate, RGT's Gate, which multiply half of the channels by the other half normalised and "
                 "convolved): no attention weights (no softmax, no sigmoid), left to PyTorch")
-    children = list(module.children())
-    if len(children) == 2 and _is_global_avg_pool(children[0]) and _mlp_layer(children[1]) is not None and \
-            isinstance(module, nn.Sequential) and _mlp_layer(children[1])[0] == _mlp_layer(children[1])[1]:
-        return ("simplified channel attention (NAFNet's SCA: average pool and one 1×1 conv, no sigmoid; the "
-                "product with x is taken by the block around it): not fused")
+    ops = _own_ops(module)
+    why = _named_attention_reason(module) if "softmax" in ops else None  # (the models around them share attributes)
+    if why is not None:
+        return why
+    for rule in (_transposed_reason, _window_attention_reason, _global_attention_reason, _look_alike_reason):
+        why = rule(module, ops)
+        if why is not None:
+            return why
+    if "softmax" in ops:
+        return (f"attention-like (a softmax in its forward) in a form this version does not recognise "
+                f"({type(module).__name__}): not fused")
+    return None
+
+
+def _named_attention_reason(module: nn.Module) -> str | None:
+    """GRL's, FDAT's, HAT's and ATD's other attentions, known by their attributes, or None."""
     if hasattr(module, "stripe_size") and hasattr(module, "anchor_window_down_factor"):
         return ("anchor stripe attention (GRL's: stripes attend to a down-sampled anchor map and back, two "
                 "chained attentions of different shapes): not fused")
@@ -651,16 +994,6 @@ def _looks_like_attention(module: nn.Module) -> str | None:
         return "adaptive category attention (tokens grouped by a learned dictionary, ATD's): not fused"
     if hasattr(module, "num_tokens") and isinstance(getattr(module, "scale", None), torch.Tensor):
         return "token-dictionary cross-attention (queries against a learned dictionary, ATD's): not fused"
-    if isinstance(getattr(module, "relative_position_bias_table", None), torch.Tensor):
-        return "a window attention this version does not fuse (structure or function differs)"
-    heads = [p.shape[0] for n, p in module.named_parameters(recurse=False)
-             if n in ("temperature", "temp", "rescale") and p.dim() == 3 and p.shape[1:] == (1, 1)]
-    if heads and _softmax_in_forward(module):
-        return ("transposed (channel) attention: a softmax over a d×d map per head, tokens L2-normalised "
-                "(Restormer's MDTA form): not fused in this version")
-    if _softmax_in_forward(module):
-        return (f"attention-like (a softmax in its forward) in a form this version does not recognise "
-                f"({type(module).__name__}): not fused")
     return None
 
 
@@ -692,21 +1025,6 @@ def _is_feed_forward_gate(module: nn.Module) -> bool:
             and _forward_arity(module) == 3)
 
 
-def _softmax_in_forward(module: nn.Module) -> bool:
-    """Whether the module's own forward (not its children's) takes a softmax: an nn.Softmax child,
-    or ``softmax`` called in the source of its class's forward."""
-    if any(isinstance(m, nn.Softmax) for m in module.children()):
-        return True
-    forward = type(module).forward
-    if forward is nn.Module.forward or type(module).__module__.startswith(("torch.", "attnsr.")):
-        return False
-    try:
-        source = inspect.getsource(forward)
-    except (OSError, TypeError):
-        return False
-    return "softmax(" in source
-
-
 def swap_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace, in place, the attention blocks of ``model`` by attnsr's layers on ``backend``.
 
@@ -724,11 +1042,14 @@ def swap_attention(model: nn.Module, backend: str = "auto") -> nn.Module:
                 m.backend = backend
         report.append(("", type(model).__name__, type(model).__name__))
     else:
+        why = _looks_like_attention(model)  # the model's own forward (CodeFormer's code prediction)
+        if why is not None:
+            left.append(("", type(model).__name__, why))
         _swap_children(model, "", backend, report, left)
     for name, old, new in report:
         logger.info("swap_attention: %s: %s -> %s(backend=%r)", name or "<model>", old, new, backend)
     for name, old, why in left:
-        logger.info("swap_attention: %s: %s left as is: %s", name, old, why)
+        logger.info("swap_attention: %s: %s left as is: %s", name or "<model>", old, why)
     model.attnsr_swapped = report
     model.attnsr_left = left
     return model
@@ -752,8 +1073,9 @@ def _swap_children(module: nn.Module, prefix: str, backend: str, report: list, l
                 new = candidate
                 break
             if candidate is not None:
-                left.append((qualified, type(child).__name__,
-                             f"looks like {type(candidate).__name__} but computes something else"))
+                why = f"looks like {type(candidate).__name__} but computes something else"
+                gate = _gate_layers_reason(child)  # an SE gate map whose product the module around it takes
+                left.append((qualified, type(child).__name__, why if gate is None else f"{why}: {gate}"))
         if new is None:
             why = _looks_like_attention(child)
             if why is not None and not any(n == qualified for n, _, _ in left):

@@ -20,7 +20,9 @@ is Swin2SR's post-norm block.
 :class:`RectWindowAttention` (RGT's ``L_SA``) and :class:`AdaptiveRectWindowAttention` (DAT's
 ``Adaptive_Spatial_Attention``) are rectangle-window attentions: half of the channels in Wh×Ww
 windows, half in Ww×Wh, each half with its dynamic position bias, on a map zero-padded to whole
-windows, shifted or not; the fused window op runs each half.
+windows, shifted or not; the fused window op runs each half. :class:`RectWindowBlock` is CRAFT's
+block around the same two-half attention (``SRWAB``: no padding, shifted halves without a mask,
+the position MLPs' offsets and index passed in by the caller).
 
 Attention dropout is not fused: these layers exist only with ``attn_drop`` = 0 (SwinIR's, HAT's
 and DRCT's default); output dropout (``proj_drop``) and stochastic depth are kept as modules.
@@ -538,3 +540,103 @@ class AdaptiveRectWindowAttention(RectWindowAttention):
         conv = self.dwconv(qkv.view(b, H, W, 3 * c)[..., 2 * c:].permute(0, 3, 1, 2))
         y = adaptive_interaction(attended, conv, self.channel_interaction, self.spatial_interaction)
         return self.project(y.permute(0, 2, 3, 1).reshape(b, length, c))
+
+
+class RectWindowBlock(_AttnsrLayer):
+    """CRAFT's shifted rectangle-window attention block (``SRWAB``), ``forward(x, x_size, params,
+    attn_mask)`` on a (B, H·W, C) sequence -> (B, H·W, C), the attention fused on the triton backend.
+
+    The block: ``norm1``, q, k, v from one Linear C → 3C (``qkv``), the channels split in two halves
+    that attend within their own rectangles (the first half in Wh×Ww windows, ``attns[0].H_sp`` ×
+    ``attns[0].W_sp``, the second in Ww×Wh windows, each with its heads and scale), the values'
+    depthwise convolution ``get_v`` added, ``proj``, the residual, then ``norm2``, ``mlp`` and the
+    residual. A shifted block (``shift_size`` (sh, sw) ≠ 0) rolls the first half by (sh, sw) and the
+    second by (sw, sh) and, given no mask (CRAFT passes none), masks nothing: tokens that the roll
+    brings together from opposite borders attend to each other, as in the module. A mask given per
+    half (``attn_mask[i]``, (nW, N, N), window i of an image taking slice i) is added as it is; an
+    unshifted block ignores masks, as the module does (``attn_mask`` None: no mask for either half).
+    The relative position bias of each half is its dynamic position MLP ``attns[i].pos`` over the
+    offsets table the caller passes (``params["biases_h"]``, ``params["biases_v"]``), computed by
+    PyTorch in each call and gathered by the index the caller passes (``params["rpi_sa_h"]``,
+    ``params["rpi_sa_v"]``), which must be Swin's (checked once per index tensor). H and W must be
+    multiples of both window sides (the module partitions without padding; CRAFT pads the image).
+
+    Fused: each half's q, k, v packed in one (B, H, W, 3C/2) map, one window attention per half with
+    the roll and the partition as index arithmetic (no N×N scores, no roll). Attention dropout is
+    not fused (the module has none). Built by :func:`attnsr.swap_attention` from the block, whose
+    children it adopts (the same state_dict keys).
+    """
+
+    _HALF_KEYS = (("biases_h", "rpi_sa_h"), ("biases_v", "rpi_sa_v"))
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError(f"{type(self).__name__} is built from CRAFT's SRWAB block: "
+                        f"{type(self).__name__}.from_module(block)")
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, backend="auto"):
+        layer = cls._blank(backend)
+        layer.dim = module.dim
+        layer.shift_size = tuple(module.shift_size)
+        layer._checked_index = {}
+        return adopt(layer, module)
+
+    @property
+    def shifted(self) -> bool:
+        return any(self.shift_size)
+
+    def half_geometry(self, half: int):
+        """(window, shift) of half 0 or 1: ((Wh, Ww), (sh, sw)) and ((Ww, Wh), (sw, sh))."""
+        attn = self.attns[half]
+        shift = self.shift_size if half == 0 else self.shift_size[::-1]
+        return (attn.H_sp, attn.W_sp), tuple(shift)
+
+    def _check_index(self, half: int, rpi: torch.Tensor, window) -> None:
+        if torch.compiler.is_compiling():
+            return
+        key = (rpi.data_ptr(), rpi.device, rpi._version, tuple(rpi.shape))
+        if self._checked_index.get(half) == key:
+            return
+        if not is_standard_index(rpi, window):
+            raise ValueError(f"{type(self).__name__}: the relative position index of half {half} is not Swin's for a "
+                             f"{window} window (shape {tuple(rpi.shape)}); the fused kernel computes Swin's")
+        self._checked_index[half] = key
+
+    def attend(self, qkv, height: int, width: int, params, attn_mask):
+        """The two halves' rectangle-window attention of a (B, H·W, 3C) qkv sequence -> (B, H, W, C)."""
+        b, _, c3 = qkv.shape
+        half = c3 // 6
+        # (2, B, H, W, 3, C/2) -> each half's q, k, v packed as one (B, H, W, 3C/2) map
+        halves = qkv.view(b, height, width, 3, 2, half).permute(4, 0, 1, 2, 3, 5).contiguous()
+        outs = []
+        for i, packed in enumerate(halves.unbind(0)):
+            attn = self.attns[i]
+            window, shift = self.half_geometry(i)
+            biases, index = (params[k] for k in self._HALF_KEYS[i])
+            self._check_index(i, index, window)
+            if self.shifted:
+                given = None if attn_mask is None else attn_mask[i]
+                mask = False if given is None else given  # False: no mask at all, not Swin's
+            else:
+                mask, shift = None, (0, 0)
+            outs.append(backends.window_attention_qkv(packed.view(b, height, width, 3 * half), window_size=window,
+                                                      shift_size=shift, heads=attn.num_heads,
+                                                      bias_table=attn.pos(biases), mask=mask, scale=attn.scale,
+                                                      backend=self.backend))
+        return torch.cat(outs, dim=-1)
+
+    def forward(self, x, x_size, params, attn_mask=None):
+        height, width = x_size
+        b, length, c = x.shape
+        if length != height * width or c != self.dim:
+            raise ValueError(f"{type(self).__name__}: x is {tuple(x.shape)} with x_size = {tuple(x_size)}; expected "
+                             f"(B, H·W, C) = (B, {height * width}, {self.dim})")
+        qkv = self.qkv(self.norm1(x))
+        attended = self.attend(qkv, height, width, params, attn_mask).view(b, length, c)
+        v = qkv.view(b, height, width, 3 * c)[..., 2 * c:].permute(0, 3, 1, 2)  # (B, C, H, W)
+        x = x + self.proj(attended + self.get_v(v).permute(0, 2, 3, 1).reshape(b, length, c))
+        return x + self.mlp(self.norm2(x))
+
+    def extra_repr(self):
+        return (f"dim={self.dim}, windows={[self.half_geometry(i)[0] for i in (0, 1)]}, "
+                f"shift_size={self.shift_size}, backend={self.backend!r}")

@@ -11,11 +11,14 @@ RCAN's rgb_range (255) and res_scale (1) are its defaults, which spandrel assume
 DAT and RGT: three blocks (a plain rectangle-window block, a channel-attention (DAT) or RG-SA (RGT)
 block, a shifted rectangle-window block), windows 4×8 and 8×4 (one half of the channels each, one
 head per half: every head is a grid axis of the interpreter's work). embed_dim 64: their dynamic
-position MLP is embed_dim/32 wide, and a LayerNorm over one unit makes the bias a constant.
+position MLP is embed_dim/32 wide, and a LayerNorm over one unit makes the bias a constant. CRAFT,
+whose SRWAB block holds the same two-half rectangle-window attention: embed_dim 64 for the same
+reason, two heads a half.
 """
 
 import torch
 from spandrel.architectures.ATD import ATD
+from spandrel.architectures.CRAFT import CRAFT
 from spandrel.architectures.DAT import DAT
 from spandrel.architectures.DRCT import DRCT
 from spandrel.architectures.GRL import GRL
@@ -62,12 +65,17 @@ ARCHS = {
                                win_size=4, drop_path_rate=0.0),
     "DAT": lambda: DAT(**RECT, expansion_factor=2.0, upsampler="pixelshuffledirect"),
     "RGT": lambda: RGT(**RECT, mlp_ratio=2.0),
+    # CRAFT: a plain and a shifted SRWAB (4×8 and 8×4 windows, two heads a half, shifted by (2, 4) with no
+    # mask) and one HFB; its position MLPs are embed_dim/32 wide, as DAT's and RGT's
+    "CRAFT": lambda: CRAFT(window_size=8, embed_dim=64, depths=[1], num_heads=[4], split_size_0=4, split_size_1=8,
+                           upscale=2),
 }
 # the image side (or H, W) each architecture is tested on (SCUNet pads its input to a multiple of 64
 # by reflection; Real-CUGAN's U-Nets crop their borders). DAT and RGT zero-pad q, k, v to a multiple
 # of 8: DAT's 12×16 to its training resolution 16×16 (its own mask buffers in the shifted block),
-# RGT's 16×20 to 16×24 (Swin's mask, computed; RG-SA needs 16 pixels a side at inference)
-IMAGE_SIZE = {"SCUNet": 64, "RealCUGAN": 24, "DAT": (12, 16), "RGT": (16, 20)}
+# RGT's 16×20 to 16×24 (Swin's mask, computed; RG-SA needs 16 pixels a side at inference); CRAFT pads its
+# 7×15 image to 8×16 by reflection (a multiple of its window_size 8, which both rectangles divide)
+IMAGE_SIZE = {"SCUNet": 64, "RealCUGAN": 24, "DAT": (12, 16), "RGT": (16, 20), "CRAFT": (7, 15)}
 
 
 def build(arch: str, dtype=torch.float32, device="cpu"):

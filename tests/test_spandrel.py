@@ -1,5 +1,5 @@
 """swap_attention on the published SR architectures users have, as spandrel packages them: small
-SwinIR, HAT, DRCT, Swin2SR, ATD, RCAN, SCUNet, GRL, Real-CUGAN, Uformer, DAT and RGT models. After the
+SwinIR, HAT, DRCT, Swin2SR, ATD, RCAN, SCUNet, GRL, Real-CUGAN, Uformer, DAT, RGT and CRAFT models. After the
 swap every window, channel and transposed attention the fused layers cover is attnsr's, and the model
 computes what it computed before: output, input gradient and every parameter gradient (relative
 position bias tables and position MLPs included).
@@ -40,6 +40,7 @@ LEFT = {
     # the adaptive interaction maps (AIM) of each swapped attention, and the feed-forward's spatial gate
     "DAT": {"Sequential", "SpatialGate"},
     "RGT": {"RG_SA", "Gate"},  # recursive-generalization attention: keys and values of different head dims
+    "CRAFT": {"Attention"},  # HFB's transposed cross-attention: queries from the high-frequency branch
 }
 
 
@@ -154,7 +155,8 @@ def test_fused_kernels_in_fp32_are_as_accurate_as_the_published_model_in_fp32(ar
                   "Uformer": {"WindowAttentionToQKV"},
                   "RealCUGAN": {"ChannelAttention"},
                   "DAT": {"AdaptiveRectWindowAttention", "AdaptiveTransposedAttention"},
-                  "RGT": {"RectWindowAttention"}}[arch]
+                  "RGT": {"RectWindowAttention"},
+                  "CRAFT": {"RectWindowBlock"}}[arch]
     assert kinds == want_kinds, kinds
     want = _outputs_and_grads(reference, _image(torch.float64, arch))
     plain = _outputs_and_grads(published, _image(torch.float32, arch))
@@ -223,7 +225,10 @@ def test_rectangle_window_look_alikes_are_left():
     assert model.attnsr_swapped == [], model.attnsr_swapped
     reasons = {name: why for name, _, why in model.attnsr_left}
     assert reasons["layers.0.blocks.0.attn"] == "looks like RectWindowAttention but computes something else", reasons
-    assert reasons["layers.0.blocks.2.attn.attns.1"].startswith("attention-like (a softmax in its forward)"), reasons
+    # the half with dropout, named as what it is, the dropout said (the module around it was not swapped)
+    half = reasons["layers.0.blocks.2.attn.attns.1"]
+    assert half.startswith("one half of a rectangle-window attention (8×4 windows"), reasons
+    assert half.endswith("attention dropout p = 0.1, which the fused layers do not apply"), reasons
 
 
 def _se_forms():
@@ -326,20 +331,22 @@ def test_hats_shifted_block_given_no_mask_applies_none():
 
 def test_attention_like_modules_that_are_left_say_what_they_are():
     """Nothing attention-like passes silently, and the reason given is true: FDAT's transposed channel
-    attention, its window attention with a per-pair bias (not a relative table), the SE gate with
-    GELU of its interaction module, and its LDA-AQU upsampler (deformable attention, not a window
-    attention)."""
+    attention, its window attention with a per-pair bias (not a relative table), the two gate maps of
+    its interaction module (an SE gate with GELU, a 1×1 conv and a sigmoid), and its LDA-AQU upsampler
+    (deformable attention, not a window attention)."""
     from spandrel.architectures.FDAT import FDAT
 
     model = FDAT(embed_dim=16, num_groups=1, depth_per_group=2, num_heads=2, window_size=4, mid_dim=16, scale=2,
                  upsampler_type="lda")
     attnsr.swap_attention(model, backend="torch")
-    reasons = {cls: why for _, cls, why in model.attnsr_left}
-    assert set(reasons) == {"FastChannelAttention", "FastSpatialWindowAttention", "LDA_AQU", "Sequential"}, reasons
-    assert reasons["Sequential"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid")
-    assert "returns the gate alone" in reasons["Sequential"], reasons["Sequential"]
+    reasons = {name.rsplit(".", 1)[-1] if "inter" in name else cls: why for name, cls, why in model.attnsr_left}
+    assert set(reasons) == {"FastChannelAttention", "FastSpatialWindowAttention", "LDA_AQU", "cg", "sg"}, reasons
+    assert reasons["cg"].startswith("a squeeze-excitation channel attention with GELU and Sigmoid")
+    assert "returns the gate alone" in reasons["cg"], reasons["cg"]
+    assert reasons["sg"].startswith("layers with a sigmoid (Conv2d, Sigmoid): values in (0, 1) for the module around")
     assert reasons["FastChannelAttention"].startswith("transposed (channel) attention")
-    assert reasons["FastSpatialWindowAttention"].startswith("attention-like (a softmax in its forward)")
+    assert reasons["FastSpatialWindowAttention"].startswith(
+        "window attention with a learned bias for each pair of positions in a window (a (2, 16, 16) parameter")
     assert "deformable-attention upsampler" in reasons["LDA_AQU"] and "not a window attention" in reasons["LDA_AQU"]
 
 
@@ -381,3 +388,40 @@ def test_channel_gates_in_other_forms_are_named():
     assert "returns the gate alone" in reasons["1.se"], reasons
     assert reasons["2.aim"].startswith("a channel map without a gate (average pool, two 1×1 layers C → h → C, a "
                                        "BatchNorm2d and a GELU, no sigmoid"), reasons
+
+
+def test_crafts_block_applies_the_masks_it_is_given_and_refuses_a_foreign_index():
+    """CRAFT's shifted SRWAB masks nothing when given no mask (CRAFT's own call); given a mask per
+    half it adds them as they are, and the fused block does the same: output and every gradient
+    equal to the block's, float64, on both backends. An index other than Swin's is refused."""
+    model = _build("CRAFT", torch.float64)
+    original = model.layers[0].residual_group.srwa_blocks[1]  # the shifted block
+    assert any(original.shift_size)
+    holder = torch.nn.ModuleDict({"block": copy.deepcopy(original)})
+    attnsr.swap_attention(holder, backend="torch")
+    fused = holder["block"]
+    assert isinstance(fused, attnsr.RectWindowBlock) and fused.shifted
+    params = {"rpi_sa_h": model.relative_position_index_h, "rpi_sa_v": model.relative_position_index_v,
+              "biases_h": model.biases_h, "biases_v": model.biases_v}
+    h, w = 8, 16
+    windows = h * w // 32  # 4×8 and 8×4 windows: 32 tokens, 4 windows a half
+    gen = torch.Generator().manual_seed(5)
+    masks = tuple(torch.randn(windows, 32, 32, generator=gen, dtype=torch.float64).to(DEVICE) * 4 for _ in (0, 1))
+    x = torch.randn(1, h * w, 64, generator=gen, dtype=torch.float64).to(DEVICE)
+
+    def run(module, mask):
+        module.zero_grad()
+        xg = x.clone().requires_grad_()
+        y = module(xg, (h, w), params, mask)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)).sum().backward()
+        return y, xg.grad, torch.cat([p.grad.flatten() for p in module.parameters()])
+
+    for mask in ((None, None), masks):  # (the triton backend without masks: the fp32 test of the whole model)
+        want = run(original, mask)
+        for backend in ("torch", "triton") if mask[0] is not None else ("torch",):
+            fused.backend = backend
+            for got, ref, what in zip(run(fused, mask), want, ("output", "d(x)", "parameter gradients")):
+                assert_close_rel(got, ref, torch.float64, f"{backend}, masks {mask[0] is not None}: {what}")
+    foreign = dict(params, rpi_sa_v=params["rpi_sa_v"].flip(0))
+    with pytest.raises(ValueError, match=r"index of half 1 is not Swin's for a \(8, 4\) window"):
+        fused(x, (h, w), foreign, (None, None))

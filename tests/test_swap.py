@@ -195,3 +195,63 @@ def test_state_dict_keys_of_a_swapped_self_attention_block_are_kept():
     attnsr.swap_attention(block, backend="torch")
     assert isinstance(block[0], attnsr.SelfAttention2d)
     assert list(block.state_dict()) == keys
+
+
+class _Gate(nn.Module):
+    """x · sigmoid(conv(x)): a gate per pixel and channel, written as a call."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.conv(x))
+
+
+class _Swish(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(x)
+
+
+class _Attend(nn.Module):
+    """Attention handed to PyTorch's SDPA."""
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class _CodePredictor(nn.Module):
+    """A model whose own forward takes a softmax: the root is asked what it is too."""
+
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        return self.logits(x).softmax(dim=1)
+
+
+def test_what_is_left_is_listed_with_what_it_is():
+    """Look-alikes and unfused forms say what they are: an SE layer without hidden units (C → 0 → C:
+    a constant gate; not swapped, no crash), an SE gate map without its product, a sigmoid gate of
+    another form, PyTorch's nn.MultiheadAttention, a module calling SDPA, and the model's own forward
+    (listed under the name ""); a swish activation (a sigmoid without parameters) is not listed."""
+    model = _CodePredictor()
+    model.body = nn.ModuleDict({
+        "se0": RCANLayer(4, reduction=8),  # 4 // 8 = 0 hidden units
+        "map": nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 2, 1), nn.ReLU(), nn.Conv2d(2, 4, 1), nn.Sigmoid()),
+        "gate": _Gate(4), "swish": _Swish(), "mha": nn.MultiheadAttention(8, 2), "attend": _Attend()})
+    attnsr.swap_attention(model, backend="torch")
+    assert model.attnsr_swapped == []
+    reasons = {name: why for name, _, why in model.attnsr_left}
+    assert set(reasons) == {"", "body.se0", "body.se0.conv_du", "body.map", "body.gate", "body.mha", "body.attend"}, \
+        reasons
+    assert reasons[""] == ("attention-like (a softmax in its forward) in a form this version does not recognise "
+                           "(_CodePredictor): not fused")
+    assert "hidden layer has no units (C → 0 → C" in reasons["body.se0"]
+    assert reasons["body.map"].startswith("looks like ChannelAttention but computes something else: layers with a "
+                                          "sigmoid (AdaptiveAvgPool2d, Conv2d, ReLU, Conv2d, Sigmoid): values in "
+                                          "(0, 1), one per channel, from the average over the pixels,")
+    assert reasons["body.gate"].startswith("a sigmoid in its own forward (_Gate)")
+    assert reasons["body.mha"].startswith("PyTorch's nn.MultiheadAttention")
+    assert reasons["body.attend"].startswith("attention through PyTorch's scaled_dot_product_attention")
