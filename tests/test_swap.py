@@ -249,9 +249,9 @@ def test_what_is_left_is_listed_with_what_it_is():
     assert reasons[""] == ("attention-like (a softmax in its forward) in a form this version does not recognise "
                            "(_CodePredictor): not fused")
     assert "hidden layer has no units (C → 0 → C" in reasons["body.se0"]
-    assert reasons["body.map"].startswith("looks like ChannelAttention but computes something else: layers with a "
-                                          "sigmoid (AdaptiveAvgPool2d, Conv2d, ReLU, Conv2d, Sigmoid): values in "
-                                          "(0, 1), one per channel, from the average over the pixels,")
+    assert reasons["body.map"].startswith("a squeeze-excitation channel attention with ReLU and Sigmoid that returns "
+                                          "the gate alone (the product with x is taken by the module around it"), \
+        reasons["body.map"]
     assert reasons["body.gate"].startswith("a sigmoid in its own forward (_Gate)")
     assert reasons["body.mha"].startswith("PyTorch's nn.MultiheadAttention")
     assert reasons["body.attend"].startswith("attention through PyTorch's scaled_dot_product_attention")
