@@ -15,7 +15,9 @@ Cases: ``image_attention`` on a fused-qkv NCHW map at head dims 16, 30, 64, 108,
 padded dims 16 to 256 of ``_LAUNCH``), 2×2 patches at head dim 64 (packed: pack kernel, sequence entries), in fp32 under
 each precision (3×TF32, tf32, exact), fp16, bf16 and float64; ``window_attention`` (shifted, with
 the relative-position bias table) at head dims 10, 30 and 64, windows 8 and 16, and 128 at window 8
-(``_WIN_LAUNCH``'s "d256" entries).
+(``_WIN_LAUNCH``'s "d256" entries); ``transposed_attention`` (Restormer's MDTA, the temperature's
+gradient too) at 16, 48, 64 and 128 channels per head (the padded dims its launch rule tells apart)
+in fp32, fp16, bf16 and float64.
 Each row names the launch settings the case got. Bounds: ``attnsr.tolerances.REL_TOL`` per dtype,
 5e-3 for fp32 with tf32 products (10-bit operands). Exit status 1 when a case faults, errs or is out
 of bounds. Without a GPU the kernels run in Triton's interpreter (32×32 tiles, exact dots): a check
@@ -48,6 +50,9 @@ def cases() -> list:
             for window in windows:
                 out.append(dict(name=f"window {dtype} D={d} w{window}", op="window", dtype=dtype, head_dim=d,
                                 window=window))
+    for dtype in ("fp32", "fp16", "bf16", "fp64"):
+        for d in (16, 48, 64, 128):
+            out.append(dict(name=f"transposed {dtype} D={d}", op="transposed", dtype=dtype, head_dim=d))
     return out
 
 
@@ -66,7 +71,28 @@ def run_case(case: dict) -> dict:
     precision = {"fp32-tf32": "tf32", "fp32-ieee": "ieee"}.get(case["dtype"])
     gen = torch.Generator().manual_seed(0)
     d = case["head_dim"]
-    if case["op"] == "attention":
+    if case["op"] == "transposed":
+        ta = importlib.import_module("attnsr.kernels.transposed_attention")
+        from attnsr.kernels.reference import transposed_attention_ref
+
+        heads = 2
+        c = heads * d
+        qkv64 = torch.randn(2, 3 * c, 9, 13, generator=gen, dtype=torch.float64)  # 117 pixels: partial token blocks
+        tau64 = 0.5 + torch.rand(heads, 1, 1, generator=gen, dtype=torch.float64)
+        dp = max(16, 1 << (d - 1).bit_length())
+        config = {}
+        for k in ("gram", "softmax", "apply", "grad_finalize", "grad_apply"):
+            block_n, launch = ta._settings(dp, dtype, k)
+            config[k] = (dict(BLOCK_N=block_n), launch)
+
+        def fused(qkv, tau):
+            return ta.transposed_attention_qkv(qkv, tau, heads=heads)
+
+        def reference(qkv, tau):
+            return transposed_attention_ref(*qkv.chunk(3, 1), tau, heads=heads)
+
+        inputs64 = [qkv64, tau64]
+    elif case["op"] == "attention":
         p = case["patch"]
         c = d // (p * p)
         h, w = 9 * p, 13 * p  # 117 tokens: partial tiles on both axes

@@ -15,6 +15,15 @@ def test_cases_cover_every_table_dimension():
         assert f"attention {dtype} D=64 p2" in names
     assert {n for n in names if n.startswith("window fp32")} == {f"window fp32 D={d} w{w}" for d in (10, 30, 64)
                                                                  for w in (8, 16)} | {"window fp32 D=128 w8"}
+    assert {n for n in names if n.startswith("transposed")} == {f"transposed {t} D={d}" for t in ("fp32", "fp16",
+                                                                "bf16", "fp64") for d in (16, 48, 64, 128)}
+
+
+def test_a_transposed_attention_case_runs_against_float64():
+    row = launch_check.run_case({"name": "transposed fp32 D=48", "op": "transposed", "dtype": "fp32", "head_dim": 48})
+    assert row["status"] == "ok" and max(row["errors"].values()) <= row["bound"], row
+    assert set(row["errors"]) == {"output", "grad 0", "grad 1"}  # qkv and the temperature
+    assert set(row["config"]) == {"gram", "softmax", "apply", "grad_finalize", "grad_apply"}
 
 
 def test_runs_cases_in_child_processes_and_writes_rows(tmp_path, capsys):
