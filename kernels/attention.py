@@ -127,6 +127,7 @@ from ._runtime import (
     grad_views,
     packed_base,
     refuse_twice,
+    sm_count,
 )
 
 MAX_HEAD_DIM = 256
@@ -967,17 +968,10 @@ def _launch_override(kernel: str, **cfg):
         yield
 
 
-_SM_COUNT = {}  # CUDA device index -> streaming multiprocessors, read once
-
-
 def _sm_count(device: torch.device):
-    """The number of SMs of a CUDA device (read once per device); None for other devices."""
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
+    """The number of SMs of a CUDA device (``_runtime.sm_count``, read once per device); None for
+    other devices (the compile report's CPU tensors keep the table settings)."""
+    return sm_count(device) if device.type == "cuda" else None
 
 
 def _fill_sms(cfg: dict, device: torch.device, rows: int, batch_heads: int) -> dict:

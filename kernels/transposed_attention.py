@@ -42,7 +42,6 @@ precision of ``dot_precision`` (3×TF32 by default on a GPU: about fp32 accuracy
 No double backward, no forward-mode AD.
 """
 
-import functools
 
 import torch
 import triton
@@ -73,6 +72,7 @@ from ._runtime import (
     positive_int,
     refuse_double_backward,
     refuse_twice,
+    sm_count,
     ValidCalls,
     register_autocast,
     stat_dtype,
@@ -292,12 +292,9 @@ def _mdta_grad_apply_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (read once); 4 under the interpreter and on CPU."""
-    if device.type != "cuda" or interpreting():
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    """Streaming multiprocessors of ``device`` (``_runtime.sm_count``); 4 under the interpreter and on CPU."""
+    return 4 if device.type != "cuda" or interpreting() else sm_count(device)
 
 
 def _settings(dp: int, dtype: torch.dtype, kernel: str):

@@ -371,11 +371,12 @@ def test_negative_scale_and_partial_key_blocks():
 def test_small_calls_take_smaller_query_blocks_to_fill_the_sms():
     """The forward's table setting is halved while its programs number fewer than the SMs, down to
     16 rows per warp; large calls and other devices keep it."""
+    from attnsr.kernels import _runtime
     from attnsr.kernels import attention as attn
 
     gpu = torch.device("cuda", 0)
-    saved = dict(attn._SM_COUNT)
-    attn._SM_COUNT[0] = 132  # an H200, without asking a driver
+    saved = dict(_runtime._SMS)
+    _runtime._SMS[0] = 132  # an H200, without asking a driver
     try:
         def fill(block_m, warps, rows, bh, device=gpu):
             cfg = attn._fill_sms(dict(BLOCK_M=block_m, num_warps=warps), device, rows, bh)
@@ -387,8 +388,8 @@ def test_small_calls_take_smaller_query_blocks_to_fill_the_sms():
         assert fill(64, 1, 1024, 1) == (16, 1)
         assert fill(128, 4, 100, 2, torch.device("cpu")) == (128, 4)
     finally:
-        attn._SM_COUNT.clear()
-        attn._SM_COUNT.update(saved)
+        _runtime._SMS.clear()
+        _runtime._SMS.update(saved)
 
 
 def test_deterministic_backward_is_bitwise_reproducible():
