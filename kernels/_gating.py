@@ -1002,10 +1002,11 @@ def _epilogue_tiles(hidden: int, nch: int, dtype: torch.dtype) -> dict:
     BLOCK_K so that a [HP, BLOCK_K] weight tile holds about 2048 values, chunks in blocks of BLOCK_N
     ≤ 8. The [BLOCK_K, BLOCK_N] tile of chunk partials then holds at most 512 values (4 masked
     loads per thread): at 64 × 16 the backward spilled a predicate register (8 B of stack, sm_90,
-    triton 3.9, CBAM's 4×128×256² map in channels_last bf16, 16 chunks). float64 takes half as
-    many channels (64 × 8 spilled 8 B under triton 3.6, CBAM on a 2×32×45² map, 16 chunks)."""
+    triton 3.9, CBAM's 4×128×256² map in channels_last bf16, 16 chunks). float64 takes 16 channels:
+    64 × 8 spilled 8 B under triton 3.6 (CBAM on a 2×32×45² map, 16 chunks), 32 × 4 8 B under 3.9
+    (channels_last maps); 16 is clean in both, 48 registers."""
     hp = next_pow2(hidden)
-    most = 32 if dtype == torch.float64 else 64
+    most = 16 if dtype == torch.float64 else 64
     return dict(BLOCK_K=max(1, min(most, 2048 // hp)), BLOCK_N=min(next_pow2(nch), 8), HP=hp)
 
 
